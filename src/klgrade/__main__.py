@@ -1,0 +1,5 @@
+"""`python -m klgrade` runs the command-line interface."""
+
+from klgrade.cli import main
+
+main()

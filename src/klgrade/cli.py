@@ -1,0 +1,234 @@
+"""The `klgrade` command: a thin Typer shell over the Python API. User errors become one line and exit 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from klgrade.errors import KLGradeError
+
+app = typer.Typer(help="Kellgren-Lawrence grading of knee radiographs.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def user_errors(command):
+    """Turn KLGradeError into `error: <one line>` on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KLGradeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+Data = Annotated[str, typer.Option("--data", help="Dataset folder (split/grade/image or grade/image) or CSV manifest.")]
+
+
+def _train_overrides(data, out, model, epochs, batch_size, lr, device, limit, teacher, kd_alpha, kd_temperature,
+                     fold, folds, seed, image_size, option, ordinal, ema, label_smoothing, balance, patience,
+                     precision, threads, quiet, resume) -> dict:
+    options = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise KLGradeError(f"--option '{item}' must look like key=value")
+        options[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("-",) else value
+    return {"data": data, "out": out, "model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "device": device, "limit": limit, "teacher": teacher or None, "kd_alpha": kd_alpha,
+            "kd_temperature": kd_temperature, "fold": fold, "folds": folds, "seed": seed, "image_size": image_size,
+            "model_options": options or None, "ordinal": ordinal, "ema": ema, "label_smoothing": label_smoothing,
+            "balance": balance, "patience": patience, "precision": precision, "threads": threads,
+            "quiet": quiet or None, "resume": resume or None}
+
+
+def train_options(command):
+    """The training options shared by `train` and `cv` (help text states each default)."""
+
+    def wrapper(
+        data: Data,
+        out: Annotated[str, typer.Option("--out", help="Run folder.")],
+        model: Annotated[Optional[str], typer.Option(help="Model name [msa_net]; see `klgrade models`.")] = None,
+        epochs: Annotated[Optional[int], typer.Option(help="Epochs [30].")] = None,
+        batch_size: Annotated[Optional[int], typer.Option(help="Batch size [32].")] = None,
+        lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of AdamW [1e-3].")] = None,
+        device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda [auto].")] = None,
+        limit: Annotated[Optional[int], typer.Option(help="Use at most N train and N val images [all].")] = None,
+        teacher: Annotated[Optional[list[str]], typer.Option(help="Teacher checkpoint(s) for distillation.")] = None,
+        kd_alpha: Annotated[Optional[float], typer.Option(help="Weight of the distillation loss [0.5].")] = None,
+        kd_temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature [4].")] = None,
+        fold: Annotated[Optional[int], typer.Option(help="Validate on this fold of the train split [val split].")] = None,
+        folds: Annotated[Optional[int], typer.Option(help="Number of patient-grouped folds [5].")] = None,
+        seed: Annotated[Optional[int], typer.Option(help="Random seed [0].")] = None,
+        image_size: Annotated[Optional[int], typer.Option(help="Input side in pixels [224].")] = None,
+        option: Annotated[Optional[list[str]], typer.Option(help="Model option key=value, e.g. fpn=false.")] = None,
+        ordinal: Annotated[Optional[bool], typer.Option("--ordinal/--no-ordinal", help="Cumulative-logit head [no].")] = None,
+        ema: Annotated[Optional[float], typer.Option(help="EMA decay of weights, 0 = off [0].")] = None,
+        label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing [0].")] = None,
+        balance: Annotated[Optional[str], typer.Option(help="Class imbalance: none, sampler or loss [none].")] = None,
+        patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience on val QWK, 0 = off [0].")] = None,
+        precision: Annotated[Optional[str], typer.Option(help="Lightning precision [bf16-mixed].")] = None,
+        threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch [torch's default].")] = None,
+        config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of options (CLI wins).")] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or info logs.")] = False,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.ckpt.")] = False,
+    ):
+        from klgrade.train.config import load_config
+
+        _setup_logging(quiet)
+        overrides = _train_overrides(data, out, model, epochs, batch_size, lr, device, limit, teacher, kd_alpha,
+                                     kd_temperature, fold, folds, seed, image_size, option, ordinal, ema,
+                                     label_smoothing, balance, patience, precision, threads, quiet, resume)
+        return command(load_config(config, overrides))
+
+    wrapper.__name__, wrapper.__doc__ = command.__name__, command.__doc__
+    return wrapper
+
+
+@app.command()
+@user_errors
+@train_options
+def train(config) -> None:
+    """Train one model (validated on `val`, or on --fold K of the train split)."""
+    from klgrade.train.fit import fit
+
+    summary = fit(config)
+    typer.echo(f"best epoch {summary['best_epoch']}: val qwk {summary['best_qwk']:.4f} -> {Path(config.out) / 'best.safetensors'}")
+
+
+Checkpoints = Annotated[Optional[list[Path]], typer.Option("--checkpoint", help="Checkpoint(s); several = ensemble [shipped model].")]
+Backend = Annotated[str, typer.Option(help="Inference backend: torch or onnx.")]
+Tta = Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average with the flipped image [as the model recommends].")]
+
+
+@data_app.command("summary")
+@user_errors
+def data_summary(
+    data: Annotated[str, typer.Argument(help="Dataset folder or CSV manifest.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Counts per split x grade, patients per split, cross-split patient overlap, unreadable files."""
+    from klgrade.data.summary import summarize
+    from klgrade.output import print_summary
+
+    summary = summarize(data)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary)
+    for item in summary["unreadable"]:
+        typer.echo(f"error: {item['path']}: {item['reason']}", err=True)
+    if summary["unreadable"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def models() -> None:
+    """List the model names `--model` accepts."""
+    from klgrade.models import list_models
+
+    typer.echo("\n".join(list_models()))
+
+
+@app.command()
+@user_errors
+def evaluate(
+    data: Data,
+    checkpoint: Checkpoints = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a split root [test, else val].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write metrics.json, predictions.csv and plots here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+    tta: Tta = None,
+    backend: Backend = "torch",
+    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+) -> None:
+    """Score checkpoint(s) on a labelled folder: accuracy, F1, MCC, QWK, MAE, confusion, 95% intervals."""
+    from klgrade.evaluate.evaluation import evaluate as run_evaluation
+    from klgrade.infer.predictor import load_model
+    from klgrade.evaluate.report import write_evaluation
+    from klgrade.output import print_metrics
+
+    _setup_logging(quiet=True)
+    predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
+    result = run_evaluation(predictor, data, split=split, seed=seed)
+    if out is not None:
+        write_evaluation(result, out)
+    if as_json:
+        typer.echo(json.dumps(result.metrics))
+    else:
+        print_metrics(result.metrics)
+    for failure in result.failures:
+        typer.echo(f"error: {failure}", err=True)
+    if result.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns (PNG/JPEG/TIFF/DICOM).")],
+    checkpoint: Checkpoints = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Save a Grad-CAM overlay per image (needs --out).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for predictions.csv/json and heatmaps/.")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="csv, json or table (on stdout).")] = "csv",
+    tta: Tta = None,
+    backend: Backend = "torch",
+    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    workers: Annotated[int, typer.Option(help="Threads decoding images ahead.")] = 2,
+) -> None:
+    """Grade radiographs; unreadable inputs are reported and do not stop the others (exit 1 if any failed)."""
+    from klgrade.infer.batch import expand_inputs, predict_paths
+    from klgrade.infer.predictor import load_model
+    from klgrade.output import print_predictions, write_predictions
+
+    _setup_logging(quiet=True)
+    if output_format not in ("csv", "json", "table"):
+        raise KLGradeError(f"--format must be csv, json or table, not '{output_format}'")
+    if explain and out is None:
+        raise KLGradeError("--explain writes heatmap images: give --out DIR")
+    predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
+    rows = list(predict_paths(predictor, expand_inputs(inputs), explain, out, batch_size, workers))
+    if out is not None:
+        write_predictions(rows, out)
+    print_predictions(rows, output_format)
+    failed = [row for row in rows if row.get("error")]
+    for row in failed:
+        typer.echo(f"error: {row['path']}: {row['error']}", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("export-onnx")
+@user_errors
+def export_onnx_command(
+    out: Annotated[Path, typer.Option("--out", help="Target .onnx file.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint to export [shipped model].")] = None,
+) -> None:
+    """Export a checkpoint to ONNX (dynamic batch) for ONNX Runtime and other engines."""
+    from klgrade.infer.onnx import export_onnx
+    from klgrade.infer.predictor import shipped_checkpoint
+
+    path = export_onnx(checkpoint or shipped_checkpoint(), out)
+    typer.echo(str(path))
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m klgrade`
+    sys.exit(app())

@@ -1,0 +1,13 @@
+"""Facts of the domain, in one place: the grading scale and the default image geometry."""
+
+NUM_GRADES = 5
+"""Kellgren-Lawrence grades 0 (no OA) to 4 (severe OA)."""
+
+GRADE_NAMES = ("Normal", "Doubtful", "Minimal", "Moderate", "Severe")
+"""Names used by common datasets for folders `0Normal` ... `4Severe`."""
+
+IMAGE_SIZE = 224
+"""Default side length (pixels) of the square network input."""
+
+MAIN_METRIC = "qwk"
+"""Validation metric that selects checkpoints: quadratic weighted kappa, the field's standard for KL grading."""

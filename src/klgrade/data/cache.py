@@ -1,0 +1,79 @@
+"""Decode and preprocess a file list once into a uint8 array on disk, reused across epochs, folds and runs.
+
+The cache file is keyed by the file list (path, size, mtime) and the preprocessing settings, so a changed
+file or setting builds a new one. It is written to a temporary name and renamed: never half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from klgrade.data.io import read_image
+from klgrade.data.preprocess import PreprocessConfig, to_uint8
+from klgrade.data.sources import Sample
+from klgrade.errors import ImageReadError, KLGradeError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KLGRADE_CACHE_DIR", Path.home() / ".cache" / "klgrade"))
+
+
+def cache_key(samples: list[Sample], config: PreprocessConfig) -> str:
+    """Fingerprint of the exact files (path, size, mtime) and preprocessing settings."""
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, config.to_dict()]).encode())
+    for sample in samples:
+        stat = os.stat(sample.path)
+        digest.update(f"{sample.path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{sample.side}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def decode_all(samples: list[Sample], config: PreprocessConfig, workers: int | None = None
+               ) -> tuple[np.ndarray, list[ImageReadError]]:
+    """Decode + preprocess every sample (threads); unreadable files become zero images and are reported."""
+    images = np.zeros((len(samples), config.size, config.size), dtype=np.uint8)
+    failures: list[ImageReadError] = []
+
+    def load(index: int) -> None:
+        sample = samples[index]
+        try:
+            images[index] = to_uint8(read_image(sample.path), config, sample.side)
+        except ImageReadError as exc:
+            failures.append(exc)
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        list(pool.map(load, range(len(samples))))
+    return images, failures
+
+
+def load_cached(samples: list[Sample], config: PreprocessConfig, cache_dir: str | Path | None = None) -> np.ndarray:
+    """(N, size, size) uint8 memmap of `samples`, built on first use.
+
+    Raises:
+        KLGradeError: some files are unreadable (all of them are named; training needs every label).
+    """
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = directory / f"images-{cache_key(samples, config)}-{len(samples)}x{config.size}.npy"
+    if path.exists():
+        log.info("reading image cache %s", path)
+        return np.load(path, mmap_mode="r")
+    log.info("building image cache of %d images at %s", len(samples), path)
+    images, failures = decode_all(samples, config)
+    if failures:
+        listed = "; ".join(str(f) for f in failures[:10])
+        raise KLGradeError(f"{len(failures)} unreadable training image(s): {listed}")
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(temporary, images)
+    os.replace(temporary, path)
+    return np.load(path, mmap_mode="r")

@@ -1,0 +1,69 @@
+"""One preprocessing path for training and inference: grey levels -> uint8 square -> normalised tensor.
+
+Training caches the uint8 stage (`to_uint8`) and normalises on the device; inference runs both stages per
+image. The settings travel inside every checkpoint, so a model is always fed as it was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from klgrade.constants import IMAGE_SIZE
+
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.25
+"""Fixed normalisation of [0, 1] intensities; after the percentile stretch images span that range."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Args:
+    size: output side in pixels (square).
+    clip_percentiles: intensity percentiles mapped to 0 and 1 (robust to burnt-in labels and collimation).
+    clahe: apply CLAHE (OpenCV) after the stretch; kneeKL224 is already CLAHE-enhanced, so off by default.
+    canonical_side: mirror left knees so every knee looks like a right knee (needs the side from the name).
+    """
+
+    size: int = IMAGE_SIZE
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    clahe: bool = False
+    canonical_side: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PreprocessConfig":
+        values = dict(values)
+        values["clip_percentiles"] = tuple(values.get("clip_percentiles", cls.clip_percentiles))
+        return cls(**values)
+
+
+def to_uint8(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> np.ndarray:
+    """Stretch, optionally enhance, resize and mirror a grey-level image into a (size, size) uint8 array."""
+    low, high = np.percentile(image, config.clip_percentiles)
+    scale = 255.0 / (high - low) if high > low else 0.0
+    grey = np.clip((image - low) * scale, 0, 255).astype(np.uint8)
+    if config.clahe:
+        grey = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(grey)
+    height, width = grey.shape
+    shrinking = height > config.size or width > config.size
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    grey = cv2.resize(grey, (config.size, config.size), interpolation=interpolation)
+    if config.canonical_side and side == "L":
+        grey = np.ascontiguousarray(grey[:, ::-1])
+    return grey
+
+
+def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any leading shape) -> float32 network input."""
+    return (batch_uint8.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
+
+
+def preprocess(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> torch.Tensor:
+    """A grey-level image -> (1, size, size) float32 tensor, exactly as the network was trained on."""
+    return normalize(torch.from_numpy(to_uint8(image, config, side))).unsqueeze(0)

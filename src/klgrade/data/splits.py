@@ -1,0 +1,45 @@
+"""Patient-grouped, grade-stratified k-fold splits: both knees of a person always land in one fold."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from klgrade.data.sources import Sample
+from klgrade.errors import DataLayoutError
+
+
+def patient_folds(samples: list[Sample], folds: int = 5, seed: int = 0) -> list[np.ndarray]:
+    """Index arrays of the held-out samples of each fold (deterministic for a given seed).
+
+    Raises:
+        DataLayoutError: fewer patients than folds.
+    """
+    groups = np.array([s.patient_id for s in samples])
+    if len(set(groups)) < folds:
+        raise DataLayoutError(f"{len(set(groups))} patients cannot fill {folds} folds")
+    grades = np.array([s.grade for s in samples])
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [held_out for _, held_out in splitter.split(np.zeros(len(samples)), grades, groups)]
+
+
+def fold_split(samples: list[Sample], fold: int, folds: int = 5, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """(train, held-out) samples of fold `fold` (0-based)."""
+    if not 0 <= fold < folds:
+        raise DataLayoutError(f"fold {fold} outside 0-{folds - 1}")
+    held_out = set(patient_folds(samples, folds, seed)[fold].tolist())
+    train = [s for i, s in enumerate(samples) if i not in held_out]
+    return train, [samples[i] for i in sorted(held_out)]
+
+
+def shared_patients(first: list[Sample], second: list[Sample]) -> set[str]:
+    """Patients present in both sample lists: empty for a leak-free pair."""
+    return {s.patient_id for s in first} & {s.patient_id for s in second}
+
+
+def check_no_leak(first: list[Sample], second: list[Sample], what: str = "splits") -> None:
+    """Raise when two sample lists share a patient."""
+    shared = shared_patients(first, second)
+    if shared:
+        examples = ", ".join(sorted(shared)[:5])
+        raise DataLayoutError(f"{what} share {len(shared)} patient(s), e.g. {examples}")

@@ -1,0 +1,69 @@
+"""`klgrade evaluate`: checkpoints (or the shipped model) against a labelled folder, image by image."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from klgrade.data.cache import decode_all
+from klgrade.data.preprocess import PreprocessConfig
+from klgrade.data.sources import Sample, find_samples
+from klgrade.errors import DataLayoutError, ImageReadError
+from klgrade.evaluate.metrics import compute_metrics
+from klgrade.infer.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLIT_ORDER = ("test", "val", "auto_test")
+"""With a split root, the split evaluated when none is named: the held-out test set first."""
+BATCH = 64
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    samples: list[Sample]
+    probabilities: np.ndarray
+    failures: list[ImageReadError]
+
+
+def pick_split(samples: list[Sample], split: str | None) -> list[Sample]:
+    names = {s.split for s in samples}
+    if names == {None}:
+        if split:
+            raise DataLayoutError(f"--split {split}: the data is a single folder without splits")
+        return samples
+    chosen = split or next((name for name in EVAL_SPLIT_ORDER if name in names), None)
+    if chosen is None or chosen not in names:
+        raise DataLayoutError(f"no split to evaluate (found {sorted(n for n in names if n)}); name one with --split")
+    return [s for s in samples if s.split == chosen]
+
+
+def predict_samples(predictor: Predictor, samples: list[Sample]) -> tuple[np.ndarray, list[bool], list[ImageReadError]]:
+    """Probabilities for every readable sample; (probabilities of readable ones, readable mask, failures)."""
+    config: PreprocessConfig = predictor.preprocess
+    images, failures = decode_all(samples, config)
+    failed = {f.path for f in failures}
+    readable = [s.path not in failed for s in samples]
+    kept = images[np.array(readable, dtype=bool)]
+    probabilities = np.concatenate([predictor.probabilities(kept[i:i + BATCH]) for i in range(0, len(kept), BATCH)]
+                                   ) if len(kept) else np.zeros((0, 5))
+    return probabilities, readable, failures
+
+
+def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n_boot: int = 1000,
+             seed: int = 0) -> Evaluation:
+    """Metrics of `predictor` on the labelled images of `data` (unreadable images are reported, not scored)."""
+    samples = pick_split(find_samples(data), split)
+    probabilities, readable, failures = predict_samples(predictor, samples)
+    scored = [s for s, ok in zip(samples, readable) if ok]
+    if not scored:
+        raise DataLayoutError(f"{data}: no readable image to evaluate")
+    metrics = compute_metrics([s.grade for s in scored], probabilities, groups=[s.patient_id for s in scored],
+                              n_boot=n_boot, seed=seed)
+    metrics["model"] = predictor.name
+    metrics["tta"] = predictor.tta
+    return Evaluation(metrics, scored, probabilities, failures)

@@ -1,0 +1,75 @@
+"""Files that report results: metrics JSON, per-image CSV, confusion matrices, reliability diagrams, Markdown tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from klgrade.constants import NUM_GRADES  # noqa: E402
+from klgrade.evaluate.metrics import ECE_BINS  # noqa: E402
+from klgrade.output import rows_to_csv, write_text_atomic  # noqa: E402
+
+
+def save_figure(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    figure.savefig(temporary, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    temporary.replace(path)
+
+
+def plot_confusion(cm, title: str, path: Path) -> None:
+    cm = np.asarray(cm)
+    shares = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    figure, axis = plt.subplots(figsize=(4.2, 3.8))
+    axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(NUM_GRADES):
+        for j in range(NUM_GRADES):
+            axis.text(j, i, f"{cm[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center", fontsize=7,
+                      color="white" if shares[i, j] > 0.5 else "black")
+    axis.set_xlabel("predicted KL grade")
+    axis.set_ylabel("true KL grade")
+    axis.set_xticks(range(NUM_GRADES))
+    axis.set_yticks(range(NUM_GRADES))
+    axis.set_title(title, fontsize=9)
+    save_figure(figure, path)
+
+
+def plot_reliability(y_true, probabilities, path: Path, bins: int = ECE_BINS) -> None:
+    probabilities = np.asarray(probabilities)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(y_true)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    centres, accuracy = [], []
+    for b in range(bins):
+        if (which == b).any():
+            centres.append((edges[b] + edges[b + 1]) / 2)
+            accuracy.append(correct[which == b].mean())
+    figure, axis = plt.subplots(figsize=(4, 4))
+    axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    axis.bar(centres, accuracy, width=1 / bins, alpha=0.7, edgecolor="black", label="accuracy per bin")
+    axis.set_xlabel("confidence")
+    axis.set_ylabel("accuracy")
+    axis.legend(loc="upper left", fontsize=8)
+    save_figure(figure, path)
+
+
+def write_evaluation(result, out: Path) -> None:
+    """metrics.json, predictions.csv (path, patient, true, predicted, probabilities), confusion.png, reliability.png."""
+    out = Path(out)
+    write_text_atomic(out / "metrics.json", json.dumps(result.metrics, indent=2))
+    rows = [{"path": s.path, "patient_id": s.patient_id, "true": s.grade, "predicted": int(p.argmax()),
+             **{f"prob_{k}": round(float(v), 6) for k, v in enumerate(p)}}
+            for s, p in zip(result.samples, result.probabilities)]
+    columns = ["path", "patient_id", "true", "predicted", *(f"prob_{k}" for k in range(NUM_GRADES))]
+    write_text_atomic(out / "predictions.csv", rows_to_csv(rows, columns))
+    plot_confusion(result.metrics["confusion_matrix"], f"{result.metrics.get('model', '')} (n={result.metrics['n']})",
+                   out / "confusion.png")
+    plot_reliability([s.grade for s in result.samples], result.probabilities, out / "reliability.png")

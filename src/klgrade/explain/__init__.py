@@ -1,0 +1,1 @@
+"""Explanations: Grad-CAM heatmaps (captum) and overlays a person can read."""

@@ -1,0 +1,83 @@
+"""ONNX export and an ONNX Runtime model with the same interface as the torch one (logits out).
+
+The klgrade checkpoint metadata travels inside the ONNX file (`metadata_props["klgrade"]`), so an exported
+model keeps its preprocessing. `OnnxModel.from_path` accepts a `.onnx` file, or a safetensors checkpoint
+that it exports once into the cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from klgrade.data.cache import default_cache_dir
+from klgrade.errors import CheckpointError
+from klgrade.models import load_checkpoint
+from klgrade.models.weights import read_info
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
+    """Export a checkpoint to ONNX (dynamic batch, fixed side), atomically, with klgrade metadata."""
+    import onnx
+
+    model, info = load_checkpoint(checkpoint)
+    side = info["preprocess"]["size"]
+    example = torch.zeros(1, 1, side, side)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    torch.onnx.export(model, (example,), str(temporary), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
+                      dynamo=False)
+    proto = onnx.load(str(temporary))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "klgrade", json.dumps(info)
+    onnx.save(proto, str(temporary))
+    os.replace(temporary, out)
+    return out
+
+
+class OnnxModel:
+    """ONNX Runtime session on CPU; `run(x)` maps (B, 1, H, W) float32 to (B, 5) logits."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise CheckpointError(f"{path}: cannot load ONNX model ({exc})") from None
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if "klgrade" not in metadata:
+            raise CheckpointError(f"{path}: ONNX file without klgrade metadata (export it with klgrade export-onnx)")
+        self.info = json.loads(metadata["klgrade"])
+
+    @classmethod
+    def from_path(cls, path: str | Path, threads: int | None = None) -> "OnnxModel":
+        path = Path(path)
+        if path.suffix == ".onnx":
+            return cls(path, threads)
+        read_info(path)  # a clear error for a missing or foreign checkpoint before exporting
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+        exported = default_cache_dir() / "onnx" / f"{path.stem}-{digest}.onnx"
+        if not exported.exists():
+            log.info("exporting %s to %s", path, exported)
+            export_onnx(path, exported)
+        return cls(exported, threads)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]

@@ -1,0 +1,179 @@
+"""From images to grades: one `Predictor` used by `klgrade predict`, `klgrade evaluate`, the HTTP service and
+the Python API (`load_model`, `grade`).
+
+A predictor holds one or more checkpoints (an ensemble averages probabilities), the preprocessing stored in
+them, optional horizontal-flip test-time augmentation, and a backend (torch, or ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from klgrade.constants import NUM_GRADES
+from klgrade.data.io import read_image
+from klgrade.data.preprocess import PreprocessConfig, normalize, to_uint8
+from klgrade.errors import CheckpointError, ImageReadError
+from klgrade.models import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+SHIPPED_WEIGHTS = "msa_net_kneekl224.safetensors"
+BACKENDS = ("torch", "onnx")
+
+
+def shipped_checkpoint() -> Path:
+    """Path of the model trained by the project and shipped inside the package."""
+    path = Path(str(resources.files("klgrade") / "weights" / SHIPPED_WEIGHTS))
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the shipped model is missing from this installation")
+    return path
+
+
+@dataclass
+class Grading:
+    """The answer for one image."""
+
+    grade: int
+    probabilities: list[float]
+    confidence: float
+    heatmap: np.ndarray | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
+    """The preprocessed uint8 image the network saw (for overlays)."""
+
+
+class Predictor:
+    """Grades preprocessed images with one checkpoint or an ensemble.
+
+    Args:
+        checkpoints: safetensors checkpoints (or `.onnx` files for the onnx backend); None = the shipped model.
+        device: torch device for the torch backend.
+        tta: average with the horizontally flipped image; None = what the checkpoint recommends.
+        backend: "torch" or "onnx" (ONNX Runtime on CPU; exports the checkpoint once if needed).
+    """
+
+    def __init__(self, checkpoints: list[str | Path] | None = None, device: str = "cpu", tta: bool | None = None,
+                 backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise CheckpointError(f"unknown backend '{backend}'; choose one of {BACKENDS}")
+        paths = [Path(p) for p in checkpoints] if checkpoints else [shipped_checkpoint()]
+        self.device = torch.device(device)
+        self.backend = backend
+        self.models, self.infos = [], []
+        self._torch_models = None  # Grad-CAM needs torch models; the onnx backend loads them only when asked
+        for path in paths:
+            if backend == "onnx":
+                from klgrade.infer.onnx import OnnxModel
+
+                model = OnnxModel.from_path(path)
+                info = model.info
+            else:
+                model, info = load_checkpoint(path)
+                model.to(self.device)
+            self.models.append(model)
+            self.infos.append(info)
+        if backend == "torch":
+            self._torch_models = self.models
+        configs = {str(sorted(i["preprocess"].items())) for i in self.infos}
+        if len(configs) > 1:
+            raise CheckpointError("ensemble members were trained with different preprocessing; cannot combine them")
+        self.preprocess = PreprocessConfig.from_dict(self.infos[0]["preprocess"])
+        recommended = self.infos[0].get("inference", {}).get("tta", False)
+        self.tta = recommended if tta is None else tta
+        self.paths = paths
+
+    @property
+    def name(self) -> str:
+        names = [i["model"]["name"] for i in self.infos]
+        return names[0] if len(names) == 1 else f"ensemble({', '.join(names)})"
+
+    def prepare(self, image: np.ndarray, side: str | None = None) -> np.ndarray:
+        """Grey-level image -> the uint8 square the network sees."""
+        return to_uint8(image, self.preprocess, side)
+
+    @torch.inference_mode()
+    def probabilities(self, images_uint8: np.ndarray) -> np.ndarray:
+        """(B, H, W) uint8 images -> (B, 5) class probabilities (ensemble mean, TTA mean)."""
+        x = normalize(torch.from_numpy(np.ascontiguousarray(images_uint8))).unsqueeze(1)
+        views = [x, torch.flip(x, dims=[3])] if self.tta else [x]
+        total = np.zeros((len(x), NUM_GRADES))
+        for model in self.models:
+            for view in views:
+                total += self._forward(model, view)
+        return total / (len(self.models) * len(views))
+
+    def _forward(self, model, x: torch.Tensor) -> np.ndarray:
+        if self.backend == "onnx":
+            logits = torch.from_numpy(model.run(x.numpy()))
+        else:
+            logits = model(x.to(self.device)).float().cpu()
+        return torch.softmax(logits, dim=1).numpy().astype(np.float64)
+
+    def heatmaps(self, images_uint8: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Grad-CAM of the target grades, averaged over the ensemble's torch models."""
+        from klgrade.explain.gradcam import gradcam
+
+        if self._torch_models is None:
+            self._torch_models = [load_checkpoint(source)[0] for source in self._torch_sources()]
+        models = self._torch_models
+        x = normalize(torch.from_numpy(np.ascontiguousarray(images_uint8))).unsqueeze(1).to(self.device)
+        target = torch.as_tensor(targets)
+        maps = np.mean([gradcam(m, x, target) for m in models], axis=0)
+        return maps
+
+    def _torch_sources(self) -> list[Path]:
+        """Safetensors checkpoints behind ONNX models (Grad-CAM needs gradients, which ONNX Runtime lacks)."""
+        sources = [p for p in self.paths if p.suffix == ".safetensors"]
+        if len(sources) != len(self.paths):
+            raise CheckpointError("explanations need the safetensors checkpoint(s), not a bare .onnx file")
+        return sources
+
+    def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
+                     explain: bool = False) -> list[Grading]:
+        """Grade grey-level images (any size); heatmaps for the predicted grade when `explain`."""
+        sides = sides or [None] * len(images)
+        prepared = np.stack([self.prepare(image, side) for image, side in zip(images, sides)])
+        probabilities = self.probabilities(prepared)
+        grades = probabilities.argmax(axis=1)
+        maps = self.heatmaps(prepared, grades) if explain else [None] * len(images)
+        return [Grading(int(g), [float(v) for v in p], float(p[g]), m, u8)
+                for g, p, m, u8 in zip(grades, probabilities, maps, prepared)]
+
+
+_DEFAULT: dict[tuple, Predictor] = {}
+
+
+def load_model(checkpoints: str | Path | list[str | Path] | None = None, device: str = "cpu",
+               tta: bool | None = None, backend: str = "torch") -> Predictor:
+    """A `Predictor` for the given checkpoint(s), or for the model shipped with klgrade."""
+    if isinstance(checkpoints, (str, Path)):
+        checkpoints = [checkpoints]
+    return Predictor(checkpoints, device=device, tta=tta, backend=backend)
+
+
+def grade(image: str | Path | bytes | np.ndarray, explain: bool = False, model: Predictor | None = None) -> Grading:
+    """Grade one radiograph: a path, raw file bytes, or a 2-D grey-level array.
+
+    Returns:
+        `Grading(grade, probabilities, confidence, heatmap)`; heatmap is (H, W) in [0, 1] when `explain`.
+
+    Raises:
+        ImageReadError: the image cannot be read.
+    """
+    if model is None:
+        model = _DEFAULT.setdefault(("shipped",), load_model())
+    if isinstance(image, np.ndarray):
+        if image.ndim != 2:
+            raise ImageReadError("<array>", f"expected a 2-D grey-level array, got shape {image.shape}")
+        array, side = image.astype(np.float32), None
+    else:
+        from klgrade.data.sources import parse_knee_name
+
+        array = read_image(image)
+        side = parse_knee_name(image)[1] if isinstance(image, (str, Path)) else None
+    return model.grade_arrays([array], [side], explain=explain)[0]

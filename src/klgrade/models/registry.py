@@ -1,0 +1,95 @@
+"""One registry: `create_model(name, ...)` for the proposed model and every baseline, all from timm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+import torch.nn as nn
+
+from klgrade.constants import NUM_GRADES
+from klgrade.errors import CheckpointError, KLGradeError
+from klgrade.models.msanet import MultiScaleAttentionNet
+from klgrade.models.ordinal import CumulativeLogitHead
+
+_TIMM_BASELINES = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "mobilenet_v2": "mobilenetv2_100",
+    "densenet121": "densenet121",
+}
+
+
+def _timm_builder(timm_name: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, in_chans: int, pretrained: bool, **options) -> nn.Module:
+        return timm.create_model(timm_name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **options)
+
+    return build
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "msa_net": lambda num_classes, in_chans, pretrained, **options: MultiScaleAttentionNet(
+        num_classes, in_chans, pretrained=pretrained, **options),
+    **{name: _timm_builder(timm_name) for name, timm_name in _TIMM_BASELINES.items()},
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def create_model(name: str, num_classes: int = NUM_GRADES, in_chans: int = 1, pretrained: str | None = None,
+                 ordinal: bool = False, **options) -> nn.Module:
+    """Build a grading model that maps (B, in_chans, H, W) images to (B, num_classes) logits.
+
+    Args:
+        name: one of `list_models()`.
+        pretrained: None (train from scratch, the default), a local weights file (safetensors or a torch
+            state dict), or "timm" to let timm fetch its ImageNet weights (needs a machine that is online).
+        ordinal: replace the linear classifier by a cumulative-logit ordinal head (outputs log-probabilities).
+        options: model options, e.g. `fpn=False`, `backbone="resnet34"`, `drop_rate=0.3`.
+
+    Raises:
+        KLGradeError: unknown name or option.
+    """
+    if name not in _BUILDERS:
+        raise KLGradeError(f"unknown model '{name}'; choose one of: {', '.join(list_models())}")
+    try:
+        model = _BUILDERS[name](num_classes=num_classes, in_chans=in_chans, pretrained=pretrained == "timm", **options)
+    except TypeError as exc:
+        raise KLGradeError(f"bad option for model '{name}': {exc}") from None
+    if ordinal:
+        classifier_name = "fc" if name == "msa_net" else model.default_cfg.get("classifier", "fc")
+        in_features = getattr(model, "num_features")
+        model_path, _, attr = classifier_name.rpartition(".")
+        owner = model.get_submodule(model_path) if model_path else model
+        setattr(owner, attr, CumulativeLogitHead(in_features, num_classes))
+    if pretrained not in (None, "timm"):
+        _load_pretrained(model, Path(pretrained))
+    return model
+
+
+def _load_pretrained(model: nn.Module, path: Path) -> None:
+    """Load matching tensors from a local file; classifier or stem shapes that differ are left as built."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: pretrained weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise CheckpointError(f"{path}: no tensor matches the model's parameters")
+    model.load_state_dict(usable, strict=False)
+
+
+def gradcam_layer(model: nn.Module) -> nn.Module:
+    """The layer whose activations Grad-CAM explains: the model's own choice, else its last feature stage."""
+    if hasattr(model, "gradcam_layer"):
+        return model.gradcam_layer()
+    return model.get_submodule(model.feature_info[-1]["module"])

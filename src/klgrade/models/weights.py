@@ -1,0 +1,82 @@
+"""Weights in safetensors (no pickle) with the model's own description in the file's metadata.
+
+A checkpoint file rebuilds its architecture: `{"model": {"name", "num_classes", "in_chans", "ordinal",
+"options"}, "preprocess": {...}, ...}` is stored as JSON under the metadata key `klgrade`, beside any
+training facts (metrics, data fingerprint, recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from klgrade.errors import CheckpointError
+
+METADATA_KEY = "klgrade"
+FORMAT = "klgrade-weights-1"
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, info: dict, dtype: torch.dtype | None = None) -> Path:
+    """Atomically write `model`'s weights and `info` (must hold `info["model"]`, the create_model spec).
+
+    Args:
+        dtype: store floating tensors in this dtype (e.g. torch.float16 to halve a shipped file).
+    """
+    if "model" not in info or "name" not in info["model"]:
+        raise ValueError("info['model'] must describe the architecture (name, options, ...)")
+    path = Path(path)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(state, str(temporary), metadata={METADATA_KEY: json.dumps({"format": FORMAT, **info})})
+    os.replace(temporary, path)
+    return path
+
+
+def read_info(path: str | Path) -> dict:
+    """The metadata of a checkpoint, without loading tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a safetensors checkpoint ({exc})") from None
+    if METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path}: safetensors file without klgrade metadata (not a klgrade checkpoint)")
+    return json.loads(metadata[METADATA_KEY])
+
+
+def load_checkpoint(path: str | Path, expect_model: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model stored in `path` and load its weights (float32, eval mode).
+
+    Raises:
+        CheckpointError: missing/corrupt file, or its architecture is not `expect_model` / does not match.
+    """
+    from klgrade.models.registry import create_model
+
+    info = read_info(path)
+    spec = info["model"]
+    if expect_model is not None and spec["name"] != expect_model:
+        raise CheckpointError(f"{path}: checkpoint holds a '{spec['name']}' model, not '{expect_model}'")
+    model = create_model(spec["name"], num_classes=spec.get("num_classes", 5), in_chans=spec.get("in_chans", 1),
+                         ordinal=spec.get("ordinal", False), **spec.get("options", {}))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the '{spec['name']}' architecture ({first})") from None
+    return model.eval(), info

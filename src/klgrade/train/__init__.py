@@ -1,0 +1,1 @@
+"""Training: the Lightning module (losses, distillation, on-device augmentation), `fit`, and cross-validation."""

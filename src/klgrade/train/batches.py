@@ -1,0 +1,97 @@
+"""Batches straight from the uint8 image cache: one fancy-index per batch, no per-image Python work.
+
+`EpochBatchSampler` draws a fresh, seeded order each epoch (Lightning calls `set_epoch`), so a run resumed
+at an epoch boundary sees exactly the batches an uninterrupted run would. It also shards batches across
+DDP processes itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class CachedImages(Dataset):
+    """(uint8 images (N, H, W), labels (N,)); `__getitems__` returns a whole batch at once."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of indices; shuffled (optionally class-weighted) per epoch from `seed + epoch`.
+
+    Args:
+        sample_weights: draw with replacement in proportion to these (class balancing); None = permutation.
+        rank, world_size: this process's share of the batches under DDP.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 sample_weights: np.ndarray | None = None, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.sample_weights = None if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.double)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.sample_weights is not None:
+            order = torch.multinomial(self.sample_weights, self.n, replacement=True, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.arange(self.n)
+        batches = list(order.split(self.batch_size))
+        if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
+            batches = batches[:-1]
+        usable = len(batches) - len(batches) % self.world_size if self.shuffle and self.world_size > 1 else len(batches)
+        return batches[self.rank:usable:self.world_size]
+
+    def __iter__(self):
+        return (batch.tolist() for batch in self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def _identity(batch):
+    return batch
+
+
+def make_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
+                sample_weights: np.ndarray | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
+    dataset = CachedImages(images, labels)
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last=shuffle,
+                                sample_weights=sample_weights, rank=rank, world_size=world_size)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity, num_workers=0)
+
+
+def class_balanced_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-sample weights that make every grade equally likely to be drawn."""
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    return 1.0 / np.maximum(counts[labels], 1.0)
+
+
+def inverse_frequency(labels: np.ndarray, num_classes: int, power: float = 0.5) -> torch.Tensor:
+    """Class weights for the loss, (1/frequency)^power normalised to mean 1 (power 0.5 = the usual mild form)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    weights = (counts.sum() / np.maximum(counts, 1.0)) ** power
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+

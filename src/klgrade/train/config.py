@@ -1,0 +1,106 @@
+"""Every training option in one typed object, filled from defaults, a YAML file and CLI overrides."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from klgrade.constants import IMAGE_SIZE
+from klgrade.data.augment import AugmentConfig
+from klgrade.errors import KLGradeError
+
+BALANCE_CHOICES = ("none", "sampler", "loss")
+SCHEDULE_CHOICES = ("cosine", "onecycle")
+
+
+@dataclass
+class TrainConfig:
+    """Args (defaults in brackets):
+    data: dataset folder or CSV manifest. out: run folder for checkpoints, logs and metrics.
+    model [msa_net], model_options [{}]: registry name and its options; ordinal [False]: cumulative-logit head.
+    epochs [30], batch_size [32], lr [1e-3], weight_decay [0.05], warmup_epochs [1], schedule [cosine|onecycle].
+    label_smoothing [0.0]; balance [none|sampler|loss]: class-imbalance handling.
+    ema [0.0]: decay of the exponential moving average of weights (0 = off); validation and export use it.
+    patience [0]: early-stopping patience in epochs on the validation QWK (0 = off).
+    teacher [[]]: checkpoints whose mean softened probabilities teach the student; kd_alpha [0.5], kd_temperature [4].
+    fold [None], folds [5]: train on the other folds of the train split and validate on fold `fold`.
+    seed [0]; limit [None]: use at most this many train and validation images (quick checks).
+    image_size [224], clahe [False], canonical_side [False]: preprocessing, stored in the checkpoint.
+    device [auto|cpu|cuda], devices [1], num_nodes [1], precision [bf16-mixed|32-true].
+    threads [None]: CPU threads for torch. cache_dir [None]: image cache location.
+    """
+
+    data: str = ""
+    out: str = "runs/train"
+    model: str = "msa_net"
+    model_options: dict = field(default_factory=dict)
+    ordinal: bool = False
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    balance: str = "none"
+    ema: float = 0.0
+    patience: int = 0
+    teacher: list[str] = field(default_factory=list)
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
+    fold: int | None = None
+    folds: int = 5
+    seed: int = 0
+    limit: int | None = None
+    image_size: int = IMAGE_SIZE
+    clahe: bool = False
+    canonical_side: bool = False
+    augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
+    device: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "bf16-mixed"
+    threads: int | None = None
+    cache_dir: str | None = None
+    quiet: bool = False
+    resume: bool = False
+
+    def validate(self) -> "TrainConfig":
+        if self.balance not in BALANCE_CHOICES:
+            raise KLGradeError(f"--balance must be one of {BALANCE_CHOICES}, not '{self.balance}'")
+        if self.schedule not in SCHEDULE_CHOICES:
+            raise KLGradeError(f"--schedule must be one of {SCHEDULE_CHOICES}, not '{self.schedule}'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise KLGradeError(f"--device must be auto, cpu or cuda, not '{self.device}'")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise KLGradeError(f"--kd-alpha must lie in [0, 1], not {self.kd_alpha}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise KLGradeError("--epochs and --batch-size must be at least 1")
+        if self.fold is not None and not 0 <= self.fold < self.folds:
+            raise KLGradeError(f"--fold must lie in 0-{self.folds - 1}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
+    """Defaults <- YAML file <- explicit overrides (None values in `overrides` mean 'not given')."""
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise KLGradeError(f"{path}: cannot read config ({exc})") from None
+        if not isinstance(values, dict):
+            raise KLGradeError(f"{path}: config must be a mapping of option: value")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise KLGradeError(f"{path}: unknown option(s) {unknown}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "augment" in values:
+        values["augment"] = {**AugmentConfig().to_dict(), **values["augment"]}
+    return TrainConfig(**values).validate()

@@ -1,0 +1,183 @@
+"""`fit(config)`: one training run, from a data folder to checkpoints, logs and metrics in the run folder.
+
+Run folder:
+    best.safetensors   weights (EMA if enabled) of the epoch with the best validation QWK, with config,
+                       preprocessing, data fingerprint and metrics in its metadata
+    last.safetensors   the same for the latest epoch
+    last.ckpt          full Lightning state (optimizer, scheduler, EMA, epoch) for `--resume`
+    metrics.json       per-epoch validation metrics and the best epoch
+    logs/              CSV logs (training curves)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from klgrade.constants import MAIN_METRIC, NUM_GRADES
+from klgrade.data.cache import cache_key, load_cached
+from klgrade.data.preprocess import PreprocessConfig
+from klgrade.data.sources import Sample, find_samples, select_split
+from klgrade.data.splits import check_no_leak, fold_split
+from klgrade.errors import KLGradeError
+from klgrade.models import create_model, load_checkpoint, save_checkpoint
+from klgrade.train.batches import class_balanced_weights, inverse_frequency, make_loader
+from klgrade.train.config import TrainConfig
+from klgrade.train.module import GradingModule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    train: list[Sample]
+    val: list[Sample]
+    preprocess: PreprocessConfig
+
+
+def write_json_atomic(path: Path, value) -> None:
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(value, indent=2))
+    os.replace(temporary, path)
+
+
+def limit_samples(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """A seeded random subset of at most `limit` samples, in the original order."""
+    if limit is None or limit >= len(samples):
+        return samples
+    keep = np.sort(np.random.default_rng(seed).permutation(len(samples))[:limit])
+    return [samples[i] for i in keep]
+
+
+def select_data(config: TrainConfig) -> RunData:
+    """Train and validation samples: a fold of the train split, or train vs val."""
+    samples = find_samples(config.data)
+    has_splits = any(s.split for s in samples)
+    train = select_split(samples, "train") if has_splits else samples
+    if config.fold is not None:
+        train, val = fold_split(train, config.fold, config.folds, config.seed)
+    elif has_splits:
+        val = select_split(samples, "val")
+    else:
+        raise KLGradeError(f"{config.data}: no 'val' split; give --fold K to validate on a fold of this data")
+    check_no_leak(train, val, "training and validation data")
+    preprocess = PreprocessConfig(size=config.image_size, clahe=config.clahe, canonical_side=config.canonical_side)
+    return RunData(limit_samples(train, config.limit, config.seed), limit_samples(val, config.limit, config.seed + 1),
+                   preprocess)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file and renamed: a kill never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        super().save_checkpoint(checkpoint, temporary, storage_options)
+        os.replace(temporary, path)
+
+
+class ExportWeights(Callback):
+    """After each validation: `last.safetensors`, and `best.safetensors` when the main metric improves."""
+
+    def __init__(self, out: Path, info: dict):
+        self.out, self.info = out, info
+        self.best_score = -np.inf
+        self.best_epoch = -1
+
+    def on_validation_end(self, trainer: L.Trainer, module: GradingModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        info = {**self.info, "epoch": module.current_epoch, "val_metrics": metrics}
+        save_checkpoint(self.out / "last.safetensors", module.eval_model(), info)
+        if metrics[MAIN_METRIC] > self.best_score:
+            self.best_score, self.best_epoch = metrics[MAIN_METRIC], module.current_epoch
+            save_checkpoint(self.out / "best.safetensors", module.eval_model(), info)
+
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+
+
+def load_teachers(paths: list[str]) -> list[torch.nn.Module]:
+    return [load_checkpoint(p)[0] for p in paths]
+
+
+def build_trainer(config: TrainConfig, out: Path, callbacks: list[Callback]) -> L.Trainer:
+    accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[config.device]
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise KLGradeError("--device cuda asked for, but no CUDA GPU is available")
+    callbacks = [
+        *callbacks,
+        ModelCheckpoint(dirpath=out, filename="last", save_top_k=1, monitor=None, enable_version_counter=False),
+    ]
+    if config.patience > 0:
+        callbacks.append(EarlyStopping(monitor=f"val/{MAIN_METRIC}", mode="max", patience=config.patience))
+    if not config.quiet:
+        callbacks.append(RichProgressBar())
+    strategy = "ddp" if config.devices * config.num_nodes > 1 else "auto"
+    return L.Trainer(
+        accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=strategy,
+        precision=config.precision, max_epochs=config.epochs, callbacks=callbacks, num_sanity_val_steps=0,
+        logger=CSVLogger(out, name="logs", version=""), enable_progress_bar=not config.quiet,
+        enable_model_summary=not config.quiet, use_distributed_sampler=False, log_every_n_steps=10,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
+    """Train one model as `config` says; returns the summary also written to `metrics.json`.
+
+    Raises:
+        KLGradeError: bad data, options or teacher checkpoints.
+    """
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    L.seed_everything(config.seed, verbose=False)
+    data = select_data(config)
+    train_images = load_cached(data.train, data.preprocess, config.cache_dir)
+    val_images = load_cached(data.val, data.preprocess, config.cache_dir)
+    train_labels = np.array([s.grade for s in data.train])
+    val_labels = np.array([s.grade for s in data.val])
+
+    spec = {"name": config.model, "num_classes": NUM_GRADES, "in_chans": 1, "ordinal": config.ordinal,
+            "options": config.model_options}
+    model = create_model(config.model, ordinal=config.ordinal, **config.model_options)
+    class_weights = inverse_frequency(train_labels, NUM_GRADES) if config.balance == "loss" else None
+    module = GradingModule(model, config, class_weights, load_teachers(config.teacher))
+    info = {"model": spec, "preprocess": data.preprocess.to_dict(), "train_config": config.to_dict(),
+            "data_fingerprint": cache_key(data.train + data.val, data.preprocess),
+            "n_train": len(data.train), "n_val": len(data.val)}
+    exporter = ExportWeights(out, info)
+    trainer = build_trainer(config, out, [exporter, *(callbacks or [])])
+    sample_weights = class_balanced_weights(train_labels, NUM_GRADES) if config.balance == "sampler" else None
+    rank, world = trainer.global_rank, trainer.world_size
+    train_loader = make_loader(train_images, train_labels, config.batch_size, shuffle=True, seed=config.seed,
+                               sample_weights=sample_weights, rank=rank, world_size=world)
+    val_loader = make_loader(val_images, val_labels, max(config.batch_size, 64), shuffle=False, rank=rank, world_size=world)
+    resume_from = out / "last.ckpt" if config.resume and (out / "last.ckpt").exists() else None
+    if config.resume and resume_from is None:
+        log.warning("--resume: no %s yet, starting from scratch", out / "last.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+    summary = {"best_epoch": exporter.best_epoch, f"best_{MAIN_METRIC}": exporter.best_score,
+               "history": module.history, "config": config.to_dict(), "n_train": len(data.train), "n_val": len(data.val)}
+    if trainer.is_global_zero:
+        write_json_atomic(out / "metrics.json", summary)
+    return summary

@@ -1,0 +1,134 @@
+"""LightningModule for grading: cross-entropy (weighted, smoothed), knowledge distillation, EMA, on-device augmentation.
+
+Distillation (Hinton et al., "Distilling the Knowledge in a Neural Network", 2015,
+https://arxiv.org/abs/1503.02531): loss = (1 - a) * CE(y) + a * T^2 * KL(p_teacher^T || p_student^T), with
+the teacher seeing the same augmented batch; several teachers form an ensemble by averaging their softened
+probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from klgrade.constants import MAIN_METRIC, NUM_GRADES
+from klgrade.data.augment import AugmentConfig, random_augment
+from klgrade.data.preprocess import PIXEL_MEAN, PIXEL_STD
+from klgrade.evaluate.metrics import confusion_metrics
+from klgrade.train.config import TrainConfig
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) on temperature-softened distributions (batch mean)."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
+
+
+class GradingModule(L.LightningModule):
+    """Trains `model` on uint8 batches from the cache; validation uses the EMA weights when enabled."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, class_weights: torch.Tensor | None = None,
+                 teachers: list[nn.Module] | None = None):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+        self.config = config
+        self.augment_config = AugmentConfig(**config.augment)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+                    if config.ema > 0 else None)
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self._teachers = [t.eval().requires_grad_(False) for t in (teachers or [])]  # not saved in checkpoints
+        self._augment_generator = torch.Generator()
+        self._val_logits: list[torch.Tensor] = []
+        self._val_labels: list[torch.Tensor] = []
+        self.history: list[dict] = []
+
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and exported."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _inputs(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
+        x = images.unsqueeze(1).float().div_(255.0)
+        if augment:
+            x = random_augment(x, self.augment_config, self._augment_generator)
+        return ((x - PIXEL_MEAN) / PIXEL_STD).contiguous(memory_format=torch.channels_last)
+
+    def on_fit_start(self) -> None:
+        for teacher in self._teachers:
+            teacher.to(self.device, memory_format=torch.channels_last)
+
+    def on_train_epoch_start(self) -> None:
+        # Randomness derived from (seed, epoch): a run resumed at an epoch boundary repeats it exactly.
+        epoch_seed = self.config.seed * 100_003 + self.current_epoch
+        self._augment_generator.manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)
+
+    def _teacher_probs(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            temperature = self.config.kd_temperature
+            return torch.stack([F.softmax(t(x).float() / temperature, dim=1) for t in self._teachers]).mean(0)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        x = self._inputs(images, augment=True)
+        logits = self.model(x).float()
+        loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.config.label_smoothing)
+        if self._teachers:
+            kd = distillation_loss(logits, self._teacher_probs(x), self.config.kd_temperature)
+            self.log("train/kd", kd, on_step=False, on_epoch=True)
+            loss = (1 - self.config.kd_alpha) * loss + self.config.kd_alpha * kd
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        self._val_logits.append(self.eval_model()(self._inputs(images, augment=False)).float())
+        self._val_labels.append(labels)
+
+    def on_validation_epoch_end(self) -> None:
+        logits = self.all_gather(torch.cat(self._val_logits)).reshape(-1, NUM_GRADES)
+        labels = self.all_gather(torch.cat(self._val_labels)).reshape(-1)
+        self._val_logits.clear()
+        self._val_labels.clear()
+        k = NUM_GRADES
+        cm = torch.bincount(labels * k + logits.argmax(1), minlength=k * k).reshape(k, k).cpu().numpy()
+        values = {name: float(v) for name, v in confusion_metrics(cm).items()}
+        values["loss"] = float(F.cross_entropy(logits, labels))
+        for name, value in values.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("accuracy", MAIN_METRIC), sync_dist=False)
+        if not self.trainer.sanity_checking:
+            self.history.append({"epoch": self.current_epoch, **values})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["klgrade_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = checkpoint.get("klgrade_history", [])
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if self.config.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.config.lr, total_steps=total)
+        else:
+            warmup = min(total - 1, int(total * self.config.warmup_epochs / self.config.epochs))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor

@@ -1,0 +1,175 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from klgrade.data.cache import load_cached
+from klgrade.data.preprocess import PreprocessConfig, preprocess, to_uint8
+from klgrade.data.sources import find_samples, parse_knee_name
+from klgrade.data.splits import check_no_leak, patient_folds, shared_patients
+from klgrade.errors import DataLayoutError, KLGradeError
+
+from conftest import knee_image, run_cli, save
+
+
+def _write(path, seed=0):
+    return save(Image.fromarray(knee_image(seed)), path)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("9003175L.png", ("9003175", "L")), ("9003175R.jpg", ("9003175", "R")),
+    ("9001104_1.png", ("9001104", None)), ("scan.png", ("scan", None)),
+])
+def test_knee_names(name, expected):
+    assert parse_knee_name(name) == expected
+
+
+def test_split_grade_layout(tmp_path):
+    _write(tmp_path / "train" / "0" / "9000001L.png")
+    _write(tmp_path / "train" / "3" / "9000001R.png")
+    _write(tmp_path / "val" / "4" / "9000002_1.png")
+    samples = find_samples(tmp_path)
+    assert [(s.split, s.grade, s.patient_id, s.side) for s in samples] == [
+        ("train", 0, "9000001", "L"), ("train", 3, "9000001", "R"), ("val", 4, "9000002", None)]
+
+
+def test_single_split_with_named_grade_folders(tmp_path):
+    for grade, name in enumerate(["0Normal", "1Doubtful", "2Minimal", "3Moderate", "4Severe"]):
+        _write(tmp_path / name / f"900000{grade}L.png")
+    samples = find_samples(tmp_path)
+    assert [s.grade for s in samples] == [0, 1, 2, 3, 4]
+    assert all(s.split is None for s in samples)
+
+
+@pytest.mark.parametrize("folder", ["7", "cats", "5Severe"])
+def test_unknown_or_out_of_range_grade_folders_are_errors(tmp_path, folder):
+    _write(tmp_path / folder / "9000001L.png")
+    with pytest.raises(DataLayoutError, match=folder):
+        find_samples(tmp_path)
+
+
+def test_unknown_folder_beside_splits_is_an_error(tmp_path):
+    _write(tmp_path / "train" / "0" / "a.png")
+    _write(tmp_path / "extras" / "0" / "b.png")
+    with pytest.raises(DataLayoutError, match="extras"):
+        find_samples(tmp_path)
+
+
+def test_csv_manifest(tmp_path):
+    _write(tmp_path / "img" / "a.png")
+    _write(tmp_path / "img" / "9000005L.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,grade,patient_id,side\nimg/a.png,2,P1,R\nimg/9000005L.png,4,,\n")
+    samples = find_samples(manifest)
+    assert [(s.grade, s.patient_id, s.side) for s in samples] == [(2, "P1", "R"), (4, "9000005", "L")]
+
+
+@pytest.mark.parametrize("row, message", [("img/a.png,5", "outside 0-4"), ("img/none.png,1", "does not exist"),
+                                          ("img/a.png,x", "not an integer")])
+def test_bad_manifest_rows(tmp_path, row, message):
+    _write(tmp_path / "img" / "a.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"path,grade\n{row}\n")
+    with pytest.raises(DataLayoutError, match=message):
+        find_samples(manifest)
+
+
+def test_missing_data_path(tmp_path):
+    with pytest.raises(DataLayoutError, match="no such file"):
+        find_samples(tmp_path / "absent")
+
+
+def test_preprocess_shape_range_and_side_canonicalisation():
+    image = np.tile(np.linspace(0, 4095, 300, dtype=np.float32), (200, 1))
+    config = PreprocessConfig(size=96, canonical_side=True)
+    right, left = to_uint8(image, config, "R"), to_uint8(image, config, "L")
+    assert right.shape == (96, 96) and right.dtype == np.uint8
+    assert right.min() == 0 and right.max() == 255
+    np.testing.assert_array_equal(left, right[:, ::-1])
+    tensor = preprocess(image, PreprocessConfig(size=64, clahe=True))
+    assert tensor.shape == (1, 64, 64) and tensor.dtype.is_floating_point
+
+
+def test_real_five_fold_split_groups_patients_and_keeps_grade_proportions(kneekl224):
+    train = [s for s in find_samples(kneekl224) if s.split == "train"]
+    folds = patient_folds(train, folds=5, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(train)))
+    owners = {}
+    for k, fold in enumerate(folds):
+        for i in fold:
+            assert owners.setdefault(train[i].patient_id, k) == k, "patient in two folds"
+    grades = np.array([s.grade for s in train])
+    overall = np.bincount(grades, minlength=5) / len(grades)
+    for fold in folds:
+        share = np.bincount(grades[fold], minlength=5) / len(fold)
+        assert np.abs(share - overall).max() < 0.02
+    again = patient_folds(train, folds=5, seed=0)
+    assert all((a == b).all() for a, b in zip(folds, again))
+    samples = [train[i] for i in folds[0]], [train[i] for i in folds[1]]
+    assert shared_patients(*samples) == set()
+    check_no_leak(*samples)
+    with pytest.raises(DataLayoutError, match="share"):
+        check_no_leak(samples[0], samples[0][:3])
+
+
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
+    for k in range(3):
+        _write(tmp_path / "data" / str(k) / f"900000{k}L.png", seed=k)
+    samples = find_samples(tmp_path / "data")
+    config = PreprocessConfig(size=32)
+    first = load_cached(samples, config, tmp_path / "cache")
+    assert first.shape == (3, 32, 32)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    np.testing.assert_array_equal(load_cached(samples, config, tmp_path / "cache"), first)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    _write(tmp_path / "data" / "0" / "9000000L.png", seed=9)
+    os.utime(samples[0].path, ns=(1, 10**18))
+    rebuilt = load_cached(samples, config, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert not np.array_equal(rebuilt[0], first[0])
+    load_cached(samples, PreprocessConfig(size=40), tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+def test_cache_refuses_unreadable_training_images(tmp_path):
+    _write(tmp_path / "0" / "a.png")
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "b.png").write_bytes(b"")
+    with pytest.raises(KLGradeError, match="b.png"):
+        load_cached(find_samples(tmp_path), PreprocessConfig(size=32), tmp_path / "cache")
+
+
+def test_summary_of_real_data(kneekl224):
+    result = run_cli("data", "summary", str(kneekl224), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["splits"]["train"]["counts"] == [2286, 1046, 1516, 757, 173]
+    assert summary["splits"]["val"]["counts"] == [328, 153, 212, 106, 27]
+    assert summary["patient_overlap"] == {"train/val": 0}
+    assert summary["unreadable"] == []
+
+
+def test_summary_lists_bad_files_and_still_counts_the_rest(tmp_path):
+    for k in range(5):
+        _write(tmp_path / "train" / str(k) / f"900000{k}L.png", seed=k)
+    _write(tmp_path / "val" / "2" / "9000001R.png")
+    (tmp_path / "val" / "2" / "9000009L.png").write_bytes(b"")
+    (tmp_path / "val" / "2" / "9000008L.png").write_text("not an image")
+    result = run_cli("data", "summary", str(tmp_path), "--json")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["splits"]["train"]["counts"] == [1, 1, 1, 1, 1]
+    assert summary["splits"]["val"]["counts"] == [0, 0, 3, 0, 0]
+    assert summary["patient_overlap"] == {"train/val": 1}
+    assert {item["path"].rsplit("/", 1)[1] for item in summary["unreadable"]} == {"9000009L.png", "9000008L.png"}
+    assert "9000009L.png: empty file" in result.stderr
+
+
+def test_summary_of_a_bad_layout_is_one_line(tmp_path):
+    _write(tmp_path / "nine" / "a.png")
+    result = run_cli("data", "summary", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "nine" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,141 @@
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from klgrade.data.io import read_image
+from klgrade.errors import ImageReadError
+
+from conftest import knee_image, save
+
+
+def test_8bit_formats_decode_to_the_same_grey_values(tmp_path):
+    grey = knee_image()
+    for suffix in ("png", "bmp", "tiff"):
+        array = read_image(save(Image.fromarray(grey), tmp_path / f"a.{suffix}"))
+        assert array.dtype == np.float32 and array.shape == grey.shape
+        np.testing.assert_array_equal(array, grey)
+    jpeg = read_image(save(Image.fromarray(grey), tmp_path / "a.jpg", quality=95))
+    assert np.abs(jpeg - grey).mean() < 4
+
+
+def test_16bit_png_keeps_its_range(tmp_path):
+    deep = (knee_image().astype(np.uint16) * 200 + 7).astype(np.uint16)
+    array = read_image(save(Image.fromarray(deep), tmp_path / "deep.png"))
+    assert array.max() > 255
+    np.testing.assert_array_equal(array, deep.astype(np.float32))
+
+
+def test_rgb_rgba_and_palette_become_single_channel(tmp_path):
+    grey = knee_image()
+    rgb = np.stack([grey] * 3, axis=-1)
+    rgba = np.concatenate([rgb, np.full(grey.shape + (1,), 255, np.uint8)], axis=-1)
+    for name, image in {"rgb.png": Image.fromarray(rgb), "rgba.png": Image.fromarray(rgba, "RGBA"),
+                        "pal.png": Image.fromarray(grey).convert("P")}.items():
+        array = read_image(save(image, tmp_path / name))
+        assert array.ndim == 2 and array.shape == grey.shape
+        assert np.abs(array - grey).mean() < 3, name
+
+
+def _dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.Modality = "Doe^Jane", "SECRET-42", "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_monochrome2_applies_rescale(tmp_path):
+    pixels = knee_image().astype(np.uint16) * 10
+    array = read_image(_dicom(tmp_path / "mono2.dcm", pixels, "MONOCHROME2", slope=2.0, intercept=-100.0))
+    np.testing.assert_allclose(array, pixels * 2.0 - 100.0)
+
+
+def test_dicom_monochrome1_is_inverted_so_bone_is_bright(tmp_path):
+    pixels = knee_image().astype(np.uint16) * 10
+    mono2 = read_image(_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2"))
+    mono1 = read_image(_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1"))
+    assert np.corrcoef(mono1.ravel(), mono2.ravel())[0, 1] < -0.99
+
+
+def test_dicom_window_is_applied(tmp_path):
+    pixels = knee_image().astype(np.uint16) * 10
+    windowed = read_image(_dicom(tmp_path / "w.dcm", pixels, "MONOCHROME2", window=(1000, 400)))
+    assert windowed.max() - windowed.min() <= 65535
+    plain = read_image(_dicom(tmp_path / "p.dcm", pixels, "MONOCHROME2"))
+    assert not np.allclose(windowed, plain)
+
+
+def test_dicom_without_extension_is_detected_by_magic(tmp_path):
+    path = _dicom(tmp_path / "x.dcm", knee_image().astype(np.uint16), "MONOCHROME2")
+    renamed = path.rename(tmp_path / "IMG0001")
+    assert read_image(renamed).shape == (64, 64)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"this is text, not an image\n" * 5, "not a recognised image"),
+])
+def test_bad_bytes_raise_one_error_with_path_and_reason(tmp_path, content, reason):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError) as caught:
+        read_image(path)
+    assert caught.value.path == str(path)
+    assert reason in caught.value.reason
+    assert "\n" not in str(caught.value)
+
+
+def test_truncated_png_is_reported(tmp_path):
+    data = io.BytesIO()
+    Image.fromarray(knee_image(size=256)).save(data, format="PNG")
+    path = tmp_path / "cut.png"
+    path.write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    with pytest.raises(ImageReadError, match="truncated|corrupt|cannot decode"):
+        read_image(path)
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    path = save(Image.new("1", (9000, 9000)), tmp_path / "bomb.png")
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(ImageReadError, match="exceeds|too large"):
+        read_image(path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(ImageReadError, match="not found"):
+        read_image(tmp_path / "nope.png")
+    with pytest.raises(ImageReadError, match="folder"):
+        read_image(tmp_path)
+
+
+def test_bytes_input_uses_the_given_name(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(knee_image()).save(buffer, format="PNG")
+    assert read_image(buffer.getvalue(), name="upload.png").shape == (64, 64)
+    with pytest.raises(ImageReadError, match="upload.png"):
+        read_image(b"junk" * 100, name="upload.png")
+
+
+def test_corrupt_dicom_is_reported(tmp_path):
+    path = tmp_path / "broken.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
+    with pytest.raises(ImageReadError) as caught:
+        read_image(path)
+    assert caught.value.path == str(path)

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+from sklearn.metrics import (accuracy_score, cohen_kappa_score, confusion_matrix, f1_score, matthews_corrcoef,
+                             mean_absolute_error, precision_score, recall_score, roc_auc_score)
+
+from klgrade.evaluate.metrics import (bootstrap_ci, compute_metrics, confusion_metrics, expected_calibration_error,
+                                      fit_temperature)
+
+DESIGN_KEYS = {"n", "accuracy", "precision_macro", "precision_weighted", "recall_macro", "f1_macro", "f1_weighted",
+               "mcc", "qwk", "mae", "confusion_matrix", "adjacent_error_rate", "extreme_errors", "ci95"}
+
+
+def _random_predictions(seed, n=400):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 5, n)
+    logits = rng.normal(size=(n, 5)) + 2.0 * np.eye(5)[y] * rng.random((n, 1))
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, probabilities
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_equal_scikit_learn(seed):
+    y, probabilities = _random_predictions(seed)
+    pred = probabilities.argmax(1)
+    m = compute_metrics(y, probabilities, n_boot=0)
+    assert DESIGN_KEYS - {"ci95"} <= set(m)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    for average in ("macro", "weighted"):
+        assert m[f"precision_{average}"] == pytest.approx(precision_score(y, pred, average=average, zero_division=0))
+        assert m[f"recall_{average}"] == pytest.approx(recall_score(y, pred, average=average, zero_division=0))
+        assert m[f"f1_{average}"] == pytest.approx(f1_score(y, pred, average=average, zero_division=0))
+    assert m["mcc"] == pytest.approx(matthews_corrcoef(y, pred))
+    assert m["qwk"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert m["mae"] == pytest.approx(mean_absolute_error(y, pred))
+    assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=range(5)).tolist()
+    distance = np.abs(y - pred)
+    assert m["extreme_errors"] == int((distance >= 3).sum())
+    assert m["adjacent_error_rate"] == pytest.approx((distance == 1).sum() / (distance > 0).sum())
+    assert m["per_grade"]["f1"] == pytest.approx(f1_score(y, pred, average=None).tolist())
+    assert m["auc_ovr"]["per_grade"][2] == pytest.approx(roc_auc_score(y == 2, probabilities[:, 2]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_confusion_matrix_formulas_equal_scikit_learn(seed):
+    y, probabilities = _random_predictions(seed, n=300)
+    pred = probabilities.argmax(1)
+    values = confusion_metrics(confusion_matrix(y, pred, labels=range(5)))
+    assert values["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert values["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert values["mcc"] == pytest.approx(matthews_corrcoef(y, pred))
+    assert values["qwk"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert values["mae"] == pytest.approx(mean_absolute_error(y, pred))
+
+
+def test_bootstrap_is_seeded_patient_level_and_covers_the_estimate():
+    y, probabilities = _random_predictions(7, n=500)
+    patients = np.repeat(np.arange(250), 2)
+    m = compute_metrics(y, probabilities, groups=patients, n_boot=500, seed=3)
+    again = compute_metrics(y, probabilities, groups=patients, n_boot=500, seed=3)
+    other = compute_metrics(y, probabilities, groups=patients, n_boot=500, seed=4)
+    assert m["ci95"] == again["ci95"]
+    assert m["ci95"] != other["ci95"]
+    for name, (low, high) in m["ci95"].items():
+        assert low <= m[name] <= high, name
+        assert high > low
+    perfect = bootstrap_ci(y, y, patients, n_boot=100)
+    assert perfect["accuracy"] == [1.0, 1.0]
+
+
+def test_calibration_and_temperature():
+    y, probabilities = _random_predictions(1, n=2000)
+    assert 0 <= expected_calibration_error(y, probabilities) <= 1
+    confident = np.log(probabilities) * 4  # overconfident logits
+    temperature = fit_temperature(confident, y)
+    assert temperature > 2
+    scaled = np.exp(confident / temperature)
+    scaled /= scaled.sum(1, keepdims=True)
+    sharp = np.exp(confident) / np.exp(confident).sum(1, keepdims=True)
+    assert expected_calibration_error(y, scaled) < expected_calibration_error(y, sharp)
+
+
+def test_single_grade_and_error_free_cases_do_not_crash():
+    y = np.zeros(10, dtype=int)
+    probabilities = np.tile([0.9, 0.1, 0, 0, 0], (10, 1))
+    m = compute_metrics(y, probabilities, n_boot=10)
+    assert m["accuracy"] == 1.0 and m["errors"] == 0 and m["adjacent_error_rate"] == 1.0
+    assert m["qwk"] == 0.0 or m["qwk"] == 1.0

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from klgrade.errors import CheckpointError, KLGradeError
+from klgrade.models import create_model, gradcam_layer, list_models, load_checkpoint, save_checkpoint
+from klgrade.models.msanet import FeaturePyramid, SpatialSelfAttention
+from timm.layers import SEModule
+
+torch.set_num_threads(2)
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_names_and_unknown_name():
+    assert {"msa_net", "resnet18", "resnet50", "mobilenet_v2", "densenet121"} <= set(list_models())
+    with pytest.raises(KLGradeError, match="unknown model 'vgg99'.*msa_net"):
+        create_model("vgg99")
+    with pytest.raises(KLGradeError, match="bad option"):
+        create_model("msa_net", wings=3)
+
+
+@pytest.mark.parametrize("name", ["msa_net", "resnet18", "resnet50", "mobilenet_v2", "densenet121"])
+def test_every_model_maps_images_to_five_logits_and_trains_every_parameter(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    for size in (224, 192, 256):
+        with torch.no_grad():
+            assert model.eval()(torch.randn(2, 1, size, size)).shape == (2, 5)
+    model.train()
+    with torch.no_grad():  # timm zero-initialises the last norm of residual blocks, which stops gradients at step 0
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d) and not module.weight.any():
+                module.weight.fill_(1.0)
+    model(torch.randn(2, 1, 160, 160)).logsumexp(1).sum().backward()
+    frozen = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert frozen == []
+    assert isinstance(gradcam_layer(model), torch.nn.Module)
+
+
+def test_ablations_build_genuinely_smaller_networks():
+    full = create_model("msa_net")
+    sizes = {flag: _params(create_model("msa_net", **{flag: False})) for flag in ("fpn", "se", "attention")}
+    assert all(size < _params(full) for size in sizes.values()), sizes
+    kinds = lambda m: {type(x) for x in m.modules()}  # noqa: E731
+    assert {FeaturePyramid, SEModule, SpatialSelfAttention} <= kinds(full)
+    assert FeaturePyramid not in kinds(create_model("msa_net", fpn=False))
+    assert SEModule not in kinds(create_model("msa_net", se=False))
+    assert SpatialSelfAttention not in kinds(create_model("msa_net", attention=False))
+
+
+def test_each_component_is_used_in_the_forward_pass():
+    model = create_model("msa_net").eval()
+    called = set()
+    for module in model.modules():
+        if isinstance(module, (FeaturePyramid, SEModule, SpatialSelfAttention)):
+            module.register_forward_hook(lambda m, i, o: called.add(type(m)))
+    with torch.no_grad():
+        model(torch.randn(1, 1, 224, 224))
+    assert called == {FeaturePyramid, SEModule, SpatialSelfAttention}
+    levels = model.forward_features(torch.randn(1, 1, 224, 224))
+    assert [tuple(level.shape[-2:]) for level in levels] == [(28, 28), (14, 14), (7, 7)]
+
+
+def test_attention_relates_distant_positions():
+    block = SpatialSelfAttention(32, heads=4).eval()
+    x = torch.randn(1, 32, 6, 6)
+    changed = x.clone()
+    changed[..., 5, 5] += 5.0
+    with torch.no_grad():
+        delta = (block(changed) - block(x))[..., 0, 0].abs().sum()
+    assert delta > 0, "a far-away token must influence the corner token"
+
+
+def test_ordinal_head_gives_probabilities_in_the_same_interface():
+    for name in ("msa_net", "resnet18", "mobilenet_v2"):
+        model = create_model(name, ordinal=True).eval()
+        with torch.no_grad():
+            probabilities = model(torch.randn(3, 1, 128, 128)).softmax(1)
+        assert probabilities.shape == (3, 5)
+        torch.testing.assert_close(probabilities.sum(1), torch.ones(3))
+
+
+def test_save_load_round_trip_is_exact_and_architecture_is_checked(tmp_path):
+    torch.manual_seed(1)
+    model = create_model("msa_net", width=64, heads=2, fpn=True).eval()
+    spec = {"model": {"name": "msa_net", "num_classes": 5, "in_chans": 1, "ordinal": False,
+                      "options": {"width": 64, "heads": 2}}, "preprocess": {"size": 128}}
+    path = save_checkpoint(tmp_path / "m.safetensors", model, spec)
+    loaded, info = load_checkpoint(path)
+    x = torch.randn(2, 1, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert info["preprocess"] == {"size": 128}
+    with pytest.raises(CheckpointError, match="holds a 'msa_net' model, not 'resnet18'"):
+        load_checkpoint(path, expect_model="resnet18")
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, create_model("resnet18"), {"model": {**spec["model"], "options": {}}})
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(other)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        load_checkpoint(tmp_path / "junk.safetensors")
+
+
+def test_pretrained_local_file_is_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    source = create_model("resnet18")
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    target = create_model("resnet18", pretrained=str(tmp_path / "w.safetensors"))
+    assert torch.equal(target.conv1.weight, source.conv1.weight)
