@@ -1,13 +1,14 @@
 """Batches straight from the uint8 image cache: one fancy-index per batch, no per-image Python work.
 
-`EpochBatchSampler` draws a fresh, seeded order each epoch (Lightning calls `set_epoch`), so a run resumed
-at an epoch boundary sees exactly the batches an uninterrupted run would. It also shards batches across
-DDP processes itself.
+`EpochBatchSampler` draws a fresh order each epoch, seeded by (seed, epoch). It reads the epoch from the
+trainer's loop when its iterator starts (on resume Lightning creates the iterator before `set_epoch`),
+so a run resumed at an epoch boundary sees exactly the batches an uninterrupted run would. It also shards
+batches across DDP processes itself.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ class CachedImages(Dataset):
     """(uint8 images (N, H, W), labels (N,)); `__getitems__` returns a whole batch at once."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.images = torch.from_numpy(np.array(images, copy=True))  # memmap -> RAM, writable
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
     def __len__(self) -> int:
@@ -38,20 +39,24 @@ class EpochBatchSampler(Sampler[list[int]]):
     Args:
         sample_weights: draw with replacement in proportion to these (class balancing); None = permutation.
         rank, world_size: this process's share of the batches under DDP.
+        epoch_source: returns the current epoch (e.g. the trainer's); without it, `set_epoch` decides.
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 sample_weights: np.ndarray | None = None, rank: int = 0, world_size: int = 1):
+                 sample_weights: np.ndarray | None = None, rank: int = 0, world_size: int = 1,
+                 epoch_source: Callable[[], int] | None = None):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.sample_weights = None if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.double)
         self.epoch = 0
+        self.epoch_source = epoch_source
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _batches(self) -> list[torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        epoch = self.epoch_source() if self.epoch_source is not None else self.epoch
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         if self.sample_weights is not None:
             order = torch.multinomial(self.sample_weights, self.n, replacement=True, generator=generator)
         elif self.shuffle:
@@ -76,11 +81,15 @@ def _identity(batch):
 
 
 def make_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
-                sample_weights: np.ndarray | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
+                sample_weights: np.ndarray | None = None, rank: int = 0, world_size: int = 1,
+                epoch_source: Callable[[], int] | None = None) -> DataLoader:
     dataset = CachedImages(images, labels)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last=shuffle,
-                                sample_weights=sample_weights, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity, num_workers=0)
+                                sample_weights=sample_weights, rank=rank, world_size=world_size,
+                                epoch_source=epoch_source)
+    # Own generator: creating an iterator must not draw from the global RNG that dropout uses.
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity, num_workers=0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def class_balanced_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -159,7 +159,6 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
             "options": config.model_options}
     model = create_model(config.model, ordinal=config.ordinal, **config.model_options)
     class_weights = inverse_frequency(train_labels, NUM_GRADES) if config.balance == "loss" else None
-    module = GradingModule(model, config, class_weights, load_teachers(config.teacher))
     info = {"model": spec, "preprocess": data.preprocess.to_dict(), "train_config": config.to_dict(),
             "data_fingerprint": cache_key(data.train + data.val, data.preprocess),
             "n_train": len(data.train), "n_val": len(data.val)}
@@ -168,7 +167,9 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     sample_weights = class_balanced_weights(train_labels, NUM_GRADES) if config.balance == "sampler" else None
     rank, world = trainer.global_rank, trainer.world_size
     train_loader = make_loader(train_images, train_labels, config.batch_size, shuffle=True, seed=config.seed,
-                               sample_weights=sample_weights, rank=rank, world_size=world)
+                               sample_weights=sample_weights, rank=rank, world_size=world,
+                               epoch_source=lambda: trainer.fit_loop.epoch_progress.current.processed)
+    module = GradingModule(model, config, len(train_loader.batch_sampler), class_weights, load_teachers(config.teacher))
     val_loader = make_loader(val_images, val_labels, max(config.batch_size, 64), shuffle=False, rank=rank, world_size=world)
     resume_from = out / "last.ckpt" if config.resume and (out / "last.ckpt").exists() else None
     if config.resume and resume_from is None:

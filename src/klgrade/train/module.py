@@ -32,9 +32,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 class GradingModule(L.LightningModule):
     """Trains `model` on uint8 batches from the cache; validation uses the EMA weights when enabled."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, class_weights: torch.Tensor | None = None,
-                 teachers: list[nn.Module] | None = None):
+    def __init__(self, model: nn.Module, config: TrainConfig, steps_per_epoch: int,
+                 class_weights: torch.Tensor | None = None, teachers: list[nn.Module] | None = None):
         super().__init__()
+        self.steps_per_epoch = steps_per_epoch
         self.model = model.to(memory_format=torch.channels_last)
         self.config = config
         self.augment_config = AugmentConfig(**config.augment)
@@ -115,7 +116,9 @@ class GradingModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        # Known in advance: asking Lightning to estimate it would build the data iterator before a resume restores
+        # the epoch counter, and the resumed epoch would replay the first epoch's batch order.
+        total = max(1, self.steps_per_epoch * self.config.epochs)
         if self.config.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.config.lr, total_steps=total)
         else:

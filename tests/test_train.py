@@ -1,0 +1,127 @@
+"""Training engine on small real subsets: CLI run, exact resume, distillation, fold hygiene."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+from klgrade.data.sources import find_samples
+from klgrade.data.splits import fold_split
+from klgrade.models import load_checkpoint
+from klgrade.train.config import TrainConfig, load_config
+from klgrade.train.fit import fit, select_data
+
+from conftest import run_cli
+
+TINY = {"model_options": {"width": 32, "heads": 2}, "image_size": 64, "batch_size": 8, "limit": 40,
+        "quiet": True, "device": "cpu", "threads": 2}
+
+
+class Interrupt(Exception):
+    pass
+
+
+class CrashMidEpoch(Callback):
+    """Simulates a kill in the middle of epoch `epoch`."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise Interrupt()
+
+
+def test_train_cli_leaves_a_checkpoint_that_evaluate_reads(kneekl224, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", "--data", str(kneekl224), "--model", "msa_net", "--epochs", "1", "--limit", "64",
+                     "--device", "cpu", "--out", str(run), "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {"best.safetensors", "last.safetensors", "last.ckpt", "metrics.json"} <= {p.name for p in run.iterdir()}
+    model, info = load_checkpoint(run / "best.safetensors")
+    assert info["model"]["name"] == "msa_net" and len(info["data_fingerprint"]) == 20
+    assert set(info["val_metrics"]) >= {"accuracy", "qwk", "mcc"}
+    evaluation = run_cli("evaluate", "--checkpoint", str(run / "best.safetensors"), "--data",
+                         str(kneekl224 / "val"), "--json")
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert json.loads(evaluation.stdout)["n"] == 826
+
+
+def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(kneekl224, tmp_path):
+    base = {**TINY, "data": str(kneekl224), "epochs": 3, "ema": 0.9}
+    fit(TrainConfig(**base, out=str(tmp_path / "straight")))
+    with pytest.raises(Interrupt):
+        fit(TrainConfig(**base, out=str(tmp_path / "killed")), callbacks=[CrashMidEpoch(epoch=1, batch=2)])
+    assert (tmp_path / "killed" / "last.ckpt").exists()
+    fit(TrainConfig(**base, out=str(tmp_path / "killed"), resume=True))
+    straight = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "last.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    history = json.loads((tmp_path / "killed" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+def test_same_seed_same_weights_on_cpu(kneekl224, tmp_path):
+    base = {**TINY, "data": str(kneekl224), "epochs": 1, "limit": 24}
+    fit(TrainConfig(**base, out=str(tmp_path / "a")))
+    fit(TrainConfig(**base, out=str(tmp_path / "b")))
+    a, b = (load_file(str(tmp_path / r / "last.safetensors")) for r in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _mean_kl_to(teacher_path, student_path, images):
+    teacher, _ = load_checkpoint(teacher_path)
+    student, _ = load_checkpoint(student_path)
+    with torch.no_grad():
+        p = teacher(images).softmax(1)
+        q = student(images).log_softmax(1)
+    return float((p * (p.log() - q)).sum(1).mean())
+
+
+def test_distillation_moves_the_student_toward_the_teacher(kneekl224, tmp_path):
+    base = {**TINY, "data": str(kneekl224), "limit": 48, "lr": 3e-3}
+    fit(TrainConfig(**{**base, "model_options": {}}, epochs=3, out=str(tmp_path / "teacher"), model="resnet18"))
+    teacher = tmp_path / "teacher" / "last.safetensors"
+    fit(TrainConfig(**base, epochs=1, out=str(tmp_path / "plain"), kd_alpha=1.0, seed=5))
+    fit(TrainConfig(**base, epochs=1, out=str(tmp_path / "student"), teacher=[str(teacher), str(teacher)],
+                    kd_alpha=1.0, kd_temperature=2.0, seed=5))
+    images = torch.randn(16, 1, 64, 64)
+    distilled = _mean_kl_to(teacher, tmp_path / "student" / "last.safetensors", images)
+    undistilled = _mean_kl_to(teacher, tmp_path / "plain" / "last.safetensors", images)
+    assert distilled < undistilled
+
+
+def test_validation_fold_never_shares_a_patient_with_training(kneekl224):
+    config = TrainConfig(data=str(kneekl224), fold=2, folds=5)
+    data = select_data(config)
+    assert {s.patient_id for s in data.train}.isdisjoint({s.patient_id for s in data.val})
+    train = [s for s in find_samples(kneekl224) if s.split == "train"]
+    held = [fold_split(train, k, 5, 0)[1] for k in range(5)]
+    patients = [{s.patient_id for s in fold} for fold in held]
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert patients[i].isdisjoint(patients[j])
+    assert sum(len(f) for f in held) == len(train)
+
+
+def test_yaml_config_with_cli_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: resnet18\nepochs: 7\nlr: 0.01\naugment: {rotate_deg: 5}\n")
+    config = load_config(path, {"epochs": 3, "data": "d", "lr": None})
+    assert (config.model, config.epochs, config.lr, config.augment["rotate_deg"]) == ("resnet18", 3, 0.01, 5)
+    assert config.augment["flip_prob"] == 0.5
+    path.write_text("epochz: 3\n")
+    with pytest.raises(Exception, match="epochz"):
+        load_config(path, {})
+
+
+def test_bad_training_options_are_one_line_errors(tmp_path, kneekl224):
+    result = run_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--balance", "magic")
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "--balance" in result.stderr
+    result = run_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 1 and "no such file" in result.stderr
