@@ -230,5 +230,28 @@ def export_onnx_command(
     typer.echo(str(path))
 
 
+@app.command()
+@user_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    checkpoint: Checkpoints = None,
+    backend: Backend = "torch",
+    tta: Tta = None,
+    max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload, MiB.")] = 32,
+) -> None:
+    """Serve the grading API (/v1/grade, /v1/model, /v1/health, /docs) and the web page (/)."""
+    import uvicorn
+
+    from klgrade.infer.predictor import load_model
+    from klgrade.serve.app import Settings, create_app
+
+    _setup_logging(quiet=False)
+    settings = Settings(checkpoints=[str(p) for p in checkpoint] if checkpoint else None, backend=backend, tta=tta,
+                        max_upload_bytes=max_upload_mb * 2**20)
+    predictor = load_model(settings.checkpoints, tta=tta, backend=backend)  # a bad checkpoint fails here, in one line
+    uvicorn.run(create_app(settings, predictor), host=host, port=port, log_level="info")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m klgrade`
     sys.exit(app())

@@ -1,0 +1,1 @@
+"""HTTP service: FastAPI app with the grading API and a web page."""

@@ -1,0 +1,126 @@
+"""Prediction from files: batch CLI with bad inputs, Grad-CAM overlays, Python API, ONNX parity."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import klgrade
+from klgrade.errors import CheckpointError, ImageReadError
+from klgrade.explain.gradcam import gradcam, joint_fraction
+from klgrade.infer.onnx import OnnxModel, export_onnx
+from klgrade.infer.predictor import load_model
+from klgrade.models import create_model
+
+from conftest import EXAMPLES, run_cli
+
+
+def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in sorted(EXAMPLES.glob("*.jpg"))[:3]:
+        (inputs / path.name).write_bytes(path.read_bytes())
+    (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    out = tmp_path / "out"
+    result = run_cli("predict", str(inputs), "--checkpoint", str(tiny_checkpoint), "--explain", "--out", str(out))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {inputs / 'corrupt.png'}: ")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 4
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 3
+    for row in good:
+        probabilities = [float(row[f"prob_{k}"]) for k in range(5)]
+        assert abs(sum(probabilities) - 1) < 1e-4 and int(row["grade"]) == int(np.argmax(probabilities))
+        overlay = Image.open(row["heatmap"])
+        assert overlay.size[0] == 448 and overlay.mode == "RGB"
+    assert json.loads((out / "predictions.json").read_text())[3]["error"]
+    assert len(list((out / "heatmaps").glob("*.png"))) == 3
+
+
+def test_predict_accepts_globs_and_reports_missing_files(tiny_checkpoint, tmp_path):
+    result = run_cli("predict", str(EXAMPLES / "KL0_*.jpg"), str(tmp_path / "absent.png"), "--checkpoint",
+                     str(tiny_checkpoint), "--format", "json")
+    rows = json.loads(result.stdout)
+    assert [r.get("error") for r in rows] == [None, None, "file not found"]
+    assert result.returncode == 1
+
+
+def test_python_api_grades_paths_bytes_and_arrays(tiny_checkpoint):
+    model = klgrade.load_model(tiny_checkpoint)
+    path = sorted(EXAMPLES.glob("KL2_*.jpg"))[0]
+    from_path = klgrade.grade(path, explain=True, model=model)
+    from_bytes = klgrade.grade(path.read_bytes(), model=model)
+    array = np.asarray(Image.open(path), dtype=np.float32)
+    from_array = klgrade.grade(array, model=model)
+    assert from_path.grade == from_bytes.grade == from_array.grade
+    np.testing.assert_allclose(from_path.probabilities, from_array.probabilities, atol=1e-6)
+    assert from_path.heatmap.shape == (64, 64) and 0 <= from_path.heatmap.min() and from_path.heatmap.max() <= 1
+    with pytest.raises(ImageReadError):
+        klgrade.grade(b"nope", model=model)
+
+
+def test_ensemble_averages_members_and_flip_tta_is_symmetric(tiny_checkpoint):
+    image = np.asarray(Image.open(sorted(EXAMPLES.glob("KL3_*.jpg"))[0]), dtype=np.float32)
+    single = load_model(tiny_checkpoint, tta=True)
+    pair = load_model([tiny_checkpoint, tiny_checkpoint], tta=True)
+    np.testing.assert_allclose(single.grade_arrays([image])[0].probabilities, pair.grade_arrays([image])[0].probabilities,
+                               atol=1e-6)
+    mirrored = single.grade_arrays([image[:, ::-1].copy()])[0].probabilities
+    np.testing.assert_allclose(single.grade_arrays([image])[0].probabilities, mirrored, atol=1e-5)
+
+
+def test_gradcam_follows_the_evidence():
+    """A model whose logit is the mean of a region's activations must put its heatmap on that region."""
+    torch.manual_seed(0)
+    model = create_model("resnet18").eval()
+    x = torch.zeros(1, 1, 128, 128)
+    x[..., 48:80, 48:80] = 3.0
+    heat = gradcam(model, x, torch.tensor([0]))
+    assert heat.shape == (1, 128, 128) and heat.max() == pytest.approx(1.0)
+    band = np.zeros((100, 100))
+    band[40:60] = 1
+    assert joint_fraction(band) == pytest.approx(1.0)
+    assert joint_fraction(np.ones((100, 100))) == pytest.approx(0.4)
+
+
+def test_onnx_export_matches_torch(tiny_checkpoint, tmp_path):
+    path = export_onnx(tiny_checkpoint, tmp_path / "m.onnx")
+    torch_model = load_model(tiny_checkpoint, tta=False)
+    onnx_model = load_model(path, tta=False, backend="onnx")
+    images = [np.asarray(Image.open(p), dtype=np.float32) for p in sorted(EXAMPLES.glob("*.jpg"))]
+    a = np.array([g.probabilities for g in torch_model.grade_arrays(images)])
+    b = np.array([g.probabilities for g in onnx_model.grade_arrays(images)])
+    assert (a.argmax(1) == b.argmax(1)).all()
+    assert np.abs(a - b).max() < 1e-4
+    assert OnnxModel(path).info["model"]["name"] == "msa_net"
+
+
+def test_onnx_backend_from_checkpoint_keeps_explanations(tiny_checkpoint):
+    predictor = load_model(tiny_checkpoint, backend="onnx")
+    image = np.asarray(Image.open(sorted(EXAMPLES.glob("*.jpg"))[0]), dtype=np.float32)
+    result = predictor.grade_arrays([image], explain=True)[0]
+    assert result.heatmap.shape == (64, 64)
+
+
+def test_export_cli_and_bad_checkpoints(tiny_checkpoint, tmp_path):
+    result = run_cli("export-onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.onnx"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "x.onnx").stat().st_size > 100_000
+    (tmp_path / "bad.safetensors").write_bytes(b"bad")
+    result = run_cli("predict", str(EXAMPLES), "--checkpoint", str(tmp_path / "bad.safetensors"))
+    assert result.returncode == 1 and "bad.safetensors" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(CheckpointError, match="klgrade metadata"):
+        (tmp_path / "plain.onnx").write_bytes((tmp_path / "x.onnx").read_bytes())
+        import onnx
+
+        proto = onnx.load(str(tmp_path / "plain.onnx"))
+        del proto.metadata_props[:]
+        onnx.save(proto, str(tmp_path / "plain.onnx"))
+        OnnxModel(tmp_path / "plain.onnx")

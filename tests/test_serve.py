@@ -1,0 +1,149 @@
+"""The HTTP service in-process (TestClient) and as a real server on loopback driven by headless Chromium."""
+
+import base64
+import io
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from klgrade.serve.app import Settings, create_app
+
+from conftest import EXAMPLES, knee_image
+
+EXAMPLE = sorted(EXAMPLES.glob("KL3_*.jpg"))[0]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint):
+    app = create_app(Settings(checkpoints=[str(tiny_checkpoint)], max_upload_bytes=2 * 2**20))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def test_health_model_and_docs(client):
+    assert client.get("/v1/health").json() == {"status": "ok", "model_loaded": True}
+    model = client.get("/v1/model").json()
+    assert model["name"] == "msa_net" and model["image_size"] == 64 and "val_metrics" in model["card"]
+    assert "/v1/grade" in client.get("/openapi.json").json()["paths"]
+    assert "Grad-CAM" in client.get("/").text
+
+
+def test_grade_a_real_radiograph_with_heatmap(client):
+    response = client.post("/v1/grade?explain=true", files={"file": (EXAMPLE.name, EXAMPLE.read_bytes(), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert 0 <= body["grade"] <= 4 and len(body["probabilities"]) == 5
+    assert abs(sum(body["probabilities"]) - 1) < 1e-4
+    assert body["confidence"] == pytest.approx(max(body["probabilities"]))
+    heatmap = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
+    assert heatmap.size[0] >= 224
+    plain = client.post("/v1/grade", files={"file": ("x.jpg", EXAMPLE.read_bytes(), "image/jpeg")}).json()
+    assert plain["heatmap_png"] is None and plain["grade"] == body["grade"]
+
+
+def test_dicom_upload_is_graded_and_patient_fields_never_returned(client, tmp_path):
+    from test_io import _dicom
+
+    path = _dicom(tmp_path / "k.dcm", knee_image().astype(np.uint16) * 10, "MONOCHROME1")
+    response = client.post("/v1/grade", files={"file": ("k.dcm", path.read_bytes(), "application/dicom")})
+    assert response.status_code == 200
+    assert "SECRET-42" not in response.text and "Doe" not in response.text
+
+
+@pytest.mark.parametrize("payload, content_type, status", [
+    (b"hello, I am text", "text/plain", 415),
+    (b"\x89PNG\r\n\x1a\n broken", "image/png", 422),
+    (b"", "image/png", 422),
+])
+def test_garbage_gets_4xx_with_detail(client, payload, content_type, status):
+    response = client.post("/v1/grade", files={"file": ("f", payload, content_type)})
+    assert response.status_code == status
+    assert isinstance(response.json()["detail"], str)
+
+
+def test_oversized_upload_is_413_and_missing_file_422(client):
+    big = b"\0" * (3 * 2**20)
+    response = client.post("/v1/grade", files={"file": ("big.png", big, "image/png")})
+    assert response.status_code == 413 and "larger" in response.json()["detail"]
+    assert client.post("/v1/grade").status_code == 422
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "klgrade", "serve", "--port", str(port), "--checkpoint",
+                                str(tiny_checkpoint)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(process.stdout.read1().decode() if process.poll() is not None else "server did not start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_real_server_on_loopback(server):
+    response = httpx.post(f"{server}/v1/grade", files={"file": (EXAMPLE.name, EXAMPLE.read_bytes(), "image/jpeg")},
+                          timeout=30)
+    assert response.status_code == 200 and 0 <= response.json()["grade"] <= 4
+    junk = httpx.post(f"{server}/v1/grade", files={"file": ("a.txt", b"junk", "text/plain")}, timeout=30)
+    assert junk.status_code == 415
+
+
+@pytest.mark.browser
+def test_web_page_in_headless_chromium(server):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1280,900")
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(server + "/")
+        driver.find_element(By.ID, "file-input").send_keys(str(EXAMPLE.resolve()))
+        wait = WebDriverWait(driver, 60)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "grade"), "KL"))
+        grade_text = driver.find_element(By.ID, "grade").text
+        assert grade_text.startswith("KL ") and int(grade_text.split()[1]) in range(5)
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#probabilities .bar-row")) == 5
+        wait.until(lambda d: d.execute_script(
+            "const i = document.getElementById('heatmap'); return i.complete && i.naturalWidth > 0;"))
+        assert driver.find_element(By.ID, "heatmap").is_displayed()
+        assert driver.find_element(By.ID, "error").text == ""
+        driver.save_screenshot(str(server_screenshot()))
+    finally:
+        driver.quit()
+
+
+def server_screenshot():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.gettempdir()) / "klgrade-page.png"
