@@ -111,6 +111,40 @@ def train(config) -> None:
     typer.echo(f"best epoch {summary['best_epoch']}: val qwk {summary['best_qwk']:.4f} -> {Path(config.out) / 'best.safetensors'}")
 
 
+@app.command()
+@user_errors
+@train_options
+def cv(config) -> None:
+    """Patient-grouped stratified k-fold cross-validation on the train split (resumable per fold)."""
+    from klgrade.train.cv import cross_validate
+
+    summary = cross_validate(config)
+    for name, stats in summary["mean_sd"].items():
+        typer.echo(f"{name:16s} {stats['mean']:.4f} +/- {stats['sd']:.4f}")
+    typer.echo(f"report: {Path(config.out) / 'cv_summary.md'}")
+
+
+@app.command()
+@user_errors
+def reproduce(
+    data: Data,
+    out: Annotated[Path, typer.Option("--out", help="Folder for runs, report.md, results and figures.")],
+    external: Annotated[Optional[str], typer.Option(help="Labelled folder for external validation.")] = None,
+    profile: Annotated[str, typer.Option(help="quick (CPU, minutes, proves the pipeline) or paper (full, GPU).")] = "quick",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of folds and training.")] = 0,
+) -> None:
+    """The paper's protocol: 5 models + distilled msa_net + ablations, CV, internal/external validation, report."""
+    from klgrade.evaluate.protocol import PROFILES
+    from klgrade.evaluate.protocol import reproduce as run_protocol
+
+    _setup_logging(quiet=True)
+    if profile not in PROFILES:
+        raise KLGradeError(f"--profile must be one of {sorted(PROFILES)}, not '{profile}'")
+    run_protocol(data, out, profile=profile, external=external, device=device, seed=seed)
+    typer.echo(f"report: {out / 'report.md'}")
+
+
 Checkpoints = Annotated[Optional[list[Path]], typer.Option("--checkpoint", help="Checkpoint(s); several = ensemble [shipped model].")]
 Backend = Annotated[str, typer.Option(help="Inference backend: torch or onnx.")]
 Tta = Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average with the flipped image [as the model recommends].")]

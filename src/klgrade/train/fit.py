@@ -38,6 +38,12 @@ from klgrade.train.module import GradingModule
 
 log = logging.getLogger(__name__)
 
+BENIGN_WARNINGS = (
+    ".*does not have many workers.*", ".*smaller than the logging interval.*", ".*exists and is not empty.*",
+    ".*LeafSpec.*", ".*is not supported by the model summary.*",
+)
+"""Lightning warnings that say nothing about a klgrade run (the loader is in-memory by design)."""
+
 
 @dataclass
 class RunData:
@@ -146,6 +152,9 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    if config.quiet:
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, verbose=False)
@@ -175,7 +184,8 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     if config.resume and resume_from is None:
         log.warning("--resume: no %s yet, starting from scratch", out / "last.ckpt")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        for message in BENIGN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
     summary = {"best_epoch": exporter.best_epoch, f"best_{MAIN_METRIC}": exporter.best_score,
                "history": module.history, "config": config.to_dict(), "n_train": len(data.train), "n_val": len(data.val)}

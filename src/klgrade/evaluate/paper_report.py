@@ -1,0 +1,144 @@
+"""The report of `klgrade reproduce`: report.md, results.json/csv and figures, from the protocol's results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from klgrade.constants import NUM_GRADES
+from klgrade.evaluate.report import plot_confusion, save_figure
+from klgrade.output import rows_to_csv, write_text_atomic
+from klgrade.train.cv import fold_dir
+
+REPORT_METRICS = ("accuracy", "precision_macro", "f1_macro", "mcc", "qwk", "mae")
+SETS = ("cv", "internal", "external")
+
+
+def _cell(stats: dict) -> str:
+    return f"{stats['mean']:.3f} +/- {stats['sd']:.3f}"
+
+
+def write_report(results: dict, out: Path) -> None:
+    out = Path(out)
+    figures = out / "figures"
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    rows = []
+    for name, entry in results["variants"].items():
+        for which in SETS:
+            if which in entry:
+                for metric, stats in entry[which]["mean_sd"].items():
+                    rows.append({"variant": name, "set": which, "metric": metric, **stats})
+    write_text_atomic(out / "results.csv", rows_to_csv(rows, ["variant", "set", "metric", "mean", "sd"]))
+    for name, entry in results["variants"].items():
+        plot_confusion(entry["cv"]["pooled_oof"]["confusion_matrix"], f"{name}: out-of-fold",
+                       figures / f"confusion_{_slug(name)}.png")
+    _plot_fold_bars(results, figures / "folds.png")
+    _plot_curves(results, out, figures / "curves.png")
+    panel = _gradcam_panel(results, out, figures / "gradcam_panel.png")
+    write_text_atomic(out / "report.md", _markdown(results, panel))
+
+
+def _slug(name: str) -> str:
+    from klgrade.evaluate.protocol import slug
+
+    return slug(name)
+
+
+def _markdown(results: dict, panel: Path | None) -> str:
+    variants = results["variants"]
+    k = results["folds"]
+    lines = [f"# klgrade reproduce: profile `{results['profile']}`", "",
+             f"Data: `{results['data']}`; {k}-fold patient-grouped stratified CV on the train split; internal "
+             "validation of every fold model on `val`" + (f"; external validation on `{results['external']}`"
+                                                          if results["external"] else "") + ".",
+             "msa_net+kd is distilled from the ensemble of the four baselines trained on the same fold "
+             "(mean of their softened probabilities).", ""]
+    for which, title in (("cv", f"Cross-validation (mean +/- sd over {k} folds)"),
+                         ("internal", "Internal validation on `val` (fold models, mean +/- sd)"),
+                         ("external", "External validation (fold models, mean +/- sd)")):
+        if not any(which in e for e in variants.values()):
+            continue
+        lines += [f"## {title}", "", "| model | " + " | ".join(REPORT_METRICS) + " |",
+                  "|---" * (len(REPORT_METRICS) + 1) + "|"]
+        for name, entry in variants.items():
+            if which in entry:
+                lines.append(f"| {name} | " + " | ".join(_cell(entry[which]["mean_sd"][m]) for m in REPORT_METRICS) + " |")
+        lines.append("")
+    lines += ["## Misclassification analysis (pooled out-of-fold predictions)", "",
+              "| model | errors | adjacent (1 grade) | two grades | extreme (>=3) | adjacent share |", "|---|---|---|---|---|---|"]
+    for name, entry in variants.items():
+        m = entry["cv"]["pooled_oof"]
+        lines.append(f"| {name} | {m['errors']} | {m['adjacent_errors']} | {m['two_grade_errors']} | "
+                     f"{m['extreme_errors']} | {m['adjacent_error_rate']:.3f} |")
+    lines += ["", "## Ablations of msa_net (CV mean; difference to the full model)", "",
+              "| variant | accuracy | delta | qwk | delta | mcc | delta |", "|---|---|---|---|---|---|---|"]
+    full = variants.get("msa_net", {}).get("cv", {}).get("mean_sd")
+    for name, entry in variants.items():
+        if full and (entry["ablation"] or entry["distilled"] or name == "msa_net"):
+            cv = entry["cv"]["mean_sd"]
+            cells = [f"{cv[m]['mean']:.3f} | {cv[m]['mean'] - full[m]['mean']:+.3f}" for m in ("accuracy", "qwk", "mcc")]
+            label = "msa_net (full, no distillation)" if name == "msa_net" else name
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Figures", "", "Per-fold accuracy and QWK: ![folds](figures/folds.png)", "",
+              "Validation QWK per epoch (fold 0): ![curves](figures/curves.png)", ""]
+    for name in variants:
+        lines.append(f"Confusion matrix, {name}: ![{name}](figures/confusion_{_slug(name)}.png)")
+    if panel is not None:
+        lines += ["", "Grad-CAM of msa_net (fold 0), one validation image per grade:",
+                  f"![gradcam](figures/{panel.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_fold_bars(results: dict, path: Path) -> None:
+    names = list(results["variants"])
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / results["folds"]
+    for axis, metric in zip(axes, ("accuracy", "qwk")):
+        for fold in range(results["folds"]):
+            values = [results["variants"][n]["cv"]["per_fold"][fold][metric] for n in names]
+            axis.bar(np.arange(len(names)) + fold * width, values, width, label=f"fold {fold}")
+        axis.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=35, ha="right", fontsize=8)
+        axis.set_title(metric)
+    axes[0].legend(fontsize=7)
+    save_figure(figure, path)
+
+
+def _plot_curves(results: dict, out: Path, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name in results["variants"]:
+        metrics = fold_dir(out / "runs" / _slug(name), 0) / "metrics.json"
+        if metrics.exists():
+            history = json.loads(metrics.read_text())["history"]
+            axis.plot([h["epoch"] for h in history], [h["qwk"] for h in history], marker="o", label=name)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("validation QWK")
+    axis.legend(fontsize=7)
+    save_figure(figure, path)
+
+
+def _gradcam_panel(results: dict, out: Path, path: Path) -> Path | None:
+    """One image per grade from the validation data (or the CV data), msa_net's Grad-CAM overlaid."""
+    from klgrade.data.io import read_image
+    from klgrade.data.sources import find_samples
+    from klgrade.explain.gradcam import overlay
+    from klgrade.infer.predictor import Predictor
+
+    checkpoint = fold_dir(out / "runs" / "msa_net", 0) / "best.safetensors"
+    if not checkpoint.exists():
+        return None
+    samples = find_samples(results["data"])
+    pool = [s for s in samples if s.split == "val"] or samples
+    chosen = [next((s for s in pool if s.grade == g), None) for g in range(NUM_GRADES)]
+    chosen = [s for s in chosen if s is not None]
+    predictor = Predictor([checkpoint], tta=False)
+    gradings = predictor.grade_arrays([read_image(s.path) for s in chosen], [s.side for s in chosen], explain=True)
+    figure, axes = plt.subplots(1, len(chosen), figsize=(3 * len(chosen), 3.4))
+    for axis, sample, grading in zip(np.atleast_1d(axes), chosen, gradings):
+        axis.imshow(overlay(grading.image, grading.heatmap, f"pred KL {grading.grade} ({grading.confidence:.2f})"))
+        axis.set_title(f"true KL {sample.grade}", fontsize=9)
+        axis.axis("off")
+    save_figure(figure, path)
+    return path

@@ -1,0 +1,112 @@
+"""`klgrade cv`: patient-grouped stratified k-fold cross-validation on the train split.
+
+Each fold trains on the other folds and is validated on its held-out patients. Per fold: a run folder
+(`fold<k>/`, resumable), its out-of-fold predictions and metrics. Over folds: all out-of-fold predictions
+in one CSV, per-fold metrics, and mean +/- sd in JSON and Markdown. A finished fold (its `oof.csv` exists)
+is skipped on a rerun, so an interrupted CV continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from klgrade.constants import NUM_GRADES
+from klgrade.data.splits import check_no_leak
+from klgrade.evaluate.metrics import compute_metrics
+from klgrade.evaluate.evaluation import predict_samples
+from klgrade.infer.predictor import Predictor
+from klgrade.output import rows_to_csv, write_text_atomic
+from klgrade.train.config import TrainConfig
+from klgrade.train.fit import fit, select_data
+
+log = logging.getLogger(__name__)
+
+SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "mcc", "qwk", "mae")
+OOF_COLUMNS = ["fold", "path", "patient_id", "true", "predicted", *(f"prob_{k}" for k in range(NUM_GRADES))]
+
+
+def fold_dir(out: str | Path, fold: int) -> Path:
+    return Path(out) / f"fold{fold}"
+
+
+def run_fold(config: TrainConfig, fold: int, teachers_for_fold=None) -> list[dict]:
+    """Train fold `fold` (unless already done) and return its out-of-fold prediction rows."""
+    out = fold_dir(config.out, fold)
+    oof_path = out / "oof.csv"
+    if oof_path.exists():
+        log.info("fold %d already done: %s", fold, oof_path)
+        return _read_oof(oof_path)
+    teachers = teachers_for_fold(fold) if teachers_for_fold else config.teacher
+    fold_config = replace(config, fold=fold, out=str(out), teacher=list(teachers), resume=True)
+    fit(fold_config)
+    held_out = select_data(fold_config).val
+    predictor = Predictor([out / "best.safetensors"], tta=False)
+    probabilities, readable, _ = predict_samples(predictor, held_out)
+    rows = [{"fold": fold, "path": s.path, "patient_id": s.patient_id, "true": s.grade, "predicted": int(p.argmax()),
+             **{f"prob_{k}": round(float(v), 6) for k, v in enumerate(p)}}
+            for s, p in zip([s for s, ok in zip(held_out, readable) if ok], probabilities)]
+    write_text_atomic(oof_path, rows_to_csv(rows, OOF_COLUMNS))
+    return rows
+
+
+def _read_oof(path: Path) -> list[dict]:
+    import csv
+
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["fold"], row["true"], row["predicted"] = int(row["fold"]), int(row["true"]), int(row["predicted"])
+        for k in range(NUM_GRADES):
+            row[f"prob_{k}"] = float(row[f"prob_{k}"])
+    return rows
+
+
+def rows_metrics(rows: list[dict], n_boot: int = 200) -> dict:
+    probabilities = np.array([[r[f"prob_{k}"] for k in range(NUM_GRADES)] for r in rows])
+    return compute_metrics([r["true"] for r in rows], probabilities, groups=[r["patient_id"] for r in rows],
+                           n_boot=n_boot)
+
+
+def mean_sd(per_fold: list[dict], names=SUMMARY_METRICS) -> dict:
+    return {name: {"mean": float(np.mean([m[name] for m in per_fold])), "sd": float(np.std([m[name] for m in per_fold], ddof=1))
+                   if len(per_fold) > 1 else 0.0} for name in names}
+
+
+def cross_validate(config: TrainConfig, teachers_for_fold=None) -> dict:
+    """Run every fold; write oof_predictions.csv, cv_metrics.json and cv_summary.md under `config.out`."""
+    out = Path(config.out)
+    check_folds_disjoint(config)
+    all_rows, per_fold = [], []
+    for fold in range(config.folds):
+        rows = run_fold(config, fold, teachers_for_fold)
+        per_fold.append(rows_metrics(rows))
+        all_rows.extend(rows)
+    summary = {"model": config.model, "model_options": config.model_options, "folds": config.folds,
+               "per_fold": per_fold, "mean_sd": mean_sd(per_fold), "pooled_oof": rows_metrics(all_rows)}
+    write_text_atomic(out / "oof_predictions.csv", rows_to_csv(all_rows, OOF_COLUMNS))
+    write_text_atomic(out / "cv_metrics.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "cv_summary.md", cv_markdown(summary))
+    return summary
+
+
+def cv_markdown(summary: dict) -> str:
+    lines = [f"# {summary['model']}: {summary['folds']}-fold patient-grouped cross-validation", "",
+             "| fold | " + " | ".join(SUMMARY_METRICS) + " |", "|---" * (len(SUMMARY_METRICS) + 1) + "|"]
+    for k, metrics in enumerate(summary["per_fold"]):
+        lines.append(f"| {k} | " + " | ".join(f"{metrics[n]:.3f}" for n in SUMMARY_METRICS) + " |")
+    lines.append("| mean +/- sd | " + " | ".join(f"{v['mean']:.3f} +/- {v['sd']:.3f}"
+                                                 for v in summary["mean_sd"].values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def check_folds_disjoint(config: TrainConfig) -> None:
+    """Raise if any two held-out folds share a patient (they never should)."""
+    held = [select_data(replace(config, fold=k, limit=None)).val for k in range(config.folds)]
+    for i in range(len(held)):
+        for j in range(i + 1, len(held)):
+            check_no_leak(held[i], held[j], f"folds {i} and {j}")
