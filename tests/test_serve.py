@@ -2,10 +2,6 @@
 
 import base64
 import io
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -14,6 +10,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from klgrade.serve.app import Settings, create_app
+from klgrade.serve.local import local_server
 
 from conftest import EXAMPLES, knee_image
 
@@ -75,31 +72,10 @@ def test_oversized_upload_is_413_and_missing_file_422(client):
     assert client.post("/v1/grade").status_code == 422
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "klgrade", "serve", "--port", str(port), "--checkpoint",
-                                str(tiny_checkpoint)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError(process.stdout.read1().decode() if process.poll() is not None else "server did not start")
+    with local_server("--checkpoint", str(tiny_checkpoint)) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 def test_real_server_on_loopback(server):
@@ -111,7 +87,7 @@ def test_real_server_on_loopback(server):
 
 
 @pytest.mark.browser
-def test_web_page_in_headless_chromium(server):
+def test_web_page_in_headless_chromium(server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -137,13 +113,7 @@ def test_web_page_in_headless_chromium(server):
             "const i = document.getElementById('heatmap'); return i.complete && i.naturalWidth > 0;"))
         assert driver.find_element(By.ID, "heatmap").is_displayed()
         assert driver.find_element(By.ID, "error").text == ""
-        driver.save_screenshot(str(server_screenshot()))
+        assert driver.save_screenshot(str(tmp_path / "page.png"))
     finally:
         driver.quit()
 
-
-def server_screenshot():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.gettempdir()) / "klgrade-page.png"

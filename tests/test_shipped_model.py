@@ -1,0 +1,55 @@
+"""The model shipped inside the package: quality on kneeKL224 val, its card, and the README's demo."""
+
+import json
+
+import pytest
+
+import klgrade
+from klgrade.infer.predictor import shipped_checkpoint
+from klgrade.models.weights import read_info
+
+from conftest import EXAMPLES, REPO, run_cli
+
+BAR = {"accuracy": 0.65, "qwk": 0.78, "mcc": 0.50}
+
+
+def test_shipped_model_meets_the_bar_on_val_and_its_card_says_so(kneekl224):
+    result = run_cli("evaluate", "--data", str(kneekl224 / "val"), "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["n"] == 826
+    for name, minimum in BAR.items():
+        assert metrics[name] >= minimum, (name, metrics[name])
+        low, high = metrics["ci95"][name]
+        assert low <= metrics[name] <= high
+    card = (REPO / "src" / "klgrade" / "weights" / "MODEL_CARD.md").read_text()
+    for name in ("accuracy", "qwk", "mcc"):
+        assert f"| {name} | {metrics[name]:.3f} |" in card
+    assert "not a medical device" in card.lower()
+
+
+def test_shipped_weights_describe_themselves():
+    info = read_info(shipped_checkpoint())
+    assert info["model"]["name"] == "msa_net"
+    assert set(info["val_metrics"]) >= set(BAR)
+    assert "tta" in info["inference"] and info["card"]["recipe"].startswith("klgrade train")
+
+
+def test_demo_grades_the_examples_with_heatmaps(tmp_path):
+    result = run_cli("predict", str(EXAMPLES), "--explain", "--out", str(tmp_path), "--format", "table")
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in EXAMPLES.glob("*.jpg"))
+    assert len(names) == 10
+    for name in names:
+        assert name in result.stdout
+    assert len(list((tmp_path / "heatmaps").glob("*_gradcam.png"))) == 10
+    rows = json.loads((tmp_path / "predictions.json").read_text())
+    graded = {r["path"].rsplit("/", 1)[1]: r["grade"] for r in rows}
+    within_one = sum(abs(graded[n] - int(n[2])) <= 1 for n in names)
+    assert within_one >= 8, graded
+
+
+def test_python_api_uses_the_shipped_model_by_default():
+    result = klgrade.grade(sorted(EXAMPLES.glob("KL4_*.jpg"))[0], explain=True)
+    assert result.grade >= 2
+    assert result.heatmap is not None and result.confidence == pytest.approx(max(result.probabilities))
