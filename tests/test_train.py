@@ -125,3 +125,25 @@ def test_bad_training_options_are_one_line_errors(tmp_path, kneekl224):
     assert result.returncode == 1 and "Traceback" not in result.stderr and "--balance" in result.stderr
     result = run_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
     assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_epoch_batches_shard_across_ddp_processes_without_overlap():
+    from klgrade.train.batches import EpochBatchSampler
+
+    shards = [list(EpochBatchSampler(50, 8, shuffle=True, seed=1, drop_last=True, shard_source=lambda r=r: (r, 2)))
+              for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 3
+    seen = [i for shard in shards for batch in shard for i in batch]
+    assert len(seen) == len(set(seen)) == 48
+
+
+def test_ddp_with_two_cpu_processes(kneekl224, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_cli("train", "--data", str(kneekl224), "--devices", "2", "--device", "cpu", "--limit", "32",
+                     "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--option", "width=32",
+                     "--option", "heads=2", "--threads", "1", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("best epoch") == 1
+    state = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2 * (32 // 8) // 2, "each process must take half of the batches"
+    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1]

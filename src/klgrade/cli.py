@@ -83,6 +83,8 @@ def train_options(command):
         balance: Annotated[Optional[str], typer.Option(help="Class imbalance: none, sampler or loss [none].")] = None,
         patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience on val QWK, 0 = off [0].")] = None,
         precision: Annotated[Optional[str], typer.Option(help="Lightning precision [bf16-mixed].")] = None,
+        devices: Annotated[Optional[int], typer.Option(help="Devices (GPUs, or CPU processes) per node; >1 = DDP [1].")] = None,
+        num_nodes: Annotated[Optional[int], typer.Option(help="Nodes for multi-node DDP [1].")] = None,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch [torch's default].")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of options (CLI wins).")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or info logs.")] = False,
@@ -94,6 +96,7 @@ def train_options(command):
         overrides = _train_overrides(data, out, model, epochs, batch_size, lr, device, limit, teacher, kd_alpha,
                                      kd_temperature, fold, folds, seed, image_size, option, ordinal, ema,
                                      label_smoothing, balance, patience, precision, threads, quiet, resume)
+        overrides.update({"devices": devices, "num_nodes": num_nodes})
         return command(load_config(config, overrides))
 
     wrapper.__name__, wrapper.__doc__ = command.__name__, command.__doc__
@@ -108,7 +111,8 @@ def train(config) -> None:
     from klgrade.train.fit import fit
 
     summary = fit(config)
-    typer.echo(f"best epoch {summary['best_epoch']}: val qwk {summary['best_qwk']:.4f} -> {Path(config.out) / 'best.safetensors'}")
+    if summary["rank"] == 0:  # under DDP every process returns here; one reports
+        typer.echo(f"best epoch {summary['best_epoch']}: val qwk {summary['best_qwk']:.4f} -> {Path(config.out) / 'best.safetensors'}")
 
 
 @app.command()

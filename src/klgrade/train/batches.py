@@ -25,11 +25,15 @@ class CachedImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> "CachedImages":
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
     def __getitem__(self, index: int):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: list[int]):
-        index = torch.as_tensor(indices)
+        index = torch.as_tensor(indices, device=self.images.device)
         return self.images[index], self.labels[index]
 
 
@@ -38,15 +42,15 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     Args:
         sample_weights: draw with replacement in proportion to these (class balancing); None = permutation.
-        rank, world_size: this process's share of the batches under DDP.
         epoch_source: returns the current epoch (e.g. the trainer's); without it, `set_epoch` decides.
+        shard_source: returns (rank, world size) under DDP, read when iterating (ranks are known only then).
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 sample_weights: np.ndarray | None = None, rank: int = 0, world_size: int = 1,
-                 epoch_source: Callable[[], int] | None = None):
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+                 sample_weights: np.ndarray | None = None, epoch_source: Callable[[], int] | None = None,
+                 shard_source: Callable[[], tuple[int, int]] | None = None):
+        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
+        self.shard_source = shard_source
         self.sample_weights = None if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.double)
         self.epoch = 0
         self.epoch_source = epoch_source
@@ -66,8 +70,14 @@ class EpochBatchSampler(Sampler[list[int]]):
         batches = list(order.split(self.batch_size))
         if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
             batches = batches[:-1]
-        usable = len(batches) - len(batches) % self.world_size if self.shuffle and self.world_size > 1 else len(batches)
-        return batches[self.rank:usable:self.world_size]
+        rank, world_size = self.shard_source() if self.shard_source is not None else (0, 1)
+        usable = len(batches) - len(batches) % world_size  # every process takes the same number of steps
+        return batches[rank:usable:world_size]
+
+    def batches_per_process(self, world_size: int) -> int:
+        """Optimizer steps per epoch for each of `world_size` processes (known before DDP starts)."""
+        n_batches = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return max(1, n_batches // world_size)
 
     def __iter__(self):
         return (batch.tolist() for batch in self._batches())
@@ -81,12 +91,11 @@ def _identity(batch):
 
 
 def make_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
-                sample_weights: np.ndarray | None = None, rank: int = 0, world_size: int = 1,
-                epoch_source: Callable[[], int] | None = None) -> DataLoader:
+                sample_weights: np.ndarray | None = None, epoch_source: Callable[[], int] | None = None,
+                shard_source: Callable[[], tuple[int, int]] | None = None) -> DataLoader:
     dataset = CachedImages(images, labels)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last=shuffle,
-                                sample_weights=sample_weights, rank=rank, world_size=world_size,
-                                epoch_source=epoch_source)
+                                sample_weights=sample_weights, epoch_source=epoch_source, shard_source=shard_source)
     # Own generator: creating an iterator must not draw from the global RNG that dropout uses.
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity, num_workers=0,
                       generator=torch.Generator().manual_seed(seed))

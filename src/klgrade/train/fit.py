@@ -118,6 +118,18 @@ class ExportWeights(Callback):
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
 
 
+class DatasetOnDevice(Callback):
+    """On a GPU, keep the decoded dataset in device memory: a batch is an index op there, nothing crosses PCIe."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def on_fit_start(self, trainer: L.Trainer, module: GradingModule) -> None:
+        if module.device.type == "cuda":
+            for loader in self.loaders:
+                loader.dataset.to(module.device)
+
+
 def load_teachers(paths: list[str]) -> list[torch.nn.Module]:
     return [load_checkpoint(p)[0] for p in paths]
 
@@ -171,15 +183,17 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     info = {"model": spec, "preprocess": data.preprocess.to_dict(), "train_config": config.to_dict(),
             "data_fingerprint": cache_key(data.train + data.val, data.preprocess),
             "n_train": len(data.train), "n_val": len(data.val)}
-    exporter = ExportWeights(out, info)
-    trainer = build_trainer(config, out, [exporter, *(callbacks or [])])
     sample_weights = class_balanced_weights(train_labels, NUM_GRADES) if config.balance == "sampler" else None
-    rank, world = trainer.global_rank, trainer.world_size
+    # The loaders ask the trainer for the epoch and the DDP rank when they start iterating.
     train_loader = make_loader(train_images, train_labels, config.batch_size, shuffle=True, seed=config.seed,
-                               sample_weights=sample_weights, rank=rank, world_size=world,
-                               epoch_source=lambda: trainer.fit_loop.epoch_progress.current.processed)
-    module = GradingModule(model, config, len(train_loader.batch_sampler), class_weights, load_teachers(config.teacher))
-    val_loader = make_loader(val_images, val_labels, max(config.batch_size, 64), shuffle=False, rank=rank, world_size=world)
+                               sample_weights=sample_weights,
+                               epoch_source=lambda: trainer.fit_loop.epoch_progress.current.processed,
+                               shard_source=lambda: (trainer.global_rank, trainer.world_size))
+    val_loader = make_loader(val_images, val_labels, max(config.batch_size, 64), shuffle=False)
+    steps_per_epoch = train_loader.batch_sampler.batches_per_process(config.devices * config.num_nodes)
+    module = GradingModule(model, config, steps_per_epoch, class_weights, load_teachers(config.teacher))
+    exporter = ExportWeights(out, info)
+    trainer = build_trainer(config, out, [exporter, DatasetOnDevice([train_loader, val_loader]), *(callbacks or [])])
     resume_from = out / "last.ckpt" if config.resume and (out / "last.ckpt").exists() else None
     if config.resume and resume_from is None:
         log.warning("--resume: no %s yet, starting from scratch", out / "last.ckpt")
@@ -187,7 +201,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
         for message in BENIGN_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
-    summary = {"best_epoch": exporter.best_epoch, f"best_{MAIN_METRIC}": exporter.best_score,
+    summary = {"rank": trainer.global_rank, "best_epoch": exporter.best_epoch, f"best_{MAIN_METRIC}": exporter.best_score,
                "history": module.history, "config": config.to_dict(), "n_train": len(data.train), "n_val": len(data.val)}
     if trainer.is_global_zero:
         write_json_atomic(out / "metrics.json", summary)

@@ -80,9 +80,9 @@ class GradingModule(L.LightningModule):
         loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.config.label_smoothing)
         if self._teachers:
             kd = distillation_loss(logits, self._teacher_probs(x), self.config.kd_temperature)
-            self.log("train/kd", kd, on_step=False, on_epoch=True)
+            self.log("train/kd", kd, on_step=False, on_epoch=True, sync_dist=True)
             loss = (1 - self.config.kd_alpha) * loss + self.config.kd_alpha * kd
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -95,8 +95,9 @@ class GradingModule(L.LightningModule):
         self._val_labels.append(labels)
 
     def on_validation_epoch_end(self) -> None:
-        logits = self.all_gather(torch.cat(self._val_logits)).reshape(-1, NUM_GRADES)
-        labels = self.all_gather(torch.cat(self._val_labels)).reshape(-1)
+        # Every DDP process validates the whole (small) validation set, so metrics need no gathering.
+        logits = torch.cat(self._val_logits)
+        labels = torch.cat(self._val_labels)
         self._val_logits.clear()
         self._val_labels.clear()
         k = NUM_GRADES
@@ -104,7 +105,7 @@ class GradingModule(L.LightningModule):
         values = {name: float(v) for name, v in confusion_metrics(cm).items()}
         values["loss"] = float(F.cross_entropy(logits, labels))
         for name, value in values.items():
-            self.log(f"val/{name}", value, prog_bar=name in ("accuracy", MAIN_METRIC), sync_dist=False)
+            self.log(f"val/{name}", value, prog_bar=name in ("accuracy", MAIN_METRIC), sync_dist=True)
         if not self.trainer.sanity_checking:
             self.history.append({"epoch": self.current_epoch, **values})
 
