@@ -124,3 +124,24 @@ def test_export_cli_and_bad_checkpoints(tiny_checkpoint, tmp_path):
         del proto.metadata_props[:]
         onnx.save(proto, str(tmp_path / "plain.onnx"))
         OnnxModel(tmp_path / "plain.onnx")
+
+
+def test_evaluate_writes_reports_and_can_calibrate(tiny_checkpoint, tmp_path):
+    labelled = tmp_path / "labelled"
+    for path in sorted(EXAMPLES.glob("*.jpg")):
+        target = labelled / path.name[2] / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    out = tmp_path / "report"
+    result = run_cli("evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(labelled), "--json", "--out",
+                     str(out), "--calibrate-on", str(labelled))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["n"] == 10 and metrics["temperature"] != 1.0
+    for key in ("n", "accuracy", "precision_macro", "precision_weighted", "recall_macro", "f1_macro", "f1_weighted",
+                "mcc", "qwk", "mae", "confusion_matrix", "adjacent_error_rate", "extreme_errors", "ci95"):
+        assert key in metrics
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 10 and {"path", "patient_id", "true", "predicted", "prob_4"} <= set(rows[0])
+    for name in ("confusion.png", "reliability.png", "metrics.json"):
+        assert (out / name).stat().st_size > 100

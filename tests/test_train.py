@@ -147,3 +147,14 @@ def test_ddp_with_two_cpu_processes(kneekl224, tmp_path):
     state = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 2 * (32 // 8) // 2, "each process must take half of the batches"
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1]
+
+
+def test_model_options_from_the_command_line_are_typed():
+    import inspect
+
+    from klgrade.cli import _train_overrides
+
+    arguments = dict.fromkeys(inspect.signature(_train_overrides).parameters)
+    arguments["option"] = ["fpn=False", "width=64", "backbone=resnet34", "attention=true"]
+    assert _train_overrides(**arguments)["model_options"] == {"fpn": False, "width": 64, "backbone": "resnet34",
+                                                              "attention": True}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import yaml
 
 from klgrade.errors import KLGradeError
 
@@ -48,7 +49,7 @@ def _train_overrides(data, out, model, epochs, batch_size, lr, device, limit, te
         key, sep, value = item.partition("=")
         if not sep:
             raise KLGradeError(f"--option '{item}' must look like key=value")
-        options[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("-",) else value
+        options[key] = yaml.safe_load(value)  # numbers, true/false/False, lists; anything else stays a string
     return {"data": data, "out": out, "model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "device": device, "limit": limit, "teacher": teacher or None, "kd_alpha": kd_alpha,
             "kd_temperature": kd_temperature, "fold": fold, "folds": folds, "seed": seed, "image_size": image_size,
@@ -196,8 +197,10 @@ def evaluate(
     backend: Backend = "torch",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+    calibrate_on: Annotated[Optional[str], typer.Option(help="Fit temperature scaling on this labelled folder first.")] = None,
 ) -> None:
     """Score checkpoint(s) on a labelled folder: accuracy, F1, MCC, QWK, MAE, confusion, 95% intervals."""
+    from klgrade.evaluate.evaluation import calibrate
     from klgrade.evaluate.evaluation import evaluate as run_evaluation
     from klgrade.infer.predictor import load_model
     from klgrade.evaluate.report import write_evaluation
@@ -205,6 +208,8 @@ def evaluate(
 
     _setup_logging(quiet=True)
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
+    if calibrate_on is not None:
+        calibrate(predictor, calibrate_on)
     result = run_evaluation(predictor, data, split=split, seed=seed)
     if out is not None:
         write_evaluation(result, out)

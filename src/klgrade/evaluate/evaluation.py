@@ -12,7 +12,7 @@ from klgrade.data.cache import decode_all
 from klgrade.data.preprocess import PreprocessConfig
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
-from klgrade.evaluate.metrics import compute_metrics
+from klgrade.evaluate.metrics import compute_metrics, fit_temperature
 from klgrade.infer.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,16 @@ def predict_samples(predictor: Predictor, samples: list[Sample]) -> tuple[np.nda
     return probabilities, readable, failures
 
 
+def calibrate(predictor: Predictor, data: str | Path, split: str | None = None) -> float:
+    """Fit the predictor's temperature on a labelled validation set (Guo et al. 2017); returns it."""
+    samples = pick_split(find_samples(data), split)
+    predictor.temperature = 1.0
+    probabilities, readable, _ = predict_samples(predictor, samples)
+    labels = [s.grade for s, ok in zip(samples, readable) if ok]
+    predictor.temperature = fit_temperature(np.log(np.clip(probabilities, 1e-12, None)), labels)
+    return predictor.temperature
+
+
 def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n_boot: int = 1000,
              seed: int = 0) -> Evaluation:
     """Metrics of `predictor` on the labelled images of `data` (unreadable images are reported, not scored)."""
@@ -66,4 +76,5 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
                               n_boot=n_boot, seed=seed)
     metrics["model"] = predictor.name
     metrics["tta"] = predictor.tta
+    metrics["temperature"] = predictor.temperature
     return Evaluation(metrics, scored, probabilities, failures)

@@ -86,6 +86,8 @@ class Predictor:
         recommended = self.infos[0].get("inference", {}).get("tta", False)
         self.tta = recommended if tta is None else tta
         self.paths = paths
+        self.temperature = 1.0
+        """Logits are divided by this before the softmax (temperature scaling; 1 = as trained)."""
 
     @property
     def name(self) -> str:
@@ -112,7 +114,7 @@ class Predictor:
             logits = torch.from_numpy(model.run(x.numpy()))
         else:
             logits = model(x.to(self.device)).float().cpu()
-        return torch.softmax(logits, dim=1).numpy().astype(np.float64)
+        return torch.softmax(logits / self.temperature, dim=1).numpy().astype(np.float64)
 
     def heatmaps(self, images_uint8: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Grad-CAM of the target grades, averaged over the ensemble's torch models."""
