@@ -173,3 +173,12 @@ def test_summary_of_a_bad_layout_is_one_line(tmp_path):
     result = run_cli("data", "summary", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "nine" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_extensionless_dicom_counts_as_an_image_but_other_files_do_not(tmp_path):
+    from klgrade.data.sources import is_image_file
+
+    (tmp_path / "IMG0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    (tmp_path / "README").write_text("notes")
+    (tmp_path / "notes.txt").write_text("notes")
+    assert [p.name for p in sorted(tmp_path.iterdir()) if is_image_file(p)] == ["IMG0001"]

@@ -60,7 +60,15 @@ def grade_from_dir(name: str) -> int | None:
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    """An image by its suffix, or an extension-less DICOM file (as PACS exports name them, e.g. IMG0001)."""
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    if path.suffix:
+        return False
+    with path.open("rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
 
 
 def find_samples(data: str | Path) -> list[Sample]:
