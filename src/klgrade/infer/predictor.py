@@ -147,7 +147,8 @@ class Predictor:
                 for g, p, m, u8 in zip(grades, probabilities, maps, prepared)]
 
 
-_DEFAULT: dict[tuple, Predictor] = {}
+_SHIPPED: list[Predictor] = []
+"""The shipped model, loaded on the first `grade()` call without a model and reused after."""
 
 
 def load_model(checkpoints: str | Path | list[str | Path] | None = None, device: str = "cpu",
@@ -168,7 +169,9 @@ def grade(image: str | Path | bytes | np.ndarray, explain: bool = False, model: 
         ImageReadError: the image cannot be read.
     """
     if model is None:
-        model = _DEFAULT.setdefault(("shipped",), load_model())
+        if not _SHIPPED:
+            _SHIPPED.append(load_model())
+        model = _SHIPPED[0]
     if isinstance(image, np.ndarray):
         if image.ndim != 2:
             raise ImageReadError("<array>", f"expected a 2-D grey-level array, got shape {image.shape}")
