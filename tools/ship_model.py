@@ -65,7 +65,7 @@ def model_card(info: dict, results: dict, shipped: dict, use_tta: bool, notes: s
     return f"""# Model card: klgrade shipped model (`{SHIPPED_WEIGHTS}`)
 
 ## Model
-`{spec['name']}` with options {json.dumps(spec['options'])} (backbone resnet18 by default): multi-scale attention
+`{spec['name']}` with options {json.dumps(spec['options']) if spec['options'] else 'at their defaults (resnet18 backbone, pyramid width 128, 4 attention heads)'}: multi-scale attention
 network (FPN over C3-C5, squeeze-and-excitation on every pyramid level, multi-head self-attention with 2-D
 sin-cos positions on the coarsest level, pooled fusion head). Input: one grey channel at
 {info['preprocess']['size']}x{info['preprocess']['size']} px (percentile stretch 0.5-99.5%, no CLAHE at inference:

@@ -40,6 +40,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: dict, dtype: torch
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(state, str(temporary), metadata={METADATA_KEY: json.dumps({"format": FORMAT, **info})})
+    os.chmod(temporary, 0o644)  # safetensors creates owner-only files; checkpoints are meant to be shared
     os.replace(temporary, path)
     return path
 
