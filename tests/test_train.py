@@ -158,3 +158,17 @@ def test_model_options_from_the_command_line_are_typed():
     arguments["option"] = ["fpn=False", "width=64", "backbone=resnet34", "attention=true"]
     assert _train_overrides(**arguments)["model_options"] == {"fpn": False, "width": 64, "backbone": "resnet34",
                                                               "attention": True}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--teacher", "a.safetensors", "b.safetensors", "--kd-alpha", "1"],
+     ["train", "--teacher", "a.safetensors", "--teacher", "b.safetensors", "--kd-alpha", "1"]),
+    (["predict", "x.png", "--checkpoint", "m.safetensors", "y.png"],
+     ["predict", "x.png", "--checkpoint", "m.safetensors", "y.png"]),
+    (["predict", "--checkpoint", "m.safetensors", "n.onnx", "y.png"],
+     ["predict", "--checkpoint", "m.safetensors", "--checkpoint", "n.onnx", "y.png"]),
+])
+def test_several_checkpoints_after_one_option(argv, expected):
+    from klgrade.cli import expand_multi_values
+
+    assert expand_multi_values(argv) == expected

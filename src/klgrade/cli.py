@@ -296,5 +296,28 @@ def serve(
     uvicorn.run(create_app(settings, predictor), host=host, port=port, log_level="info")
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m klgrade`
-    sys.exit(app())
+MULTI_VALUE_OPTIONS = ("--teacher", "--checkpoint")
+CHECKPOINT_SUFFIXES = (".safetensors", ".onnx")
+
+
+def expand_multi_values(argv: list[str]) -> list[str]:
+    """`--teacher A B` -> `--teacher A --teacher B` (DESIGN.md's form; Click options take one value each).
+
+    Only further values that name checkpoint files are taken, so `predict --checkpoint m.safetensors x.png`
+    still grades x.png.
+    """
+    expanded, option = [], None
+    for arg in argv:
+        if option and expanded[-1] != option and not arg.startswith("-") and arg.endswith(CHECKPOINT_SUFFIXES):
+            expanded.append(option)  # one more value of the option before it
+        elif arg.startswith("-") or (option and expanded[-1] != option):
+            option = None
+        if arg in MULTI_VALUE_OPTIONS:
+            option = arg
+        expanded.append(arg)
+    return expanded
+
+
+def main() -> None:
+    """Console entry point (`klgrade`, `python -m klgrade`)."""
+    sys.exit(app(args=expand_multi_values(sys.argv[1:]), prog_name="klgrade"))
