@@ -55,3 +55,18 @@ def test_python_api_uses_the_shipped_model_by_default():
     result = klgrade.grade(sorted(EXAMPLES.glob("KL4_*.jpg"))[0], explain=True)
     assert result.grade >= 2
     assert result.heatmap is not None and result.confidence == pytest.approx(max(result.probabilities))
+
+
+def test_onnx_export_of_the_shipped_model_agrees_with_torch(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from klgrade.infer.onnx import export_onnx
+    from klgrade.infer.predictor import load_model
+
+    onnx_path = export_onnx(shipped_checkpoint(), tmp_path / "shipped.onnx")
+    images = [np.asarray(Image.open(p), dtype=np.float32) for p in sorted(EXAMPLES.glob("*.jpg"))]
+    torch_p = np.array([g.probabilities for g in load_model(tta=False).grade_arrays(images)])
+    onnx_p = np.array([g.probabilities for g in load_model(onnx_path, tta=False, backend="onnx").grade_arrays(images)])
+    assert (torch_p.argmax(1) == onnx_p.argmax(1)).all()
+    assert np.abs(torch_p - onnx_p).max() < 1e-4
