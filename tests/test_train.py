@@ -150,13 +150,11 @@ def test_ddp_with_two_cpu_processes(kneekl224, tmp_path):
 
 
 def test_model_options_from_the_command_line_are_typed():
-    import inspect
-
     from klgrade.cli import _train_overrides
 
-    arguments = dict.fromkeys(inspect.signature(_train_overrides).parameters)
-    arguments["option"] = ["fpn=False", "width=64", "backbone=resnet34", "attention=true"]
-    assert _train_overrides(**arguments)["model_options"] == {"fpn": False, "width": 64, "backbone": "resnet34",
+    values = {"option": ["fpn=False", "width=64", "backbone=resnet34", "attention=true"], "teacher": None,
+              "quiet": False, "resume": False}
+    assert _train_overrides(values)["model_options"] == {"fpn": False, "width": 64, "backbone": "resnet34",
                                                               "attention": True}
 
 

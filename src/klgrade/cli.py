@@ -41,21 +41,19 @@ def _setup_logging(quiet: bool) -> None:
 Data = Annotated[str, typer.Option("--data", help="Dataset folder (split/grade/image or grade/image) or CSV manifest.")]
 
 
-def _train_overrides(data, out, model, epochs, batch_size, lr, device, limit, teacher, kd_alpha, kd_temperature,
-                     fold, folds, seed, image_size, option, ordinal, ema, label_smoothing, balance, patience,
-                     precision, threads, quiet, resume) -> dict:
+def _train_overrides(values: dict) -> dict:
+    """CLI values -> TrainConfig overrides (None = not given); `--option key=value` pairs become model_options."""
+    overrides = dict(values)
     options = {}
-    for item in option or []:
+    for item in overrides.pop("option") or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise KLGradeError(f"--option '{item}' must look like key=value")
         options[key] = yaml.safe_load(value)  # numbers, true/false/False, lists; anything else stays a string
-    return {"data": data, "out": out, "model": model, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-            "device": device, "limit": limit, "teacher": teacher or None, "kd_alpha": kd_alpha,
-            "kd_temperature": kd_temperature, "fold": fold, "folds": folds, "seed": seed, "image_size": image_size,
-            "model_options": options or None, "ordinal": ordinal, "ema": ema, "label_smoothing": label_smoothing,
-            "balance": balance, "patience": patience, "precision": precision, "threads": threads,
-            "quiet": quiet or None, "resume": resume or None}
+    overrides["model_options"] = options or None
+    for flag in ("teacher", "quiet", "resume"):  # empty list / False mean "not given", so YAML values stand
+        overrides[flag] = overrides[flag] or None
+    return overrides
 
 
 def train_options(command):
@@ -91,13 +89,12 @@ def train_options(command):
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or info logs.")] = False,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.ckpt.")] = False,
     ):
+        given = dict(locals())  # the parameters above, before any other local is bound
+        values = {name: value for name, value in given.items() if name not in ("config", "command")}
         from klgrade.train.config import load_config
 
         _setup_logging(quiet)
-        overrides = _train_overrides(data, out, model, epochs, batch_size, lr, device, limit, teacher, kd_alpha,
-                                     kd_temperature, fold, folds, seed, image_size, option, ordinal, ema,
-                                     label_smoothing, balance, patience, precision, threads, quiet, resume)
-        overrides.update({"devices": devices, "num_nodes": num_nodes})
+        overrides = _train_overrides(values)
         return command(load_config(config, overrides))
 
     wrapper.__name__, wrapper.__doc__ = command.__name__, command.__doc__

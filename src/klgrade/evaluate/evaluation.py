@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
-from klgrade.data.preprocess import PreprocessConfig
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.evaluate.metrics import compute_metrics, fit_temperature
@@ -44,14 +44,17 @@ def pick_split(samples: list[Sample], split: str | None) -> list[Sample]:
 
 def predict_samples(predictor: Predictor, samples: list[Sample]) -> tuple[np.ndarray, list[bool], list[ImageReadError]]:
     """Probabilities for every readable sample; (probabilities of readable ones, readable mask, failures)."""
-    config: PreprocessConfig = predictor.preprocess
-    images, failures = decode_all(samples, config)
+    images, failures = decode_all(samples, predictor.preprocess)
     failed = {f.path for f in failures}
     readable = [s.path not in failed for s in samples]
-    kept = images[np.array(readable, dtype=bool)]
-    probabilities = np.concatenate([predictor.probabilities(kept[i:i + BATCH]) for i in range(0, len(kept), BATCH)]
-                                   ) if len(kept) else np.zeros((0, 5))
-    return probabilities, readable, failures
+    return batched_probabilities(predictor, images[np.array(readable, dtype=bool)]), readable, failures
+
+
+def batched_probabilities(predictor: Predictor, images: np.ndarray) -> np.ndarray:
+    """(N, H, W) uint8 images -> (N, 5) probabilities, `BATCH` images per forward pass."""
+    if not len(images):
+        return np.zeros((0, NUM_GRADES))
+    return np.concatenate([predictor.probabilities(images[i:i + BATCH]) for i in range(0, len(images), BATCH)])
 
 
 def calibrate(predictor: Predictor, data: str | Path, split: str | None = None) -> float:

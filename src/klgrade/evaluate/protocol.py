@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from klgrade.data.cache import decode_all
 from klgrade.data.sources import find_samples
 from klgrade.errors import DataLayoutError
-from klgrade.evaluate.evaluation import predict_samples
+from klgrade.evaluate.evaluation import batched_probabilities
 from klgrade.evaluate.metrics import compute_metrics
 from klgrade.infer.predictor import Predictor
 from klgrade.train.config import TrainConfig
@@ -77,11 +78,13 @@ def validate_fold_models(run: Path, folds: int, data: str, limit: int | None, sp
         samples = samples[:: max(1, len(samples) // limit)][:limit]
     labels = [s.grade for s in samples]
     groups = [s.patient_id for s in samples]
+    predictors = [Predictor([fold_dir(run, fold) / "best.safetensors"], tta=False) for fold in range(folds)]
+    images, failures = decode_all(samples, predictors[0].preprocess)  # once: every fold model shares the profile
+    if failures:
+        raise DataLayoutError(f"{data}: unreadable images in the validation set; check it with klgrade data summary")
     per_fold, all_probabilities = [], []
-    for fold in range(folds):
-        probabilities, readable, _ = predict_samples(Predictor([fold_dir(run, fold) / "best.safetensors"], tta=False), samples)
-        if not all(readable):
-            raise DataLayoutError(f"{data}: unreadable images in the validation set; check it with klgrade data summary")
+    for predictor in predictors:
+        probabilities = batched_probabilities(predictor, images)
         per_fold.append(compute_metrics(labels, probabilities, groups=groups, n_boot=0))
         all_probabilities.append(probabilities)
     ensemble = compute_metrics(labels, np.mean(all_probabilities, axis=0), groups=groups, n_boot=500)

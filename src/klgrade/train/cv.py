@@ -8,6 +8,7 @@ is skipped on a rerun, so an interrupted CV continues where it stopped.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from dataclasses import replace
@@ -55,8 +56,6 @@ def run_fold(config: TrainConfig, fold: int, teachers_for_fold=None) -> list[dic
 
 
 def _read_oof(path: Path) -> list[dict]:
-    import csv
-
     with path.open() as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
