@@ -38,8 +38,10 @@ class CrashMidEpoch(Callback):
 def test_train_cli_leaves_a_checkpoint_that_evaluate_reads(kneekl224, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", "--data", str(kneekl224), "--model", "msa_net", "--epochs", "1", "--limit", "64",
-                     "--device", "cpu", "--out", str(run), "--quiet")
+                     "--device", "cpu", "--out", str(run))
     assert result.returncode == 0, result.stderr[-2000:]
+    log = result.stderr + result.stdout
+    assert log.count("GPU available") == 1 and "litlogger" not in log  # one line per message, no adverts
     assert {"best.safetensors", "last.safetensors", "last.ckpt", "metrics.json"} <= {p.name for p in run.iterdir()}
     model, info = load_checkpoint(run / "best.safetensors")
     assert info["model"]["name"] == "msa_net" and len(info["data_fingerprint"]) == 20
@@ -94,6 +96,31 @@ def test_distillation_moves_the_student_toward_the_teacher(kneekl224, tmp_path):
     distilled = _mean_kl_to(teacher, tmp_path / "student" / "last.safetensors", images)
     undistilled = _mean_kl_to(teacher, tmp_path / "plain" / "last.safetensors", images)
     assert distilled < undistilled
+
+
+def test_init_starts_fine_tuning_from_the_given_weights(kneekl224, tmp_path):
+    base = {**TINY, "data": str(kneekl224), "epochs": 1, "limit": 24}
+    fit(TrainConfig(**base, out=str(tmp_path / "first")))
+    first = tmp_path / "first" / "last.safetensors"
+    # At learning rate 0 the parameters must stay exactly the loaded ones, at another resolution too.
+    fit(TrainConfig(**{**base, "image_size": 96}, lr=0.0, seed=3, init=str(first), out=str(tmp_path / "tuned")))
+    model, _ = load_checkpoint(first)
+    tuned, info = load_checkpoint(tmp_path / "tuned" / "last.safetensors")
+    assert info["preprocess"]["size"] == 96
+    expected = dict(model.named_parameters())
+    for name, parameter in tuned.named_parameters():
+        assert torch.equal(parameter, expected[name]), name
+
+
+def test_init_from_an_unrelated_file_is_a_one_line_error(kneekl224, tmp_path):
+    fit(TrainConfig(**{**TINY, "model_options": {}, "limit": 16}, data=str(kneekl224), epochs=1, model="mobilenet_v2",
+                    out=str(tmp_path / "other")))
+    for init, message in ((tmp_path / "other" / "last.safetensors", "no tensor matches"),
+                          (tmp_path / "missing.safetensors", "not found")):
+        result = run_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--limit", "16",
+                         "--device", "cpu", "--init", str(init), "--quiet")
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1000:]
+        assert message in result.stderr and str(init) in result.stderr
 
 
 def test_validation_fold_never_shares_a_patient_with_training(kneekl224):

@@ -34,8 +34,17 @@ def user_errors(command):
     return wrapper
 
 
+class _DropAdverts(logging.Filter):
+    """Lightning advertises its cloud logger on every run; noise for a tool that never goes online."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropAdverts())
 
 
 Data = Annotated[str, typer.Option("--data", help="Dataset folder (split/grade/image or grade/image) or CSV manifest.")]
@@ -74,6 +83,7 @@ def train_options(command):
         fold: Annotated[Optional[int], typer.Option(help="Validate on this fold of the train split [val split].")] = None,
         folds: Annotated[Optional[int], typer.Option(help="Number of patient-grouped folds [5].")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Random seed [0].")] = None,
+        init: Annotated[Optional[str], typer.Option(help="Start from these weights, e.g. to fine-tune at a higher resolution [random].")] = None,
         image_size: Annotated[Optional[int], typer.Option(help="Input side in pixels [224].")] = None,
         option: Annotated[Optional[list[str]], typer.Option(help="Model option key=value, e.g. fpn=false.")] = None,
         ordinal: Annotated[Optional[bool], typer.Option("--ordinal/--no-ordinal", help="Cumulative-logit head [no].")] = None,

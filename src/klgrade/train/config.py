@@ -27,6 +27,7 @@ class TrainConfig:
     teacher [[]]: checkpoints whose mean softened probabilities teach the student; kd_alpha [0.5], kd_temperature [4].
     fold [None], folds [5]: train on the other folds of the train split and validate on fold `fold`.
     seed [0]; limit [None]: use at most this many train and validation images (quick checks).
+    init [None]: weights file to start from instead of random weights (fine-tuning, e.g. at a higher resolution).
     image_size [224], clahe [False], canonical_side [False]: preprocessing, stored in the checkpoint.
     device [auto|cpu|cuda], devices [1], num_nodes [1], precision [bf16-mixed|32-true].
     threads [None]: CPU threads for torch. cache_dir [None]: image cache location.
@@ -54,6 +55,7 @@ class TrainConfig:
     folds: int = 5
     seed: int = 0
     limit: int | None = None
+    init: str | None = None
     image_size: int = IMAGE_SIZE
     clahe: bool = False
     canonical_side: bool = False

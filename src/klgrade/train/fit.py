@@ -37,6 +37,7 @@ from klgrade.train.config import TrainConfig
 from klgrade.train.module import GradingModule
 
 log = logging.getLogger(__name__)
+logging.getLogger("lightning").handlers.clear()  # its own console handler would print each message a second time
 
 BENIGN_WARNINGS = (
     ".*does not have many workers.*", ".*smaller than the logging interval.*", ".*exists and is not empty.*",
@@ -178,7 +179,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
 
     spec = {"name": config.model, "num_classes": NUM_GRADES, "in_chans": 1, "ordinal": config.ordinal,
             "options": config.model_options}
-    model = create_model(config.model, ordinal=config.ordinal, **config.model_options)
+    model = create_model(config.model, ordinal=config.ordinal, pretrained=config.init, **config.model_options)
     class_weights = inverse_frequency(train_labels, NUM_GRADES) if config.balance == "loss" else None
     info = {"model": spec, "preprocess": data.preprocess.to_dict(), "train_config": config.to_dict(),
             "data_fingerprint": cache_key(data.train + data.val, data.preprocess),
