@@ -71,7 +71,7 @@ sin-cos positions on the coarsest level, pooled fusion head). Input: one grey ch
 {info['preprocess']['size']}x{info['preprocess']['size']} px (percentile stretch 0.5-99.5%, no CLAHE at inference:
 the training data were already CLAHE-enhanced). Weights stored in fp16 ({'with' if use_tta else 'without'} flip
 test-time augmentation by default, chosen on val QWK: {results[True]['qwk']:.4f} with vs {results[False]['qwk']:.4f}
-without). Trained from scratch (no ImageNet weights), without distillation.
+without). {_origin(info['train_config'])}
 
 ## Training data and recipe
 {info['card']['data']}
@@ -114,6 +114,15 @@ kneeKL224 test split was not used.
 - The Grad-CAM heatmap shows which regions raised the predicted grade's score; it is not a segmentation of
   osteophytes or joint-space narrowing.
 """
+
+
+def _origin(train: dict) -> str:
+    """How the weights came to be: from scratch or from given weights, with or without a teacher."""
+    start = f"Started from `{Path(train['init']).name}`" if train.get("init") else "Trained from scratch (no ImageNet weights)"
+    if not train["teacher"]:
+        return f"{start}, without distillation."
+    return (f"{start}, distilled from {len(train['teacher'])} teacher(s) (loss (1-a) CE + a T^2 KL, "
+            f"a = {train['kd_alpha']}, T = {train['kd_temperature']}; teachers described under the recipe).")
 
 
 if __name__ == "__main__":
