@@ -111,3 +111,15 @@ def test_pretrained_local_file_is_loaded(tmp_path):
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
     target = create_model("resnet18", pretrained=str(tmp_path / "w.safetensors"))
     assert torch.equal(target.conv1.weight, source.conv1.weight)
+
+
+def test_partial_load_of_local_weights_is_reported(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    save_file(create_model("msa_net").state_dict(), str(tmp_path / "w.safetensors"))
+    with caplog.at_level("WARNING"):
+        create_model("msa_net", pretrained=str(tmp_path / "w.safetensors"))
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        create_model("msa_net", fpn=False, pretrained=str(tmp_path / "w.safetensors"))
+    assert "the rest start as built" in caplog.text and "w.safetensors" in caplog.text

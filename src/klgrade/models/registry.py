@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +14,8 @@ from klgrade.constants import NUM_GRADES
 from klgrade.errors import CheckpointError, KLGradeError
 from klgrade.models.msanet import MultiScaleAttentionNet
 from klgrade.models.ordinal import CumulativeLogitHead
+
+log = logging.getLogger(__name__)
 
 _TIMM_BASELINES = {
     "resnet18": "resnet18",
@@ -86,6 +89,8 @@ def _load_pretrained(model: nn.Module, path: Path) -> None:
     if not usable:
         raise CheckpointError(f"{path}: no tensor matches the model's parameters")
     model.load_state_dict(usable, strict=False)
+    if len(usable) < len(own):  # e.g. another classifier; a silent partial load would pass for a full one
+        log.warning("%s: loaded %d of the model's %d tensors; the rest start as built", path, len(usable), len(own))
 
 
 def gradcam_layer(model: nn.Module) -> nn.Module:
