@@ -21,7 +21,7 @@ from common import machine  # noqa: E402
 from klgrade.data.cache import decode_all  # noqa: E402
 from klgrade.data.sources import find_samples  # noqa: E402
 from klgrade.explain.gradcam import JOINT_BAND, joint_fraction  # noqa: E402
-from klgrade.infer.predictor import load_model  # noqa: E402
+from klgrade.infer.grading import load_model  # noqa: E402
 
 BATCH = 32
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
 from klgrade.data.augment import AugmentConfig, random_augment  # noqa: E402
-from klgrade.data.preprocess import PIXEL_MEAN, PIXEL_STD  # noqa: E402
+from klgrade.data.preprocess import normalize  # noqa: E402
 from klgrade.models import create_model  # noqa: E402
 from klgrade.train.batches import make_loader  # noqa: E402
 from klgrade.train.config import TrainConfig  # noqa: E402
@@ -80,8 +80,8 @@ def bare_rate(name: str, images: np.ndarray, labels: np.ndarray, batch: int, war
                 torch.cuda.synchronize()
             start = time.perf_counter()
         index = torch.randint(0, len(data), (batch,), device=device)
-        x = random_augment(data[index].unsqueeze(1).float().div(255), augment, generator)
-        x = ((x - PIXEL_MEAN) / PIXEL_STD).contiguous(memory_format=torch.channels_last)
+        x = normalize(data[index].unsqueeze(1), lambda u: random_augment(u, augment, generator))
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x).float(), targets[index])
         loss.backward()

@@ -11,7 +11,7 @@ from klgrade.data.sources import find_samples, parse_knee_name
 from klgrade.data.splits import check_no_leak, patient_folds, shared_patients
 from klgrade.errors import DataLayoutError, KLGradeError
 
-from conftest import knee_image, run_cli, save
+from helpers import knee_image, run_cli, save
 
 
 def _write(path, seed=0):

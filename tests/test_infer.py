@@ -13,10 +13,10 @@ import klgrade
 from klgrade.errors import CheckpointError, ImageReadError
 from klgrade.explain.gradcam import gradcam, joint_fraction
 from klgrade.infer.onnx import OnnxModel, export_onnx
-from klgrade.infer.predictor import load_model
+from klgrade.infer.grading import load_model
 from klgrade.models import create_model
 
-from conftest import EXAMPLES, run_cli
+from helpers import EXAMPLES, run_cli
 
 
 def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp_path):

@@ -1,16 +1,13 @@
 import io
 
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from klgrade.data.io import read_image
 from klgrade.errors import ImageReadError
 
-from conftest import knee_image, save
+from helpers import knee_image, save, write_dicom
 
 
 def test_8bit_formats_decode_to_the_same_grey_values(tmp_path):
@@ -41,49 +38,29 @@ def test_rgb_rgba_and_palette_become_single_channel(tmp_path):
         assert np.abs(array - grey).mean() < 3, name
 
 
-def _dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.Modality = "Doe^Jane", "SECRET-42", "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_dicom_monochrome2_applies_rescale(tmp_path):
     pixels = knee_image().astype(np.uint16) * 10
-    array = read_image(_dicom(tmp_path / "mono2.dcm", pixels, "MONOCHROME2", slope=2.0, intercept=-100.0))
+    array = read_image(write_dicom(tmp_path / "mono2.dcm", pixels, "MONOCHROME2", slope=2.0, intercept=-100.0))
     np.testing.assert_allclose(array, pixels * 2.0 - 100.0)
 
 
 def test_dicom_monochrome1_is_inverted_so_bone_is_bright(tmp_path):
     pixels = knee_image().astype(np.uint16) * 10
-    mono2 = read_image(_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2"))
-    mono1 = read_image(_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1"))
+    mono2 = read_image(write_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2"))
+    mono1 = read_image(write_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1"))
     assert np.corrcoef(mono1.ravel(), mono2.ravel())[0, 1] < -0.99
 
 
 def test_dicom_window_is_applied(tmp_path):
     pixels = knee_image().astype(np.uint16) * 10
-    windowed = read_image(_dicom(tmp_path / "w.dcm", pixels, "MONOCHROME2", window=(1000, 400)))
+    windowed = read_image(write_dicom(tmp_path / "w.dcm", pixels, "MONOCHROME2", window=(1000, 400)))
     assert windowed.max() - windowed.min() <= 65535
-    plain = read_image(_dicom(tmp_path / "p.dcm", pixels, "MONOCHROME2"))
+    plain = read_image(write_dicom(tmp_path / "p.dcm", pixels, "MONOCHROME2"))
     assert not np.allclose(windowed, plain)
 
 
 def test_dicom_without_extension_is_detected_by_magic(tmp_path):
-    path = _dicom(tmp_path / "x.dcm", knee_image().astype(np.uint16), "MONOCHROME2")
+    path = write_dicom(tmp_path / "x.dcm", knee_image().astype(np.uint16), "MONOCHROME2")
     renamed = path.rename(tmp_path / "IMG0001")
     assert read_image(renamed).shape == (64, 64)
 

@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import (accuracy_score, cohen_kappa_score, confusion_matrix, f1_score, matthews_corrcoef,
                              mean_absolute_error, precision_score, recall_score, roc_auc_score)
 
-from klgrade.evaluate.metrics import (bootstrap_ci, compute_metrics, confusion_metrics, expected_calibration_error,
+from klgrade.metrics import (bootstrap_ci, compute_metrics, confusion_metrics, expected_calibration_error,
                                       fit_temperature)
 
 DESIGN_KEYS = {"n", "accuracy", "precision_macro", "precision_weighted", "recall_macro", "f1_macro", "f1_weighted",

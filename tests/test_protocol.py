@@ -3,9 +3,9 @@
 import csv
 import json
 
-from klgrade.evaluate.protocol import VARIANTS
+from klgrade.experiments.protocol import VARIANTS
 
-from conftest import run_cli
+from helpers import run_cli
 
 TINY_CV = ["--epochs", "1", "--limit", "40", "--image-size", "64", "--option", "width=32", "--option", "heads=2",
            "--device", "cpu", "--quiet"]

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from klgrade.serve.app import Settings, create_app
 from klgrade.serve.local import local_server
 
-from conftest import EXAMPLES, knee_image
+from helpers import EXAMPLES, knee_image, run_cli, write_dicom
 
 EXAMPLE = sorted(EXAMPLES.glob("KL3_*.jpg"))[0]
 
@@ -46,9 +47,7 @@ def test_grade_a_real_radiograph_with_heatmap(client):
 
 
 def test_dicom_upload_is_graded_and_patient_fields_never_returned(client, tmp_path):
-    from test_io import _dicom
-
-    path = _dicom(tmp_path / "k.dcm", knee_image().astype(np.uint16) * 10, "MONOCHROME1")
+    path = write_dicom(tmp_path / "k.dcm", knee_image().astype(np.uint16) * 10, "MONOCHROME1")
     response = client.post("/v1/grade", files={"file": ("k.dcm", path.read_bytes(), "application/dicom")})
     assert response.status_code == 200
     assert "SECRET-42" not in response.text and "Doe" not in response.text
@@ -117,3 +116,30 @@ def test_web_page_in_headless_chromium(server, tmp_path):
     finally:
         driver.quit()
 
+
+
+def test_cli_and_service_grade_the_same_file_the_same_way(tiny_checkpoint, tmp_path):
+    """One path from input to grade: the upload's file name gives the side (and marks DICOM) as a path does."""
+    from klgrade.models import load_checkpoint, save_checkpoint
+    from klgrade.models.weights import read_info
+
+    model, info = load_checkpoint(tiny_checkpoint)
+    info["preprocess"]["canonical_side"] = True  # left knees are mirrored: the name changes the answer
+    sided = save_checkpoint(tmp_path / "sided.safetensors", model, info)
+    assert read_info(sided)["preprocess"]["canonical_side"]
+    ramp = np.tile(np.linspace(0, 255, 96), (96, 1)).astype(np.uint8)
+    ramp[20:40, 10:30] = 0
+    left = tmp_path / "9003175L.png"
+    Image.fromarray(ramp).save(left)
+    dicom = write_dicom(tmp_path / "IMG0001", ramp.astype(np.uint16) * 16, "MONOCHROME2")
+    result = run_cli("predict", str(left), str(dicom), "--checkpoint", str(sided), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    app = create_app(Settings(checkpoints=[str(sided)]))
+    with TestClient(app) as test_client:
+        for row, path in zip(rows, (left, dicom)):
+            body = test_client.post("/v1/grade", files={"file": (path.name, path.read_bytes(), "application/octet-stream")}).json()
+            assert body["grade"] == row["grade"]
+            np.testing.assert_allclose(body["probabilities"], [row[f"prob_{k}"] for k in range(5)], atol=1e-5)
+        unsided = test_client.post("/v1/grade", files={"file": ("knee.png", left.read_bytes(), "image/png")}).json()
+    assert np.abs(np.array(unsided["probabilities"]) - [rows[0][f"prob_{k}"] for k in range(5)]).max() > 1e-4

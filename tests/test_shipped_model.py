@@ -8,7 +8,7 @@ import klgrade
 from klgrade.infer.predictor import shipped_checkpoint
 from klgrade.models.weights import read_info
 
-from conftest import EXAMPLES, REPO, run_cli
+from helpers import EXAMPLES, REPO, run_cli
 
 BAR = {"accuracy": 0.65, "qwk": 0.76, "mcc": 0.50}
 """Floor for the shipped model on kneeKL224 val: issue #6's accuracy and MCC; for QWK the from-scratch reference
@@ -62,7 +62,7 @@ def test_onnx_export_of_the_shipped_model_agrees_with_torch(tmp_path):
     from PIL import Image
 
     from klgrade.infer.onnx import export_onnx
-    from klgrade.infer.predictor import load_model
+    from klgrade.infer.grading import load_model
 
     onnx_path = export_onnx(shipped_checkpoint(), tmp_path / "shipped.onnx")
     images = [np.asarray(Image.open(p), dtype=np.float32) for p in sorted(EXAMPLES.glob("*.jpg"))]

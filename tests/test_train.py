@@ -14,7 +14,7 @@ from klgrade.models import create_model, load_checkpoint
 from klgrade.train.config import TrainConfig, load_config
 from klgrade.train.fit import fit, select_data
 
-from conftest import run_cli
+from helpers import run_cli
 
 TINY = {"model_options": {"width": 32, "heads": 2}, "image_size": 64, "batch_size": 8, "limit": 40,
         "quiet": True, "device": "cpu", "threads": 2}

@@ -128,7 +128,7 @@ def train(config) -> None:
 @train_options
 def cv(config) -> None:
     """Patient-grouped stratified k-fold cross-validation on the train split (resumable per fold)."""
-    from klgrade.train.cv import cross_validate
+    from klgrade.experiments.cv import cross_validate
 
     summary = cross_validate(config)
     for name, stats in summary["mean_sd"].items():
@@ -147,8 +147,8 @@ def reproduce(
     seed: Annotated[int, typer.Option(help="Seed of folds and training.")] = 0,
 ) -> None:
     """The paper's protocol: 5 models + distilled msa_net + ablations, CV, internal/external validation, report."""
-    from klgrade.evaluate.protocol import PROFILES
-    from klgrade.evaluate.protocol import reproduce as run_protocol
+    from klgrade.experiments.protocol import PROFILES
+    from klgrade.experiments.protocol import reproduce as run_protocol
 
     _setup_logging(quiet=True)
     if profile not in PROFILES:
@@ -170,7 +170,7 @@ def data_summary(
 ) -> None:
     """Counts per split x grade, patients per split, cross-split patient overlap, unreadable files."""
     from klgrade.data.summary import summarize
-    from klgrade.output import print_summary
+    from klgrade.console import print_summary
 
     summary = summarize(data)
     if as_json:
@@ -209,9 +209,9 @@ def evaluate(
     """Score checkpoint(s) on a labelled folder: accuracy, F1, MCC, QWK, MAE, confusion, 95% intervals."""
     from klgrade.evaluate.evaluation import calibrate
     from klgrade.evaluate.evaluation import evaluate as run_evaluation
-    from klgrade.infer.predictor import load_model
+    from klgrade.infer.grading import load_model
     from klgrade.evaluate.report import write_evaluation
-    from klgrade.output import print_metrics
+    from klgrade.console import print_metrics
 
     _setup_logging(quiet=True)
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
@@ -246,8 +246,8 @@ def predict(
 ) -> None:
     """Grade radiographs; unreadable inputs are reported and do not stop the others (exit 1 if any failed)."""
     from klgrade.infer.batch import expand_inputs, predict_paths
-    from klgrade.infer.predictor import load_model
-    from klgrade.output import print_predictions, write_predictions
+    from klgrade.infer.grading import load_model
+    from klgrade.console import print_predictions, write_predictions
 
     _setup_logging(quiet=True)
     if output_format not in ("csv", "json", "table"):
@@ -293,7 +293,7 @@ def serve(
     """Serve the grading API (/v1/grade, /v1/model, /v1/health, /docs) and the web page (/)."""
     import uvicorn
 
-    from klgrade.infer.predictor import load_model
+    from klgrade.infer.grading import load_model
     from klgrade.serve.app import Settings, create_app
 
     _setup_logging(quiet=False)

@@ -19,6 +19,7 @@ from klgrade.data.io import read_image
 from klgrade.data.preprocess import PreprocessConfig, to_uint8
 from klgrade.data.sources import Sample
 from klgrade.errors import ImageReadError, KLGradeError
+from klgrade.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,6 @@ def load_cached(samples: list[Sample], config: PreprocessConfig, cache_dir: str 
     if failures:
         listed = "; ".join(str(f) for f in failures[:10])
         raise KLGradeError(f"{len(failures)} unreadable training image(s): {listed}")
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(temporary, images)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        np.save(temporary, images)
     return np.load(path, mmap_mode="r")

@@ -7,6 +7,7 @@ image. The settings travel inside every checkpoint, so a model is always fed as 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -59,9 +60,16 @@ def to_uint8(image: np.ndarray, config: PreprocessConfig, side: str | None = Non
     return grey
 
 
-def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 images (any leading shape) -> float32 network input."""
-    return (batch_uint8.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
+def normalize(batch_uint8: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """uint8 images (any leading shape) -> float32 network input, the same for training and inference.
+
+    Args:
+        transform: applied to the [0, 1] intensities before standardisation (training's augmentation).
+    """
+    unit = batch_uint8.float() / 255.0
+    if transform is not None:
+        unit = transform(unit)
+    return (unit - PIXEL_MEAN) / PIXEL_STD
 
 
 def preprocess(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> torch.Tensor:

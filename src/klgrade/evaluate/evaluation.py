@@ -12,7 +12,7 @@ from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
-from klgrade.evaluate.metrics import compute_metrics, fit_temperature
+from klgrade.metrics import compute_metrics, fit_temperature
 from klgrade.infer.predictor import Predictor
 
 log = logging.getLogger(__name__)

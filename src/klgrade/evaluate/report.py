@@ -12,16 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from klgrade.constants import NUM_GRADES  # noqa: E402
-from klgrade.evaluate.metrics import ECE_BINS  # noqa: E402
-from klgrade.output import rows_to_csv, write_text_atomic  # noqa: E402
+from klgrade.files import atomic_path, rows_to_csv, write_text_atomic  # noqa: E402
+from klgrade.metrics import ECE_BINS, calibration_bins  # noqa: E402
 
 
 def save_figure(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(temporary, dpi=120, bbox_inches="tight")
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, bbox_inches="tight")
     plt.close(figure)
-    temporary.replace(path)
 
 
 def plot_confusion(cm, title: str, path: Path) -> None:
@@ -42,19 +40,12 @@ def plot_confusion(cm, title: str, path: Path) -> None:
 
 
 def plot_reliability(y_true, probabilities, path: Path, bins: int = ECE_BINS) -> None:
-    probabilities = np.asarray(probabilities)
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == np.asarray(y_true)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    centres, accuracy = [], []
-    for b in range(bins):
-        if (which == b).any():
-            centres.append((edges[b] + edges[b + 1]) / 2)
-            accuracy.append(correct[which == b].mean())
+    table = calibration_bins(y_true, probabilities, bins)
+    filled = table["count"] > 0
     figure, axis = plt.subplots(figsize=(4, 4))
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    axis.bar(centres, accuracy, width=1 / bins, alpha=0.7, edgecolor="black", label="accuracy per bin")
+    axis.bar(table["centre"][filled], table["accuracy"][filled], width=1 / bins, alpha=0.7, edgecolor="black",
+             label="accuracy per bin")
     axis.set_xlabel("confidence")
     axis.set_ylabel("accuracy")
     axis.legend(loc="upper left", fontsize=8)

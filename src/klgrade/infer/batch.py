@@ -1,4 +1,4 @@
-"""Grade many files: expand inputs, decode ahead in threads, grade in batches, write overlays.
+"""`klgrade predict`: inputs (files, folders, globs) -> one result row each, with overlays written beside.
 
 One unreadable file yields a row with an `error` and does not stop the others.
 """
@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import glob
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 from klgrade.constants import NUM_GRADES
-from klgrade.data.io import read_image
-from klgrade.data.sources import is_image_file, parse_knee_name
-from klgrade.errors import ImageReadError
-from klgrade.infer.predictor import Predictor
+from klgrade.data.sources import is_image_file
+from klgrade.explain.gradcam import overlay
+from klgrade.files import atomic_path
+from klgrade.infer.grading import grade_many
+from klgrade.infer.predictor import Grading, Predictor
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["path", "grade", *(f"prob_{k}" for k in range(NUM_GRADES)), "confidence", "heatmap", "error"]
+COLUMNS = ["path", "grade", *(f"prob_{k}" for k in range(NUM_GRADES)), "confidence", "warnings", "heatmap", "error"]
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -41,45 +41,43 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return paths
 
 
-def _decode(path: str):
-    try:
-        return read_image(path), None
-    except ImageReadError as exc:
-        return None, exc.reason
+def heatmap_names(paths: list[str]) -> list[str]:
+    """A distinct overlay file name per input: `<stem>_gradcam.png`, with the input's index where stems repeat."""
+    stems = [Path(p).stem for p in paths]
+    repeated = {stem for stem, count in Counter(stems).items() if count > 1}
+    return [f"{stem}_{i}_gradcam.png" if stem in repeated else f"{stem}_gradcam.png" for i, stem in enumerate(stems)]
 
 
-def _save_overlay(out_dir: Path, path: str, grading) -> str:
-    from klgrade.explain.gradcam import overlay
+def caption(grading: Grading) -> str:
+    """The overlay's caption: grade, confidence, file name and every warning."""
+    parts = [f"KL {grading.grade}", f"p={grading.confidence:.2f}"]
+    if grading.name:
+        parts.append(Path(grading.name).name)
+    parts.extend(f"! {w}" for w in grading.warnings)
+    return "   ".join(parts)
 
-    target = out_dir / "heatmaps" / f"{Path(path).stem}_gradcam.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    caption = f"KL {grading.grade}   p={grading.confidence:.2f}   {Path(path).name}"
-    temporary = target.with_name(f".{target.name}.tmp{os.getpid()}.png")
-    overlay(grading.image, grading.heatmap, caption).save(temporary)
-    os.replace(temporary, target)
+
+def save_overlay(target: Path, grading: Grading) -> str:
+    with atomic_path(target) as temporary:
+        overlay(grading.image, grading.heatmap, caption(grading)).save(temporary)
     return str(target)
+
+
+def result_row(grading: Grading) -> dict:
+    return {"path": grading.name, "grade": grading.grade,
+            **{f"prob_{k}": round(p, 6) for k, p in enumerate(grading.probabilities)},
+            "confidence": round(grading.confidence, 6), "warnings": list(grading.warnings)}
 
 
 def predict_paths(predictor: Predictor, paths: list[str], explain: bool = False, out_dir: Path | None = None,
                   batch_size: int = 16, workers: int = 2) -> Iterator[dict]:
     """One result row per path (keys: `COLUMNS`), in input order."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            decoded = list(pool.map(_decode, chunk))
-            good = [i for i, (image, _) in enumerate(decoded) if image is not None]
-            gradings = predictor.grade_arrays([decoded[i][0] for i in good], [parse_knee_name(chunk[i])[1] for i in good],
-                                              explain=explain) if good else []
-            by_index = dict(zip(good, gradings))
-            for i, path in enumerate(chunk):
-                row = {"path": path}
-                if i not in by_index:
-                    row["error"] = decoded[i][1]
-                    yield row
-                    continue
-                grading = by_index[i]
-                row.update({"grade": grading.grade, "confidence": round(grading.confidence, 6)})
-                row.update({f"prob_{k}": round(p, 6) for k, p in enumerate(grading.probabilities)})
-                if explain and out_dir is not None:
-                    row["heatmap"] = _save_overlay(out_dir, path, grading)
-                yield row
+    names = heatmap_names(paths)
+    for path, name, result in zip(paths, names, grade_many(predictor, paths, explain, batch_size, workers)):
+        if not isinstance(result, Grading):
+            yield {"path": path, "error": result.reason}
+            continue
+        row = result_row(result)
+        if explain and out_dir is not None:
+            row["heatmap"] = save_overlay(Path(out_dir) / "heatmaps" / name, result)
+        yield row

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 
 from klgrade.data.cache import default_cache_dir
 from klgrade.errors import CheckpointError
+from klgrade.files import atomic_path
 from klgrade.models import load_checkpoint
 from klgrade.models.weights import read_info
 
@@ -34,18 +34,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
     model, info = load_checkpoint(checkpoint)
     side = info["preprocess"]["size"]
     example = torch.zeros(1, 1, side, side)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    torch.onnx.export(model, (example,), str(temporary), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
-                      dynamo=False)
-    proto = onnx.load(str(temporary))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "klgrade", json.dumps(info)
-    onnx.save(proto, str(temporary))
-    os.replace(temporary, out)
-    return out
+    with atomic_path(out) as temporary:
+        torch.onnx.export(model, (example,), str(temporary), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
+                          dynamo=False)
+        proto = onnx.load(str(temporary))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "klgrade", json.dumps(info)
+        onnx.save(proto, str(temporary))
+    return Path(out)
 
 
 class OnnxModel:

@@ -1,5 +1,7 @@
-"""From images to grades: one `Predictor` used by `klgrade predict`, `klgrade evaluate`, the HTTP service and
-the Python API (`load_model`, `grade`).
+"""A `Predictor`: checkpoints in, probabilities (and heatmaps) of preprocessed images out.
+
+Used by `klgrade evaluate` directly and, through `klgrade.infer.grading` (the one path from an input to a
+graded result), by `klgrade predict`, the HTTP service and the Python API.
 
 A predictor holds one or more checkpoints (an ensemble averages probabilities), the preprocessing stored in
 them, optional horizontal-flip test-time augmentation, and a backend (torch, or ONNX Runtime).
@@ -16,9 +18,8 @@ import numpy as np
 import torch
 
 from klgrade.constants import NUM_GRADES
-from klgrade.data.io import read_image
 from klgrade.data.preprocess import PreprocessConfig, normalize, to_uint8
-from klgrade.errors import CheckpointError, ImageReadError
+from klgrade.errors import CheckpointError
 from klgrade.models import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,25 @@ def shipped_checkpoint() -> Path:
 
 @dataclass
 class Grading:
-    """The answer for one image."""
+    """The answer for one image.
+
+    Attributes:
+        grade: predicted KL grade 0-4 (the most probable one).
+        probabilities: probability of each grade 0-4.
+        confidence: probability of `grade`.
+        heatmap: (H, W) Grad-CAM map in [0, 1] of the network input when explained, else None.
+        warnings: what a reader must know about this answer (e.g. "explanation empty"); empty when all is well.
+        name: the input's name (path or upload file name), when it had one.
+        image: the preprocessed uint8 image the network saw (for overlays).
+    """
 
     grade: int
     probabilities: list[float]
     confidence: float
     heatmap: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+    name: str | None = None
     image: np.ndarray | None = field(default=None, repr=False)
-    """The preprocessed uint8 image the network saw (for overlays)."""
 
 
 class Predictor:
@@ -136,49 +148,13 @@ class Predictor:
         return sources
 
     def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
-                     explain: bool = False) -> list[Grading]:
-        """Grade grey-level images (any size); heatmaps for the predicted grade when `explain`."""
+                     explain: bool = False, names: list[str | None] | None = None) -> list[Grading]:
+        """Grade decoded grey-level images (any size); heatmaps for the predicted grade when `explain`."""
         sides = sides or [None] * len(images)
+        names = names or [None] * len(images)
         prepared = np.stack([self.prepare(image, side) for image, side in zip(images, sides)])
         probabilities = self.probabilities(prepared)
         grades = probabilities.argmax(axis=1)
         maps = self.heatmaps(prepared, grades) if explain else [None] * len(images)
-        return [Grading(int(g), [float(v) for v in p], float(p[g]), m, u8)
-                for g, p, m, u8 in zip(grades, probabilities, maps, prepared)]
-
-
-_SHIPPED: list[Predictor] = []
-"""The shipped model, loaded on the first `grade()` call without a model and reused after."""
-
-
-def load_model(checkpoints: str | Path | list[str | Path] | None = None, device: str = "cpu",
-               tta: bool | None = None, backend: str = "torch") -> Predictor:
-    """A `Predictor` for the given checkpoint(s), or for the model shipped with klgrade."""
-    if isinstance(checkpoints, (str, Path)):
-        checkpoints = [checkpoints]
-    return Predictor(checkpoints, device=device, tta=tta, backend=backend)
-
-
-def grade(image: str | Path | bytes | np.ndarray, explain: bool = False, model: Predictor | None = None) -> Grading:
-    """Grade one radiograph: a path, raw file bytes, or a 2-D grey-level array.
-
-    Returns:
-        `Grading(grade, probabilities, confidence, heatmap)`; heatmap is (H, W) in [0, 1] when `explain`.
-
-    Raises:
-        ImageReadError: the image cannot be read.
-    """
-    if model is None:
-        if not _SHIPPED:
-            _SHIPPED.append(load_model())
-        model = _SHIPPED[0]
-    if isinstance(image, np.ndarray):
-        if image.ndim != 2:
-            raise ImageReadError("<array>", f"expected a 2-D grey-level array, got shape {image.shape}")
-        array, side = image.astype(np.float32), None
-    else:
-        from klgrade.data.sources import parse_knee_name
-
-        array = read_image(image)
-        side = parse_knee_name(image)[1] if isinstance(image, (str, Path)) else None
-    return model.grade_arrays([array], [side], explain=explain)[0]
+        return [Grading(int(g), [float(v) for v in p], float(p[g]), heatmap=m, name=n, image=u8)
+                for g, p, m, n, u8 in zip(grades, probabilities, maps, names, prepared)]

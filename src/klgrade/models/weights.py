@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from klgrade.errors import CheckpointError
+from klgrade.files import atomic_path
 
 METADATA_KEY = "klgrade"
 FORMAT = "klgrade-weights-1"
@@ -37,11 +38,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: dict, dtype: torch
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[key] = tensor
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state, str(temporary), metadata={METADATA_KEY: json.dumps({"format": FORMAT, **info})})
-    os.chmod(temporary, 0o644)  # safetensors creates owner-only files; checkpoints are meant to be shared
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary), metadata={METADATA_KEY: json.dumps({"format": FORMAT, **info})})
+        os.chmod(temporary, 0o644)  # safetensors creates owner-only files; checkpoints are meant to be shared
     return path
 
 

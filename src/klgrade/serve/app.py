@@ -20,9 +20,9 @@ from pydantic import BaseModel, Field
 from starlette.formparsers import MultiPartParser
 
 import klgrade
-from klgrade.data.io import read_image
 from klgrade.errors import ImageReadError
-from klgrade.infer.predictor import Predictor, load_model
+from klgrade.infer.grading import NamedBytes, grade, load_model
+from klgrade.infer.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,11 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         data = file.file.read()
         declared = (file.content_type or "").lower()
         try:
-            image = read_image(data, name="upload")
+            with request.app.state.lock:
+                result = grade(NamedBytes(data, file.filename or "upload"), explain=explain, model=predictor)
         except ImageReadError as exc:
             status = 422 if declared.startswith(IMAGE_TYPES) or not declared else 415
             raise HTTPException(status, detail=f"not a readable radiograph: {exc.reason}") from None
-        with request.app.state.lock:
-            result = predictor.grade_arrays([image], explain=explain)[0]
         log.info("graded upload of %d bytes: KL %d", len(data), result.grade)
         return GradeResponse(grade=result.grade, probabilities=result.probabilities, confidence=result.confidence,
                              heatmap_png=_overlay_png(result) if explain else None, model=predictor.name)

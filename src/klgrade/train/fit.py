@@ -11,9 +11,7 @@ Run folder:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from klgrade.data.preprocess import PreprocessConfig
 from klgrade.data.sources import Sample, find_samples, select_split
 from klgrade.data.splits import check_no_leak, fold_split
 from klgrade.errors import KLGradeError
+from klgrade.files import atomic_path, write_json_atomic
 from klgrade.models import create_model, load_checkpoint, save_checkpoint
 from klgrade.train.batches import class_balanced_weights, inverse_frequency, make_loader
 from klgrade.train.config import TrainConfig
@@ -51,12 +50,6 @@ class RunData:
     train: list[Sample]
     val: list[Sample]
     preprocess: PreprocessConfig
-
-
-def write_json_atomic(path: Path, value) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
 
 
 def limit_samples(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
@@ -88,10 +81,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary file and renamed: a kill never leaves half a file."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        super().save_checkpoint(checkpoint, temporary, storage_options)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            super().save_checkpoint(checkpoint, temporary, storage_options)
 
 
 class ExportWeights(Callback):

@@ -18,8 +18,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from klgrade.constants import MAIN_METRIC, NUM_GRADES
 from klgrade.data.augment import AugmentConfig, random_augment
-from klgrade.data.preprocess import PIXEL_MEAN, PIXEL_STD
-from klgrade.evaluate.metrics import confusion_metrics
+from klgrade.data.preprocess import normalize
+from klgrade.metrics import confusion_metrics
 from klgrade.train.config import TrainConfig
 
 
@@ -53,10 +53,8 @@ class GradingModule(L.LightningModule):
         return self.ema.module if self.ema is not None else self.model
 
     def _inputs(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
-        x = images.unsqueeze(1).float().div_(255.0)
-        if augment:
-            x = random_augment(x, self.augment_config, self._augment_generator)
-        return ((x - PIXEL_MEAN) / PIXEL_STD).contiguous(memory_format=torch.channels_last)
+        transform = (lambda x: random_augment(x, self.augment_config, self._augment_generator)) if augment else None
+        return normalize(images.unsqueeze(1), transform).contiguous(memory_format=torch.channels_last)
 
     def on_fit_start(self) -> None:
         for teacher in self._teachers:

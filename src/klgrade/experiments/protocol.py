@@ -16,14 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
+from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
+from klgrade.data.io import read_image
 from klgrade.data.sources import find_samples
 from klgrade.errors import DataLayoutError
 from klgrade.evaluate.evaluation import batched_probabilities
-from klgrade.evaluate.metrics import compute_metrics
+from klgrade.experiments.cv import cross_validate, fold_dir, mean_sd, run_name
+from klgrade.experiments.report import PanelImage, write_report
 from klgrade.infer.predictor import Predictor
+from klgrade.metrics import compute_metrics
 from klgrade.train.config import TrainConfig
-from klgrade.train.cv import cross_validate, fold_dir, mean_sd
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +59,6 @@ PROFILES = {
     "paper": {"epochs": 40, "image_size": 224, "batch_size": 64, "limit": None, "folds": 5, "val_limit": None,
               "lr": 2e-3, "ema": 0.999, "label_smoothing": 0.1, "model_options": {}},
 }
-
-
-def slug(name: str) -> str:
-    return name.replace("+", "_").replace(" -", "_no_").replace(" ", "_")
 
 
 def profile_config(profile: str, data: str, out: Path, device: str, seed: int) -> tuple[TrainConfig, dict]:
@@ -99,13 +98,13 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     has_val = any(s.split == "val" for s in find_samples(data))
     results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {}}
     for variant in VARIANTS:
-        run = out / "runs" / slug(variant.name)
+        run = out / "runs" / run_name(variant.name)
         options = {**extra["model_options"].get(variant.model, {}), **variant.options}
         config = replace(base, model=variant.model, model_options=options, out=str(run))
         teachers = None
         if variant.distilled:
             def teachers(fold: int) -> list[str]:  # the baselines of the same fold: trained on the same patients
-                return [str(fold_dir(out / "runs" / slug(b), fold) / "best.safetensors") for b in BASELINES]
+                return [str(fold_dir(out / "runs" / run_name(b), fold) / "best.safetensors") for b in BASELINES]
         log.info("variant %s", variant.name)
         cv = cross_validate(config, teachers)
         entry = {"model": variant.model, "options": options, "distilled": variant.distilled,
@@ -116,7 +115,17 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
         if external:
             entry["external"] = validate_fold_models(run, base.folds, external, extra["val_limit"], None)
         results["variants"][variant.name] = entry
-    from klgrade.evaluate.paper_report import write_report
-
-    write_report(results, out)
+    write_report(results, out, gradcam_panel(data, fold_dir(out / "runs" / run_name("msa_net"), 0) / "best.safetensors"))
     return results
+
+
+def gradcam_panel(data: str, checkpoint: Path) -> list[PanelImage]:
+    """One validation image per grade (or training image when there is no val), explained by `checkpoint`."""
+    if not checkpoint.exists():
+        return []
+    samples = find_samples(data)
+    pool = [s for s in samples if s.split == "val"] or samples
+    chosen = [s for s in (next((s for s in pool if s.grade == g), None) for g in range(NUM_GRADES)) if s is not None]
+    predictor = Predictor([checkpoint], tta=False)
+    gradings = predictor.grade_arrays([read_image(s.path) for s in chosen], [s.side for s in chosen], explain=True)
+    return [PanelImage(sample.grade, grading) for sample, grading in zip(chosen, gradings)]

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from klgrade.constants import NUM_GRADES
 from klgrade.evaluate.report import plot_confusion, save_figure
-from klgrade.output import rows_to_csv, write_text_atomic
-from klgrade.train.cv import fold_dir
+from klgrade.experiments.cv import fold_dir, run_name
+from klgrade.explain.gradcam import overlay
+from klgrade.files import rows_to_csv, write_text_atomic
+from klgrade.infer.predictor import Grading
+from klgrade.metrics import REPORT_METRICS
 
-REPORT_METRICS = ("accuracy", "precision_macro", "f1_macro", "mcc", "qwk", "mae")
 SETS = ("cv", "internal", "external")
+
+
+@dataclass(frozen=True)
+class PanelImage:
+    """One image of the Grad-CAM panel: its true grade and the model's graded, explained answer."""
+
+    true_grade: int
+    grading: Grading
 
 
 def _cell(stats: dict) -> str:
     return f"{stats['mean']:.3f} +/- {stats['sd']:.3f}"
 
 
-def write_report(results: dict, out: Path) -> None:
+def write_report(results: dict, out: Path, panel: list[PanelImage]) -> None:
     out = Path(out)
     figures = out / "figures"
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
@@ -34,17 +44,11 @@ def write_report(results: dict, out: Path) -> None:
     write_text_atomic(out / "results.csv", rows_to_csv(rows, ["variant", "set", "metric", "mean", "sd"]))
     for name, entry in results["variants"].items():
         plot_confusion(entry["cv"]["pooled_oof"]["confusion_matrix"], f"{name}: out-of-fold",
-                       figures / f"confusion_{_slug(name)}.png")
+                       figures / f"confusion_{run_name(name)}.png")
     _plot_fold_bars(results, figures / "folds.png")
     _plot_curves(results, out, figures / "curves.png")
-    panel = _gradcam_panel(results, out, figures / "gradcam_panel.png")
-    write_text_atomic(out / "report.md", _markdown(results, panel))
-
-
-def _slug(name: str) -> str:
-    from klgrade.evaluate.protocol import slug
-
-    return slug(name)
+    panel_path = _plot_gradcam_panel(panel, figures / "gradcam_panel.png") if panel else None
+    write_text_atomic(out / "report.md", _markdown(results, panel_path))
 
 
 def _markdown(results: dict, panel: Path | None) -> str:
@@ -85,7 +89,7 @@ def _markdown(results: dict, panel: Path | None) -> str:
     lines += ["", "## Figures", "", "Per-fold accuracy and QWK: ![folds](figures/folds.png)", "",
               "Validation QWK per epoch (fold 0): ![curves](figures/curves.png)", ""]
     for name in variants:
-        lines.append(f"Confusion matrix, {name}: ![{name}](figures/confusion_{_slug(name)}.png)")
+        lines.append(f"Confusion matrix, {name}: ![{name}](figures/confusion_{run_name(name)}.png)")
     if panel is not None:
         lines += ["", "Grad-CAM of msa_net (fold 0), one validation image per grade:",
                   f"![gradcam](figures/{panel.name})"]
@@ -109,7 +113,7 @@ def _plot_fold_bars(results: dict, path: Path) -> None:
 def _plot_curves(results: dict, out: Path, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for name in results["variants"]:
-        metrics = fold_dir(out / "runs" / _slug(name), 0) / "metrics.json"
+        metrics = fold_dir(out / "runs" / run_name(name), 0) / "metrics.json"
         if metrics.exists():
             history = json.loads(metrics.read_text())["history"]
             axis.plot([h["epoch"] for h in history], [h["qwk"] for h in history], marker="o", label=name)
@@ -119,26 +123,12 @@ def _plot_curves(results: dict, out: Path, path: Path) -> None:
     save_figure(figure, path)
 
 
-def _gradcam_panel(results: dict, out: Path, path: Path) -> Path | None:
-    """One image per grade from the validation data (or the CV data), msa_net's Grad-CAM overlaid."""
-    from klgrade.data.io import read_image
-    from klgrade.data.sources import find_samples
-    from klgrade.explain.gradcam import overlay
-    from klgrade.infer.predictor import Predictor
-
-    checkpoint = fold_dir(out / "runs" / "msa_net", 0) / "best.safetensors"
-    if not checkpoint.exists():
-        return None
-    samples = find_samples(results["data"])
-    pool = [s for s in samples if s.split == "val"] or samples
-    chosen = [next((s for s in pool if s.grade == g), None) for g in range(NUM_GRADES)]
-    chosen = [s for s in chosen if s is not None]
-    predictor = Predictor([checkpoint], tta=False)
-    gradings = predictor.grade_arrays([read_image(s.path) for s in chosen], [s.side for s in chosen], explain=True)
-    figure, axes = plt.subplots(1, len(chosen), figsize=(3 * len(chosen), 3.4))
-    for axis, sample, grading in zip(np.atleast_1d(axes), chosen, gradings):
+def _plot_gradcam_panel(panel: list[PanelImage], path: Path) -> Path:
+    figure, axes = plt.subplots(1, len(panel), figsize=(3 * len(panel), 3.4))
+    for axis, item in zip(np.atleast_1d(axes), panel):
+        grading = item.grading
         axis.imshow(overlay(grading.image, grading.heatmap, f"pred KL {grading.grade} ({grading.confidence:.2f})"))
-        axis.set_title(f"true KL {sample.grade}", fontsize=9)
+        axis.set_title(f"true KL {item.true_grade}", fontsize=9)
         axis.axis("off")
     save_figure(figure, path)
     return path

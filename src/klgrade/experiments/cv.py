@@ -18,21 +18,25 @@ import numpy as np
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.splits import check_no_leak
-from klgrade.evaluate.metrics import compute_metrics
 from klgrade.evaluate.evaluation import predict_samples
+from klgrade.files import rows_to_csv, write_text_atomic
 from klgrade.infer.predictor import Predictor
-from klgrade.output import rows_to_csv, write_text_atomic
+from klgrade.metrics import REPORT_METRICS, compute_metrics
 from klgrade.train.config import TrainConfig
 from klgrade.train.fit import fit, select_data
 
 log = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "mcc", "qwk", "mae")
 OOF_COLUMNS = ["fold", "path", "patient_id", "true", "predicted", *(f"prob_{k}" for k in range(NUM_GRADES))]
 
 
 def fold_dir(out: str | Path, fold: int) -> Path:
     return Path(out) / f"fold{fold}"
+
+
+def run_name(variant: str) -> str:
+    """Folder name of a model variant's runs: `msa_net -fpn` -> `msa_net_no_fpn`."""
+    return variant.replace("+", "_").replace(" -", "_no_").replace(" ", "_")
 
 
 def run_fold(config: TrainConfig, fold: int, teachers_for_fold=None) -> list[dict]:
@@ -71,7 +75,7 @@ def rows_metrics(rows: list[dict], n_boot: int = 200) -> dict:
                            n_boot=n_boot)
 
 
-def mean_sd(per_fold: list[dict], names=SUMMARY_METRICS) -> dict:
+def mean_sd(per_fold: list[dict], names=REPORT_METRICS) -> dict:
     return {name: {"mean": float(np.mean([m[name] for m in per_fold])), "sd": float(np.std([m[name] for m in per_fold], ddof=1))
                    if len(per_fold) > 1 else 0.0} for name in names}
 
@@ -95,9 +99,9 @@ def cross_validate(config: TrainConfig, teachers_for_fold=None) -> dict:
 
 def cv_markdown(summary: dict) -> str:
     lines = [f"# {summary['model']}: {summary['folds']}-fold patient-grouped cross-validation", "",
-             "| fold | " + " | ".join(SUMMARY_METRICS) + " |", "|---" * (len(SUMMARY_METRICS) + 1) + "|"]
+             "| fold | " + " | ".join(REPORT_METRICS) + " |", "|---" * (len(REPORT_METRICS) + 1) + "|"]
     for k, metrics in enumerate(summary["per_fold"]):
-        lines.append(f"| {k} | " + " | ".join(f"{metrics[n]:.3f}" for n in SUMMARY_METRICS) + " |")
+        lines.append(f"| {k} | " + " | ".join(f"{metrics[n]:.3f}" for n in REPORT_METRICS) + " |")
     lines.append("| mean +/- sd | " + " | ".join(f"{v['mean']:.3f} +/- {v['sd']:.3f}"
                                                  for v in summary["mean_sd"].values()) + " |")
     return "\n".join(lines) + "\n"

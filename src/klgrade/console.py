@@ -1,11 +1,8 @@
-"""What the CLI shows and writes for people: rich tables on the console, CSV/JSON files written atomically."""
+"""What the CLI shows and writes for people: rich tables on the console, prediction files written atomically."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,56 +10,47 @@ from rich.console import Console
 from rich.table import Table
 
 from klgrade.constants import NUM_GRADES
+from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
+from klgrade.infer.batch import COLUMNS
+from klgrade.metrics import REPORT_METRICS
 
-MAIN_COLUMNS = ("accuracy", "precision_macro", "f1_macro", "mcc", "qwk", "mae")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+WARNING_SEPARATOR = "; "
 
 
-def rows_to_csv(rows: list[dict], columns: list[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _prediction_columns(rows: list[dict]) -> list[str]:
-    from klgrade.infer.batch import COLUMNS
-
-    return [c for c in COLUMNS if any(c in row for row in rows) or c not in ("heatmap", "error")]
+def predictions_csv(rows: list[dict]) -> str:
+    """CSV of prediction rows: `heatmap`/`error` columns only when some row has them; warnings joined by '; '."""
+    columns = [c for c in COLUMNS if any(c in row for row in rows) or c not in ("heatmap", "error")]
+    flat = [{**row, "warnings": WARNING_SEPARATOR.join(row.get("warnings", []))} for row in rows]
+    return rows_to_csv(flat, columns)
 
 
 def write_predictions(rows: list[dict], out: Path) -> None:
-    write_text_atomic(out / "predictions.csv", rows_to_csv(rows, _prediction_columns(rows)))
-    write_text_atomic(out / "predictions.json", json.dumps(rows, indent=2))
+    write_text_atomic(out / "predictions.csv", predictions_csv(rows))
+    write_json_atomic(out / "predictions.json", rows)
 
 
 def print_predictions(rows: list[dict], output_format: str) -> None:
     if output_format == "json":
         print(json.dumps(rows, indent=2))
     elif output_format == "csv":
-        sys.stdout.write(rows_to_csv(rows, _prediction_columns(rows)))
+        sys.stdout.write(predictions_csv(rows))
     else:
-        table = Table("image", "KL grade", "confidence", *(f"p{k}" for k in range(NUM_GRADES)), "heatmap / error")
+        table = Table("image", "KL grade", "confidence", *(f"p{k}" for k in range(NUM_GRADES)), "warnings",
+                      "heatmap / error")
         for row in rows:
             if row.get("error"):
-                table.add_row(Path(row["path"]).name, "-", "-", *["-"] * NUM_GRADES, f"[red]{row['error']}[/red]")
+                table.add_row(Path(row["path"]).name, "-", "-", *["-"] * NUM_GRADES, "", f"[red]{row['error']}[/red]")
             else:
                 table.add_row(Path(row["path"]).name, str(row["grade"]), f"{row['confidence']:.2f}",
-                              *(f"{row[f'prob_{k}']:.2f}" for k in range(NUM_GRADES)), row.get("heatmap", ""))
+                              *(f"{row[f'prob_{k}']:.2f}" for k in range(NUM_GRADES)),
+                              f"[yellow]{WARNING_SEPARATOR.join(row['warnings'])}[/yellow]", row.get("heatmap", ""))
         Console(width=160).print(table)
 
 
 def print_metrics(metrics: dict) -> None:
     table = Table("metric", "value", "95% CI", title=f"{metrics.get('model', '')} on {metrics['n']} images")
     intervals = metrics.get("ci95", {})
-    for name in MAIN_COLUMNS:
+    for name in REPORT_METRICS:
         interval = intervals.get(name)
         table.add_row(name, f"{metrics[name]:.4f}", f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "")
     table.add_row("extreme errors (|d|>=3)", str(metrics["extreme_errors"]), "")

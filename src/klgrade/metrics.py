@@ -21,6 +21,8 @@ from sklearn.metrics import (
 
 from klgrade.constants import NUM_GRADES
 
+REPORT_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "mcc", "qwk", "mae")
+"""The metrics every table of klgrade shows (evaluate, cv, reproduce), in this order."""
 CI_METRICS = ("accuracy", "f1_macro", "mcc", "qwk", "mae")
 """Metrics that get a bootstrap 95% interval."""
 ECE_BINS = 15
@@ -92,19 +94,26 @@ def _auc_ovr(y_true: np.ndarray, probabilities: np.ndarray, labels: list[int]) -
     return {"per_grade": per_grade, "macro": float(np.mean(valid)) if valid else None}
 
 
-def expected_calibration_error(y_true, probabilities, bins: int = ECE_BINS) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+def calibration_bins(y_true, probabilities, bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """Equal-width confidence bins: per bin its `centre`, `count`, mean `confidence` and `accuracy` (nan if empty)."""
     probabilities = np.asarray(probabilities)
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == np.asarray(y_true)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore"):
+        mean_confidence = np.bincount(which, weights=confidence, minlength=bins) / count
+        accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins) / count
+    return {"centre": (edges[:-1] + edges[1:]) / 2, "count": count, "confidence": mean_confidence, "accuracy": accuracy}
+
+
+def expected_calibration_error(y_true, probabilities, bins: int = ECE_BINS) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    table = calibration_bins(y_true, probabilities, bins)
+    filled = table["count"] > 0
+    weights = table["count"][filled] / table["count"].sum()
+    return float((weights * np.abs(table["accuracy"][filled] - table["confidence"][filled])).sum())
 
 
 def confusion_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,1 @@
+"""The research protocol: cross-validation, the paper's comparison and its report (uses train, infer and evaluate)."""

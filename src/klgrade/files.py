@@ -1,0 +1,51 @@
+"""Files that are either whole or absent: every write goes to a temporary name beside the target and is renamed.
+
+A kill, a full disk or an exception mid-write never leaves half a checkpoint, cache or report behind, and a
+reader never sees one. Also the one CSV writer of the project's tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix, so writers that infer the format still work).
+
+    Whatever is written there replaces `path` when the block ends normally; on an exception it is removed.
+    The parent folder is created when missing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, value) -> Path:
+    return write_text_atomic(path, json.dumps(value, indent=2))
+
+
+def rows_to_csv(rows: list[dict], columns: list[str]) -> str:
+    """CSV text of `rows` with exactly `columns` (other keys ignored, missing ones empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -1,0 +1,55 @@
+"""The layer contract (import-linter) holds and catches a reach-back; the public API shows its signatures."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import REPO
+
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def lint_imports(source_root: Path, config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT_IMPORTS), "--config", str(config), "--no-cache"], capture_output=True, text=True,
+                          cwd=source_root, env={"PYTHONPATH": str(source_root), "PATH": "/usr/bin:/bin"}, timeout=120)
+
+
+def test_layers_point_down():
+    result = lint_imports(REPO / "src", REPO / "pyproject.toml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_a_reach_back_breaks_the_contract(tmp_path):
+    copy = tmp_path / "src"
+    shutil.copytree(REPO / "src" / "klgrade", copy / "klgrade", ignore=shutil.ignore_patterns("*.safetensors", "*.png"))
+    (copy / "klgrade" / "data" / "reach_back.py").write_text("from klgrade.train.fit import fit\n")
+    result = lint_imports(copy, REPO / "pyproject.toml")
+    assert result.returncode == 1
+    assert "klgrade.data.reach_back -> klgrade.train.fit" in result.stdout
+
+
+def test_public_api_exports_real_functions_and_types():
+    import klgrade
+    from klgrade import Grading, ImageReadError, KLGradeError, grade, load_model
+
+    assert issubclass(ImageReadError, KLGradeError)
+    parameters = inspect.signature(grade).parameters
+    assert list(parameters)[:1] == ["image"] and {"explain", "model", "name"} <= set(parameters)
+    assert "Grading" in str(inspect.signature(grade).return_annotation)
+    assert "checkpoints" in inspect.signature(load_model).parameters
+    assert "Returns" in grade.__doc__ and "Raises" in grade.__doc__
+    assert {"grade", "probabilities", "confidence", "warnings", "heatmap"} <= set(Grading.__dataclass_fields__)
+    assert set(klgrade.__all__) <= set(dir(klgrade))
+
+
+def test_help_shows_the_signature_of_grade():
+    result = subprocess.run([sys.executable, "-c", "import klgrade; help(klgrade.grade)"], capture_output=True,
+                            text=True, timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "grade(image" in result.stdout and "explain: 'bool' = False" in result.stdout
+    assert "-> 'Grading'" in result.stdout
