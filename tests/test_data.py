@@ -66,8 +66,8 @@ def test_csv_manifest(tmp_path):
     assert [(s.grade, s.patient_id, s.side) for s in samples] == [(2, "P1", "R"), (4, "9000005", "L")]
 
 
-@pytest.mark.parametrize("row, message", [("img/a.png,5", "outside 0-4"), ("img/none.png,1", "does not exist"),
-                                          ("img/a.png,x", "not an integer")])
+@pytest.mark.parametrize("row, message", [("img/a.png,5", "not a KL grade 0-4"), ("img/none.png,1", "does not exist"),
+                                          ("img/a.png,x", "not a KL grade 0-4")])
 def test_bad_manifest_rows(tmp_path, row, message):
     _write(tmp_path / "img" / "a.png")
     manifest = tmp_path / "list.csv"

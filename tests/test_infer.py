@@ -11,12 +11,12 @@ from PIL import Image
 
 import klgrade
 from klgrade.errors import CheckpointError, ImageReadError
-from klgrade.explain.gradcam import gradcam, joint_fraction
+from klgrade.explain.gradcam import gradcam, joint_fraction, overlay
 from klgrade.infer.onnx import OnnxModel, export_onnx
 from klgrade.infer.grading import load_model
-from klgrade.models import create_model
+from klgrade.models import create_model, load_checkpoint
 
-from helpers import EXAMPLES, run_cli
+from helpers import EXAMPLES, knee_image, run_cli
 
 
 def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp_path):
@@ -82,12 +82,48 @@ def test_gradcam_follows_the_evidence():
     model = create_model("resnet18").eval()
     x = torch.zeros(1, 1, 128, 128)
     x[..., 48:80, 48:80] = 3.0
-    heat = gradcam(model, x, torch.tensor([0]))
-    assert heat.shape == (1, 128, 128) and heat.max() == pytest.approx(1.0)
+    explanation = gradcam(model, x, torch.tensor([0]))
+    assert explanation.maps.shape == (1, 128, 128) and explanation.maps.max() == pytest.approx(1.0)
     band = np.zeros((100, 100))
     band[40:60] = 1
     assert joint_fraction(band) == pytest.approx(1.0)
     assert joint_fraction(np.ones((100, 100))) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("direction, grade", [(-1, 0), (1, 4)])
+def test_ordinal_maps_are_not_empty_for_confident_end_grades(direction, grade):
+    """The log-probability of a confident KL0/KL4 has (almost) no gradient; the severity score always has one."""
+    torch.manual_seed(0)
+    model = create_model("msa_net", ordinal=True, width=32, heads=2).eval()
+    x = torch.from_numpy(knee_image(3, 64).astype(np.float32) / 64 - 2).view(1, 1, 64, 64)
+    with torch.no_grad():
+        model.fc.score.weight.mul_(50.0)
+        model.fc.score.bias.fill_(0.0)
+        score = model.fc.score(model.forward_head(model.forward_features(x), pre_logits=True)).item()
+        model.fc.score.weight.mul_(direction * np.sign(score))  # the score now points to the wanted end grade
+        model.fc.score.bias.fill_(direction * 30.0)
+        probabilities = torch.softmax(model(x), dim=1)[0]
+    assert probabilities.argmax().item() == grade and probabilities.max() > 0.999
+    explanation = gradcam(model, x, torch.tensor([grade]))
+    assert not explanation.empty[0]
+    assert explanation.maps[0].max() == pytest.approx(1.0) and (explanation.maps[0] > 0.1).mean() > 0.01
+
+
+def test_an_empty_map_is_reported_as_a_warning_and_drawn_as_the_plain_radiograph(tiny_checkpoint):
+    from klgrade.explain.gradcam import EXPLANATION_EMPTY
+    from klgrade.infer.batch import caption
+
+    model = load_model(tiny_checkpoint, tta=False)
+    explain_model = load_checkpoint(tiny_checkpoint)[0]
+    with torch.no_grad():  # a classifier that sees nothing: every map is empty
+        explain_model.fc.weight.zero_()
+    model._explain_models = [explain_model]
+    grading = model.grade_arrays([knee_image(1)], explain=True, names=["knee.png"])[0]
+    assert grading.warnings == [EXPLANATION_EMPTY]
+    assert grading.heatmap.max() == 0
+    assert caption(grading).splitlines()[1] == f"! {EXPLANATION_EMPTY}"
+    picture = np.asarray(overlay(grading.image, grading.heatmap, caption(grading)))[:448]
+    assert (picture[..., 0] == picture[..., 2]).all()  # grey: no colour map blended over it
 
 
 def test_onnx_export_matches_torch(tiny_checkpoint, tmp_path):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from klgrade.errors import CheckpointError, KLGradeError
-from klgrade.models import create_model, gradcam_layer, list_models, load_checkpoint, save_checkpoint
+from klgrade.models import create_model, gradcam_layers, list_models, load_checkpoint, save_checkpoint
 from klgrade.models.msanet import FeaturePyramid, SpatialSelfAttention
 from timm.layers import SEModule
 
@@ -36,7 +36,7 @@ def test_every_model_maps_images_to_five_logits_and_trains_every_parameter(name)
     model(torch.randn(2, 1, 160, 160)).logsumexp(1).sum().backward()
     frozen = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert frozen == []
-    assert isinstance(gradcam_layer(model), torch.nn.Module)
+    assert all(isinstance(layer, torch.nn.Module) for layers in gradcam_layers(model) for layer in layers)
 
 
 def test_ablations_build_genuinely_smaller_networks():

@@ -73,8 +73,8 @@ def test_oversized_upload_is_413_and_missing_file_422(client):
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    with local_server("--checkpoint", str(tiny_checkpoint)) as url:
-        yield url
+    with local_server("--checkpoint", str(tiny_checkpoint)) as running:
+        yield running.url
 
 
 def test_real_server_on_loopback(server):

@@ -50,6 +50,12 @@ def _setup_logging(quiet: bool) -> None:
 Data = Annotated[str, typer.Option("--data", help="Dataset folder (split/grade/image or grade/image) or CSV manifest.")]
 
 
+def output_folder(path: str | Path | None) -> None:
+    """A one-line error, before any work, when --out names something that is not a folder."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise KLGradeError(f"{path}: --out names an existing file; give a folder")
+
+
 def _train_overrides(values: dict) -> dict:
     """CLI values -> TrainConfig overrides (None = not given); `--option key=value` pairs become model_options."""
     overrides = dict(values)
@@ -104,6 +110,7 @@ def train_options(command):
         from klgrade.train.config import load_config
 
         _setup_logging(quiet)
+        output_folder(out)
         overrides = _train_overrides(values)
         return command(load_config(config, overrides))
 
@@ -151,6 +158,7 @@ def reproduce(
     from klgrade.experiments.protocol import reproduce as run_protocol
 
     _setup_logging(quiet=True)
+    output_folder(out)
     if profile not in PROFILES:
         raise KLGradeError(f"--profile must be one of {sorted(PROFILES)}, not '{profile}'")
     run_protocol(data, out, profile=profile, external=external, device=device, seed=seed)
@@ -214,6 +222,7 @@ def evaluate(
     from klgrade.console import print_metrics
 
     _setup_logging(quiet=True)
+    output_folder(out)
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
     if calibrate_on is not None:
         calibrate(predictor, calibrate_on)
@@ -241,8 +250,8 @@ def predict(
     tta: Tta = None,
     backend: Backend = "torch",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
-    workers: Annotated[int, typer.Option(help="Threads decoding images ahead.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
+    workers: Annotated[int, typer.Option(min=1, help="Threads decoding images ahead.")] = 2,
 ) -> None:
     """Grade radiographs; unreadable inputs are reported and do not stop the others (exit 1 if any failed)."""
     from klgrade.infer.batch import expand_inputs, predict_paths
@@ -254,8 +263,12 @@ def predict(
         raise KLGradeError(f"--format must be csv, json or table, not '{output_format}'")
     if explain and out is None:
         raise KLGradeError("--explain writes heatmap images: give --out DIR")
+    output_folder(out)
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise KLGradeError(f"no images found in {' '.join(inputs)} (PNG/JPEG/BMP/TIFF/DICOM)")
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
-    rows = list(predict_paths(predictor, expand_inputs(inputs), explain, out, batch_size, workers))
+    rows = list(predict_paths(predictor, paths, explain, out, batch_size, workers))
     if out is not None:
         write_predictions(rows, out)
     print_predictions(rows, output_format)
@@ -276,6 +289,8 @@ def export_onnx_command(
     from klgrade.infer.onnx import export_onnx
     from klgrade.infer.predictor import shipped_checkpoint
 
+    if out.is_dir():
+        raise KLGradeError(f"{out}: --out names a folder; give a file name such as model.onnx")
     path = export_onnx(checkpoint or shipped_checkpoint(), out)
     typer.echo(str(path))
 
@@ -284,11 +299,13 @@ def export_onnx_command(
 @user_errors
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 = any free port).")] = 8000,
     checkpoint: Checkpoints = None,
     backend: Backend = "torch",
     tta: Tta = None,
-    max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload, MiB.")] = 32,
+    max_upload_mb: Annotated[int, typer.Option(min=1, help="Largest accepted upload, MiB.")] = 32,
+    max_upload_mp: Annotated[float, typer.Option(min=0.001, help="Largest accepted image, megapixels.")] = 30.0,
+    body_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds an upload may take to arrive.")] = 15.0,
 ) -> None:
     """Serve the grading API (/v1/grade, /v1/model, /v1/health, /docs) and the web page (/)."""
     import uvicorn
@@ -298,7 +315,8 @@ def serve(
 
     _setup_logging(quiet=False)
     settings = Settings(checkpoints=[str(p) for p in checkpoint] if checkpoint else None, backend=backend, tta=tta,
-                        max_upload_bytes=max_upload_mb * 2**20)
+                        max_upload_bytes=max_upload_mb * 2**20, max_upload_pixels=int(max_upload_mp * 1e6),
+                        body_timeout_s=body_timeout)
     predictor = load_model(settings.checkpoints, tta=tta, backend=backend)  # a bad checkpoint fails here, in one line
     uvicorn.run(create_app(settings, predictor), host=host, port=port, log_level="info")
 

@@ -34,8 +34,12 @@ def cache_key(samples: list[Sample], config: PreprocessConfig) -> str:
     """Fingerprint of the exact files (path, size, mtime) and preprocessing settings."""
     digest = hashlib.sha256(json.dumps([CACHE_FORMAT, config.to_dict()]).encode())
     for sample in samples:
-        stat = os.stat(sample.path)
-        digest.update(f"{sample.path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{sample.side}\n".encode())
+        try:
+            stat = os.stat(sample.path)
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:  # unreadable entries are reported when decoded; here they only need a stable key
+            size, mtime = -1, -1
+        digest.update(f"{sample.path}\0{size}\0{mtime}\0{sample.side}\n".encode())
     return digest.hexdigest()[:20]
 
 

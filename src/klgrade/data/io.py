@@ -1,14 +1,20 @@
 """Decode any radiograph a user has into one grey-level array, or fail with one clear reason.
 
-PNG/JPEG/BMP/TIFF in 8 or 16 bits (grey, RGB, RGBA, palette) via Pillow; DICOM via pydicom with the
-modality LUT (rescale slope/intercept), the VOI LUT or window, and MONOCHROME1 inverted so that bone is
-always bright. Every failure raises `ImageReadError(path, reason)`.
+PNG/JPEG/BMP/TIFF in 8 or 16 bits (grey, RGB, RGBA, palette) via Pillow, opened with an explicit format
+allow-list (no other Pillow plugin ever runs, e.g. EPS through Ghostscript); DICOM via pydicom with the
+modality LUT (rescale slope/intercept), the VOI LUT or window (a broken window is ignored), and MONOCHROME1
+inverted so that bone is always bright. Files are read only when they are regular files, and never past
+`MAX_FILE_BYTES` (a FIFO, a device or a symlink loop is an error, not a hang). Every failure raises
+`ImageReadError(path, reason)`.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -22,17 +28,21 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 64_000_000
 """Largest image accepted (pixels). Plain radiographs are at most ~20 MP; more is an error or a bomb."""
 MAX_FILE_BYTES = 256 * 1024 * 1024
+PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+"""The only Pillow decoders klgrade runs."""
 MIN_SIDE = 16
 """Smallest side (pixels) that still holds a knee joint worth grading."""
 _DICOM_MAGIC_OFFSET = 128
 
 
-def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+def read_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image file (or its bytes) into a 2-D float32 array of grey levels (native scale).
 
     Args:
         source: a path, or the raw bytes of an upload.
-        name: label for error messages when `source` is bytes (e.g. the upload's file name).
+        name: label for error messages when `source` is bytes (e.g. the upload's file name); its suffix
+            `.dcm` lets a DICOM file without the DICM preamble be recognised.
+        max_pixels: refuse larger images before decoding them (the service sets a smaller limit).
 
     Returns:
         (H, W) float32 array; bright = dense (bone), whatever the photometric interpretation.
@@ -45,10 +55,10 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     if not data:
         raise ImageReadError(label, "empty file (0 bytes)")
     try:
-        if _looks_like_dicom(data, label):
-            array = _decode_dicom(data, label)
+        if _is_dicom(data, label):
+            array = _decode_dicom(data, label, max_pixels)
         else:
-            array = _decode_pillow(data, label)
+            array = _decode_pillow(data, label, max_pixels)
     except ImageReadError:
         raise
     except Exception as exc:  # decoders raise many types; the user needs one line, the log the detail
@@ -65,38 +75,72 @@ def _read_bytes(source: str | Path | bytes, label: str) -> bytes:
     if isinstance(source, bytes):
         data = source
     else:
-        path = Path(source)
-        try:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                raise ImageReadError(label, f"file larger than {MAX_FILE_BYTES // 2**20} MiB")
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageReadError(label, "file not found") from None
-        except IsADirectoryError:
-            raise ImageReadError(label, "is a folder, not an image") from None
-        except PermissionError:
-            raise ImageReadError(label, "permission denied") from None
+        data = read_file_bounded(Path(source), label)
     if len(data) > MAX_FILE_BYTES:
         raise ImageReadError(label, f"file larger than {MAX_FILE_BYTES // 2**20} MiB")
     return data
 
 
-def _looks_like_dicom(data: bytes, label: str) -> bool:
-    has_magic = data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM"
-    return has_magic or Path(label).suffix.lower() in {".dcm", ".dicom"}
+def regular_file_problem(path: Path) -> str | None:
+    """Why `path` is not a readable regular file (following links), or None when it is one."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "broken symbolic link (its target is missing)" if path.is_symlink() else "file not found"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"cannot open ({exc.strerror or exc})"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a folder, not an image"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a pipe, device or socket)"
+    return None
 
 
-def _check_size(width: int, height: int, label: str) -> None:
-    if width * height > MAX_PIXELS:
-        raise ImageReadError(label, f"image of {width}x{height} px exceeds the {MAX_PIXELS // 10**6} MP limit")
+def read_file_bounded(path: Path, label: str) -> bytes:
+    """The bytes of a regular file, at most `MAX_FILE_BYTES` of them (never blocks on a pipe or reads a device)."""
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise ImageReadError(label, problem)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except PermissionError:
+        raise ImageReadError(label, "permission denied") from None
+    except OSError as exc:
+        raise ImageReadError(label, f"cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageReadError(label, f"file larger than {MAX_FILE_BYTES // 2**20} MiB")
+    return data
 
 
-def _decode_pillow(data: bytes, label: str) -> np.ndarray:
+def _is_dicom(data: bytes, label: str) -> bool:
+    """DICOM by its preamble; a `.dcm` name counts only when the content is not an image Pillow knows."""
+    if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return True
+    return Path(label).suffix.lower() in {".dcm", ".dicom"} and _pillow_format(data) is None
+
+
+def _pillow_format(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
+            return image.format
+    except Exception:  # any decoder error means "not an image Pillow may open"
+        return None
+
+
+def _check_size(width: int, height: int, label: str, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageReadError(label, f"image of {width}x{height} px exceeds the {max_pixels / 10**6:g} MP limit")
+
+
+def _decode_pillow(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            _check_size(*image.size, label)
+            image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+            _check_size(*image.size, label, max_pixels)
             image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         reason = "not a recognised image (PNG/JPEG/BMP/TIFF/DICOM)"
@@ -121,30 +165,49 @@ def _to_grey(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
-def _decode_dicom(data: bytes, label: str) -> np.ndarray:
+def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-    except InvalidDicomError:
-        raise ImageReadError(label, "not a valid DICOM file") from None
+        rows, columns, frames = int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception:  # pydicom raises many types for broken headers; the log keeps the detail
+        log.debug("DICOM header failure for %s", label, exc_info=True)
+        raise ImageReadError(label, "not a valid DICOM file (unreadable header)") from None
     if "PixelData" not in ds:
         raise ImageReadError(label, "DICOM file holds no image (no PixelData)")
-    _check_size(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)), label)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    _check_size(columns, rows, label, max_pixels)
+    if frames > 1:
         raise ImageReadError(label, "multi-frame DICOM is not supported (expected one radiograph)")
-    pixels = ds.pixel_array
+    try:
+        pixels = ds.pixel_array
+    except Exception:
+        log.debug("DICOM pixel failure for %s", label, exc_info=True)
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        detail = f"transfer syntax {syntax.name}" if syntax is not None else "unknown transfer syntax"
+        raise ImageReadError(label, f"DICOM pixel data cannot be decoded ({detail}; truncated or unsupported)") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if pixels.ndim == 3:  # colour DICOM (secondary capture): luma
         if photometric.startswith("YBR"):
             return pixels[..., 0].astype(np.float32)
         return (pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
     array = apply_modality_lut(pixels, ds)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and _window_is_valid(ds)):
         array = apply_voi_lut(array, ds)
     array = np.asarray(array, dtype=np.float32)
     if photometric == "MONOCHROME1":
         array = array.max() + array.min() - array
     return array
+
+
+def _window_is_valid(ds) -> bool:
+    """A window of width < 1 (the standard's minimum) is an encoder's mistake: grade the raw values instead."""
+    from pydicom.multival import MultiValue
+
+    width = ds.get("WindowWidth")
+    widths = list(width) if isinstance(width, MultiValue) else [width]
+    try:
+        return bool(widths) and all(float(w) >= 1 for w in widths)
+    except (TypeError, ValueError):
+        return False

@@ -4,7 +4,12 @@ Supported:
 - `split/grade/image` (kneeKL224: `train/0/9003175L.png`, splits train/val/test/auto_test),
 - a single split in `grade/image` layout,
 - grade folders named like `0Normal`, `1Doubtful`, ... `4Severe`,
-- a CSV manifest with columns `path,grade[,patient_id,side]` (paths relative to the CSV).
+- a CSV manifest with columns `path,grade[,patient_id,side]` (paths relative to the CSV; UTF-8, with or
+  without the byte-order mark Excel writes).
+
+Problems with single entries (a bad manifest row, an unlistable grade folder) either stop the search
+(`problems=None`, for training, which needs every label) or are collected and the rest is still found (for
+`evaluate` and `data summary`, which report them and exit non-zero).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from klgrade.constants import GRADE_NAMES, NUM_GRADES
-from klgrade.errors import DataLayoutError
+from klgrade.data.io import regular_file_problem
+from klgrade.errors import DataLayoutError, ImageReadError
 
 SPLITS = ("train", "val", "test", "auto_test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
@@ -60,23 +66,50 @@ def grade_from_dir(name: str) -> int | None:
 
 
 def is_image_file(path: Path) -> bool:
-    """An image by its suffix, or an extension-less DICOM file (as PACS exports name them, e.g. IMG0001)."""
-    if path.name.startswith(".") or not path.is_file():
+    """An image by its suffix, or an extension-less DICOM file (as PACS exports name them, e.g. IMG0001).
+
+    Entries with an image suffix count even when they are not regular files (a pipe, a broken link): reading
+    them then reports the problem instead of skipping them in silence. An extension-less file that cannot
+    be opened counts too, for the same reason.
+    """
+    if path.name.startswith(".") or path.is_dir():
         return False
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
-    if path.suffix:
+    if path.suffix or regular_file_problem(path) is not None:
         return False
-    with path.open("rb") as handle:
-        return handle.read(132)[128:] == b"DICM"
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return True
 
 
-def find_samples(data: str | Path) -> list[Sample]:
+def _problem(problems: list[ImageReadError] | None, where: str | Path, reason: str) -> None:
+    """Stop (`problems` is None) or note the problem and go on."""
+    if problems is None:
+        raise DataLayoutError(f"{where}: {reason}")
+    problems.append(ImageReadError(where, reason))
+
+
+def _list_folder(folder: Path, problems: list[ImageReadError] | None) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        _problem(problems, folder, f"cannot list folder ({exc.strerror or exc})")
+        return []
+
+
+def find_samples(data: str | Path, problems: list[ImageReadError] | None = None) -> list[Sample]:
     """All labelled samples under `data` (a split root, a single split folder, or a CSV manifest).
 
+    Args:
+        problems: None = any bad entry stops the search; a list = bad entries (manifest rows, unlistable
+            folders) are appended to it as `ImageReadError(location, reason)` and the others still found.
+
     Raises:
-        DataLayoutError: the path is missing, a folder name is not a grade, a label is outside 0-4,
-            or a manifest row names a missing file.
+        DataLayoutError: the path is missing, a folder name is not a grade, nothing is found, or (with
+            `problems=None`) a bad entry.
     """
     root = Path(data)
     if not root.exists():
@@ -84,8 +117,8 @@ def find_samples(data: str | Path) -> list[Sample]:
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataLayoutError(f"{root}: expected a folder or a CSV manifest")
-        return _from_manifest(root)
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return _from_manifest(root, problems)
+    subdirs = sorted(p for p in _list_folder(root, None) if p.is_dir() and not p.name.startswith("."))
     if not subdirs:
         raise DataLayoutError(f"{root}: no grade or split folders inside")
     split_dirs = [p for p in subdirs if p.name in SPLITS]
@@ -93,19 +126,19 @@ def find_samples(data: str | Path) -> list[Sample]:
         others = [p.name for p in subdirs if p.name not in SPLITS]
         if others:
             raise DataLayoutError(f"{root}: unknown folder(s) {others} beside the splits {list(SPLITS)}")
-        return [s for d in split_dirs for s in _from_grade_dirs(d, split=d.name)]
-    return _from_grade_dirs(root, split=None)
+        return [s for d in split_dirs for s in _from_grade_dirs(d, d.name, problems)]
+    return _from_grade_dirs(root, None, problems)
 
 
-def _from_grade_dirs(root: Path, split: str | None) -> list[Sample]:
+def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadError] | None) -> list[Sample]:
     samples = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for sub in (p for p in _list_folder(root, None) if p.is_dir() and not p.name.startswith(".")):
         grade = grade_from_dir(sub.name)
         if grade is None:
             raise DataLayoutError(
                 f"{sub}: folder name is not a KL grade (expected 0-{NUM_GRADES - 1}, e.g. '2' or '2Minimal')"
             )
-        for path in sorted(sub.iterdir()):
+        for path in _list_folder(sub, problems):
             if is_image_file(path):
                 patient, side = parse_knee_name(path)
                 samples.append(Sample(str(path), grade, patient, side, split))
@@ -114,28 +147,55 @@ def _from_grade_dirs(root: Path, split: str | None) -> list[Sample]:
     return samples
 
 
-def _from_manifest(csv_path: Path) -> list[Sample]:
+def _manifest_rows(csv_path: Path) -> list[dict]:
+    """The rows of a UTF-8 manifest (an Excel byte-order mark is fine), checked for the needed header."""
+    problem = regular_file_problem(csv_path)
+    if problem is not None:
+        raise DataLayoutError(f"{csv_path}: {problem}")
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise DataLayoutError(f"{csv_path}: manifest is not UTF-8 text (save it as CSV UTF-8)") from None
+    except (OSError, csv.Error) as exc:
+        raise DataLayoutError(f"{csv_path}: cannot read manifest ({exc})") from None
+    header = [name.strip() for name in reader.fieldnames or []]
+    if not {"path", "grade"} <= set(header):
+        raise DataLayoutError(f"{csv_path}: manifest needs a header with at least 'path,grade' (found {header})")
+    return [{(key or "").strip(): value for key, value in row.items()} for row in rows]
+
+
+def parse_grade(text: str | None) -> int:
+    """A grade from a manifest cell: `3`, ` 3 `, `3.0`; ValueError for anything else or outside 0-4."""
+    value = float((text or "").strip())
+    if not value.is_integer() or not 0 <= value < NUM_GRADES:
+        raise ValueError(text)
+    return int(value)
+
+
+def _from_manifest(csv_path: Path, problems: list[ImageReadError] | None) -> list[Sample]:
     samples = []
-    with csv_path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"path", "grade"} <= set(reader.fieldnames):
-            raise DataLayoutError(f"{csv_path}: manifest needs a header with at least 'path,grade'")
-        for line, row in enumerate(reader, start=2):
-            path = Path(row["path"])
-            if not path.is_absolute():
-                path = csv_path.parent / path
-            try:
-                grade = int(row["grade"])
-            except (TypeError, ValueError):
-                raise DataLayoutError(f"{csv_path}:{line}: grade {row['grade']!r} is not an integer") from None
-            if not 0 <= grade < NUM_GRADES:
-                raise DataLayoutError(f"{csv_path}:{line}: grade {grade} outside 0-{NUM_GRADES - 1}")
-            if not path.is_file():
-                raise DataLayoutError(f"{csv_path}:{line}: file {path} does not exist")
-            parsed_patient, parsed_side = parse_knee_name(path)
-            patient = (row.get("patient_id") or "").strip() or parsed_patient
-            side = (row.get("side") or "").strip().upper() or parsed_side
-            samples.append(Sample(str(path), grade, patient, side, row.get("split") or None))
+    for line, row in enumerate(_manifest_rows(csv_path), start=2):
+        where = f"{csv_path}:{line}"
+        if not (row.get("path") or "").strip() or row.get("grade") is None:
+            _problem(problems, where, "row has fewer fields than the header (needs path and grade)")
+            continue
+        try:
+            grade = parse_grade(row["grade"])
+        except ValueError:
+            _problem(problems, where, f"grade {row['grade']!r} is not a KL grade 0-{NUM_GRADES - 1}")
+            continue
+        path = Path(row["path"].strip())
+        if not path.is_absolute():
+            path = csv_path.parent / path
+        if not path.exists() and not path.is_symlink():
+            _problem(problems, where, f"file {path} does not exist")
+            continue
+        parsed_patient, parsed_side = parse_knee_name(path)
+        patient = (row.get("patient_id") or "").strip() or parsed_patient
+        side = (row.get("side") or "").strip().upper() or parsed_side
+        samples.append(Sample(str(path), grade, patient, side, (row.get("split") or "").strip() or None))
     if not samples:
         raise DataLayoutError(f"{csv_path}: manifest lists no images")
     return samples

@@ -25,7 +25,8 @@ def _check_readable(path: str) -> str | None:
 
 def summarize(data: str | Path, check_images: bool = True) -> dict:
     """Counts per split x grade, patients per split, patients shared between splits, unreadable files."""
-    samples = find_samples(data)
+    problems: list[ImageReadError] = []
+    samples = find_samples(data, problems)
     by_split = defaultdict(list)
     for sample in samples:
         by_split[sample.split or UNSPLIT].append(sample)
@@ -39,10 +40,10 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
     for first, second in combinations(sorted(by_split), 2):
         shared = {s.patient_id for s in by_split[first]} & {s.patient_id for s in by_split[second]}
         overlap[f"{first}/{second}"] = len(shared)
-    unreadable = []
+    unreadable = [{"path": p.path, "reason": p.reason} for p in problems]
     if check_images:
         with ThreadPoolExecutor() as pool:
             reasons = pool.map(_check_readable, [s.path for s in samples])
-            unreadable = [{"path": s.path, "reason": r} for s, r in zip(samples, reasons) if r is not None]
+            unreadable += [{"path": s.path, "reason": r} for s, r in zip(samples, reasons) if r is not None]
     return {"data": str(data), "images": len(samples), "splits": splits, "patient_overlap": overlap,
             "unreadable": unreadable}

@@ -70,8 +70,10 @@ def calibrate(predictor: Predictor, data: str | Path, split: str | None = None) 
 def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n_boot: int = 1000,
              seed: int = 0) -> Evaluation:
     """Metrics of `predictor` on the labelled images of `data` (unreadable images are reported, not scored)."""
-    samples = pick_split(find_samples(data), split)
+    problems: list[ImageReadError] = []
+    samples = pick_split(find_samples(data, problems), split)
     probabilities, readable, failures = predict_samples(predictor, samples)
+    failures = problems + failures
     scored = [s for s, ok in zip(samples, readable) if ok]
     if not scored:
         raise DataLayoutError(f"{data}: no readable image to evaluate")

@@ -1,11 +1,20 @@
 """Grad-CAM (Selvaraju et al., ICCV 2017, https://arxiv.org/abs/1610.02391) via captum's `LayerGradCam`.
 
-The explained layer is the model's own choice (`klgrade.models.gradcam_layer`): for msa_net the finest
-pyramid level after SE, for the baselines their last feature stage. Heatmaps are upsampled to the input
-size and scaled to [0, 1] per image.
+The explained layers are the model's own choice (`klgrade.models.gradcam_layers`): sets of layers tried in
+order until one shows positive evidence, the last set being one through which all of the evidence flows (for
+msa_net every pyramid level as the head pools it, their signed maps summed before the ReLU; for the baselines
+their last stage). No grade can then be scored by a path that no map can show. What is explained is the predicted
+grade's logit; for an ordinal (cumulative-logit) model it is the severity score, signed towards the grade
+(`-s` for KL0, `+s` otherwise), because the log-probability of a confident end grade has no gradient.
+
+A map with no positive evidence at all is reported as empty (`Explanation.empty`), never drawn as a picture
+of nothing. Heatmaps are upsampled to the input size and scaled to [0, 1] per image (min to max of the
+positive evidence, as pytorch-grad-cam does, so that a map positive everywhere still shows its peaks).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,25 +24,86 @@ from captum.attr import LayerGradCam
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from klgrade.models import gradcam_layer
+from klgrade.models import gradcam_layers, ordinal_head
 
 OVERLAY_SIDE = 448
 """Side (pixels) of the saved overlay: twice the network input, readable on screen."""
 HEATMAP_ALPHA = 0.45
 JOINT_BAND = (0.3, 0.7)
 """Rows (fraction of crop height) that hold the tibiofemoral joint space in centred knee crops."""
+EMPTY_RATIO = 1e-3
+"""A map whose largest positive value is below this share of its largest absolute value shows no evidence."""
+EXPLANATION_EMPTY = "explanation empty: no image region raised the score of this grade"
 
 
-def gradcam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    """Heatmaps (B, H, W) in [0, 1] for the given target grades; the model is left in eval mode."""
-    model.eval()
-    explainer = LayerGradCam(model, gradcam_layer(model))
+@dataclass
+class Explanation:
+    """Grad-CAM maps (B, H, W) in [0, 1] and, per image, whether the map is empty."""
+
+    maps: np.ndarray
+    empty: np.ndarray
+
+
+def explained_scores(model: nn.Module):
+    """The function Grad-CAM differentiates: (B, 1, H, W) -> (B, K) scores, one per grade.
+
+    Classification models: their logits. Ordinal models: the severity score s of the cumulative-logit head,
+    as -s for grade 0 and +s for the others (the evidence for "healthier" and for "more severe").
+    """
+    head = ordinal_head(model)
+    if head is None:
+        return model
+
+    def severity(x: torch.Tensor) -> torch.Tensor:
+        captured = []
+        handle = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        score = head.score(captured[0])  # (B, 1)
+        return torch.cat([-score, score.expand(-1, head.num_classes - 1)], dim=1)
+
+    return severity
+
+
+def signed_gradcam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                   layers: list[nn.Module]) -> torch.Tensor:
+    """(B, H, W): the signed Grad-CAM maps of `layers`, upsampled to the input size and summed."""
+    scores = explained_scores(model)
+    total = torch.zeros(inputs.shape[0], *inputs.shape[-2:])
     with torch.enable_grad():
-        attribution = explainer.attribute(inputs.float(), target=targets.tolist(), relu_attributions=True)
-    maps = F.interpolate(attribution.detach().float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
-    maps = maps[:, 0].clamp_min(0)
-    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
-    return (maps / peak).cpu().numpy()
+        for layer in layers:
+            signed = LayerGradCam(scores, layer).attribute(inputs.float(), target=targets.tolist(),
+                                                           relu_attributions=False).detach().float().cpu()
+            total += F.interpolate(signed, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return total
+
+
+def is_empty(signed: torch.Tensor) -> torch.Tensor:
+    """(B,) True where a signed map holds no positive evidence worth showing."""
+    return signed.clamp_min(0).flatten(1).amax(dim=1) <= EMPTY_RATIO * signed.abs().flatten(1).amax(dim=1)
+
+
+def gradcam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Explanation:
+    """Grad-CAM of the given target grades (positive evidence, scaled to [0, 1]); the model is left in eval mode.
+
+    The model's layer sets are tried in order; an image whose map is empty gets the next set's map.
+    """
+    model.eval()
+    inputs, targets = inputs.float(), torch.as_tensor(targets)
+    signed = torch.zeros(inputs.shape[0], *inputs.shape[-2:])
+    pending = torch.ones(inputs.shape[0], dtype=torch.bool)
+    for layers in gradcam_layers(model):
+        index = pending.nonzero()[:, 0]
+        signed[index] = signed_gradcam(model, inputs[index.to(inputs.device)], targets[index], layers)
+        pending[index] = is_empty(signed[index])
+        if not pending.any():
+            break
+    positive = signed.clamp_min(0)
+    low = positive.flatten(1).amin(dim=1).view(-1, 1, 1)  # evidence everywhere: show where it is strongest
+    maps = (positive - low) / (positive.flatten(1).amax(dim=1).view(-1, 1, 1) - low).clamp_min(1e-12)
+    return Explanation(maps.numpy(), pending.numpy())
 
 
 def joint_fraction(heatmap: np.ndarray, band: tuple[float, float] = JOINT_BAND) -> float:
@@ -44,16 +114,24 @@ def joint_fraction(heatmap: np.ndarray, band: tuple[float, float] = JOINT_BAND) 
     return float(heatmap[top:bottom].sum()) / total if total > 0 else 0.0
 
 
-def overlay(image_uint8: np.ndarray, heatmap: np.ndarray, caption: str) -> Image.Image:
-    """Radiograph with the heatmap blended on top and a caption bar (e.g. 'KL 3  p=0.81')."""
+def overlay(image_uint8: np.ndarray, heatmap: np.ndarray | None, caption: str) -> Image.Image:
+    """Radiograph with the heatmap blended on top and a caption bar, one line per caption line.
+
+    An empty (all-zero) or missing heatmap leaves the radiograph as it is: the caption says why.
+    """
     grey = Image.fromarray(image_uint8).convert("RGB").resize((OVERLAY_SIDE, OVERLAY_SIDE), Image.BILINEAR)
-    heat = (colormaps["jet"](heatmap)[..., :3] * 255).astype(np.uint8)
-    heat = Image.fromarray(heat).resize((OVERLAY_SIDE, OVERLAY_SIDE), Image.BILINEAR)
-    blended = Image.blend(grey, heat, HEATMAP_ALPHA)
-    bar_height = OVERLAY_SIDE // 10
-    canvas = Image.new("RGB", (OVERLAY_SIDE, OVERLAY_SIDE + bar_height), "black")
-    canvas.paste(blended, (0, 0))
+    picture = grey
+    if heatmap is not None and heatmap.max() > 0:
+        heat = (colormaps["jet"](heatmap)[..., :3] * 255).astype(np.uint8)
+        picture = Image.blend(grey, Image.fromarray(heat).resize((OVERLAY_SIDE, OVERLAY_SIDE), Image.BILINEAR),
+                              HEATMAP_ALPHA)
+    lines = caption.splitlines() or [""]
+    line_height = OVERLAY_SIDE // 14
+    font = ImageFont.load_default(size=line_height * 3 // 4)
+    canvas = Image.new("RGB", (OVERLAY_SIDE, OVERLAY_SIDE + line_height * len(lines) + line_height // 3), "black")
+    canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=bar_height * 3 // 5)
-    draw.text((10, OVERLAY_SIDE + bar_height // 6), caption, fill="white", font=font)
+    for i, line in enumerate(lines):
+        colour = "white" if i == 0 else "yellow"
+        draw.text((8, OVERLAY_SIDE + line_height // 6 + i * line_height), line, fill=colour, font=font)
     return canvas

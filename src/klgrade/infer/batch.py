@@ -49,12 +49,9 @@ def heatmap_names(paths: list[str]) -> list[str]:
 
 
 def caption(grading: Grading) -> str:
-    """The overlay's caption: grade, confidence, file name and every warning."""
-    parts = [f"KL {grading.grade}", f"p={grading.confidence:.2f}"]
-    if grading.name:
-        parts.append(Path(grading.name).name)
-    parts.extend(f"! {w}" for w in grading.warnings)
-    return "   ".join(parts)
+    """The overlay's caption: grade, confidence and file name on the first line, then one line per warning."""
+    first = [f"KL {grading.grade}", f"p={grading.confidence:.2f}"] + ([Path(grading.name).name] if grading.name else [])
+    return "\n".join(["   ".join(first), *(f"! {w}" for w in grading.warnings)])
 
 
 def save_overlay(target: Path, grading: Grading) -> str:

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from klgrade.data.io import read_image
+from klgrade.data.io import MAX_PIXELS, read_image
 from klgrade.data.sources import parse_knee_name
 from klgrade.errors import ImageReadError
 from klgrade.infer.predictor import Grading, Predictor
@@ -36,9 +36,10 @@ Source = Union[str, Path, NamedBytes, np.ndarray]
 
 
 @dataclass(frozen=True)
-class Decoded:
+class PreparedInput:
+    """One input as the network sees it: the (size, size) uint8 image, and the input's name."""
+
     image: np.ndarray
-    side: str | None
     name: str
 
 
@@ -50,11 +51,11 @@ def source_name(source: Source) -> str:
     return str(source)
 
 
-def decode(source: Source) -> Decoded:
-    """Grey levels, knee side (from the name) and name of one input.
+def decode(source: Source, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
+    """Grey levels and knee side (from the name) of one input.
 
     Raises:
-        ImageReadError: unreadable file or bytes, or an array that is not 2-D.
+        ImageReadError: unreadable file or bytes, an image over `max_pixels`, or an array that is not 2-D.
     """
     name = source_name(source)
     if isinstance(source, np.ndarray):
@@ -62,32 +63,47 @@ def decode(source: Source) -> Decoded:
             raise ImageReadError(name, f"expected a 2-D grey-level array, got shape {source.shape}")
         if not np.isfinite(source).all():
             raise ImageReadError(name, "array holds NaN or infinite values")
-        return Decoded(source.astype(np.float32), None, name)
-    image = read_image(source.data, name=name) if isinstance(source, NamedBytes) else read_image(source)
-    return Decoded(image, parse_knee_name(name)[1], name)
+        return source.astype(np.float32), None
+    data = source.data if isinstance(source, NamedBytes) else source
+    return read_image(data, name=name, max_pixels=max_pixels), parse_knee_name(name)[1]
 
 
-def _decode_or_error(source: Source) -> Decoded | ImageReadError:
-    try:
-        return decode(source)
-    except ImageReadError as exc:
-        return exc
+def prepare_input(model: Predictor, source: Source, max_pixels: int = MAX_PIXELS) -> PreparedInput:
+    """Decode one input and preprocess it for `model` (the full-size decoded image is dropped here).
+
+    Raises:
+        ImageReadError: as `decode`.
+    """
+    image, side = decode(source, max_pixels)
+    return PreparedInput(model.prepare(image, side), source_name(source))
+
+
+def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: bool = False) -> list[Grading]:
+    """Grade prepared inputs as one batch."""
+    return model.grade_prepared(np.stack([i.image for i in inputs]), [i.name for i in inputs], explain)
 
 
 def grade_many(model: Predictor, sources: Sequence[Source], explain: bool = False, batch_size: int = 16,
                workers: int = 2) -> Iterator[Grading | ImageReadError]:
     """One result per input, in input order: a `Grading`, or the `ImageReadError` of an unreadable input.
 
-    Decoding runs `workers` threads ahead of the network, which sees `batch_size` images per forward pass.
+    Decoding and preprocessing run in `workers` threads ahead of the network, which sees `batch_size`
+    images per forward pass.
     """
+
+    def prepare_or_error(source: Source) -> PreparedInput | ImageReadError:
+        try:
+            return prepare_input(model, source)
+        except ImageReadError as exc:
+            return exc
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(sources), batch_size):
-            decoded = list(pool.map(_decode_or_error, sources[start:start + batch_size]))
-            good = [d for d in decoded if isinstance(d, Decoded)]
-            gradings = iter(model.grade_arrays([d.image for d in good], [d.side for d in good], explain=explain,
-                                               names=[d.name for d in good]) if good else [])
-            for item in decoded:
-                yield next(gradings) if isinstance(item, Decoded) else item
+            prepared = list(pool.map(prepare_or_error, sources[start:start + batch_size]))
+            good = [p for p in prepared if isinstance(p, PreparedInput)]
+            gradings = iter(grade_prepared(model, good, explain) if good else [])
+            for item in prepared:
+                yield next(gradings) if isinstance(item, PreparedInput) else item
 
 
 _SHIPPED: list[Predictor] = []

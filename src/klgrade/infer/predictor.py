@@ -9,7 +9,9 @@ them, optional horizontal-flip test-time augmentation, and a backend (torch, or 
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,12 +22,15 @@ import torch
 from klgrade.constants import NUM_GRADES
 from klgrade.data.preprocess import PreprocessConfig, normalize, to_uint8
 from klgrade.errors import CheckpointError
+from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import load_checkpoint
 
 log = logging.getLogger(__name__)
 
 SHIPPED_WEIGHTS = "msa_net_kneekl224.safetensors"
 BACKENDS = ("torch", "onnx")
+EXPLANATION_UNAVAILABLE = ("explanation unavailable: an ONNX-only model has no gradients for Grad-CAM "
+                           "(give the .safetensors checkpoint to explain)")
 
 
 def shipped_checkpoint() -> Path:
@@ -34,6 +39,19 @@ def shipped_checkpoint() -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: the shipped model is missing from this installation")
     return path
+
+
+def inference_device(name: str) -> torch.device:
+    """The torch device called `name` ("cpu", "cuda", "cuda:1"), or a one-line error when it is not usable here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"--device '{name}' is not a device (use cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {name} asked for, but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"--device '{name}' is not supported (use cpu or cuda)")
+    return device
 
 
 @dataclass
@@ -74,10 +92,11 @@ class Predictor:
         if backend not in BACKENDS:
             raise CheckpointError(f"unknown backend '{backend}'; choose one of {BACKENDS}")
         paths = [Path(p) for p in checkpoints] if checkpoints else [shipped_checkpoint()]
-        self.device = torch.device(device)
+        self.device = inference_device(device)
         self.backend = backend
         self.models, self.infos = [], []
-        self._torch_models = None  # Grad-CAM needs torch models; the onnx backend loads them only when asked
+        self._explain_models: list[torch.nn.Module] | None = None  # loaded on the first explanation
+        self._explain_lock = threading.Lock()
         for path in paths:
             if backend == "onnx":
                 from klgrade.infer.onnx import OnnxModel
@@ -89,8 +108,6 @@ class Predictor:
                 model.to(self.device)
             self.models.append(model)
             self.infos.append(info)
-        if backend == "torch":
-            self._torch_models = self.models
         configs = {str(sorted(i["preprocess"].items())) for i in self.infos}
         if len(configs) > 1:
             raise CheckpointError("ensemble members were trained with different preprocessing; cannot combine them")
@@ -110,16 +127,24 @@ class Predictor:
         """Grey-level image -> the uint8 square the network sees."""
         return to_uint8(image, self.preprocess, side)
 
+    @property
+    def can_explain(self) -> bool:
+        """Grad-CAM needs gradients: torch models, or the safetensors checkpoints behind ONNX ones."""
+        return self.backend == "torch" or all(p.suffix == ".safetensors" for p in self.paths)
+
     @torch.inference_mode()
     def probabilities(self, images_uint8: np.ndarray) -> np.ndarray:
-        """(B, H, W) uint8 images -> (B, 5) class probabilities (ensemble mean, TTA mean)."""
+        """(B, H, W) uint8 images -> (B, 5) class probabilities (ensemble mean, TTA mean).
+
+        With TTA the image and its mirror go through the network as one batch of 2B.
+        """
         x = normalize(torch.from_numpy(np.ascontiguousarray(images_uint8))).unsqueeze(1)
-        views = [x, torch.flip(x, dims=[3])] if self.tta else [x]
-        total = np.zeros((len(x), NUM_GRADES))
+        views = torch.cat([x, torch.flip(x, dims=[3])]) if self.tta else x
+        total = np.zeros((len(views), NUM_GRADES))
         for model in self.models:
-            for view in views:
-                total += self._forward(model, view)
-        return total / (len(self.models) * len(views))
+            total += self._forward(model, views)
+        per_view = total.reshape(-1, len(x), NUM_GRADES).mean(axis=0)
+        return per_view / len(self.models)
 
     def _forward(self, model, x: torch.Tensor) -> np.ndarray:
         if self.backend == "onnx":
@@ -128,33 +153,47 @@ class Predictor:
             logits = model(x.to(self.device)).float().cpu()
         return torch.softmax(logits / self.temperature, dim=1).numpy().astype(np.float64)
 
-    def heatmaps(self, images_uint8: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Grad-CAM of the target grades, averaged over the ensemble's torch models."""
-        from klgrade.explain.gradcam import gradcam
+    def explain(self, images_uint8: np.ndarray, targets: np.ndarray) -> Explanation:
+        """Grad-CAM of the target grades, averaged over the ensemble's models (empty only if every member's is).
 
-        if self._torch_models is None:
-            self._torch_models = [load_checkpoint(source)[0] for source in self._torch_sources()]
-        models = self._torch_models
-        x = normalize(torch.from_numpy(np.ascontiguousarray(images_uint8))).unsqueeze(1).to(self.device)
-        target = torch.as_tensor(targets)
-        maps = np.mean([gradcam(m, x, target) for m in models], axis=0)
-        return maps
+        Runs on copies of the models of its own (Grad-CAM hooks a layer; plain forward passes in other threads
+        must not trigger those hooks), one explanation at a time.
+        """
+        with self._explain_lock:
+            if self._explain_models is None:
+                if self.backend == "torch":
+                    self._explain_models = [copy.deepcopy(m) for m in self.models]
+                else:
+                    self._explain_models = [load_checkpoint(p)[0].to(self.device) for p in self.paths]
+            x = normalize(torch.from_numpy(np.ascontiguousarray(images_uint8))).unsqueeze(1).to(self.device)
+            target = torch.as_tensor(targets)
+            members = [gradcam(m, x, target) for m in self._explain_models]
+        maps = np.mean([m.maps for m in members], axis=0)
+        return Explanation(maps, np.all([m.empty for m in members], axis=0))
 
-    def _torch_sources(self) -> list[Path]:
-        """Safetensors checkpoints behind ONNX models (Grad-CAM needs gradients, which ONNX Runtime lacks)."""
-        sources = [p for p in self.paths if p.suffix == ".safetensors"]
-        if len(sources) != len(self.paths):
-            raise CheckpointError("explanations need the safetensors checkpoint(s), not a bare .onnx file")
-        return sources
+    def grade_prepared(self, prepared: np.ndarray, names: list[str | None] | None = None,
+                       explain: bool = False) -> list[Grading]:
+        """Grade (B, H, W) uint8 images from `prepare`; Grad-CAM of the predicted grade when `explain`."""
+        names = names or [None] * len(prepared)
+        probabilities = self.probabilities(prepared)
+        grades = probabilities.argmax(axis=1)
+        warnings: list[list[str]] = [[] for _ in prepared]
+        maps = [None] * len(prepared)
+        if explain and self.can_explain:
+            explanation = self.explain(prepared, grades)
+            maps = list(explanation.maps)
+            for notes, empty in zip(warnings, explanation.empty):
+                if empty:
+                    notes.append(EXPLANATION_EMPTY)
+        elif explain:
+            for notes in warnings:
+                notes.append(EXPLANATION_UNAVAILABLE)
+        return [Grading(int(g), [float(v) for v in p], float(p[g]), heatmap=m, warnings=w, name=n, image=u8)
+                for g, p, m, w, n, u8 in zip(grades, probabilities, maps, warnings, names, prepared)]
 
     def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
                      explain: bool = False, names: list[str | None] | None = None) -> list[Grading]:
-        """Grade decoded grey-level images (any size); heatmaps for the predicted grade when `explain`."""
+        """Grade decoded grey-level images (any size): `prepare` each, then `grade_prepared`."""
         sides = sides or [None] * len(images)
-        names = names or [None] * len(images)
         prepared = np.stack([self.prepare(image, side) for image, side in zip(images, sides)])
-        probabilities = self.probabilities(prepared)
-        grades = probabilities.argmax(axis=1)
-        maps = self.heatmaps(prepared, grades) if explain else [None] * len(images)
-        return [Grading(int(g), [float(v) for v in p], float(p[g]), heatmap=m, name=n, image=u8)
-                for g, p, m, n, u8 in zip(grades, probabilities, maps, names, prepared)]
+        return self.grade_prepared(prepared, names, explain)

@@ -94,7 +94,7 @@ class MultiScaleAttentionNet(nn.Module):
         n_levels = levels if fpn else 1
         self.recalibrate = nn.ModuleList((SEModule(width, rd_ratio=1 / 8) if se else nn.Identity()) for _ in range(n_levels))
         self.attention = SpatialSelfAttention(width, heads) if attention else nn.Identity()
-        self.cam_target = nn.Identity()
+        self.level_outputs = nn.ModuleList(nn.Identity() for _ in range(n_levels))  # hook points for Grad-CAM
         self.num_features = width * n_levels
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes)
@@ -103,8 +103,7 @@ class MultiScaleAttentionNet(nn.Module):
         """Pyramid levels after SE and attention, finest first: [(B, width, H/8, W/8), ...]."""
         levels = [se(level) for se, level in zip(self.recalibrate, self.neck(self.backbone(x)))]
         levels[-1] = self.attention(levels[-1])
-        levels[0] = self.cam_target(levels[0])
-        return levels
+        return [output(level) for output, level in zip(self.level_outputs, levels)]
 
     def forward_head(self, levels: list[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
         pooled = torch.cat([level.mean(dim=(2, 3)) for level in levels], dim=1)
@@ -114,6 +113,15 @@ class MultiScaleAttentionNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def gradcam_layer(self) -> nn.Module:
-        """Finest pyramid level after SE (and after the top-down path): the sharpest map that still sees context."""
-        return self.cam_target
+    def gradcam_layers(self) -> list[list[nn.Module]]:
+        """Layer sets for Grad-CAM, tried in order until one shows positive evidence: the pyramid levels below
+        the top, then every level (as the head pools them, after SE and attention).
+
+        The logits are linear in the levels' mean-pooled features, so the signed per-level maps summed over
+        all levels decompose the explained score over the image exactly. Measured on kneeKL224 val
+        (benchmarks/gradcam_faithfulness.py, docs/results.md), the fine levels alone point better where the
+        evidence for KL0-KL3 is (deletion test), but the shipped model scores KL4 through the coarsest level
+        only, so their map is empty there; then every level is explained, and no grade gets an empty map.
+        """
+        levels = list(self.level_outputs)
+        return [levels[:-1], levels] if len(levels) > 1 else [levels]

@@ -93,8 +93,17 @@ def _load_pretrained(model: nn.Module, path: Path) -> None:
         log.warning("%s: loaded %d of the model's %d tensors; the rest start as built", path, len(usable), len(own))
 
 
-def gradcam_layer(model: nn.Module) -> nn.Module:
-    """The layer whose activations Grad-CAM explains: the model's own choice, else its last feature stage."""
-    if hasattr(model, "gradcam_layer"):
-        return model.gradcam_layer()
-    return model.get_submodule(model.feature_info[-1]["module"])
+def gradcam_layers(model: nn.Module) -> list[list[nn.Module]]:
+    """Sets of layers Grad-CAM explains, tried in order until a set shows positive evidence (the signed maps of
+    a set's layers are summed): the model's own choice, else its last stage alone.
+
+    A baseline CNN is a chain: every path to its classifier passes its last stage.
+    """
+    if hasattr(model, "gradcam_layers"):
+        return model.gradcam_layers()
+    return [[model.get_submodule(model.feature_info[-1]["module"])]]
+
+
+def ordinal_head(model: nn.Module) -> CumulativeLogitHead | None:
+    """The model's cumulative-logit head, or None for a plain classifier."""
+    return next((m for m in model.modules() if isinstance(m, CumulativeLogitHead)), None)

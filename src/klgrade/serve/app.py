@@ -1,32 +1,43 @@
-"""`klgrade serve`: the grading API and its web page, over the same `Predictor` as the CLI.
+"""`klgrade serve`: the grading API and its web page, over the same input -> grade path as the CLI.
 
-Uploads are held in memory only (never written to disk), limited in size (413), and checked by decoding
-(415/422 with a JSON `detail`); DICOM header fields are never logged or returned.
+Uploads are held in memory only (never written to disk), limited in size (413) and in the time their body may
+take to arrive (408), decoded under a pixel limit of their own and at most `decode_slots` at a time (bounded
+memory), and graded by one inference thread that takes every request waiting as one batch (throughput without
+oversubscribing the cores). Undecodable uploads get 415/422 with a JSON `detail`; DICOM header fields are never
+logged or returned.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
-import threading
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
 
 import klgrade
 from klgrade.errors import ImageReadError
-from klgrade.infer.grading import NamedBytes, grade, load_model
-from klgrade.infer.predictor import Predictor
+from klgrade.explain.gradcam import overlay
+from klgrade.infer.batch import caption
+from klgrade.infer.grading import NamedBytes, PreparedInput, grade_prepared, load_model, prepare_input
+from klgrade.infer.predictor import Grading, Predictor
 
 log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("image/", "application/dicom", "application/octet-stream")
+MAX_BATCH = 32
+"""Most uploads graded in one forward pass."""
 
 
 class Settings(BaseModel):
@@ -35,13 +46,17 @@ class Settings(BaseModel):
     checkpoints: list[str] | None = None
     backend: str = "torch"
     tta: bool | None = None
-    max_upload_bytes: int = 32 * 1024 * 1024
+    max_upload_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    max_upload_pixels: int = Field(30_000_000, gt=0, description="Larger uploads are refused before decoding (422).")
+    body_timeout_s: float = Field(15.0, gt=0, description="Time a request body may take to arrive (else 408).")
+    decode_slots: int = Field(max(1, os.cpu_count() or 1), gt=0, description="Uploads decoded at the same time.")
 
 
 class GradeResponse(BaseModel):
     grade: int = Field(description="Predicted Kellgren-Lawrence grade, 0-4.")
     probabilities: list[float] = Field(description="Probability of each grade 0-4.")
     confidence: float = Field(description="Probability of the predicted grade.")
+    warnings: list[str] = Field(default_factory=list, description="What a reader must know about this answer.")
     heatmap_png: str | None = Field(None, description="Base64 PNG: radiograph with Grad-CAM overlay (explain=true).")
     model: str
 
@@ -64,6 +79,98 @@ def get_predictor(request: Request) -> Predictor:
     return request.app.state.predictor
 
 
+@dataclass
+class _Job:
+    prepared: PreparedInput
+    explain: bool
+    result: asyncio.Future
+
+
+class BatchGrader:
+    """Grades uploads on one inference thread; all jobs waiting when it is free go through as one batch.
+
+    Plain and explained jobs go in separate batches. Requests never run the network at the same time, so the
+    cores serve one forward pass at a time (no oversubscription) and Grad-CAM's hooks see only its own pass.
+    """
+
+    def __init__(self, model: Predictor):
+        self.model = model
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="klgrade-inference")
+
+    async def grade(self, prepared: PreparedInput, explain: bool) -> Grading:
+        job = _Job(prepared, explain, asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        return await job.result
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            while len(jobs) < MAX_BATCH and not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
+            for explain in (False, True):
+                batch = [job for job in jobs if job.explain == explain and not job.result.done()]
+                if not batch:
+                    continue
+                try:
+                    results = await loop.run_in_executor(self.thread, grade_prepared, self.model,
+                                                         [job.prepared for job in batch], explain)
+                except Exception as exc:  # a bug: these requests fail (500), the service goes on
+                    log.exception("inference failed for a batch of %d", len(batch))
+                    for job in batch:
+                        if not job.result.done():
+                            job.result.set_exception(exc)
+                    continue
+                for job, result in zip(batch, results):
+                    if not job.result.done():  # the client may have gone
+                        job.result.set_result(result)
+
+
+class BodyLimits:
+    """ASGI middleware for POST: a Content-Length within the limit (else 411/413), a body that arrives within
+    `timeout_s` (else 408) and is no longer than it promised (else 400); the app then gets it in one piece."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if not length:
+            return await _json_error(411, "Content-Length header required")(scope, receive, send)
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await _json_error(413, f"upload larger than {self.max_bytes / 2**20:g} MiB")(scope, receive, send)
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > int(length):
+                        return await _json_error(400, "body longer than its Content-Length")(scope, receive, send)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            return await _json_error(408, f"request body did not arrive within {self.timeout_s:g} s")(
+                scope, receive, send)
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
 def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> FastAPI:
     """The service; `predictor` (already loaded, e.g. by the CLI to fail early) or the one `settings` name."""
     settings = settings or Settings()
@@ -74,22 +181,17 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.predictor = predictor or load_model(settings.checkpoints, tta=settings.tta, backend=settings.backend)
-        app.state.lock = threading.Lock()  # Grad-CAM hooks the model: one request at a time touches it
+        app.state.grader = BatchGrader(app.state.predictor)
+        app.state.decode_slots = asyncio.Semaphore(settings.decode_slots)
+        worker = asyncio.create_task(app.state.grader.run())
         yield
+        worker.cancel()
+        app.state.grader.thread.shutdown(wait=False)
 
     app = FastAPI(title="klgrade", version=klgrade.__version__, lifespan=lifespan,
                   description="Kellgren-Lawrence grading of knee radiographs with Grad-CAM explanations. "
                               "Research use only; not a medical device.")
-
-    @app.middleware("http")
-    async def limit_upload_size(request: Request, call_next):
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None:
-                return _json_error(411, "Content-Length header required")
-            if not length.isdigit() or int(length) > settings.max_upload_bytes:
-                return _json_error(413, f"upload larger than {settings.max_upload_bytes // 2**20} MiB")
-        return await call_next(request)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -107,32 +209,37 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         return ModelResponse(name=predictor.name, version=klgrade.__version__, backend=predictor.backend,
                              tta=predictor.tta, image_size=predictor.preprocess.size, card=card)
 
-    @app.post("/v1/grade", responses={413: {"description": "Upload too large"},
+    @app.post("/v1/grade", responses={400: {"description": "Body longer than its Content-Length"},
+                                      408: {"description": "Body did not arrive in time"},
+                                      411: {"description": "No Content-Length"},
+                                      413: {"description": "Upload too large"},
                                       415: {"description": "Not an image type"},
-                                      422: {"description": "Unreadable image"}})
-    def grade_upload(request: Request, predictor: Annotated[Predictor, Depends(get_predictor)],
-                     file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph")],
-                     explain: Annotated[bool, Query(description="Add a Grad-CAM overlay")] = False) -> GradeResponse:
-        data = file.file.read()
+                                      422: {"description": "Unreadable image, or too many pixels"}})
+    async def grade_upload(request: Request, predictor: Annotated[Predictor, Depends(get_predictor)],
+                           file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph")],
+                           explain: Annotated[bool, Query(description="Add a Grad-CAM overlay")] = False
+                           ) -> GradeResponse:
+        data = await file.read()
         declared = (file.content_type or "").lower()
+        source = NamedBytes(data, file.filename or "upload")  # the name gives the knee side and marks .dcm files
         try:
-            with request.app.state.lock:
-                result = grade(NamedBytes(data, file.filename or "upload"), explain=explain, model=predictor)
+            async with request.app.state.decode_slots:
+                prepared = await run_in_threadpool(prepare_input, predictor, source, settings.max_upload_pixels)
         except ImageReadError as exc:
             status = 422 if declared.startswith(IMAGE_TYPES) or not declared else 415
             raise HTTPException(status, detail=f"not a readable radiograph: {exc.reason}") from None
+        result = await request.app.state.grader.grade(prepared, explain)
         log.info("graded upload of %d bytes: KL %d", len(data), result.grade)
+        heatmap = await run_in_threadpool(_overlay_png, result) if result.heatmap is not None else None
         return GradeResponse(grade=result.grade, probabilities=result.probabilities, confidence=result.confidence,
-                             heatmap_png=_overlay_png(result) if explain else None, model=predictor.name)
+                             warnings=result.warnings, heatmap_png=heatmap, model=predictor.name)
 
     return app
 
 
-def _overlay_png(result) -> str:
-    from klgrade.explain.gradcam import overlay
-
+def _overlay_png(result: Grading) -> str:
     buffer = io.BytesIO()
-    overlay(result.image, result.heatmap, f"KL {result.grade}   p={result.confidence:.2f}").save(buffer, format="PNG")
+    overlay(result.image, result.heatmap, caption(result)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
 
 

@@ -78,8 +78,13 @@ class TrainConfig:
             raise KLGradeError(f"--device must be auto, cpu or cuda, not '{self.device}'")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise KLGradeError(f"--kd-alpha must lie in [0, 1], not {self.kd_alpha}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise KLGradeError("--epochs and --batch-size must be at least 1")
+        for name in ("epochs", "batch_size", "devices", "num_nodes", "folds"):
+            if getattr(self, name) < 1:
+                raise KLGradeError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise KLGradeError(f"--limit must be at least 1, not {self.limit}")
+        if self.image_size < 32:
+            raise KLGradeError(f"--image-size must be at least 32 px, not {self.image_size}")
         if self.fold is not None and not 0 <= self.fold < self.folds:
             raise KLGradeError(f"--fold must lie in 0-{self.folds - 1}")
         return self

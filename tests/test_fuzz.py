@@ -1,0 +1,99 @@
+"""Property-based fuzzing, bounded in examples and time: decoders with hypothesis, the HTTP API with schemathesis."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from schemathesis.checks import not_a_server_error
+
+from klgrade.data.io import read_image
+from klgrade.errors import ImageReadError
+from klgrade.serve.local import local_server
+
+from helpers import EXAMPLES, knee_image, write_dicom
+
+FUZZ_EXAMPLES = 300
+API_EXAMPLES = 60
+
+
+def _seed_files(tmp_dir) -> list[bytes]:
+    """Real files of every decoder klgrade runs: JPEG and PNG radiographs, 16-bit PNG, TIFF, DICOM."""
+    radiograph = sorted(EXAMPLES.glob("*.jpg"))[0].read_bytes()
+    grey = np.asarray(Image.open(io.BytesIO(radiograph)))[::2, ::2]
+    encoded = []
+    for image, image_format in ((Image.fromarray(grey), "PNG"), (Image.fromarray(grey.astype(np.uint16) * 250), "PNG"),
+                                (Image.fromarray(grey), "TIFF"), (Image.fromarray(grey), "BMP")):
+        buffer = io.BytesIO()
+        image.save(buffer, format=image_format)
+        encoded.append(buffer.getvalue())
+    dicom = write_dicom(tmp_dir / "seed.dcm", knee_image().astype(np.uint16) * 16, "MONOCHROME2", window=(1000, 800))
+    return [radiograph, *encoded, dicom.read_bytes()]
+
+
+@st.composite
+def mutated(draw, seeds: list[bytes]) -> bytes:
+    """A seed file with a few bytes flipped, a run inserted or deleted, or cut short."""
+    data = bytearray(draw(st.sampled_from(seeds)))
+    for _ in range(draw(st.integers(1, 4))):
+        position = draw(st.integers(0, len(data) - 1))
+        action = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        if action == "flip":
+            data[position] ^= draw(st.integers(1, 255))
+        elif action == "insert":
+            data[position:position] = draw(st.binary(min_size=1, max_size=16))
+        elif action == "delete":
+            del data[position:position + draw(st.integers(1, 64))]
+        else:
+            del data[max(1, position):]
+        if not data:
+            break
+    return bytes(data)
+
+
+def test_mutated_images_raise_only_image_read_errors(tmp_path_factory):
+    seeds = _seed_files(tmp_path_factory.mktemp("seeds"))
+    names = ["x.jpg", "x.png", "x.dcm", "IMG0001"]
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(data=mutated(seeds), name=st.sampled_from(names))
+    def decode(data: bytes, name: str) -> None:
+        try:
+            array = read_image(data, name=name)
+        except ImageReadError as exc:
+            assert exc.reason and "\n" not in exc.reason
+            return
+        assert array.ndim == 2 and array.dtype == np.float32 and np.isfinite(array).all()
+
+    decode()
+
+
+def test_no_generated_request_gets_a_server_error(tiny_checkpoint):
+    """schemathesis generates valid and invalid requests for every operation of the schema, against a real server.
+
+    Its pytest integration does not run under pytest 9.2 (it sets `node._nodeid`), so its strategies are
+    driven by hypothesis directly.
+    """
+    with local_server("--checkpoint", str(tiny_checkpoint), "--max-upload-mb", "1") as server:
+        schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert {(o.method.upper(), o.path) for o in operations} >= {("POST", "/v1/grade"), ("GET", "/v1/model")}
+        statuses: list[int] = []
+        grade = next(o for o in operations if o.path == "/v1/grade")  # the only operation with inputs to break
+        plan = [(o, schemathesis.GenerationMode.POSITIVE) for o in operations] + [(grade, schemathesis.GenerationMode.NEGATIVE)]
+        for operation, mode in plan:
+
+            @settings(max_examples=API_EXAMPLES, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(mode))
+            def call(case) -> None:
+                response = case.call_and_validate(base_url=server.url, checks=[not_a_server_error], timeout=60)
+                statuses.append(response.status_code)
+
+            call()
+    assert any(400 <= status < 500 for status in statuses) and 200 in statuses

@@ -1,0 +1,303 @@
+"""No hang, no unbounded read, no traceback, no lost result: the inputs and options of the reliability audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from klgrade.data.io import read_image
+from klgrade.data.sources import find_samples, is_image_file
+from klgrade.errors import DataLayoutError, ImageReadError
+from klgrade.serve.app import Settings, create_app
+from klgrade.serve.local import local_server
+
+from helpers import EXAMPLES, knee_image, run_cli, save, write_dicom
+
+EXAMPLE = sorted(EXAMPLES.glob("KL3_*.jpg"))[0]
+CLI_SECONDS = 120  # a hang fails the test instead of the suite
+
+
+def one_line_error(result, *needles: str) -> None:
+    """Exit 1, no traceback, and an `error:` line naming every needle."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert any(all(n in line for n in needles) for line in lines), result.stderr[-2000:]
+
+
+def predict_json(*args: str):
+    result = run_cli("predict", *args, "--format", "json", timeout=CLI_SECONDS)
+    return result, (json.loads(result.stdout) if result.stdout.strip() else [])
+
+
+# 1, 2: links, pipes and devices ----------------------------------------------------------------------------------
+
+def test_a_symlink_loop_is_reported_and_the_good_file_still_graded(tiny_checkpoint, tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(EXAMPLE.read_bytes())
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    result, rows = predict_json(str(good), str(loop), "--checkpoint", str(tiny_checkpoint))
+    one_line_error(result, "loop.png", "symbolic link loop")
+    assert rows[0]["path"] == str(good) and 0 <= rows[0]["grade"] <= 4
+    assert rows[1]["error"] == "symbolic link loop"
+
+
+def test_a_fifo_and_a_link_to_dev_zero_are_refused_without_reading(tiny_checkpoint, tmp_path):
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    zero = tmp_path / "z.png"
+    zero.symlink_to("/dev/zero")
+    started = time.monotonic()
+    result, rows = predict_json(str(fifo), str(zero), str(EXAMPLE), "--checkpoint", str(tiny_checkpoint))
+    assert time.monotonic() - started < CLI_SECONDS
+    one_line_error(result, "x.png", "not a regular file")
+    assert [row.get("error") for row in rows[:2]] == ["not a regular file (a pipe, device or socket)"] * 2
+    assert "grade" in rows[2]
+
+
+def test_summary_and_evaluate_report_pipes_and_dangling_links_instead_of_skipping_them(tiny_checkpoint, tmp_path):
+    for grade in range(5):
+        save(Image.fromarray(knee_image(grade)), tmp_path / "data" / str(grade) / f"900000{grade}L.png")
+    os.mkfifo(tmp_path / "data" / "2" / "pipe.png")
+    (tmp_path / "data" / "3" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    summary = run_cli("data", "summary", str(tmp_path / "data"), "--json", timeout=CLI_SECONDS)
+    one_line_error(summary, "pipe.png", "not a regular file")
+    assert "broken symbolic link" in summary.stderr
+    assert json.loads(summary.stdout)["images"] == 7
+    evaluation = run_cli("evaluate", "--data", str(tmp_path / "data"), "--checkpoint", str(tiny_checkpoint), "--json",
+                         timeout=CLI_SECONDS)
+    one_line_error(evaluation, "gone.png", "broken symbolic link")
+    assert json.loads(evaluation.stdout)["n"] == 5
+
+
+# 3, 4, 5: the service ------------------------------------------------------------------------------------------
+
+def test_onnx_only_service_answers_explain_with_a_warning_not_500(tiny_checkpoint, tmp_path):
+    from klgrade.infer.onnx import export_onnx
+
+    onnx_file = export_onnx(tiny_checkpoint, tmp_path / "m.onnx")
+    with TestClient(create_app(Settings(checkpoints=[str(onnx_file)], backend="onnx"))) as client:
+        response = client.post("/v1/grade?explain=true", files={"file": (EXAMPLE.name, EXAMPLE.read_bytes(), "image/jpeg")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["heatmap_png"] is None
+    assert any("explanation unavailable" in w for w in body["warnings"])
+
+
+def test_upload_pixel_limit_refuses_a_huge_image_before_decoding(tiny_checkpoint):
+    buffer = __import__("io").BytesIO()
+    Image.fromarray(np.zeros((7999, 7999), np.uint16)).save(buffer, format="PNG")
+    with TestClient(create_app(Settings(checkpoints=[str(tiny_checkpoint)]))) as client:
+        response = client.post("/v1/grade", files={"file": ("huge.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 422
+    assert "exceeds the 30 MP limit" in response.json()["detail"]
+
+
+def test_a_body_that_never_arrives_gets_408_within_the_timeout(tiny_checkpoint):
+    with local_server("--checkpoint", str(tiny_checkpoint), "--body-timeout", "1") as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            started = time.monotonic()
+            connection.sendall(b"POST /v1/grade HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                               b"Content-Length: 20000000\r\n\r\n" + b"x" * 30_000)
+            answer = connection.recv(4096).decode(errors="replace")
+            waited = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert waited < 10
+
+
+def test_concurrent_requests_are_graded_in_batches_not_one_at_a_time(tiny_checkpoint):
+    app = create_app(Settings(checkpoints=[str(tiny_checkpoint)]))
+    batch_sizes = []
+    with TestClient(app) as client:
+        predictor = app.state.predictor
+        plain = predictor.grade_prepared
+
+        def slow_grade(prepared, names=None, explain=False):
+            batch_sizes.append(len(prepared))
+            time.sleep(0.5)  # while this batch runs, the other requests queue up
+            return plain(prepared, names, explain)
+
+        predictor.grade_prepared = slow_grade
+
+        def post(_):
+            return client.post("/v1/grade", files={"file": ("k.jpg", EXAMPLE.read_bytes(), "image/jpeg")}).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(post, range(8)))
+    assert statuses == [200] * 8
+    assert sum(batch_sizes) == 8 and max(batch_sizes) > 1, batch_sizes
+
+
+# 6: manifests and folders --------------------------------------------------------------------------------------
+
+def _manifest(tmp_path: Path, lines: list[str], encoding: str = "utf-8") -> Path:
+    for grade in range(3):
+        save(Image.fromarray(knee_image(grade)), tmp_path / f"900000{grade}L.png")
+    path = tmp_path / "manifest.csv"
+    path.write_bytes("\n".join(lines).encode(encoding))
+    return path
+
+
+def test_bad_manifest_rows_are_reported_and_the_rest_evaluated(tiny_checkpoint, tmp_path):
+    manifest = _manifest(tmp_path, ["path,grade", "9000000L.png,0", "9000001L.png,3.0", "9000002L.png,7",
+                                    "9000002L.png,-1", "9000002L.png,two", "missing.png,1", "9000002L.png"])
+    problems: list[ImageReadError] = []
+    samples = find_samples(manifest, problems)
+    assert [s.grade for s in samples] == [0, 3]
+    assert [p.path.rsplit(":", 1)[1] for p in problems] == ["4", "5", "6", "7", "8"]
+    with pytest.raises(DataLayoutError, match="manifest.csv:4: grade '7'"):
+        find_samples(manifest)
+    result = run_cli("evaluate", "--data", str(manifest), "--checkpoint", str(tiny_checkpoint), "--json",
+                     timeout=CLI_SECONDS)
+    one_line_error(result, "manifest.csv:7", "missing.png")
+    assert json.loads(result.stdout)["n"] == 2
+
+
+def test_excel_bom_manifest_is_read_and_a_non_utf8_one_is_a_clear_error(tmp_path):
+    bom = _manifest(tmp_path, ["path,grade", "9000000L.png,1"], encoding="utf-8-sig")
+    assert [s.grade for s in find_samples(bom)] == [1]
+    latin = _manifest(tmp_path, ["path,grade", "9000000L.png,1", "caf\u00e9.png,2"], encoding="latin-1")
+    with pytest.raises(DataLayoutError, match="not UTF-8"):
+        find_samples(latin)
+
+
+def test_an_unlistable_grade_folder_is_reported_not_a_traceback(tmp_path, monkeypatch):
+    for grade in (0, 1):
+        save(Image.fromarray(knee_image(grade)), tmp_path / str(grade) / f"900000{grade}L.png")
+    original = Path.iterdir
+
+    def iterdir(self):
+        if self.name == "1":
+            raise PermissionError(13, "Permission denied")
+        return original(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    problems: list[ImageReadError] = []
+    assert [s.grade for s in find_samples(tmp_path, problems)] == [0]
+    assert problems[0].reason == "cannot list folder (Permission denied)"
+    with pytest.raises(DataLayoutError, match="cannot list folder"):
+        find_samples(tmp_path)
+
+
+def test_an_unreadable_extensionless_file_is_listed_and_reported(tmp_path, monkeypatch):
+    path = tmp_path / "IMG0001"
+    path.write_bytes(b"\0" * 200)
+    original_open = Path.open
+
+    def refuse(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return original_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    assert is_image_file(path)
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(ImageReadError, match="permission denied"):
+        read_image(path)
+
+
+# 7: option values ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, needle", [
+    (["predict", "EXAMPLE", "--batch-size", "0"], "--batch-size"),
+    (["predict", "EXAMPLE", "--batch-size", "-1"], "--batch-size"),
+    (["predict", "EXAMPLE", "--workers", "0"], "--workers"),
+    (["serve", "--port", "99999"], "--port"),
+    (["serve", "--max-upload-mb", "-1"], "--max-upload-mb"),
+])
+def test_out_of_range_numbers_are_usage_errors(args, needle):
+    result = run_cli(*[str(EXAMPLE) if a == "EXAMPLE" else a for a in args], timeout=CLI_SECONDS)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert needle in result.stderr and "Invalid value" in result.stderr
+
+
+def test_bad_devices_and_outputs_are_one_line_errors(tiny_checkpoint, tmp_path):
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    checkpoint = ["--checkpoint", str(tiny_checkpoint)]
+    one_line_error(run_cli("predict", str(EXAMPLE), *checkpoint, "--out", str(existing), timeout=CLI_SECONDS),
+                   "file.txt", "--out names an existing file")
+    one_line_error(run_cli("evaluate", "--data", str(tmp_path), "--out", str(existing), *checkpoint, timeout=CLI_SECONDS),
+                   "--out names an existing file")
+    one_line_error(run_cli("predict", str(EXAMPLE), *checkpoint, "--device", "banana", timeout=CLI_SECONDS),
+                   "banana", "not a device")
+    one_line_error(run_cli("predict", str(EXAMPLE), *checkpoint, "--device", "cuda", timeout=CLI_SECONDS),
+                   "no CUDA GPU")
+    exported = run_cli("export-onnx", *checkpoint, "--out", str(tmp_path / "new" / "folder" / "m.onnx"),
+                       timeout=CLI_SECONDS)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert (tmp_path / "new" / "folder" / "m.onnx").stat().st_size > 1000
+
+
+# 8, 9: names, empty folders, formats, DICOM --------------------------------------------------------------------
+
+def test_same_named_inputs_get_distinct_heatmaps(tiny_checkpoint, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "knee.jpg").write_bytes(EXAMPLE.read_bytes())
+    result, rows = predict_json(str(tmp_path / "a" / "knee.jpg"), str(tmp_path / "b" / "knee.jpg"), "--explain",
+                                "--out", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint))
+    assert result.returncode == 0, result.stderr
+    heatmaps = [row["heatmap"] for row in rows]
+    assert len(set(heatmaps)) == 2 and all(Path(h).is_file() for h in heatmaps)
+
+
+def test_an_empty_folder_is_an_error_not_an_empty_table(tiny_checkpoint, tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(run_cli("predict", str(tmp_path / "empty"), "--checkpoint", str(tiny_checkpoint),
+                           timeout=CLI_SECONDS), "no images found")
+
+
+@pytest.mark.parametrize("image_format", ["WEBP", "PPM", "GIF"])
+def test_formats_outside_the_allow_list_are_refused(tmp_path, image_format):
+    path = save(Image.fromarray(knee_image()), tmp_path / f"x.{image_format.lower()}", format=image_format)
+    with pytest.raises(ImageReadError, match="not a recognised image"):
+        read_image(path)
+    renamed = tmp_path / "x.png"
+    renamed.write_bytes(path.read_bytes())
+    with pytest.raises(ImageReadError, match="not a recognised image"):
+        read_image(renamed)
+
+
+def test_eps_is_never_handed_to_ghostscript(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n")
+    with pytest.raises(ImageReadError, match="not a recognised image"):
+        read_image(path)
+
+
+def test_dicom_with_zero_window_width_is_graded_on_its_raw_values(tmp_path):
+    pixels = knee_image().astype(np.uint16) * 8
+    array = read_image(write_dicom(tmp_path / "w0.dcm", pixels, "MONOCHROME2", window=(500, 0)))
+    np.testing.assert_array_equal(array, pixels.astype(np.float32))
+
+
+def test_broken_dicom_pixels_are_one_readable_reason(tmp_path):
+    path = write_dicom(tmp_path / "cut.dcm", knee_image().astype(np.uint16), "MONOCHROME2")
+    path.write_bytes(path.read_bytes()[:-3000])
+    with pytest.raises(ImageReadError) as caught:
+        read_image(path)
+    assert caught.value.reason.startswith("DICOM pixel data cannot be decoded")
+
+
+def test_a_png_named_dcm_is_graded_by_cli_and_service_alike(tiny_checkpoint, tmp_path):
+    path = tmp_path / "knee.dcm"
+    path.write_bytes(EXAMPLE.read_bytes())
+    assert read_image(path).shape == read_image(EXAMPLE).shape
+    result, rows = predict_json(str(path), "--checkpoint", str(tiny_checkpoint))
+    assert result.returncode == 0, result.stderr
+    with TestClient(create_app(Settings(checkpoints=[str(tiny_checkpoint)]))) as client:
+        body = client.post("/v1/grade", files={"file": ("knee.dcm", path.read_bytes(), "application/dicom")}).json()
+    assert body["grade"] == rows[0]["grade"]
