@@ -1,7 +1,7 @@
 """Load test of `klgrade serve` on loopback: throughput, latency percentiles, errors and server memory.
 
     python benchmarks/load.py [--requests 1000] [--concurrency 16] [--backends torch onnx] [--explain-requests 100]
-                              [--huge 16] [--checkpoint CKPT] [--json]
+                              [--huge 16] [--max-upload-mp 30] [--checkpoint CKPT] [--json]
 
 For each backend: a server is started on 127.0.0.1, warmed up, then `--requests` POST /v1/grade (the example
 radiographs, no heatmap) are sent by `--concurrency` clients, then `--explain-requests` with `explain=true`.
@@ -85,7 +85,8 @@ async def send_all(url: str, uploads: list[tuple[str, bytes]], concurrency: int,
 
 def run_backend(backend: str, checkpoint: Path | None, args) -> dict:
     examples = [(p.name, p.read_bytes()) for p in sorted(EXAMPLES.glob("*.jpg"))]
-    serve_args = ["--backend", backend] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
+    serve_args = ["--backend", backend, "--max-upload-mp", str(args.max_upload_mp)]
+    serve_args += ["--checkpoint", str(checkpoint)] if checkpoint else []
     with local_server(*serve_args) as server:
         asyncio.run(send_all(server.url, examples * 2, 4, False))  # warm-up: first batches, thread pools
         result = {"backend": backend, "memory_before": memory_mb(server.pid)}
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--explain-requests", type=int, default=100)
     parser.add_argument("--huge", type=int, default=16, help="Concurrent 7999x7999 16-bit uploads (0 = none).")
     parser.add_argument("--backends", nargs="+", default=["torch", "onnx"])
+    parser.add_argument("--max-upload-mp", type=float, default=30.0, help="The server's upload pixel limit.")
     parser.add_argument("--checkpoint", type=Path, default=None, help="Default: the shipped model.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DATA
+from helpers import DATA, copy_real_images, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +36,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
             "val_metrics": {"accuracy": 0.2}}
     return save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.safetensors", model, info)
 
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_checkpoint, kneekl224, tmp_path_factory):
+    """The tiny checkpoint calibrated on 8 val images per grade, its density fitted on 12 train images per grade."""
+    root = tmp_path_factory.mktemp("calibration")
+    copy_real_images(kneekl224, root / "val", 8, split="val")
+    copy_real_images(kneekl224, root / "train", 12, split="train")
+    out = root / "calibrated.safetensors"
+    result = run_cli("calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(root), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "temperature" in result.stdout
+    return out

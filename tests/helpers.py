@@ -67,3 +67,49 @@ def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def not_knee_images() -> dict[str, np.ndarray]:
+    """Images no one here labelled and that are not knee radiographs: synthetic ones, and real photographs and
+    scans that ship inside installed packages (matplotlib's and scikit-learn's sample data; no downloads)."""
+    import gzip
+
+    import matplotlib
+    from PIL import ImageDraw
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(0)
+    side = 224
+    y, x = np.mgrid[0:side, 0:side] / side
+    text = Image.new("L", (side, side), 255)
+    draw = ImageDraw.Draw(text)
+    for row in range(0, side, 18):
+        draw.text((4, row), "Kellgren-Lawrence grade report", fill=0)
+    images = {
+        "black": np.zeros((side, side), np.uint8), "white": np.full((side, side), 255, np.uint8),
+        "grey": np.full((side, side), 128, np.uint8), "blank_16bit": np.zeros((512, 512), np.uint16),
+        "uniform_noise": rng.integers(0, 256, (side, side)).astype(np.uint8),
+        "gaussian_noise": np.clip(rng.normal(128, 40, (side, side)), 0, 255).astype(np.uint8),
+        "horizontal_gradient": (x * 255).astype(np.uint8), "vertical_gradient": (y * 255).astype(np.uint8),
+        "radial_gradient": (np.hypot(x - 0.5, y - 0.5) * 360).clip(0, 255).astype(np.uint8),
+        "checkerboard": ((np.floor(x * 8) + np.floor(y * 8)) % 2 * 255).astype(np.uint8),
+        "text": np.asarray(text),
+    }
+    sample_data = Path(matplotlib.get_data_path()) / "sample_data"
+    photos = {
+        "grace_hopper": np.asarray(Image.open(sample_data / "grace_hopper.jpg").convert("L")),
+        "minduka": np.asarray(Image.open(sample_data / "Minduka_Present_Blue_Pack.png").convert("L")),
+        "mpl_logo": np.asarray(Image.open(sample_data / "logo2.png").convert("L")),
+        "brain_mri": np.frombuffer(gzip.open(sample_data / "s1045.ima.gz").read(), ">u2").reshape(256, 256),
+        "terrain": np.load(sample_data / "jacksboro_fault_dem.npz")["elevation"].astype(np.float32),
+        "topobathy": np.load(sample_data / "topobathy.npz")["topo"].astype(np.float32),
+        "china": np.asarray(Image.fromarray(load_sample_image("china.jpg")).convert("L")),
+        "flower": np.asarray(Image.fromarray(load_sample_image("flower.jpg")).convert("L")),
+    }
+    for name, photo in photos.items():
+        images[name] = photo
+        height, width = photo.shape
+        half = min(height, width) // 2
+        for i, (top, left) in enumerate(((0, 0), (0, width - half), (height - half, 0), (height - half, width - half))):
+            images[f"{name}_crop{i}"] = photo[top:top + half, left:left + half]
+    return images

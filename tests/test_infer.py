@@ -16,7 +16,7 @@ from klgrade.infer.onnx import OnnxModel, export_onnx
 from klgrade.infer.grading import load_model
 from klgrade.models import create_model, load_checkpoint
 
-from helpers import EXAMPLES, knee_image, run_cli
+from helpers import EXAMPLES, copy_real_images, knee_image, run_cli
 
 
 def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp_path):
@@ -162,7 +162,9 @@ def test_export_cli_and_bad_checkpoints(tiny_checkpoint, tmp_path):
         OnnxModel(tmp_path / "plain.onnx")
 
 
-def test_evaluate_writes_reports_and_can_calibrate(tiny_checkpoint, tmp_path):
+def test_evaluate_writes_reports_and_can_calibrate(tiny_checkpoint, kneekl224, tmp_path):
+    calibration = tmp_path / "calibration"
+    copy_real_images(kneekl224, calibration, 3, split="train")
     labelled = tmp_path / "labelled"
     for path in sorted(EXAMPLES.glob("*.jpg")):
         target = labelled / path.name[2] / path.name
@@ -170,7 +172,7 @@ def test_evaluate_writes_reports_and_can_calibrate(tiny_checkpoint, tmp_path):
         target.write_bytes(path.read_bytes())
     out = tmp_path / "report"
     result = run_cli("evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(labelled), "--json", "--out",
-                     str(out), "--calibrate-on", str(labelled))
+                     str(out), "--calibrate-on", str(calibration))
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["n"] == 10 and metrics["temperature"] != 1.0

@@ -3,7 +3,12 @@
 import csv
 import json
 
+import numpy as np
+
+from klgrade.data.cache import decode_all
+from klgrade.data.sources import Sample
 from klgrade.experiments.protocol import VARIANTS
+from klgrade.infer.grading import load_model
 
 from helpers import run_cli
 
@@ -25,6 +30,17 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     assert len(summary["per_fold"]) == 3
     assert {"accuracy", "f1_macro", "mcc", "qwk", "mae"} <= set(summary["mean_sd"])
     assert "mean +/- sd" in (out / "cv_summary.md").read_text()
+    for fold in range(3):  # the scored model was chosen by nothing that saw the fold's patients
+        selection = json.loads((out / f"fold{fold}" / "selection.json").read_text())
+        assert selection["checkpoint"] == "last.safetensors" and selection["selection_patients"] == []
+    fold0 = [r for r in rows if r["fold"] == "0"]
+    scored = load_model(out / "fold0" / "last.safetensors", tta=False)
+    expected = scored.probabilities(decode_all([Sample(r["path"], int(r["true"]), r["patient_id"]) for r in fold0],
+                                               scored.preprocess)[0])
+    np.testing.assert_allclose([[float(r[f"prob_{k}"]) for k in range(5)] for r in fold0], expected, atol=2e-6)
+    refused = run_cli("cv", "--data", str(kneekl224), "--model", "msa_net", "--folds", "3", "--out",
+                      str(tmp_path / "early"), "--patience", "2", *TINY_CV)
+    assert refused.returncode == 1 and "--patience would stop each fold" in refused.stderr
     finished = (out / "fold1" / "oof.csv").stat().st_mtime_ns
     again = run_cli("cv", "--data", str(kneekl224), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
     assert again.returncode == 0

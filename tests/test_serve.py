@@ -72,8 +72,8 @@ def test_oversized_upload_is_413_and_missing_file_422(client):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    with local_server("--checkpoint", str(tiny_checkpoint)) as running:
+def server(calibrated):
+    with local_server("--checkpoint", str(calibrated)) as running:
         yield running.url
 
 
@@ -112,7 +112,17 @@ def test_web_page_in_headless_chromium(server, tmp_path):
             "const i = document.getElementById('heatmap'); return i.complete && i.naturalWidth > 0;"))
         assert driver.find_element(By.ID, "heatmap").is_displayed()
         assert driver.find_element(By.ID, "error").text == ""
+        assert "with 90% confidence" in driver.find_element(By.ID, "grade-set").text
+        assert driver.find_elements(By.CSS_SELECTOR, "#warnings li") == []
         assert driver.save_screenshot(str(tmp_path / "page.png"))
+        blank = tmp_path / "blank.png"
+        Image.fromarray(np.zeros((128, 128), np.uint8)).save(blank)
+        driver.find_element(By.ID, "file-input").send_keys(str(blank))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Graded blank.png"))
+        assert driver.find_element(By.ID, "grade").text.endswith("?")
+        warnings = [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#warnings li")]
+        assert any("not gradable" in text and "blank" in text for text in warnings), warnings
+        assert driver.save_screenshot(str(tmp_path / "page_blank.png"))
     finally:
         driver.quit()
 

@@ -28,6 +28,29 @@ def test_shipped_model_meets_the_bar_on_val_and_its_card_says_so(kneekl224):
     for name in ("accuracy", "qwk", "mcc"):
         assert f"| {name} | {metrics[name]:.3f} |" in card
     assert "not a medical device" in card.lower()
+    # Shipped calibrated on val (so coverage here is in-sample; benchmarks/uncertainty.py cross-fits it).
+    assert metrics["nominal_coverage"] == pytest.approx(0.9) and 0.87 <= metrics["coverage"] <= 0.97
+    assert len(metrics["coverage_per_grade"]) == 5 and 1 < metrics["mean_set_size"] < 3
+    assert 0 < metrics["ungradable_fraction"] <= 0.02
+
+
+def test_images_that_are_not_knee_radiographs_are_flagged_but_still_graded():
+    """Blank, noise, gradients, text, and photographs/scans shipped inside installed packages: >= 95% flagged."""
+    import numpy as np
+
+    from helpers import not_knee_images
+    from klgrade.infer.grading import grade, load_model
+
+    model = load_model()
+    assert model.is_calibrated and model.density is not None
+    results = {name: grade(image.astype(np.float32), model=model) for name, image in not_knee_images().items()}
+    flagged = [name for name, result in results.items() if not result.gradable]
+    assert len(flagged) >= 0.95 * len(results), sorted(set(results) - set(flagged))
+    for result in results.values():
+        assert len(result.probabilities) == 5 and abs(sum(result.probabilities) - 1) < 1e-6
+        assert result.gradable == (not any(w.startswith("not gradable") for w in result.warnings))
+    for example in sorted(EXAMPLES.glob("*.jpg")):
+        assert grade(example, model=model).gradable, example.name
 
 
 def test_shipped_weights_describe_themselves():

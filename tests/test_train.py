@@ -163,15 +163,16 @@ def test_epoch_batches_shard_across_ddp_processes_without_overlap():
     assert len(seen) == len(set(seen)) == 48
 
 
-def test_ddp_with_two_cpu_processes(kneekl224, tmp_path):
+def test_ddp_with_two_cpu_processes_and_ema(kneekl224, tmp_path):
+    """The EMA copy must not hold trainable parameters inside the DDP-wrapped module (DDP fails on step 2)."""
     out = tmp_path / "ddp"
-    result = run_cli("train", "--data", str(kneekl224), "--devices", "2", "--device", "cpu", "--limit", "32",
-                     "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--option", "width=32",
-                     "--option", "heads=2", "--threads", "1", "--out", str(out), "--quiet")
+    result = run_cli("train", "--data", str(kneekl224), "--devices", "2", "--device", "cpu", "--limit", "64",
+                     "--ema", "0.99", "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--option",
+                     "width=32", "--option", "heads=2", "--threads", "1", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("best epoch") == 1
     state = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
-    assert state["global_step"] == 2 * (32 // 8) // 2, "each process must take half of the batches"
+    assert state["global_step"] == 2 * (64 // 8) // 2, "each process must take half of the batches"
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1]
 
 
@@ -196,3 +197,55 @@ def test_several_checkpoints_after_one_option(argv, expected):
     from klgrade.cli import expand_multi_values
 
     assert expand_multi_values(argv) == expected
+
+
+def test_distillation_loss_is_zero_for_the_teacher_itself_and_scales_with_t_squared():
+    from klgrade.train.module import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(8, 5), torch.randn(8, 5)
+    for temperature in (1.0, 2.0, 4.0):
+        same = distillation_loss(student, torch.softmax(student / temperature, dim=1), temperature)
+        assert same.abs().item() < 1e-6
+        p = torch.softmax(teacher / temperature, dim=1)
+        kl = (p * (p.log() - torch.log_softmax(student / temperature, dim=1))).sum(1).mean()
+        loss = distillation_loss(student, p, temperature)
+        assert loss.item() == pytest.approx(temperature**2 * kl.item(), rel=1e-5)
+
+
+class TeachersStayInEval(Callback):
+    def __init__(self):
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        assert module._teachers and not any(t.training for t in module._teachers)
+        self.checked += 1
+
+
+def test_teachers_stay_in_eval_mode_and_must_share_the_students_preprocessing(kneekl224, tmp_path, tiny_checkpoint):
+    from klgrade.errors import KLGradeError
+
+    watcher = TeachersStayInEval()
+    fit(TrainConfig(**TINY, data=str(kneekl224), epochs=2, out=str(tmp_path / "kd"), teacher=[str(tiny_checkpoint)]),
+        callbacks=[watcher])
+    assert watcher.checked == 2 * 5  # 40 images, batch 8, two epochs
+    with pytest.raises(KLGradeError, match="teacher preprocessing"):
+        fit(TrainConfig(**{**TINY, "image_size": 96}, data=str(kneekl224), epochs=1, out=str(tmp_path / "bad"),
+                        teacher=[str(tiny_checkpoint)]))
+
+
+def test_ordinal_loss_keeps_a_gradient_when_confidently_wrong_and_refuses_label_smoothing():
+    from klgrade.errors import KLGradeError
+    from klgrade.models.ordinal import CumulativeLogitHead
+
+    head = CumulativeLogitHead(4, 5)
+    with torch.no_grad():
+        head.score.weight.zero_()
+        head.score.bias.fill_(60.0)  # P(KL4) ~ 1; the truth is KL0
+    features = torch.randn(1, 4, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(head(features), torch.tensor([0]))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 50
+    assert torch.isfinite(head.score.bias.grad).all() and head.score.bias.grad.abs().item() > 0.5
+    with pytest.raises(KLGradeError, match="label-smoothing"):
+        TrainConfig(data="x", ordinal=True, label_smoothing=0.1).validate()

@@ -1,10 +1,13 @@
-"""Package a trained run as the model shipped inside klgrade: fp16 safetensors + MODEL_CARD.md.
+"""Package a trained run as the model shipped inside klgrade: fp16 safetensors, calibrated, + MODEL_CARD.md.
 
 Evaluates the run's best checkpoint on the validation split with and without flip TTA, keeps TTA only
-if it helps QWK there, and writes the weights (with the decision and the card summary in their metadata)
-to src/klgrade/weights/.
+if it helps QWK there, writes the weights (with the decision and the card summary in their metadata) to
+src/klgrade/weights/, then calibrates them (`klgrade calibrate`: temperature and conformal grade sets on val,
+the gradability check's feature density on train) and writes the card, with the robustness tables of
+`benchmarks/robustness.py --json` when given (the new model's, and the model it replaces).
 
     python tools/ship_model.py RUN_DIR --data ../shared/data/kneeKL224 [--recipe "klgrade train ..."]
+        [--robustness NEW.json [--robustness-before OLD.json]]
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from klgrade.data.sources import find_samples, select_split
+from klgrade.evaluate.calibration import calibrate_checkpoint
 from klgrade.evaluate.evaluation import evaluate
 from klgrade.evaluate.report import plot_confusion
 from klgrade.infer.predictor import SHIPPED_WEIGHTS, Predictor
@@ -35,6 +40,8 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--recipe", default="")
     parser.add_argument("--notes", default="")
+    parser.add_argument("--robustness", type=Path, default=None, help="benchmarks/robustness.py --json of this run.")
+    parser.add_argument("--robustness-before", type=Path, default=None, help="The same for the model it replaces.")
     args = parser.parse_args()
     torch.set_num_threads(2)
     best = args.run / "best.safetensors"
@@ -46,9 +53,13 @@ def main() -> None:
     info = {**info, "inference": {"tta": use_tta}, "card": card,
             "val_metrics": {k: chosen[k] for k in ("accuracy", "precision_macro", "f1_macro", "mcc", "qwk", "mae")}}
     target = save_checkpoint(WEIGHTS / SHIPPED_WEIGHTS, model, info, dtype=torch.float16)
+    samples = find_samples(args.data)
+    calibration = calibrate_checkpoint(target, select_split(samples, "val"), select_split(samples, "train"), target)
     shipped = evaluate(Predictor([target]), args.data, split="val").metrics
     plot_confusion(shipped["confusion_matrix"], "shipped model on kneeKL224 val", WEIGHTS / "confusion_val.png")
-    (WEIGHTS / "MODEL_CARD.md").write_text(model_card(info, results, shipped, use_tta, args.notes))
+    robustness = [json.loads(path.read_text()) if path else None for path in (args.robustness, args.robustness_before)]
+    card = model_card(info, results, shipped, use_tta, args.notes) + calibration_section(calibration, shipped)
+    (WEIGHTS / "MODEL_CARD.md").write_text(card + robustness_section(*robustness))
     print(json.dumps({k: shipped[k] for k in ("accuracy", "qwk", "mcc", "f1_macro", "mae")}, indent=2))
 
 
@@ -80,7 +91,7 @@ Recipe (CPU, 2 cores, {date.today()}): `{info['card']['recipe']}`
 Epochs {train['epochs']}, batch {train['batch_size']}, AdamW lr {train['lr']} (1-epoch warm-up, cosine), weight
 decay {train['weight_decay']}, label smoothing {train['label_smoothing']}, EMA of weights {train['ema']}, bf16
 autocast, on-the-fly flips / rotation +/-{train['augment']['rotate_deg']} deg / scale +/-{train['augment']['scale']}
-/ shift / brightness / contrast. Checkpoint chosen by validation QWK (epoch {info['epoch']}). {notes}
+/ shift / brightness / contrast{_domain(train)}. Checkpoint chosen by validation QWK (epoch {info['epoch']}). {notes}
 
 ## Validation results (kneeKL224 val, n={shipped['n']}, 95% patient-level bootstrap intervals)
 | metric | value | 95% CI |
@@ -108,12 +119,50 @@ kneeKL224 test split was not used.
 {info['card']['intended_use']}
 - Expects a knee joint crop centred on the tibiofemoral joint, like kneeKL224 (OAI, fixed-flexion PA views,
   CLAHE-enhanced). Full-leg or bilateral radiographs, other projections, implants and children are out of scope;
-  such images still get a grade, which means nothing.
+  the gradability check flags images far from the training data (`gradable: false`), but an image it lets
+  through is not thereby in scope.
 - KL 1 ("doubtful") is the least reliable grade, as it is for human readers.
 - Trained on one cohort (OAI, US); performance on other populations, scanners and processing is unknown.
 - The Grad-CAM heatmap shows which regions raised the predicted grade's score; it is not a segmentation of
   osteophytes or joint-space narrowing.
 """
+
+
+def _domain(train: dict) -> str:
+    if not train.get("domain_augment"):
+        return ""
+    strengths = ", ".join(f"{key} {value}" for key, value in train["domain"].items())
+    return (f", and domain augmentation imitating upstream processing (CLAHE, softening, gamma, equalisation, "
+            f"JPEG, resampling, blur, noise: {strengths})")
+
+
+def calibration_section(calibration: dict, shipped: dict) -> str:
+    return f"""
+## Calibration (how sure)
+Calibrated on kneeKL224 val ({calibration['n_calibration']} images) with `klgrade calibrate`, on the combined output
+(flip TTA {'on' if calibration['tta'] else 'off'}): temperature {calibration['temperature']:.3f}; conformal grade sets
+(contiguous least-ambiguous sets, 90% by default, any alpha per call); the gradability check's feature
+density (Mahalanobis, penultimate features) fitted on the {calibration['n_density']} train images and thresholded
+to flag {calibration['flagged_share']:.0%} of val. On val itself (in-sample for the sets): coverage
+{shipped['coverage']:.3f}, mean set size {shipped['mean_set_size']:.2f}, not gradable {shipped['ungradable_fraction']:.3f}.
+Cross-fitted figures (calibrate on half the patients, score the other half): docs/results.md.
+"""
+
+
+def robustness_section(new: dict | None, before: dict | None) -> str:
+    if new is None:
+        return ""
+    lines = ["", "## Robustness to upstream processing (kneeKL224 val, `benchmarks/robustness.py`)", "",
+             "| perturbation | accuracy | QWK | agreement with clean |" + (" before: accuracy | QWK | agreement |" if before else ""),
+             "|---|---|---|---|" + ("---|---|---|" if before else "")]
+    rows = [("clean", new["clean"], before["clean"] if before else None)]
+    rows += [(name, entry, before["perturbations"][name] if before else None) for name, entry in new["perturbations"].items()]
+    for name, entry, old in rows:
+        cells = f"| {name} | {entry['accuracy']:.3f} | {entry['qwk']:.3f} | {entry.get('agreement', 1.0):.3f} |"
+        if old is not None:
+            cells += f" {old['accuracy']:.3f} | {old['qwk']:.3f} | {old.get('agreement', 1.0):.3f} |"
+        lines.append(cells)
+    return "\n".join(lines) + "\n"
 
 
 def _origin(train: dict) -> str:

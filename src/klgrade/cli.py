@@ -94,6 +94,8 @@ def train_options(command):
         option: Annotated[Optional[list[str]], typer.Option(help="Model option key=value, e.g. fpn=false.")] = None,
         ordinal: Annotated[Optional[bool], typer.Option("--ordinal/--no-ordinal", help="Cumulative-logit head [no].")] = None,
         ema: Annotated[Optional[float], typer.Option(help="EMA decay of weights, 0 = off [0].")] = None,
+        domain_augment: Annotated[Optional[bool], typer.Option("--domain-augment/--no-domain-augment", help=(
+            "Imitate upstream processing in training: CLAHE, softening, gamma, JPEG, resampling, blur, noise [no]."))] = None,
         label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing [0].")] = None,
         balance: Annotated[Optional[str], typer.Option(help="Class imbalance: none, sampler or loss [none].")] = None,
         patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience on val QWK, 0 = off [0].")] = None,
@@ -168,6 +170,8 @@ def reproduce(
 Checkpoints = Annotated[Optional[list[Path]], typer.Option("--checkpoint", help="Checkpoint(s); several = ensemble [shipped model].")]
 Backend = Annotated[str, typer.Option(help="Inference backend: torch or onnx.")]
 Tta = Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average with the flipped image [as the model recommends].")]
+Alpha = Annotated[Optional[float], typer.Option(min=0.001, max=0.999, help="Grade sets of a calibrated model miss the "
+                                                "true grade for at most this share of images [0.1].")]
 
 
 @data_app.command("summary")
@@ -212,10 +216,12 @@ def evaluate(
     backend: Backend = "torch",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
-    calibrate_on: Annotated[Optional[str], typer.Option(help="Fit temperature scaling on this labelled folder first.")] = None,
+    calibrate_on: Annotated[Optional[str], typer.Option(help="Fit a temperature on this labelled folder first "
+                                                      "(its val split for a split root; must not share files or "
+                                                      "patients with --data).")] = None,
+    alpha: Alpha = None,
 ) -> None:
     """Score checkpoint(s) on a labelled folder: accuracy, F1, MCC, QWK, MAE, confusion, 95% intervals."""
-    from klgrade.evaluate.evaluation import calibrate
     from klgrade.evaluate.evaluation import evaluate as run_evaluation
     from klgrade.infer.grading import load_model
     from klgrade.evaluate.report import write_evaluation
@@ -224,9 +230,7 @@ def evaluate(
     _setup_logging(quiet=True)
     output_folder(out)
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
-    if calibrate_on is not None:
-        calibrate(predictor, calibrate_on)
-    result = run_evaluation(predictor, data, split=split, seed=seed)
+    result = run_evaluation(predictor, data, split=split, seed=seed, alpha=alpha, calibrate_on=calibrate_on)
     if out is not None:
         write_evaluation(result, out)
     if as_json:
@@ -252,6 +256,7 @@ def predict(
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding images ahead.")] = 2,
+    alpha: Alpha = None,
 ) -> None:
     """Grade radiographs; unreadable inputs are reported and do not stop the others (exit 1 if any failed)."""
     from klgrade.infer.batch import expand_inputs, predict_paths
@@ -268,7 +273,7 @@ def predict(
     if not paths:
         raise KLGradeError(f"no images found in {' '.join(inputs)} (PNG/JPEG/BMP/TIFF/DICOM)")
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
-    rows = list(predict_paths(predictor, paths, explain, out, batch_size, workers))
+    rows = list(predict_paths(predictor, paths, explain, out, batch_size, workers, alpha))
     if out is not None:
         write_predictions(rows, out)
     print_predictions(rows, output_format)
@@ -277,6 +282,40 @@ def predict(
         typer.echo(f"error: {row['path']}: {row['error']}", err=True)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def calibrate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint to calibrate.")],
+    data: Annotated[str, typer.Option("--data", help="Labelled calibration images: a grade/image folder, a manifest, "
+                                      "or a split root (its --split).")],
+    out: Annotated[Path, typer.Option("--out", help="Calibrated checkpoint to write (.safetensors).")],
+    split: Annotated[str, typer.Option(help="Calibration split of a split root.")] = "val",
+    density_data: Annotated[Optional[str], typer.Option(help="Images that define 'like the training data' for the "
+                                                        "gradability check [the train split of a split root].")] = None,
+    tta: Tta = None,
+) -> None:
+    """Fit temperature, conformal grade sets and the gradability check; write them into a copy of the checkpoint."""
+    from klgrade.data.sources import find_samples, select_split
+    from klgrade.evaluate.calibration import calibrate_checkpoint
+    from klgrade.evaluate.evaluation import check_disjoint, pick_split
+
+    _setup_logging(quiet=True)
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise KLGradeError(f"{out}: --out must name a .safetensors file")
+    samples = find_samples(data)
+    has_splits = any(s.split for s in samples)
+    calibration = pick_split(samples, split if has_splits else None)
+    if density_data is None and not has_splits:
+        raise KLGradeError(f"{data} has no train split: give --density-data (e.g. the training images)")
+    density = select_split(samples, "train") if density_data is None else find_samples(density_data)
+    if any(s.split for s in density):
+        density = select_split(density, "train")
+    check_disjoint(calibration, density, "calibration and density data")
+    result = calibrate_checkpoint(checkpoint, calibration, density, out, tta=tta)
+    typer.echo(f"temperature {result['temperature']:.3f}, {result['n_calibration']} calibration images, "
+               f"feature density from {result['n_density']} images -> {out}")
 
 
 @app.command("export-onnx")

@@ -35,13 +35,14 @@ def print_predictions(rows: list[dict], output_format: str) -> None:
     elif output_format == "csv":
         sys.stdout.write(predictions_csv(rows))
     else:
-        table = Table("image", "KL grade", "confidence", *(f"p{k}" for k in range(NUM_GRADES)), "warnings",
-                      "heatmap / error")
+        table = Table("image", "KL grade", "grade set", "confidence", *(f"p{k}" for k in range(NUM_GRADES)),
+                      "warnings", "heatmap / error")
         for row in rows:
             if row.get("error"):
-                table.add_row(Path(row["path"]).name, "-", "-", *["-"] * NUM_GRADES, "", f"[red]{row['error']}[/red]")
+                table.add_row(Path(row["path"]).name, "-", "-", "-", *["-"] * NUM_GRADES, "", f"[red]{row['error']}[/red]")
             else:
-                table.add_row(Path(row["path"]).name, str(row["grade"]), f"{row['confidence']:.2f}",
+                grade = str(row["grade"]) if row["gradable"] else f"[yellow]{row['grade']}?[/yellow]"
+                table.add_row(Path(row["path"]).name, grade, row["grade_set"], f"{row['confidence']:.2f}",
                               *(f"{row[f'prob_{k}']:.2f}" for k in range(NUM_GRADES)),
                               f"[yellow]{WARNING_SEPARATOR.join(row['warnings'])}[/yellow]", row.get("heatmap", ""))
         Console(width=160).print(table)

@@ -154,6 +154,15 @@ def bootstrap_ci(y_true, y_pred, groups=None, n_boot: int = 1000, seed: int = 0,
             for name in CI_METRICS}
 
 
+def set_metrics(y_true, sets: list[list[int]], num_classes: int = NUM_GRADES) -> dict:
+    """How prediction sets did: share holding the true grade (overall and per true grade), mean size."""
+    y_true = np.asarray(y_true, dtype=int)
+    covered = np.array([y in s for y, s in zip(y_true, sets)])
+    per_grade = [float(covered[y_true == k].mean()) if (y_true == k).any() else None for k in range(num_classes)]
+    return {"coverage": float(covered.mean()), "mean_set_size": float(np.mean([len(s) for s in sets])),
+            "coverage_per_grade": per_grade}
+
+
 def fit_temperature(logits, y_true) -> float:
     """Temperature T minimising the validation NLL of softmax(logits / T) (Guo et al., ICML 2017)."""
     logits, y_true = np.asarray(logits, dtype=np.float64), np.asarray(y_true, dtype=int)

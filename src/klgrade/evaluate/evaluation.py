@@ -12,8 +12,8 @@ from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
-from klgrade.metrics import compute_metrics, fit_temperature
-from klgrade.infer.predictor import Predictor
+from klgrade.infer.predictor import Outputs, Predictor
+from klgrade.metrics import compute_metrics, fit_temperature, set_metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,44 +42,84 @@ def pick_split(samples: list[Sample], split: str | None) -> list[Sample]:
     return [s for s in samples if s.split == chosen]
 
 
-def predict_samples(predictor: Predictor, samples: list[Sample]) -> tuple[np.ndarray, list[bool], list[ImageReadError]]:
-    """Probabilities for every readable sample; (probabilities of readable ones, readable mask, failures)."""
+@dataclass
+class Predictions:
+    """The model's outputs for the readable samples of a set, with the images it saw."""
+
+    samples: list[Sample]
+    images: np.ndarray
+    outputs: Outputs
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.grade for s in self.samples]
+
+
+def predict_samples(predictor: Predictor, samples: list[Sample], raw: bool = False
+                    ) -> tuple[Predictions, list[ImageReadError]]:
+    """Outputs for every readable sample (calibrated, or `raw`), and the read failures of the others."""
     images, failures = decode_all(samples, predictor.preprocess)
     failed = {f.path for f in failures}
-    readable = [s.path not in failed for s in samples]
-    return batched_probabilities(predictor, images[np.array(readable, dtype=bool)]), readable, failures
+    readable = np.array([s.path not in failed for s in samples], dtype=bool)
+    images = images[readable]
+    outputs = batched_outputs(predictor, images, raw)
+    return Predictions([s for s, ok in zip(samples, readable) if ok], images, outputs), failures
 
 
-def batched_probabilities(predictor: Predictor, images: np.ndarray) -> np.ndarray:
-    """(N, H, W) uint8 images -> (N, 5) probabilities, `BATCH` images per forward pass."""
-    if not len(images):
-        return np.zeros((0, NUM_GRADES))
-    return np.concatenate([predictor.probabilities(images[i:i + BATCH]) for i in range(0, len(images), BATCH)])
+def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False) -> Outputs:
+    """(N, H, W) uint8 images -> outputs (calibrated, or `raw`), `BATCH` images per forward pass."""
+    run = predictor.raw_outputs if raw else predictor.outputs
+    parts = [run(images[i:i + BATCH]) for i in range(0, len(images), BATCH)]
+    if not parts:
+        return Outputs(np.zeros((0, NUM_GRADES)), np.zeros((0, 0)))
+    return Outputs(np.concatenate([p.probabilities for p in parts]), np.concatenate([p.features for p in parts]))
 
 
-def calibrate(predictor: Predictor, data: str | Path, split: str | None = None) -> float:
-    """Fit the predictor's temperature on a labelled validation set (Guo et al. 2017); returns it."""
-    samples = pick_split(find_samples(data), split)
-    predictor.temperature = 1.0
-    probabilities, readable, _ = predict_samples(predictor, samples)
-    labels = [s.grade for s, ok in zip(samples, readable) if ok]
-    predictor.temperature = fit_temperature(np.log(np.clip(probabilities, 1e-12, None)), labels)
+def check_disjoint(first: list[Sample], second: list[Sample], what: str) -> None:
+    """Refuse two sets that share a file or a patient (calibrating on scored data would flatter the scores)."""
+    shared_files = {Path(s.path).resolve() for s in first} & {Path(s.path).resolve() for s in second}
+    shared_patients = {s.patient_id for s in first} & {s.patient_id for s in second}
+    if shared_files or shared_patients:
+        example = next(iter(shared_files), None) or next(iter(shared_patients))
+        raise DataLayoutError(f"{what}: the sets share {len(shared_files)} file(s) and {len(shared_patients)} "
+                              f"patient(s) (e.g. {example}); calibrate on data that is not scored")
+
+
+def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], split: str | None = None) -> float:
+    """Fit the predictor's temperature on a labelled set disjoint from `scored` (Guo et al. 2017); returns it."""
+    found = find_samples(data)
+    samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
+    check_disjoint(samples, scored, f"--calibrate-on {data}")
+    predictions, _ = predict_samples(predictor, samples, raw=True)
+    log_p = np.log(np.clip(predictions.outputs.probabilities, 1e-12, None))
+    predictor.temperature = fit_temperature(log_p, predictions.labels)
     return predictor.temperature
 
 
 def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n_boot: int = 1000,
-             seed: int = 0) -> Evaluation:
-    """Metrics of `predictor` on the labelled images of `data` (unreadable images are reported, not scored)."""
+             seed: int = 0, alpha: float | None = None, calibrate_on: str | Path | None = None) -> Evaluation:
+    """Metrics of `predictor` on the labelled images of `data` (unreadable images are reported, not scored).
+
+    With a calibrated model (or `calibrate_on`, which fits a temperature first), the metrics include the
+    grade sets' coverage at `alpha`; `ungradable_fraction` is always there.
+    """
     problems: list[ImageReadError] = []
     samples = pick_split(find_samples(data, problems), split)
-    probabilities, readable, failures = predict_samples(predictor, samples)
+    if calibrate_on is not None:
+        calibrate(predictor, calibrate_on, samples)
+    predictions, failures = predict_samples(predictor, samples)
     failures = problems + failures
-    scored = [s for s, ok in zip(samples, readable) if ok]
-    if not scored:
+    if not predictions.samples:
         raise DataLayoutError(f"{data}: no readable image to evaluate")
-    metrics = compute_metrics([s.grade for s in scored], probabilities, groups=[s.patient_id for s in scored],
+    probabilities = predictions.outputs.probabilities
+    metrics = compute_metrics(predictions.labels, probabilities, groups=[s.patient_id for s in predictions.samples],
                               n_boot=n_boot, seed=seed)
+    sets, coverage, reasons = predictor.assess(predictions.images, predictions.outputs, alpha)
+    metrics["ungradable_fraction"] = float(np.mean([bool(r) for r in reasons]))
+    if coverage is not None:
+        metrics.update(set_metrics(predictions.labels, sets))
+        metrics["nominal_coverage"] = coverage
     metrics["model"] = predictor.name
     metrics["tta"] = predictor.tta
     metrics["temperature"] = predictor.temperature
-    return Evaluation(metrics, scored, probabilities, failures)
+    return Evaluation(metrics, predictions.samples, probabilities, failures)

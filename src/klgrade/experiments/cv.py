@@ -1,6 +1,10 @@
 """`klgrade cv`: patient-grouped stratified k-fold cross-validation on the train split.
 
-Each fold trains on the other folds and is validated on its held-out patients. Per fold: a run folder
+Each fold trains on the other folds and is scored on its held-out patients. The fold's model is the last epoch
+of its fixed schedule (`last.safetensors`), never a checkpoint chosen (or an early stop decided) by the held-out
+patients' scores: choosing on the patients it is scored on would make the CV means optimistic. An inner
+patient-grouped split would cost each fold a fifth of its training data for a choice that a fixed schedule
+with EMA makes well enough. `fold<k>/selection.json` records this. Per fold: a run folder
 (`fold<k>/`, resumable), its out-of-fold predictions and metrics. Over folds: all out-of-fold predictions
 in one CSV, per-fold metrics, and mean +/- sd in JSON and Markdown. A finished fold (its `oof.csv` exists)
 is skipped on a rerun, so an interrupted CV continues where it stopped.
@@ -19,7 +23,8 @@ import numpy as np
 from klgrade.constants import NUM_GRADES
 from klgrade.data.splits import check_no_leak
 from klgrade.evaluate.evaluation import predict_samples
-from klgrade.files import rows_to_csv, write_text_atomic
+from klgrade.errors import KLGradeError
+from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
 from klgrade.infer.predictor import Predictor
 from klgrade.metrics import REPORT_METRICS, compute_metrics
 from klgrade.train.config import TrainConfig
@@ -30,8 +35,19 @@ log = logging.getLogger(__name__)
 OOF_COLUMNS = ["fold", "path", "patient_id", "true", "predicted", *(f"prob_{k}" for k in range(NUM_GRADES))]
 
 
+FOLD_CHECKPOINT = "last.safetensors"
+SELECTION = {"checkpoint": FOLD_CHECKPOINT, "chosen_by": "last epoch of a fixed schedule (no early stopping)",
+             "selection_patients": []}
+"""What chose each fold's model: nothing that saw the fold's patients."""
+
+
 def fold_dir(out: str | Path, fold: int) -> Path:
     return Path(out) / f"fold{fold}"
+
+
+def fold_model(out: str | Path, fold: int) -> Path:
+    """The checkpoint that stands for fold `fold` in every CV, internal and external figure."""
+    return fold_dir(out, fold) / FOLD_CHECKPOINT
 
 
 def run_name(variant: str) -> str:
@@ -50,11 +66,12 @@ def run_fold(config: TrainConfig, fold: int, teachers_for_fold=None) -> list[dic
     fold_config = replace(config, fold=fold, out=str(out), teacher=list(teachers), resume=True)
     fit(fold_config)
     held_out = select_data(fold_config).val
-    predictor = Predictor([out / "best.safetensors"], tta=False)
-    probabilities, readable, _ = predict_samples(predictor, held_out)
+    write_json_atomic(out / "selection.json", {**SELECTION, "epochs": config.epochs})
+    predictor = Predictor([fold_model(config.out, fold)], tta=False)
+    predictions, _ = predict_samples(predictor, held_out)
     rows = [{"fold": fold, "path": s.path, "patient_id": s.patient_id, "true": s.grade, "predicted": int(p.argmax()),
              **{f"prob_{k}": round(float(v), 6) for k, v in enumerate(p)}}
-            for s, p in zip([s for s, ok in zip(held_out, readable) if ok], probabilities)]
+            for s, p in zip(predictions.samples, predictions.outputs.probabilities)]
     write_text_atomic(oof_path, rows_to_csv(rows, OOF_COLUMNS))
     return rows
 
@@ -83,6 +100,9 @@ def mean_sd(per_fold: list[dict], names=REPORT_METRICS) -> dict:
 def cross_validate(config: TrainConfig, teachers_for_fold=None) -> dict:
     """Run every fold; write oof_predictions.csv, cv_metrics.json and cv_summary.md under `config.out`."""
     out = Path(config.out)
+    if config.patience > 0:
+        raise KLGradeError("--patience would stop each fold on the patients it is scored on; cross-validation "
+                           "trains a fixed schedule and scores its last epoch")
     check_folds_disjoint(config)
     all_rows, per_fold = [], []
     for fold in range(config.folds):

@@ -21,8 +21,8 @@ from klgrade.data.cache import decode_all
 from klgrade.data.io import read_image
 from klgrade.data.sources import find_samples
 from klgrade.errors import DataLayoutError
-from klgrade.evaluate.evaluation import batched_probabilities
-from klgrade.experiments.cv import cross_validate, fold_dir, mean_sd, run_name
+from klgrade.evaluate.evaluation import batched_outputs
+from klgrade.experiments.cv import cross_validate, fold_model, mean_sd, run_name
 from klgrade.experiments.report import PanelImage, write_report
 from klgrade.infer.predictor import Predictor
 from klgrade.metrics import compute_metrics
@@ -77,13 +77,13 @@ def validate_fold_models(run: Path, folds: int, data: str, limit: int | None, sp
         samples = samples[:: max(1, len(samples) // limit)][:limit]
     labels = [s.grade for s in samples]
     groups = [s.patient_id for s in samples]
-    predictors = [Predictor([fold_dir(run, fold) / "best.safetensors"], tta=False) for fold in range(folds)]
+    predictors = [Predictor([fold_model(run, fold)], tta=False) for fold in range(folds)]
     images, failures = decode_all(samples, predictors[0].preprocess)  # once: every fold model shares the profile
     if failures:
         raise DataLayoutError(f"{data}: unreadable images in the validation set; check it with klgrade data summary")
     per_fold, all_probabilities = [], []
     for predictor in predictors:
-        probabilities = batched_probabilities(predictor, images)
+        probabilities = batched_outputs(predictor, images).probabilities
         per_fold.append(compute_metrics(labels, probabilities, groups=groups, n_boot=0))
         all_probabilities.append(probabilities)
     ensemble = compute_metrics(labels, np.mean(all_probabilities, axis=0), groups=groups, n_boot=500)
@@ -104,7 +104,7 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
         teachers = None
         if variant.distilled:
             def teachers(fold: int) -> list[str]:  # the baselines of the same fold: trained on the same patients
-                return [str(fold_dir(out / "runs" / run_name(b), fold) / "best.safetensors") for b in BASELINES]
+                return [str(fold_model(out / "runs" / run_name(b), fold)) for b in BASELINES]
         log.info("variant %s", variant.name)
         cv = cross_validate(config, teachers)
         entry = {"model": variant.model, "options": options, "distilled": variant.distilled,
@@ -115,7 +115,7 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
         if external:
             entry["external"] = validate_fold_models(run, base.folds, external, extra["val_limit"], None)
         results["variants"][variant.name] = entry
-    write_report(results, out, gradcam_panel(data, fold_dir(out / "runs" / run_name("msa_net"), 0) / "best.safetensors"))
+    write_report(results, out, gradcam_panel(data, fold_model(out / "runs" / run_name("msa_net"), 0)))
     return results
 
 

@@ -20,7 +20,8 @@ from klgrade.infer.predictor import Grading, Predictor
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["path", "grade", *(f"prob_{k}" for k in range(NUM_GRADES)), "confidence", "warnings", "heatmap", "error"]
+COLUMNS = ["path", "grade", *(f"prob_{k}" for k in range(NUM_GRADES)), "confidence", "grade_set", "gradable",
+           "warnings", "heatmap", "error"]
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -50,7 +51,10 @@ def heatmap_names(paths: list[str]) -> list[str]:
 
 def caption(grading: Grading) -> str:
     """The overlay's caption: grade, confidence and file name on the first line, then one line per warning."""
-    first = [f"KL {grading.grade}", f"p={grading.confidence:.2f}"] + ([Path(grading.name).name] if grading.name else [])
+    first = [f"KL {grading.grade}", f"p={grading.confidence:.2f}"]
+    if grading.coverage is not None:
+        first.append(f"KL {set_label(grading.grade_set)} ({grading.coverage:.0%})")
+    first += [Path(grading.name).name] if grading.name else []
     return "\n".join(["   ".join(first), *(f"! {w}" for w in grading.warnings)])
 
 
@@ -60,17 +64,24 @@ def save_overlay(target: Path, grading: Grading) -> str:
     return str(target)
 
 
+def set_label(grades: list[int]) -> str:
+    """A contiguous grade set as people write it: `2`, `1-2`."""
+    return str(grades[0]) if len(grades) == 1 else f"{grades[0]}-{grades[-1]}"
+
+
 def result_row(grading: Grading) -> dict:
     return {"path": grading.name, "grade": grading.grade,
             **{f"prob_{k}": round(p, 6) for k, p in enumerate(grading.probabilities)},
-            "confidence": round(grading.confidence, 6), "warnings": list(grading.warnings)}
+            "confidence": round(grading.confidence, 6), "grade_set": set_label(grading.grade_set),
+            "gradable": grading.gradable, "warnings": list(grading.warnings)}
 
 
 def predict_paths(predictor: Predictor, paths: list[str], explain: bool = False, out_dir: Path | None = None,
-                  batch_size: int = 16, workers: int = 2) -> Iterator[dict]:
+                  batch_size: int = 16, workers: int = 2, alpha: float | None = None) -> Iterator[dict]:
     """One result row per path (keys: `COLUMNS`), in input order."""
     names = heatmap_names(paths)
-    for path, name, result in zip(paths, names, grade_many(predictor, paths, explain, batch_size, workers)):
+    results = grade_many(predictor, paths, explain, batch_size, workers, alpha)
+    for path, name, result in zip(paths, names, results):
         if not isinstance(result, Grading):
             yield {"path": path, "error": result.reason}
             continue

@@ -78,14 +78,17 @@ def prepare_input(model: Predictor, source: Source, max_pixels: int = MAX_PIXELS
     return PreparedInput(model.prepare(image, side), source_name(source))
 
 
-def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: bool = False) -> list[Grading]:
-    """Grade prepared inputs as one batch."""
-    return model.grade_prepared(np.stack([i.image for i in inputs]), [i.name for i in inputs], explain)
+def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: bool = False,
+                   alpha: float | None = None) -> list[Grading]:
+    """Grade prepared inputs as one batch (`alpha`: miss rate of the grade sets; None = the model's)."""
+    return model.grade_prepared(np.stack([i.image for i in inputs]), [i.name for i in inputs], explain, alpha)
 
 
 def grade_many(model: Predictor, sources: Sequence[Source], explain: bool = False, batch_size: int = 16,
-               workers: int = 2) -> Iterator[Grading | ImageReadError]:
+               workers: int = 2, alpha: float | None = None) -> Iterator[Grading | ImageReadError]:
     """One result per input, in input order: a `Grading`, or the `ImageReadError` of an unreadable input.
+
+    `alpha`: grade sets of a calibrated model miss the true grade for at most this share (default 0.1).
 
     Decoding and preprocessing run in `workers` threads ahead of the network, which sees `batch_size`
     images per forward pass.
@@ -101,7 +104,7 @@ def grade_many(model: Predictor, sources: Sequence[Source], explain: bool = Fals
         for start in range(0, len(sources), batch_size):
             prepared = list(pool.map(prepare_or_error, sources[start:start + batch_size]))
             good = [p for p in prepared if isinstance(p, PreparedInput)]
-            gradings = iter(grade_prepared(model, good, explain) if good else [])
+            gradings = iter(grade_prepared(model, good, explain, alpha) if good else [])
             for item in prepared:
                 yield next(gradings) if isinstance(item, PreparedInput) else item
 
@@ -129,7 +132,7 @@ def load_model(checkpoints: str | Path | list[str | Path] | None = None, device:
 
 
 def grade(image: Source | bytes, *, name: str | None = None, explain: bool = False,
-          model: Predictor | None = None) -> Grading:
+          model: Predictor | None = None, alpha: float | None = None) -> Grading:
     """Grade one radiograph.
 
     Args:
@@ -137,9 +140,12 @@ def grade(image: Source | bytes, *, name: str | None = None, explain: bool = Fal
         name: the file name of raw bytes (gives the knee side and marks `.dcm` files); ignored otherwise.
         explain: add a Grad-CAM heatmap of the predicted grade (`Grading.heatmap`, (H, W) in [0, 1]).
         model: a `Predictor` from `load_model`; None = the shipped model (loaded once, then reused).
+        alpha: the grade set misses the true grade with probability at most alpha (calibrated models;
+            None = 0.1, i.e. 90% sets).
 
     Returns:
-        `Grading` with `grade`, `probabilities`, `confidence`, `warnings` and, when `explain`, `heatmap`.
+        `Grading` with `grade`, `probabilities`, `confidence`, `grade_set`, `coverage`, `gradable`,
+        `warnings` and, when `explain`, `heatmap`.
 
     Raises:
         ImageReadError: the image cannot be read.
@@ -150,7 +156,7 @@ def grade(image: Source | bytes, *, name: str | None = None, explain: bool = Fal
         if not _SHIPPED:
             _SHIPPED.append(load_model())
         model = _SHIPPED[0]
-    result = next(grade_many(model, [image], explain=explain, workers=1))
+    result = next(grade_many(model, [image], explain=explain, workers=1, alpha=alpha))
     if isinstance(result, ImageReadError):
         raise result
     return result

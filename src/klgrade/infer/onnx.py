@@ -18,26 +18,39 @@ import torch
 from klgrade.data.cache import default_cache_dir
 from klgrade.errors import CheckpointError
 from klgrade.files import atomic_path
-from klgrade.models import load_checkpoint
+from klgrade.models import features_and_logits, load_checkpoint
 from klgrade.models.weights import read_info
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
+INPUT_NAME, OUTPUTS = "image", ("logits", "features")
+"""ONNX graphs give the logits and the penultimate features (for the gradability check)."""
+EXPORT_FORMAT = 2
+"""Part of the cached export's name: exports of an older layout (logits only) are not reused."""
+
+
+class LogitsAndFeatures(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return features_and_logits(self.model, x)
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
-    """Export a checkpoint to ONNX (dynamic batch, fixed side), atomically, with klgrade metadata."""
+    """Export a checkpoint to ONNX (dynamic batch, fixed side), atomically, with klgrade metadata (its
+    calibration included)."""
     import onnx
 
     model, info = load_checkpoint(checkpoint)
     side = info["preprocess"]["size"]
     example = torch.zeros(1, 1, side, side)
     with atomic_path(out) as temporary:
-        torch.onnx.export(model, (example,), str(temporary), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
-                          dynamo=False)
+        torch.onnx.export(LogitsAndFeatures(model), (example,), str(temporary), input_names=[INPUT_NAME],
+                          output_names=list(OUTPUTS), dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUTS)},
+                          opset_version=OPSET, dynamo=False)
         proto = onnx.load(str(temporary))
         entry = proto.metadata_props.add()
         entry.key, entry.value = "klgrade", json.dumps(info)
@@ -70,11 +83,13 @@ class OnnxModel:
             return cls(path, threads)
         read_info(path)  # a clear error for a missing or foreign checkpoint before exporting
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
-        exported = default_cache_dir() / "onnx" / f"{path.stem}-{digest}.onnx"
+        exported = default_cache_dir() / "onnx" / f"{path.stem}-{digest}-v{EXPORT_FORMAT}.onnx"
         if not exported.exists():
             log.info("exporting %s to %s", path, exported)
             export_onnx(path, exported)
         return cls(exported, threads)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 1, H, W) float32 -> logits (B, 5) and penultimate features (B, D)."""
+        logits, features = self.session.run(list(OUTPUTS), {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+        return logits, features

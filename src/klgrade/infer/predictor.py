@@ -4,7 +4,9 @@ Used by `klgrade evaluate` directly and, through `klgrade.infer.grading` (the on
 graded result), by `klgrade predict`, the HTTP service and the Python API.
 
 A predictor holds one or more checkpoints (an ensemble averages probabilities), the preprocessing stored in
-them, optional horizontal-flip test-time augmentation, and a backend (torch, or ONNX Runtime).
+them, optional horizontal-flip test-time augmentation, a backend (torch, or ONNX Runtime) and, for a single
+checkpoint calibrated by `klgrade calibrate`, its calibration: a temperature applied to the combined output,
+conformal grade sets, and the gradability check (`klgrade.uncertainty`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from klgrade.constants import NUM_GRADES
 from klgrade.data.preprocess import PreprocessConfig, normalize, to_uint8
 from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
-from klgrade.models import load_checkpoint
+from klgrade.models import features_and_logits, load_checkpoint
+from klgrade.uncertainty import DEFAULT_ALPHA, FeatureDensity, conformal_threshold, grade_sets, gradability
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,14 @@ def inference_device(name: str) -> torch.device:
 
 
 @dataclass
+class Outputs:
+    """What the network says about a batch: combined class probabilities (B, 5), penultimate features (B, D)."""
+
+    probabilities: np.ndarray
+    features: np.ndarray
+
+
+@dataclass
 class Grading:
     """The answer for one image.
 
@@ -62,6 +73,10 @@ class Grading:
         grade: predicted KL grade 0-4 (the most probable one).
         probabilities: probability of each grade 0-4.
         confidence: probability of `grade`.
+        grade_set: contiguous grades that hold the true grade with probability `coverage` (calibrated
+            models); just `[grade]` when the model is not calibrated (then `coverage` is None).
+        gradable: False when the input is not a knee radiograph like the training data (blank, or far from
+            it in feature space); the probabilities are still given, the grade is not to be trusted.
         heatmap: (H, W) Grad-CAM map in [0, 1] of the network input when explained, else None.
         warnings: what a reader must know about this answer (e.g. "explanation empty"); empty when all is well.
         name: the input's name (path or upload file name), when it had one.
@@ -71,6 +86,9 @@ class Grading:
     grade: int
     probabilities: list[float]
     confidence: float
+    grade_set: list[int] = field(default_factory=list)
+    coverage: float | None = None
+    gradable: bool = True
     heatmap: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
     name: str | None = None
@@ -85,10 +103,11 @@ class Predictor:
         device: torch device for the torch backend.
         tta: average with the horizontally flipped image; None = what the checkpoint recommends.
         backend: "torch" or "onnx" (ONNX Runtime on CPU; exports the checkpoint once if needed).
+        calibrated: use the calibration stored in a single checkpoint (False: raw outputs, e.g. to calibrate).
     """
 
     def __init__(self, checkpoints: list[str | Path] | None = None, device: str = "cpu", tta: bool | None = None,
-                 backend: str = "torch"):
+                 backend: str = "torch", calibrated: bool = True):
         if backend not in BACKENDS:
             raise CheckpointError(f"unknown backend '{backend}'; choose one of {BACKENDS}")
         paths = [Path(p) for p in checkpoints] if checkpoints else [shipped_checkpoint()]
@@ -115,9 +134,30 @@ class Predictor:
         recommended = self.infos[0].get("inference", {}).get("tta", False)
         self.tta = recommended if tta is None else tta
         self.paths = paths
-        self.temperature = 1.0
-        """Logits are divided by this before the softmax (temperature scaling; 1 = as trained)."""
+        self.alpha = DEFAULT_ALPHA
+        """Grade sets miss the true grade for at most this share of images (calibrated models)."""
+        calibration = self._calibration() if calibrated else {}
+        self.temperature = float(calibration.get("temperature", 1.0))
+        """The combined log-probabilities are divided by this before the softmax (1 = as trained)."""
+        self.conformal_scores = np.asarray(calibration.get("conformal_scores", []), dtype=np.float64)
+        self.density = FeatureDensity(**calibration["density"]) if "density" in calibration else None
 
+    def _calibration(self) -> dict:
+        """The stored calibration, when it belongs to this exact set-up (one checkpoint, same TTA setting)."""
+        stored = [info.get("calibration") for info in self.infos]
+        if len(stored) > 1 or stored[0] is None:
+            if any(stored):
+                log.warning("ensembles run uncalibrated: each member's calibration fits that member alone")
+            return {}
+        if stored[0].get("tta") != self.tta:
+            log.warning("%s was calibrated with flip TTA %s; running it %s leaves it uncalibrated", self.paths[0],
+                        "on" if stored[0].get("tta") else "off", "with" if self.tta else "without")
+            return {}
+        return stored[0]
+
+    @property
+    def is_calibrated(self) -> bool:
+        return len(self.conformal_scores) > 0
     @property
     def name(self) -> str:
         names = [i["model"]["name"] for i in self.infos]
@@ -133,25 +173,51 @@ class Predictor:
         return self.backend == "torch" or all(p.suffix == ".safetensors" for p in self.paths)
 
     @torch.inference_mode()
-    def probabilities(self, images_uint8: np.ndarray) -> np.ndarray:
-        """(B, H, W) uint8 images -> (B, 5) class probabilities (ensemble mean, TTA mean).
+    def raw_outputs(self, images_uint8: np.ndarray) -> Outputs:
+        """(B, H, W) uint8 images -> uncalibrated combined probabilities (ensemble mean, TTA mean) and features.
 
-        With TTA the image and its mirror go through the network as one batch of 2B.
+        With TTA the image and its mirror go through the network as one batch of 2B. Features are the first
+        member's, averaged over the views (the gradability check fits one model's feature space).
         """
         x = normalize(torch.from_numpy(np.ascontiguousarray(images_uint8))).unsqueeze(1)
         views = torch.cat([x, torch.flip(x, dims=[3])]) if self.tta else x
-        total = np.zeros((len(views), NUM_GRADES))
+        total, features = np.zeros((len(views), NUM_GRADES)), None
         for model in self.models:
-            total += self._forward(model, views)
-        per_view = total.reshape(-1, len(x), NUM_GRADES).mean(axis=0)
-        return per_view / len(self.models)
+            logits, member_features = self._forward(model, views)
+            total += torch.softmax(logits, dim=1).numpy().astype(np.float64)
+            features = member_features if features is None else features
+        probabilities = total.reshape(-1, len(x), NUM_GRADES).mean(axis=0) / len(self.models)
+        return Outputs(probabilities, features.reshape(-1, len(x), features.shape[-1]).mean(axis=0))
 
-    def _forward(self, model, x: torch.Tensor) -> np.ndarray:
+    def outputs(self, images_uint8: np.ndarray) -> Outputs:
+        """Like `raw_outputs`, with the temperature applied to the combined log-probabilities."""
+        outputs = self.raw_outputs(images_uint8)
+        if self.temperature != 1.0:
+            log_p = np.log(np.clip(outputs.probabilities, 1e-12, None)) / self.temperature
+            outputs.probabilities = torch.softmax(torch.from_numpy(log_p), dim=1).numpy()
+        return outputs
+
+    def probabilities(self, images_uint8: np.ndarray) -> np.ndarray:
+        """(B, H, W) uint8 images -> (B, 5) calibrated class probabilities."""
+        return self.outputs(images_uint8).probabilities
+
+    def _forward(self, model, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         if self.backend == "onnx":
-            logits = torch.from_numpy(model.run(x.numpy()))
+            logits, features = model.run(x.numpy())
+            return torch.from_numpy(logits).float(), features
+        logits, features = features_and_logits(model, x.to(self.device))
+        return logits.float().cpu(), features.float().cpu().numpy()
+
+    def assess(self, images_uint8: np.ndarray, outputs: Outputs,
+               alpha: float | None = None) -> tuple[list[list[int]], float | None, list[list[str]]]:
+        """Grade sets (and their coverage) and per-image reasons for not being gradable."""
+        alpha = self.alpha if alpha is None else alpha
+        if self.is_calibrated:
+            sets = grade_sets(outputs.probabilities, conformal_threshold(self.conformal_scores, alpha))
+            coverage = 1 - alpha
         else:
-            logits = model(x.to(self.device)).float().cpu()
-        return torch.softmax(logits / self.temperature, dim=1).numpy().astype(np.float64)
+            sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
+        return sets, coverage, gradability(images_uint8, outputs.features, self.density)
 
     def explain(self, images_uint8: np.ndarray, targets: np.ndarray) -> Explanation:
         """Grad-CAM of the target grades, averaged over the ensemble's models (empty only if every member's is).
@@ -172,12 +238,14 @@ class Predictor:
         return Explanation(maps, np.all([m.empty for m in members], axis=0))
 
     def grade_prepared(self, prepared: np.ndarray, names: list[str | None] | None = None,
-                       explain: bool = False) -> list[Grading]:
+                       explain: bool = False, alpha: float | None = None) -> list[Grading]:
         """Grade (B, H, W) uint8 images from `prepare`; Grad-CAM of the predicted grade when `explain`."""
         names = names or [None] * len(prepared)
-        probabilities = self.probabilities(prepared)
+        outputs = self.outputs(prepared)
+        probabilities = outputs.probabilities
         grades = probabilities.argmax(axis=1)
-        warnings: list[list[str]] = [[] for _ in prepared]
+        sets, coverage, warnings = self.assess(prepared, outputs, alpha)
+        gradable = [not reasons for reasons in warnings]
         maps = [None] * len(prepared)
         if explain and self.can_explain:
             explanation = self.explain(prepared, grades)
@@ -188,8 +256,9 @@ class Predictor:
         elif explain:
             for notes in warnings:
                 notes.append(EXPLANATION_UNAVAILABLE)
-        return [Grading(int(g), [float(v) for v in p], float(p[g]), heatmap=m, warnings=w, name=n, image=u8)
-                for g, p, m, w, n, u8 in zip(grades, probabilities, maps, warnings, names, prepared)]
+        return [Grading(int(g), [float(v) for v in p], float(p[g]), grade_set=s, coverage=coverage, gradable=ok,
+                        heatmap=m, warnings=w, name=n, image=u8)
+                for g, p, s, ok, m, w, n, u8 in zip(grades, probabilities, sets, gradable, maps, warnings, names, prepared)]
 
     def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
                      explain: bool = False, names: list[str | None] | None = None) -> list[Grading]:

@@ -113,6 +113,9 @@ class MultiScaleAttentionNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
     def gradcam_layers(self) -> list[list[nn.Module]]:
         """Layer sets for Grad-CAM, tried in order until one shows positive evidence: the pyramid levels below
         the top, then every level (as the head pools them, after SE and attention).

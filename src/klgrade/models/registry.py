@@ -104,6 +104,16 @@ def gradcam_layers(model: nn.Module) -> list[list[nn.Module]]:
     return [[model.get_submodule(model.feature_info[-1]["module"])]]
 
 
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass, two answers: the logits (B, K) and the pooled penultimate features (B, D) they come from.
+
+    Every registered model (timm's and msa_net) has `forward_features`, `forward_head(pre_logits=True)` and
+    `get_classifier()`.
+    """
+    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    return model.get_classifier()(features), features
+
+
 def ordinal_head(model: nn.Module) -> CumulativeLogitHead | None:
     """The model's cumulative-logit head, or None for a plain classifier."""
     return next((m for m in model.modules() if isinstance(m, CumulativeLogitHead)), None)

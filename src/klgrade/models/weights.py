@@ -20,6 +20,7 @@ from klgrade.errors import CheckpointError
 from klgrade.files import atomic_path
 
 METADATA_KEY = "klgrade"
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 FORMAT = "klgrade-weights-1"
 
 
@@ -57,6 +58,16 @@ def read_info(path: str | Path) -> dict:
     if METADATA_KEY not in metadata:
         raise CheckpointError(f"{path}: safetensors file without klgrade metadata (not a klgrade checkpoint)")
     return json.loads(metadata[METADATA_KEY])
+
+
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The dtype of a checkpoint's floating tensors (e.g. float16 for the shipped model), to write it back alike."""
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            dtype = _FLOAT_DTYPES.get(handle.get_slice(key).get_dtype())
+            if dtype is not None:
+                return dtype
+    return torch.float32
 
 
 def load_checkpoint(path: str | Path, expect_model: str | None = None) -> tuple[nn.Module, dict]:

@@ -56,6 +56,10 @@ class GradeResponse(BaseModel):
     grade: int = Field(description="Predicted Kellgren-Lawrence grade, 0-4.")
     probabilities: list[float] = Field(description="Probability of each grade 0-4.")
     confidence: float = Field(description="Probability of the predicted grade.")
+    grade_set: list[int] = Field(description="Contiguous grades holding the true grade with probability `coverage` "
+                                             "(calibrated models); the grade alone otherwise.")
+    coverage: float | None = Field(None, description="Nominal coverage of grade_set (1 - alpha); null if uncalibrated.")
+    gradable: bool = Field(description="False: not a knee radiograph like the training data; do not trust the grade.")
     warnings: list[str] = Field(default_factory=list, description="What a reader must know about this answer.")
     heatmap_png: str | None = Field(None, description="Base64 PNG: radiograph with Grad-CAM overlay (explain=true).")
     model: str
@@ -83,13 +87,14 @@ def get_predictor(request: Request) -> Predictor:
 class _Job:
     prepared: PreparedInput
     explain: bool
+    alpha: float | None
     result: asyncio.Future
 
 
 class BatchGrader:
     """Grades uploads on one inference thread; all jobs waiting when it is free go through as one batch.
 
-    Plain and explained jobs go in separate batches. Requests never run the network at the same time, so the
+    Jobs that differ in explanation or alpha go in separate batches. Requests never run the network at the same time, so the
     cores serve one forward pass at a time (no oversubscription) and Grad-CAM's hooks see only its own pass.
     """
 
@@ -98,8 +103,8 @@ class BatchGrader:
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="klgrade-inference")
 
-    async def grade(self, prepared: PreparedInput, explain: bool) -> Grading:
-        job = _Job(prepared, explain, asyncio.get_running_loop().create_future())
+    async def grade(self, prepared: PreparedInput, explain: bool, alpha: float | None) -> Grading:
+        job = _Job(prepared, explain, alpha, asyncio.get_running_loop().create_future())
         await self.queue.put(job)
         return await job.result
 
@@ -109,13 +114,13 @@ class BatchGrader:
             jobs = [await self.queue.get()]
             while len(jobs) < MAX_BATCH and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
-            for explain in (False, True):
-                batch = [job for job in jobs if job.explain == explain and not job.result.done()]
+            for explain, alpha in sorted({(job.explain, job.alpha) for job in jobs}, key=str):
+                batch = [job for job in jobs if (job.explain, job.alpha) == (explain, alpha) and not job.result.done()]
                 if not batch:
                     continue
                 try:
                     results = await loop.run_in_executor(self.thread, grade_prepared, self.model,
-                                                         [job.prepared for job in batch], explain)
+                                                         [job.prepared for job in batch], explain, alpha)
                 except Exception as exc:  # a bug: these requests fail (500), the service goes on
                     log.exception("inference failed for a batch of %d", len(batch))
                     for job in batch:
@@ -214,10 +219,12 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                                       411: {"description": "No Content-Length"},
                                       413: {"description": "Upload too large"},
                                       415: {"description": "Not an image type"},
-                                      422: {"description": "Unreadable image, or too many pixels"}})
+                                      422: {"description": "Unreadable image, too many pixels, or a bad query value"}})
     async def grade_upload(request: Request, predictor: Annotated[Predictor, Depends(get_predictor)],
                            file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph")],
-                           explain: Annotated[bool, Query(description="Add a Grad-CAM overlay")] = False
+                           explain: Annotated[bool, Query(description="Add a Grad-CAM overlay")] = False,
+                           alpha: Annotated[float | None, Query(gt=0, lt=1, description="Grade sets miss the true "
+                                                                "grade for at most this share [0.1]")] = None,
                            ) -> GradeResponse:
         data = await file.read()
         declared = (file.content_type or "").lower()
@@ -228,10 +235,11 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         except ImageReadError as exc:
             status = 422 if declared.startswith(IMAGE_TYPES) or not declared else 415
             raise HTTPException(status, detail=f"not a readable radiograph: {exc.reason}") from None
-        result = await request.app.state.grader.grade(prepared, explain)
+        result = await request.app.state.grader.grade(prepared, explain, alpha)
         log.info("graded upload of %d bytes: KL %d", len(data), result.grade)
         heatmap = await run_in_threadpool(_overlay_png, result) if result.heatmap is not None else None
         return GradeResponse(grade=result.grade, probabilities=result.probabilities, confidence=result.confidence,
+                             grade_set=result.grade_set, coverage=result.coverage, gradable=result.gradable,
                              warnings=result.warnings, heatmap_png=heatmap, model=predictor.name)
 
     return app

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from klgrade.constants import IMAGE_SIZE
-from klgrade.data.augment import AugmentConfig
+from klgrade.data.augment import AugmentConfig, DomainConfig
 from klgrade.errors import KLGradeError
 
 BALANCE_CHOICES = ("none", "sampler", "loss")
@@ -29,6 +29,9 @@ class TrainConfig:
     seed [0]; limit [None]: use at most this many train and validation images (quick checks).
     init [None]: weights file to start from instead of random weights (fine-tuning, e.g. at a higher resolution).
     image_size [224], clahe [False], canonical_side [False]: preprocessing, stored in the checkpoint.
+    augment: affine + intensity strengths (`AugmentConfig`); domain_augment [False]: also imitate upstream
+    processing (CLAHE, softening, gamma, equalisation, JPEG, resampling, blur, noise) with the strengths in
+    `domain` (`DomainConfig`). Both are recorded in the checkpoint (train_config) and never run at validation.
     device [auto|cpu|cuda], devices [1], num_nodes [1], precision [bf16-mixed|32-true].
     threads [None]: CPU threads for torch. cache_dir [None]: image cache location.
     """
@@ -60,6 +63,8 @@ class TrainConfig:
     clahe: bool = False
     canonical_side: bool = False
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
+    domain_augment: bool = False
+    domain: dict = field(default_factory=lambda: DomainConfig().to_dict())
     device: str = "auto"
     devices: int = 1
     num_nodes: int = 1
@@ -85,6 +90,9 @@ class TrainConfig:
             raise KLGradeError(f"--limit must be at least 1, not {self.limit}")
         if self.image_size < 32:
             raise KLGradeError(f"--image-size must be at least 32 px, not {self.image_size}")
+        if self.ordinal and self.label_smoothing > 0:
+            raise KLGradeError("--label-smoothing cannot be used with --ordinal: smoothing every grade flattens the "
+                               "cumulative-logit scale")
         if self.fold is not None and not 0 <= self.fold < self.folds:
             raise KLGradeError(f"--fold must lie in 0-{self.folds - 1}")
         return self
@@ -110,4 +118,6 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "augment" in values:
         values["augment"] = {**AugmentConfig().to_dict(), **values["augment"]}
+    if "domain" in values:
+        values["domain"] = {**DomainConfig().to_dict(), **values["domain"]}
     return TrainConfig(**values).validate()

@@ -122,8 +122,17 @@ class DatasetOnDevice(Callback):
                 loader.dataset.to(module.device)
 
 
-def load_teachers(paths: list[str]) -> list[torch.nn.Module]:
-    return [load_checkpoint(p)[0] for p in paths]
+def load_teachers(paths: list[str], preprocess: PreprocessConfig) -> list[torch.nn.Module]:
+    """Teacher models; each must have been trained on images prepared as the student's are."""
+    teachers = []
+    for path in paths:
+        model, info = load_checkpoint(path)
+        theirs = PreprocessConfig.from_dict(info["preprocess"])
+        if theirs != preprocess:
+            raise KLGradeError(f"{path}: teacher preprocessing {theirs.to_dict()} differs from the student's "
+                               f"{preprocess.to_dict()}; a teacher must see the images as it was trained")
+        teachers.append(model)
+    return teachers
 
 
 def build_trainer(config: TrainConfig, out: Path, callbacks: list[Callback]) -> L.Trainer:
@@ -183,7 +192,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
                                shard_source=lambda: (trainer.global_rank, trainer.world_size))
     val_loader = make_loader(val_images, val_labels, max(config.batch_size, 64), shuffle=False)
     steps_per_epoch = train_loader.batch_sampler.batches_per_process(config.devices * config.num_nodes)
-    module = GradingModule(model, config, steps_per_epoch, class_weights, load_teachers(config.teacher))
+    module = GradingModule(model, config, steps_per_epoch, class_weights, load_teachers(config.teacher, data.preprocess))
     exporter = ExportWeights(out, info)
     trainer = build_trainer(config, out, [exporter, DatasetOnDevice([train_loader, val_loader]), *(callbacks or [])])
     resume_from = out / "last.ckpt" if config.resume and (out / "last.ckpt").exists() else None

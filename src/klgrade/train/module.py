@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from klgrade.constants import MAIN_METRIC, NUM_GRADES
-from klgrade.data.augment import AugmentConfig, random_augment
+from klgrade.data.augment import AugmentConfig, DomainConfig, domain_augment, random_augment
 from klgrade.data.preprocess import normalize
 from klgrade.metrics import confusion_metrics
 from klgrade.train.config import TrainConfig
@@ -39,8 +39,11 @@ class GradingModule(L.LightningModule):
         self.model = model.to(memory_format=torch.channels_last)
         self.config = config
         self.augment_config = AugmentConfig(**config.augment)
+        self.domain_config = DomainConfig.from_dict(config.domain) if config.domain_augment else None
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
                     if config.ema > 0 else None)
+        if self.ema is not None:  # updated by copying, never by gradients (DDP refuses parameters without grads)
+            self.ema.requires_grad_(False)
         self.register_buffer("class_weights", class_weights, persistent=False)
         self._teachers = [t.eval().requires_grad_(False) for t in (teachers or [])]  # not saved in checkpoints
         self._augment_generator = torch.Generator()
@@ -53,16 +56,23 @@ class GradingModule(L.LightningModule):
         return self.ema.module if self.ema is not None else self.model
 
     def _inputs(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
-        transform = (lambda x: random_augment(x, self.augment_config, self._augment_generator)) if augment else None
-        return normalize(images.unsqueeze(1), transform).contiguous(memory_format=torch.channels_last)
+        return normalize(images.unsqueeze(1), self._augment if augment else None).contiguous(
+            memory_format=torch.channels_last)
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Training-only: upstream-processing changes (when on), then the affine and intensity augmentation."""
+        if self.domain_config is not None:
+            x = domain_augment(x, self.domain_config, self._augment_generator)
+        return random_augment(x, self.augment_config, self._augment_generator)
 
     def on_fit_start(self) -> None:
         for teacher in self._teachers:
             teacher.to(self.device, memory_format=torch.channels_last)
 
     def on_train_epoch_start(self) -> None:
-        # Randomness derived from (seed, epoch): a run resumed at an epoch boundary repeats it exactly.
-        epoch_seed = self.config.seed * 100_003 + self.current_epoch
+        # Randomness derived from (seed, epoch, rank): a run resumed at an epoch boundary repeats it exactly, and
+        # DDP processes draw different augmentation and dropout for their different images.
+        epoch_seed = (self.config.seed * 100_003 + self.current_epoch) * 1_009 + self.global_rank
         self._augment_generator.manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)
 

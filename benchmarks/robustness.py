@@ -1,0 +1,137 @@
+"""Do grades hold whatever the upstream image processing? A fixed, seeded suite of perturbations on a labelled set.
+
+    python benchmarks/robustness.py --data ../shared/data/kneeKL224/val [--checkpoint CKPT ...] [--limit N] [--json]
+
+Each perturbation is applied to the decoded image as a radiograph viewer or PACS would, with OpenCV (not the
+training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
+copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
+downsampling to 112 px and back, a 16-bit PNG re-encode, and Gaussian noise. Per perturbation: accuracy, QWK,
+and agreement of the grade with the clean image's grade. `--json` prints
+`{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement"}}}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine  # noqa: E402
+
+from klgrade.data.io import read_image  # noqa: E402
+from klgrade.data.sources import find_samples  # noqa: E402
+from klgrade.infer.grading import load_model  # noqa: E402
+from klgrade.metrics import compute_metrics  # noqa: E402
+
+SEED = 0
+BATCH = 64
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    low, high = float(image.min()), float(image.max())
+    return np.clip((image - low) * (255.0 / max(high - low, 1e-6)), 0, 255).astype(np.uint8)
+
+
+def _clahe(clip: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda image: cv2.createCLAHE(clipLimit=clip, tileGridSize=(8, 8)).apply(_uint8(image)).astype(np.float32)
+
+
+def _soften(image: np.ndarray) -> np.ndarray:
+    sigma = 0.1 * image.shape[0]
+    return 0.5 * image + 0.5 * cv2.GaussianBlur(image, (0, 0), sigma)
+
+
+def _gamma(gamma: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda image: 255.0 * (_uint8(image) / 255.0) ** gamma
+
+
+def _jpeg(image: np.ndarray) -> np.ndarray:
+    encoded = cv2.imencode(".jpg", _uint8(image), [cv2.IMWRITE_JPEG_QUALITY, 30])[1]
+    return cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32)
+
+
+def _resample(image: np.ndarray) -> np.ndarray:
+    height, width = image.shape
+    small = cv2.resize(image, (112, 112), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _sixteen_bit(image: np.ndarray) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray((_uint8(image).astype(np.uint16) * 257)).save(buffer, format="PNG")
+    return read_image(buffer.getvalue(), name="reencoded.png")
+
+
+def _noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(image + rng.normal(0, 8.0, image.shape), 0, 255).astype(np.float32)
+
+
+def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    return {
+        "clahe_2": _clahe(2.0), "clahe_4": _clahe(4.0), "contrast_reduced": _soften,
+        "gamma_0.7": _gamma(0.7), "gamma_1.4": _gamma(1.4),
+        "equalize": lambda image: cv2.equalizeHist(_uint8(image)).astype(np.float32),
+        "jpeg_q30": _jpeg, "downsample_112": _resample, "png_16bit": _sixteen_bit,
+        "gaussian_noise": lambda image: _noise(image, rng),
+    }
+
+
+def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> np.ndarray:
+    prepared = np.stack([predictor.prepare(image, side) for image, side in zip(images, sides)])
+    return np.concatenate([predictor.probabilities(prepared[i:i + BATCH]) for i in range(0, len(prepared), BATCH)])
+
+
+def scores(labels: list[int], probabilities: np.ndarray, clean: np.ndarray | None) -> dict:
+    metrics = compute_metrics(labels, probabilities, n_boot=0)
+    result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"]}
+    if clean is not None:
+        result["agreement"] = float((probabilities.argmax(1) == clean.argmax(1)).mean())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--checkpoint", nargs="+", default=None, help="Default: the shipped model.")
+    parser.add_argument("--limit", type=int, default=None, help="At most N images (a seeded subset).")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    predictor = load_model(args.checkpoint)
+    samples = find_samples(args.data)
+    if args.limit is not None and args.limit < len(samples):
+        keep = np.sort(np.random.default_rng(SEED).permutation(len(samples))[: args.limit])
+        samples = [samples[i] for i in keep]
+    images = [read_image(s.path) for s in samples]
+    sides = [s.side for s in samples]
+    labels = [s.grade for s in samples]
+    clean = grades_of(predictor, images, sides)
+    result = {"n": len(samples), "clean": scores(labels, clean, None), "perturbations": {}}
+    for name, perturb in perturbations(np.random.default_rng(SEED)).items():
+        probabilities = grades_of(predictor, [perturb(image) for image in images], sides)
+        result["perturbations"][name] = scores(labels, probabilities, clean)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"machine: {machine()}")
+    print(f"model {predictor.name} ({', '.join(str(p) for p in predictor.paths)}), TTA {'on' if predictor.tta else 'off'}, "
+          f"{result['n']} images of {args.data}")
+    clean_scores = result["clean"]
+    print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s}")
+    print(f"{'clean':18s} {clean_scores['accuracy']:9.3f} {'':7s} {clean_scores['qwk']:6.3f}")
+    for name, entry in result["perturbations"].items():
+        print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_scores['accuracy']:+7.3f} "
+              f"{entry['qwk']:6.3f} {entry['agreement']:10.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""`klgrade calibrate`: fit how sure a checkpoint may be, on labelled data it was not trained on, and write it
+into a copy of the checkpoint, where `predict`, `evaluate`, `serve` and the ONNX export find it.
+
+Fitted on one combined output, the one the predictor then scales (ensemble mean and flip TTA included):
+1. temperature (Guo et al., ICML 2017) of the combined log-probabilities, by NLL;
+2. conformal scores of the temperature-scaled probabilities (`klgrade.uncertainty`), so that grade sets hold
+   the true grade with probability >= 1 - alpha, for any alpha chosen later;
+3. a feature density for gradability: grade means and covariance of the penultimate features of the
+   `density` images (the training data), thresholded so that `FLAGGED_SHARE` of the calibration images are
+   flagged.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from klgrade.data.sources import Sample
+from klgrade.errors import DataLayoutError
+from klgrade.evaluate.evaluation import predict_samples
+from klgrade.infer.predictor import Predictor
+from klgrade.metrics import fit_temperature
+from klgrade.models import load_checkpoint, save_checkpoint
+from klgrade.models.weights import stored_dtype
+from klgrade.uncertainty import FeatureDensity, conformal_scores
+
+log = logging.getLogger(__name__)
+
+FLAGGED_SHARE = 0.01
+"""Share of in-distribution calibration images the gradability check may flag."""
+
+
+def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Uncalibrated combined probabilities and penultimate features of every sample (all must be readable)."""
+    predictions, failures = predict_samples(predictor, samples, raw=True)
+    if failures:
+        listed = "; ".join(str(f) for f in failures[:5])
+        raise DataLayoutError(f"{len(failures)} unreadable {what} image(s): {listed}")
+    return predictions.outputs.probabilities, predictions.outputs.features
+
+
+def fit_calibration(predictor: Predictor, calibration: list[Sample], density: list[Sample]) -> dict:
+    """The calibration of `predictor` (JSON-ready): temperature, conformal scores, feature density."""
+    labels = np.array([s.grade for s in calibration])
+    probabilities, features = raw_outputs(predictor, calibration, "calibration")
+    temperature = fit_temperature(np.log(np.clip(probabilities, 1e-12, None)), labels)
+    scaled = torch.softmax(torch.from_numpy(np.log(np.clip(probabilities, 1e-12, None)) / temperature), dim=1).numpy()
+    scores = np.sort(conformal_scores(scaled, labels))
+    _, density_features = raw_outputs(predictor, density, "density")
+    fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))
+    fitted = fitted.with_threshold(features, FLAGGED_SHARE)
+    return {"temperature": temperature, "tta": predictor.tta, "conformal_scores": np.round(scores, 6).tolist(),
+            "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE, "n_calibration": len(calibration),
+            "n_density": len(density), "date": date.today().isoformat()}
+
+
+def calibrate_checkpoint(checkpoint: str | Path, calibration: list[Sample], density: list[Sample],
+                         out: str | Path, tta: bool | None = None) -> dict:
+    """Fit the calibration of `checkpoint` and write the checkpoint with it to `out`; returns the calibration."""
+    predictor = Predictor([checkpoint], tta=tta, calibrated=False)
+    result = fit_calibration(predictor, calibration, density)
+    model, info = load_checkpoint(checkpoint)
+    info["calibration"] = result
+    info.setdefault("inference", {})["tta"] = predictor.tta
+    save_checkpoint(out, model, info, dtype=stored_dtype(checkpoint))
+    log.info("calibrated %s -> %s (temperature %.3f)", checkpoint, out, result["temperature"])
+    return result

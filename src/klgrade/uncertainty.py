@@ -1,0 +1,102 @@
+"""How sure an answer is: temperature, contiguous conformal grade sets, and distance from the training data.
+
+Grade sets: split conformal prediction with the least-ambiguous score 1 - p(true grade) (Sadinle, Lei and
+Wasserman, "Least Ambiguous Set-Valued Classifiers with Bounded Error Levels", JASA 2019), made contiguous:
+the set is every grade from the lowest to the highest whose probability reaches 1 - q (q the conformal
+quantile of the calibration scores), and always the most probable grade. The least-ambiguous set holds the
+true grade with probability >= 1 - alpha for exchangeable data, and the contiguous set contains it, so the
+guarantee carries over (the ordinal sets of Lu et al., MICCAI 2022, https://arxiv.org/abs/2207.02238, take
+the same care to be intervals). The scores themselves are stored, so alpha can be chosen per call. (MAPIE and
+crepes build the least-ambiguous sets but do not make them contiguous.)
+
+Gradability: the Mahalanobis distance of the penultimate features to the nearest grade's mean under a shared
+covariance (Lee, Lee, Lee and Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
+Adversarial Attacks", NeurIPS 2018), fitted on training images and thresholded at a quantile of the
+calibration images' distances; plus a check for blank, near-constant images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+DEFAULT_ALPHA = 0.1
+"""Sets hold the true grade for at least 90% of images by default."""
+BLANK_STD = 2.0
+"""A preprocessed uint8 image with less spread than this (grey levels) holds nothing to grade."""
+NOT_A_KNEE = "not gradable: the image does not look like the knee radiographs the model was trained on"
+BLANK = "not gradable: the image is blank or nearly constant"
+
+
+def conformal_scores(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N,) nonconformity of each calibration image: 1 - the probability of its true grade."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    return 1 - probabilities[np.arange(len(probabilities)), np.asarray(labels)]
+
+
+def conformal_threshold(scores: np.ndarray, alpha: float = DEFAULT_ALPHA) -> float:
+    """The ceil((n + 1)(1 - alpha)) / n empirical quantile of the calibration scores (1.0: every grade)."""
+    scores = np.sort(np.asarray(scores, dtype=np.float64))
+    rank = math.ceil((len(scores) + 1) * (1 - alpha))
+    return float(scores[rank - 1]) if rank <= len(scores) else 1.0
+
+
+def grade_sets(probabilities: np.ndarray, threshold: float) -> list[list[int]]:
+    """Per image, the grades from the lowest to the highest with probability >= 1 - threshold, and the mode."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    kept = probabilities >= 1 - threshold - 1e-12
+    kept[np.arange(len(kept)), probabilities.argmax(axis=1)] = True
+    grades = np.arange(probabilities.shape[1])
+    low = np.where(kept, grades, grades.max()).min(axis=1)
+    high = np.where(kept, grades, 0).max(axis=1)
+    return [list(range(lo, hi + 1)) for lo, hi in zip(low, high)]
+
+
+@dataclass
+class FeatureDensity:
+    """Grade means and a shared precision matrix of penultimate features, and the distance threshold."""
+
+    means: list[list[float]]
+    precision: list[list[float]]
+    threshold: float
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, shrinkage: float = 1e-3) -> "FeatureDensity":
+        """Fit on training features; the threshold is set later from calibration features (`with_threshold`)."""
+        features, labels = np.asarray(features, dtype=np.float64), np.asarray(labels)
+        grades = sorted(set(labels.tolist()))
+        means = np.stack([features[labels == g].mean(axis=0) for g in grades])
+        centred = features - means[np.searchsorted(grades, labels)]
+        covariance = centred.T @ centred / len(features)
+        covariance += shrinkage * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+        return cls(means.tolist(), np.linalg.inv(covariance).tolist(), math.inf)
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """(N,) squared Mahalanobis distance to the nearest grade mean."""
+        means, precision = np.asarray(self.means), np.asarray(self.precision)
+        difference = np.asarray(features, dtype=np.float64)[:, None, :] - means[None]
+        return np.einsum("nkd,de,nke->nk", difference, precision, difference).min(axis=1)
+
+    def with_threshold(self, features: np.ndarray, flagged_share: float) -> "FeatureDensity":
+        """Threshold at the (1 - flagged_share) quantile of these (in-distribution) features' distances."""
+        return FeatureDensity(self.means, self.precision, float(np.quantile(self.distances(features), 1 - flagged_share)))
+
+    def to_dict(self) -> dict:
+        rounded = {k: np.round(np.asarray(v), 7).tolist() if k != "threshold" else v for k, v in asdict(self).items()}
+        return rounded
+
+
+def gradability(images_uint8: np.ndarray, features: np.ndarray | None,
+                density: FeatureDensity | None) -> list[list[str]]:
+    """Per image, the reasons it is not gradable (empty when it is)."""
+    reasons: list[list[str]] = [[] for _ in images_uint8]
+    spread = np.asarray(images_uint8, dtype=np.float32).reshape(len(images_uint8), -1).std(axis=1)
+    far = density.distances(features) > density.threshold if density is not None else np.zeros(len(reasons), bool)
+    for notes, blank, outlier in zip(reasons, spread < BLANK_STD, far):
+        if blank:
+            notes.append(BLANK)
+        elif outlier:
+            notes.append(NOT_A_KNEE)
+    return reasons

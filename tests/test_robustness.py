@@ -1,0 +1,71 @@
+"""Domain augmentation (training only, seeded) and the robustness benchmark on a tiny real folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from klgrade.data.augment import DomainConfig, domain_augment
+from klgrade.data.preprocess import normalize
+from klgrade.models import create_model
+from klgrade.train.config import TrainConfig
+from klgrade.train.module import GradingModule
+
+from helpers import REPO, copy_real_images, knee_image
+
+ALWAYS = DomainConfig(**{k: (1.0 if k.endswith("_prob") else v) for k, v in DomainConfig().to_dict().items()})
+
+
+def batch(n: int = 6, side: int = 96) -> torch.Tensor:
+    return torch.from_numpy(np.stack([knee_image(i, side) for i in range(n)])).float().div(255).unsqueeze(1)
+
+
+def test_domain_augmentation_is_seeded_changes_images_and_keeps_shape_and_range():
+    x = batch()
+    first = domain_augment(x, DomainConfig(), torch.Generator().manual_seed(3))
+    again = domain_augment(x, DomainConfig(), torch.Generator().manual_seed(3))
+    other = domain_augment(x, DomainConfig(), torch.Generator().manual_seed(4))
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.equal(first, other)
+    assert first.shape == x.shape and first.dtype == x.dtype and 0 <= first.min() and first.max() <= 1
+    everything = domain_augment(x, ALWAYS, torch.Generator().manual_seed(0))
+    assert (everything - x).abs().mean(dim=(1, 2, 3)).min() > 0.01  # every image changed
+    nothing = DomainConfig(**{k: (0.0 if k.endswith("_prob") else v) for k, v in DomainConfig().to_dict().items()})
+    torch.testing.assert_close(domain_augment(x, nothing, torch.Generator().manual_seed(0)), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("step", ["clahe_prob", "soften_prob", "gamma_prob", "equalize_prob", "jpeg_prob",
+                                  "resample_prob", "blur_prob", "noise_prob"])
+def test_each_domain_change_alone_changes_the_image(step):
+    only = DomainConfig(**{k: (1.0 if k == step else 0.0 if k.endswith("_prob") else v)
+                           for k, v in DomainConfig().to_dict().items()})
+    x = batch(4)
+    changed = domain_augment(x, only, torch.Generator().manual_seed(1))
+    assert (changed - x).abs().mean() > 1e-3, step
+
+
+def test_validation_inputs_are_never_augmented():
+    config = TrainConfig(data="x", domain_augment=True, domain=ALWAYS.to_dict())
+    module = GradingModule(create_model("resnet18"), config, steps_per_epoch=1)
+    images = torch.from_numpy(np.stack([knee_image(i, 64) for i in range(3)]))
+    expected = normalize(images.unsqueeze(1))
+    torch.testing.assert_close(module._inputs(images, augment=False), expected, rtol=0, atol=0)
+    assert not torch.equal(module._inputs(images, augment=True), expected)
+
+
+def test_robustness_benchmark_runs_on_a_tiny_folder(tiny_checkpoint, kneekl224, tmp_path):
+    copy_real_images(kneekl224, tmp_path, 2)
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "robustness.py"), "--data", str(tmp_path),
+                             "--checkpoint", str(tiny_checkpoint), "--limit", "8", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["n"] == 8 and set(report["clean"]) == {"accuracy", "qwk"}
+    assert len(report["perturbations"]) >= 10
+    for entry in report["perturbations"].values():
+        assert set(entry) == {"accuracy", "qwk", "agreement"} and 0 <= entry["agreement"] <= 1

@@ -1,0 +1,100 @@
+"""Grade sets with guaranteed coverage, the gradability flag, and `klgrade calibrate` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from klgrade.infer.grading import grade, load_model
+from klgrade.models.weights import read_info
+from klgrade.serve.app import Settings, create_app
+from klgrade.uncertainty import BLANK, FeatureDensity, conformal_scores, conformal_threshold, grade_sets, gradability
+
+from helpers import EXAMPLES, copy_real_images, knee_image, run_cli
+
+
+def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unimodal grade probabilities around a latent severity (as an ordinal grader gives) and labels drawn
+    from them: a perfectly calibrated model."""
+    rng = np.random.default_rng(seed)
+    centre, spread = rng.uniform(-0.5, 4.5, (n, 1)), rng.uniform(0.4, 1.2, (n, 1))
+    logits = -((np.arange(5) - centre) ** 2) / (2 * spread**2)
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(5, p=p) for p in probabilities])
+    return probabilities, labels
+
+
+def test_sets_are_contiguous_hold_the_mode_and_reach_all_grades():
+    probabilities, labels = synthetic(200, 0)
+    probabilities[0] = [0.45, 0.05, 0.45, 0.04, 0.01]  # bimodal: the set fills the gap
+    assert grade_sets(probabilities[:1], 0.6) == [[0, 1, 2]]
+    assert grade_sets(probabilities, 0.0) == [[int(g)] for g in probabilities.argmax(1)]
+    assert all(s == [0, 1, 2, 3, 4] for s in grade_sets(probabilities, 1.0))
+    for grades, p in zip(grade_sets(probabilities, 0.8), probabilities):
+        assert grades == list(range(grades[0], grades[-1] + 1)) and int(p.argmax()) in grades
+    scores = conformal_scores(probabilities, labels)
+    np.testing.assert_allclose(scores, 1 - probabilities[np.arange(200), labels])
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.2])
+def test_split_conformal_coverage_holds_on_exchangeable_data(alpha):
+    calibration, calibration_labels = synthetic(3000, 1)
+    test, test_labels = synthetic(3000, 2)
+    threshold = conformal_threshold(conformal_scores(calibration, calibration_labels), alpha)
+    sets = grade_sets(test, threshold)
+    coverage = np.mean([y in s for y, s in zip(test_labels, sets)])
+    assert 1 - alpha - 0.02 <= coverage <= 1 - alpha + 0.03
+    assert np.mean([len(s) for s in sets]) < 5
+
+
+def test_feature_density_flags_far_points_and_blank_images():
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(0, 1, (2000, 8)), rng.integers(0, 5, 2000)
+    density = FeatureDensity.fit(features, labels).with_threshold(rng.normal(0, 1, (500, 8)), 0.01)
+    assert (density.distances(rng.normal(0, 1, (500, 8))) > density.threshold).mean() < 0.05
+    assert (density.distances(rng.normal(6, 1, (100, 8))) > density.threshold).all()
+    images = np.stack([knee_image(1), np.full((64, 64), 7, np.uint8)])
+    assert gradability(images, None, None) == [[], [BLANK]]
+
+
+def test_calibrate_writes_everything_into_the_checkpoint(calibrated):
+    calibration = read_info(calibrated)["calibration"]
+    assert calibration["n_calibration"] == 40 and calibration["n_density"] == 60
+    assert 0.25 <= calibration["temperature"] <= 8 and len(calibration["conformal_scores"]) == 40
+    assert np.isfinite(calibration["density"]["threshold"])
+
+
+def test_a_calibrated_checkpoint_answers_alike_through_predict_serve_and_onnx(calibrated, tmp_path):
+    from klgrade.infer.onnx import export_onnx
+
+    example = sorted(EXAMPLES.glob("KL2_*.jpg"))[0]
+    result = run_cli("predict", str(example), "--checkpoint", str(calibrated), "--format", "json", "--alpha", "0.2")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)[0]
+    with TestClient(create_app(Settings(checkpoints=[str(calibrated)]))) as client:
+        body = client.post("/v1/grade?alpha=0.2", files={"file": (example.name, example.read_bytes(), "image/jpeg")}).json()
+    onnx_model = load_model(export_onnx(calibrated, tmp_path / "calibrated.onnx"), backend="onnx")
+    from_onnx = grade(example, model=onnx_model, alpha=0.2)
+    expected = [row[f"prob_{k}"] for k in range(5)]
+    np.testing.assert_allclose(body["probabilities"], expected, atol=1e-5)
+    np.testing.assert_allclose(from_onnx.probabilities, expected, atol=1e-4)
+    assert body["coverage"] == pytest.approx(0.8) and from_onnx.coverage == pytest.approx(0.8)
+    low, high = body["grade_set"][0], body["grade_set"][-1]
+    assert row["grade_set"] == (str(low) if low == high else f"{low}-{high}")
+    assert from_onnx.grade_set == body["grade_set"] and body["gradable"] == row["gradable"] == from_onnx.gradable
+
+
+def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(calibrated, kneekl224, tmp_path):
+    data = tmp_path / "scored"
+    copy_real_images(kneekl224, data, 3, split="val")
+    result = run_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated), "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert {"coverage", "mean_set_size", "coverage_per_grade", "ungradable_fraction"} <= set(metrics)
+    assert len(metrics["coverage_per_grade"]) == 5 and 1 <= metrics["mean_set_size"] <= 5
+    same = run_cli("evaluate", "--data", str(data), "--calibrate-on", str(data), "--checkpoint", str(calibrated))
+    assert same.returncode == 1 and "Traceback" not in same.stderr
+    assert "calibrate on data that is not scored" in same.stderr and len(same.stderr.strip().splitlines()) == 1
