@@ -1,6 +1,6 @@
 """Do grades hold whatever the upstream image processing? A fixed, seeded suite of perturbations on a labelled set.
 
-    python benchmarks/robustness.py --data ../shared/data/kneeKL224/val [--checkpoint CKPT ...] [--limit N] [--json]
+    python benchmarks/robustness.py --data ../shared/data/kneeKL224/val [--checkpoint CKPT ...] [--limit N] [--tta] [--json]
 
 Each perturbation is applied to the decoded image as a radiograph viewer or PACS would, with OpenCV (not the
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
@@ -103,10 +103,12 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--checkpoint", nargs="+", default=None, help="Default: the shipped model.")
     parser.add_argument("--limit", type=int, default=None, help="At most N images (a seeded subset).")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="Flip TTA on/off [as the checkpoint recommends].")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    predictor = load_model(args.checkpoint)
+    predictor = load_model(args.checkpoint, tta=args.tta)
     samples = find_samples(args.data)
     if args.limit is not None and args.limit < len(samples):
         keep = np.sort(np.random.default_rng(SEED).permutation(len(samples))[: args.limit])
