@@ -121,7 +121,7 @@ def test_an_empty_map_is_reported_as_a_warning_and_drawn_as_the_plain_radiograph
     grading = model.grade_arrays([knee_image(1)], explain=True, names=["knee.png"])[0]
     assert grading.warnings == [EXPLANATION_EMPTY]
     assert grading.heatmap.max() == 0
-    assert caption(grading).splitlines()[1] == f"! {EXPLANATION_EMPTY}"
+    assert caption(grading).splitlines()[1:] == ["knee.png", f"! {EXPLANATION_EMPTY}"]
     picture = np.asarray(overlay(grading.image, grading.heatmap, caption(grading)))[:448]
     assert (picture[..., 0] == picture[..., 2]).all()  # grey: no colour map blended over it
 

@@ -115,7 +115,8 @@ def joint_fraction(heatmap: np.ndarray, band: tuple[float, float] = JOINT_BAND) 
 
 
 def overlay(image_uint8: np.ndarray, heatmap: np.ndarray | None, caption: str) -> Image.Image:
-    """Radiograph with the heatmap blended on top and a caption bar, one line per caption line.
+    """Radiograph with the heatmap blended on top and a caption bar, one line per caption line (`!` lines,
+    the warnings, in yellow).
 
     An empty (all-zero) or missing heatmap leaves the radiograph as it is: the caption says why.
     """
@@ -132,6 +133,6 @@ def overlay(image_uint8: np.ndarray, heatmap: np.ndarray | None, caption: str) -
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
-        colour = "white" if i == 0 else "yellow"
+        colour = "yellow" if line.startswith("!") else "white"
         draw.text((8, OVERLAY_SIDE + line_height // 6 + i * line_height), line, fill=colour, font=font)
     return canvas

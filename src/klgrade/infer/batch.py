@@ -50,12 +50,12 @@ def heatmap_names(paths: list[str]) -> list[str]:
 
 
 def caption(grading: Grading) -> str:
-    """The overlay's caption: grade, confidence and file name on the first line, then one line per warning."""
+    """The overlay's caption: grade, confidence and grade set; the file name; then one line per warning."""
     first = [f"KL {grading.grade}", f"p={grading.confidence:.2f}"]
     if grading.coverage is not None:
-        first.append(f"KL {set_label(grading.grade_set)} ({grading.coverage:.0%})")
-    first += [Path(grading.name).name] if grading.name else []
-    return "\n".join(["   ".join(first), *(f"! {w}" for w in grading.warnings)])
+        first.append(f"set KL {set_label(grading.grade_set)} ({grading.coverage:.0%})")
+    name = [Path(grading.name).name] if grading.name else []
+    return "\n".join(["   ".join(first), *name, *(f"! {w}" for w in grading.warnings)])
 
 
 def save_overlay(target: Path, grading: Grading) -> str:
