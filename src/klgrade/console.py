@@ -56,6 +56,10 @@ def print_metrics(metrics: dict) -> None:
         table.add_row(name, f"{metrics[name]:.4f}", f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "")
     table.add_row("extreme errors (|d|>=3)", str(metrics["extreme_errors"]), "")
     table.add_row("adjacent share of errors", f"{metrics['adjacent_error_rate']:.3f}", "")
+    if "coverage" in metrics:
+        table.add_row(f"grade-set coverage (nominal {metrics['nominal_coverage']:.0%})", f"{metrics['coverage']:.3f}", "")
+        table.add_row("mean grade-set size", f"{metrics['mean_set_size']:.2f}", "")
+    table.add_row("not gradable", f"{metrics['ungradable_fraction']:.3f}", "")
     console = Console()
     console.print(table)
     confusion = Table("true \\ predicted", *(str(k) for k in range(NUM_GRADES)), title="confusion matrix")
