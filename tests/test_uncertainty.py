@@ -98,3 +98,24 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     same = run_cli("evaluate", "--data", str(data), "--calibrate-on", str(data), "--checkpoint", str(calibrated))
     assert same.returncode == 1 and "Traceback" not in same.stderr
     assert "calibrate on data that is not scored" in same.stderr and len(same.stderr.strip().splitlines()) == 1
+
+
+def test_an_ensemble_is_calibrated_on_its_combined_output_and_only_together(tiny_checkpoint, calibrated, tmp_path):
+    import torch
+
+    from klgrade.models import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(tiny_checkpoint)
+    with torch.no_grad():
+        model.fc.weight.mul_(-1.0)  # a second member that disagrees with the first
+    second = save_checkpoint(tmp_path / "second.safetensors", model, info)
+    out = tmp_path / "ensemble"
+    result = run_cli("calibrate", "--checkpoint", str(tiny_checkpoint), str(second), "--data",
+                     str(calibrated.parent), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    members = [out / tiny_checkpoint.name, out / "second.safetensors"]
+    together = load_model(members)
+    assert together.is_calibrated and together.density is not None
+    assert read_info(members[0])["calibration"]["ensemble_id"] == read_info(members[1])["calibration"]["ensemble_id"]
+    assert not load_model(members[0]).is_calibrated  # one member alone: the ensemble's calibration does not fit it
+    assert not load_model([calibrated, members[1]]).is_calibrated

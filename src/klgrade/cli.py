@@ -287,10 +287,12 @@ def predict(
 @app.command()
 @user_errors
 def calibrate(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint to calibrate.")],
+    checkpoint: Annotated[list[Path], typer.Option("--checkpoint", help="Checkpoint to calibrate; several = an "
+                                                   "ensemble, calibrated on its combined output.")],
     data: Annotated[str, typer.Option("--data", help="Labelled calibration images: a grade/image folder, a manifest, "
                                       "or a split root (its --split).")],
-    out: Annotated[Path, typer.Option("--out", help="Calibrated checkpoint to write (.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Calibrated checkpoint to write (.safetensors); for an "
+                                      "ensemble, a folder for the calibrated members.")],
     split: Annotated[str, typer.Option(help="Calibration split of a split root.")] = "val",
     density_data: Annotated[Optional[str], typer.Option(help="Images that define 'like the training data' for the "
                                                         "gradability check [the train split of a split root].")] = None,
@@ -302,8 +304,10 @@ def calibrate(
     from klgrade.evaluate.evaluation import check_disjoint, pick_split
 
     _setup_logging(quiet=True)
-    if out.is_dir() or out.suffix != ".safetensors":
+    if len(checkpoint) == 1 and (out.is_dir() or out.suffix != ".safetensors"):
         raise KLGradeError(f"{out}: --out must name a .safetensors file")
+    if len(checkpoint) > 1:
+        output_folder(out)
     samples = find_samples(data)
     has_splits = any(s.split for s in samples)
     calibration = pick_split(samples, split if has_splits else None)

@@ -13,6 +13,7 @@ Fitted on one combined output, the one the predictor then scales (ensemble mean 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import date
 from pathlib import Path
 
@@ -58,14 +59,24 @@ def fit_calibration(predictor: Predictor, calibration: list[Sample], density: li
             "n_density": len(density), "date": date.today().isoformat()}
 
 
-def calibrate_checkpoint(checkpoint: str | Path, calibration: list[Sample], density: list[Sample],
-                         out: str | Path, tta: bool | None = None) -> dict:
-    """Fit the calibration of `checkpoint` and write the checkpoint with it to `out`; returns the calibration."""
-    predictor = Predictor([checkpoint], tta=tta, calibrated=False)
+def calibrate_checkpoint(checkpoints: str | Path | list[str | Path], calibration: list[Sample],
+                         density: list[Sample], out: str | Path, tta: bool | None = None) -> dict:
+    """Fit the calibration of a checkpoint, or of an ensemble on its combined output, and write it; returns it.
+
+    One checkpoint: `out` is the calibrated checkpoint file. Several: `out` is a folder that receives a copy of
+    each member carrying the ensemble's calibration, which applies only when exactly these members are loaded
+    together (`members`, `ensemble_id`).
+    """
+    paths = [Path(p) for p in (checkpoints if isinstance(checkpoints, list) else [checkpoints])]
+    predictor = Predictor(paths, tta=tta, calibrated=False)
     result = fit_calibration(predictor, calibration, density)
-    model, info = load_checkpoint(checkpoint)
-    info["calibration"] = result
-    info.setdefault("inference", {})["tta"] = predictor.tta
-    save_checkpoint(out, model, info, dtype=stored_dtype(checkpoint))
-    log.info("calibrated %s -> %s (temperature %.3f)", checkpoint, out, result["temperature"])
+    if len(paths) > 1:
+        result = {**result, "members": [p.name for p in paths], "ensemble_id": uuid.uuid4().hex}
+    for path in paths:
+        model, info = load_checkpoint(path)
+        info["calibration"] = result
+        info.setdefault("inference", {})["tta"] = predictor.tta
+        target = Path(out) / path.name if len(paths) > 1 else Path(out)
+        save_checkpoint(target, model, info, dtype=stored_dtype(path))
+    log.info("calibrated %s -> %s (temperature %.3f)", ", ".join(map(str, paths)), out, result["temperature"])
     return result

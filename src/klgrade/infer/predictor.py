@@ -143,11 +143,14 @@ class Predictor:
         self.density = FeatureDensity(**calibration["density"]) if "density" in calibration else None
 
     def _calibration(self) -> dict:
-        """The stored calibration, when it belongs to this exact set-up (one checkpoint, same TTA setting)."""
+        """The stored calibration, when it belongs to this exact set-up: the same checkpoint alone, or the same
+        ensemble members together (an ensemble is calibrated on its combined output), and the same TTA setting."""
         stored = [info.get("calibration") for info in self.infos]
-        if len(stored) > 1 or stored[0] is None:
-            if any(stored):
-                log.warning("ensembles run uncalibrated: each member's calibration fits that member alone")
+        if stored[0] is None:
+            return {}
+        ensemble_ids = {(c or {}).get("ensemble_id") for c in stored}
+        if len(ensemble_ids) != 1 or len(stored[0].get("members", [None])) != len(stored):
+            log.warning("running uncalibrated: the stored calibration belongs to another set of checkpoints")
             return {}
         if stored[0].get("tta") != self.tta:
             log.warning("%s was calibrated with flip TTA %s; running it %s leaves it uncalibrated", self.paths[0],
