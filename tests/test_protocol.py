@@ -66,5 +66,17 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     assert set(results["variants"]) == {v.name for v in VARIANTS}
     kd = json.loads((out / "runs" / "msa_net_kd" / "fold0" / "metrics.json").read_text())
     assert len(kd["config"]["teacher"]) == 4
+    assert results["unfinished"] == [] and "time budget" not in report
+    again = run_cli("reproduce", "--data", str(kneekl224), "--out", str(out), "--profile", "quick", "--device", "cpu",
+                    "--time-budget", "0", timeout=900)  # every fold is done: a spent budget stops nothing
+    assert again.returncode == 0 and json.loads((out / "results.json").read_text())["unfinished"] == []
+    fresh = run_cli("reproduce", "--data", str(kneekl224), "--out", str(tmp_path / "fresh"), "--profile", "quick",
+                    "--device", "cpu", "--time-budget", "0", timeout=900)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "unfinished" in fresh.stdout
+    stopped = json.loads((tmp_path / "fresh" / "results.json").read_text())
+    assert stopped["unfinished"] == [v.name for v in VARIANTS] and stopped["variants"] == {}
+    assert "Stopped by the time budget" in (tmp_path / "fresh" / "report.md").read_text()
+    assert not list((tmp_path / "fresh" / "runs").rglob("*.safetensors"))
     for figure in ("folds.png", "curves.png", "gradcam_panel.png", "confusion_msa_net.png"):
         assert (out / "figures" / figure).stat().st_size > 1000

@@ -154,6 +154,8 @@ def reproduce(
     profile: Annotated[str, typer.Option(help="quick (CPU, minutes, proves the pipeline) or paper (full, GPU).")] = "quick",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of folds and training.")] = 0,
+    time_budget: Annotated[Optional[float], typer.Option(min=0, help="Minutes after which no fold starts; the "
+                                                         "report covers what finished [no limit].")] = None,
 ) -> None:
     """The paper's protocol: 5 models + distilled msa_net + ablations, CV, internal/external validation, report."""
     from klgrade.experiments.protocol import PROFILES
@@ -163,7 +165,10 @@ def reproduce(
     output_folder(out)
     if profile not in PROFILES:
         raise KLGradeError(f"--profile must be one of {sorted(PROFILES)}, not '{profile}'")
-    run_protocol(data, out, profile=profile, external=external, device=device, seed=seed)
+    results = run_protocol(data, out, profile=profile, external=external, device=device, seed=seed,
+                           time_budget_s=time_budget * 60 if time_budget is not None else None)
+    if results["unfinished"]:
+        typer.echo(f"time budget spent; unfinished: {', '.join(results['unfinished'])} (rerun to continue)")
     typer.echo(f"report: {out / 'report.md'}")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -97,8 +98,16 @@ def mean_sd(per_fold: list[dict], names=REPORT_METRICS) -> dict:
                    if len(per_fold) > 1 else 0.0} for name in names}
 
 
-def cross_validate(config: TrainConfig, teachers_for_fold=None) -> dict:
-    """Run every fold; write oof_predictions.csv, cv_metrics.json and cv_summary.md under `config.out`."""
+class OutOfTime(KLGradeError):
+    """The time budget ran out before a fold could start; finished folds stay on disk for a rerun."""
+
+
+def cross_validate(config: TrainConfig, teachers_for_fold=None, deadline: float | None = None) -> dict:
+    """Run every fold; write oof_predictions.csv, cv_metrics.json and cv_summary.md under `config.out`.
+
+    Raises:
+        OutOfTime: `time.monotonic()` passed `deadline` before an unfinished fold could start.
+    """
     out = Path(config.out)
     if config.patience > 0:
         raise KLGradeError("--patience would stop each fold on the patients it is scored on; cross-validation "
@@ -106,6 +115,9 @@ def cross_validate(config: TrainConfig, teachers_for_fold=None) -> dict:
     check_folds_disjoint(config)
     all_rows, per_fold = [], []
     for fold in range(config.folds):
+        finished = (fold_dir(config.out, fold) / "oof.csv").exists()
+        if deadline is not None and not finished and time.monotonic() > deadline:
+            raise OutOfTime(f"{config.out}: time budget spent before fold {fold}")
         rows = run_fold(config, fold, teachers_for_fold)
         per_fold.append(rows_metrics(rows))
         all_rows.extend(rows)

@@ -11,6 +11,7 @@ number. Each variant and fold is resumable: rerunning the command skips finished
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from klgrade.data.io import read_image
 from klgrade.data.sources import find_samples
 from klgrade.errors import DataLayoutError
 from klgrade.evaluate.evaluation import batched_outputs
-from klgrade.experiments.cv import cross_validate, fold_model, mean_sd, run_name
+from klgrade.experiments.cv import OutOfTime, cross_validate, fold_model, mean_sd, run_name
 from klgrade.experiments.report import PanelImage, write_report
 from klgrade.infer.predictor import Predictor
 from klgrade.metrics import compute_metrics
@@ -91,12 +92,18 @@ def validate_fold_models(run: Path, folds: int, data: str, limit: int | None, sp
 
 
 def reproduce(data: str, out: str | Path, profile: str = "quick", external: str | None = None,
-              device: str = "auto", seed: int = 0) -> dict:
-    """Run the whole protocol; returns the results also written to `out/results.json`."""
+              device: str = "auto", seed: int = 0, time_budget_s: float | None = None) -> dict:
+    """Run the whole protocol; returns the results also written to `out/results.json`.
+
+    With `time_budget_s`, no fold starts after the budget is spent: the report then covers the variants whose
+    folds all finished and lists the others as unfinished; a rerun continues where this one stopped.
+    """
     out = Path(out)
+    deadline = time.monotonic() + time_budget_s if time_budget_s is not None else None
     base, extra = profile_config(profile, data, out, device, seed)
     has_val = any(s.split == "val" for s in find_samples(data))
-    results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {}}
+    results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {},
+               "unfinished": []}
     for variant in VARIANTS:
         run = out / "runs" / run_name(variant.name)
         options = {**extra["model_options"].get(variant.model, {}), **variant.options}
@@ -106,7 +113,11 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
             def teachers(fold: int) -> list[str]:  # the baselines of the same fold: trained on the same patients
                 return [str(fold_model(out / "runs" / run_name(b), fold)) for b in BASELINES]
         log.info("variant %s", variant.name)
-        cv = cross_validate(config, teachers)
+        try:
+            cv = cross_validate(config, teachers, deadline)
+        except OutOfTime:
+            results["unfinished"].append(variant.name)
+            continue
         entry = {"model": variant.model, "options": options, "distilled": variant.distilled,
                  "ablation": variant.ablation, "cv": {"mean_sd": cv["mean_sd"], "per_fold": cv["per_fold"],
                                                       "pooled_oof": cv["pooled_oof"]}}

@@ -60,6 +60,9 @@ def _markdown(results: dict, panel: Path | None) -> str:
                                                           if results["external"] else "") + ".",
              "msa_net+kd is distilled from the ensemble of the four baselines trained on the same fold "
              "(mean of their softened probabilities).", ""]
+    if results.get("unfinished"):
+        lines += [f"**Stopped by the time budget**; not finished (rerun the same command to continue): "
+                  f"{', '.join(results['unfinished'])}.", ""]
     for which, title in (("cv", f"Cross-validation (mean +/- sd over {k} folds)"),
                          ("internal", "Internal validation on `val` (fold models, mean +/- sd)"),
                          ("external", "External validation (fold models, mean +/- sd)")):
