@@ -30,22 +30,18 @@ from klgrade.data.sources import find_samples, select_split  # noqa: E402
 from klgrade.evaluate.evaluation import predict_samples  # noqa: E402
 from klgrade.infer.predictor import Predictor, shipped_checkpoint  # noqa: E402
 from klgrade.metrics import fit_temperature, set_metrics  # noqa: E402
-from klgrade.uncertainty import FeatureDensity, conformal_scores, conformal_threshold, grade_sets, gradability  # noqa: E402
+from klgrade.uncertainty import (FeatureDensity, apply_temperature, conformal_scores, conformal_threshold,  # noqa: E402
+                                 grade_sets, gradability, log_probabilities)
 
 FLAGGED_SHARE = 0.01
-
-
-def scaled(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    log_p = np.log(np.clip(probabilities, 1e-12, None)) / temperature
-    return torch.softmax(torch.from_numpy(log_p), dim=1).numpy()
 
 
 def cross_fit(probabilities, features, labels, images, halves, density: FeatureDensity, alpha: float) -> list[dict]:
     results = []
     for fit_half, score_half in ((halves[0], halves[1]), (halves[1], halves[0])):
-        temperature = fit_temperature(np.log(np.clip(probabilities[fit_half], 1e-12, None)), labels[fit_half])
-        threshold = conformal_threshold(conformal_scores(scaled(probabilities[fit_half], temperature), labels[fit_half]), alpha)
-        sets = grade_sets(scaled(probabilities[score_half], temperature), threshold)
+        temperature = fit_temperature(log_probabilities(probabilities[fit_half]), labels[fit_half])
+        scores = conformal_scores(apply_temperature(probabilities[fit_half], temperature), labels[fit_half])
+        sets = grade_sets(apply_temperature(probabilities[score_half], temperature), conformal_threshold(scores, alpha))
         fitted = density.with_threshold(features[fit_half], FLAGGED_SHARE)
         flagged = [bool(r) for r in gradability(images[score_half], features[score_half], fitted)]
         results.append({"n_fit": int(len(fit_half)), "n_scored": int(len(score_half)), "temperature": temperature,

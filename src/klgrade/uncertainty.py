@@ -18,7 +18,7 @@ calibration images' distances; plus a check for blank, near-constant images.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,6 +28,19 @@ BLANK_STD = 2.0
 """A preprocessed uint8 image with less spread than this (grey levels) holds nothing to grade."""
 NOT_A_KNEE = "not gradable: the image does not look like the knee radiographs the model was trained on"
 BLANK = "not gradable: the image is blank or nearly constant"
+
+
+def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """log p, with zeros clipped: the combined output's log-probabilities that a temperature divides."""
+    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, None))
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T) per row: combined probabilities (ensemble and TTA mean) scaled by a temperature."""
+    scaled = log_probabilities(probabilities) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exponentials = np.exp(scaled)
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
 
 
 def conformal_scores(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -58,8 +71,10 @@ def grade_sets(probabilities: np.ndarray, threshold: float) -> list[list[int]]:
 class FeatureDensity:
     """Grade means and a shared precision matrix of penultimate features, and the distance threshold."""
 
-    means: list[list[float]]
-    precision: list[list[float]]
+    means: np.ndarray
+    """(K, D) mean penultimate features of each grade."""
+    precision: np.ndarray
+    """(D, D) inverse of the shared covariance."""
     threshold: float
 
     @classmethod
@@ -71,21 +86,27 @@ class FeatureDensity:
         centred = features - means[np.searchsorted(grades, labels)]
         covariance = centred.T @ centred / len(features)
         covariance += shrinkage * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
-        return cls(means.tolist(), np.linalg.inv(covariance).tolist(), math.inf)
+        return cls(means, np.linalg.inv(covariance), math.inf)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FeatureDensity":
+        """From checkpoint metadata (`to_dict`): the matrices become arrays once, not at every batch."""
+        return cls(np.asarray(values["means"], dtype=np.float64), np.asarray(values["precision"], dtype=np.float64),
+                   float(values["threshold"]))
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """(N,) squared Mahalanobis distance to the nearest grade mean."""
-        means, precision = np.asarray(self.means), np.asarray(self.precision)
-        difference = np.asarray(features, dtype=np.float64)[:, None, :] - means[None]
-        return np.einsum("nkd,de,nke->nk", difference, precision, difference).min(axis=1)
+        difference = np.asarray(features, dtype=np.float64)[:, None, :] - self.means[None]
+        return np.einsum("nkd,de,nke->nk", difference, self.precision, difference).min(axis=1)
 
     def with_threshold(self, features: np.ndarray, flagged_share: float) -> "FeatureDensity":
         """Threshold at the (1 - flagged_share) quantile of these (in-distribution) features' distances."""
         return FeatureDensity(self.means, self.precision, float(np.quantile(self.distances(features), 1 - flagged_share)))
 
     def to_dict(self) -> dict:
-        rounded = {k: np.round(np.asarray(v), 7).tolist() if k != "threshold" else v for k, v in asdict(self).items()}
-        return rounded
+        """JSON-ready, matrices rounded to 7 decimals (the checkpoint metadata is text)."""
+        return {"means": np.round(self.means, 7).tolist(), "precision": np.round(self.precision, 7).tolist(),
+                "threshold": self.threshold}
 
 
 def gradability(images_uint8: np.ndarray, features: np.ndarray | None,

@@ -18,7 +18,6 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
@@ -27,7 +26,7 @@ from klgrade.infer.predictor import Predictor
 from klgrade.metrics import fit_temperature
 from klgrade.models import load_checkpoint, save_checkpoint
 from klgrade.models.weights import stored_dtype
-from klgrade.uncertainty import FeatureDensity, conformal_scores
+from klgrade.uncertainty import FeatureDensity, apply_temperature, conformal_scores, log_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +47,8 @@ def fit_calibration(predictor: Predictor, calibration: list[Sample], density: li
     """The calibration of `predictor` (JSON-ready): temperature, conformal scores, feature density."""
     labels = np.array([s.grade for s in calibration])
     probabilities, features = raw_outputs(predictor, calibration, "calibration")
-    temperature = fit_temperature(np.log(np.clip(probabilities, 1e-12, None)), labels)
-    scaled = torch.softmax(torch.from_numpy(np.log(np.clip(probabilities, 1e-12, None)) / temperature), dim=1).numpy()
-    scores = np.sort(conformal_scores(scaled, labels))
+    temperature = fit_temperature(log_probabilities(probabilities), labels)
+    scores = np.sort(conformal_scores(apply_temperature(probabilities, temperature), labels))
     _, density_features = raw_outputs(predictor, density, "density")
     fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))
     fitted = fitted.with_threshold(features, FLAGGED_SHARE)

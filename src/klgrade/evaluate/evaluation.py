@@ -14,6 +14,7 @@ from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Outputs, Predictor
 from klgrade.metrics import compute_metrics, fit_temperature, set_metrics
+from klgrade.uncertainty import log_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,7 @@ def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], spli
     samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
     check_disjoint(samples, scored, f"--calibrate-on {data}")
     predictions, _ = predict_samples(predictor, samples, raw=True)
-    log_p = np.log(np.clip(predictions.outputs.probabilities, 1e-12, None))
-    predictor.temperature = fit_temperature(log_p, predictions.labels)
+    predictor.temperature = fit_temperature(log_probabilities(predictions.outputs.probabilities), predictions.labels)
     return predictor.temperature
 
 

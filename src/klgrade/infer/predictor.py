@@ -26,7 +26,8 @@ from klgrade.data.preprocess import PreprocessConfig, normalize, to_uint8
 from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
-from klgrade.uncertainty import DEFAULT_ALPHA, FeatureDensity, conformal_threshold, grade_sets, gradability
+from klgrade.uncertainty import (DEFAULT_ALPHA, FeatureDensity, apply_temperature, conformal_threshold, grade_sets,
+                                 gradability)
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class Predictor:
         self.temperature = float(calibration.get("temperature", 1.0))
         """The combined log-probabilities are divided by this before the softmax (1 = as trained)."""
         self.conformal_scores = np.asarray(calibration.get("conformal_scores", []), dtype=np.float64)
-        self.density = FeatureDensity(**calibration["density"]) if "density" in calibration else None
+        self.density = FeatureDensity.from_dict(calibration["density"]) if "density" in calibration else None
 
     def _calibration(self) -> dict:
         """The stored calibration, when it belongs to this exact set-up: the same checkpoint alone, or the same
@@ -196,8 +197,7 @@ class Predictor:
         """Like `raw_outputs`, with the temperature applied to the combined log-probabilities."""
         outputs = self.raw_outputs(images_uint8)
         if self.temperature != 1.0:
-            log_p = np.log(np.clip(outputs.probabilities, 1e-12, None)) / self.temperature
-            outputs.probabilities = torch.softmax(torch.from_numpy(log_p), dim=1).numpy()
+            outputs.probabilities = apply_temperature(outputs.probabilities, self.temperature)
         return outputs
 
     def probabilities(self, images_uint8: np.ndarray) -> np.ndarray:
