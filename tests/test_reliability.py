@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -96,7 +96,7 @@ def test_onnx_only_service_answers_explain_with_a_warning_not_500(tiny_checkpoin
 
 
 def test_upload_pixel_limit_refuses_a_huge_image_before_decoding(tiny_checkpoint):
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     Image.fromarray(np.zeros((7999, 7999), np.uint16)).save(buffer, format="PNG")
     with TestClient(create_app(Settings(checkpoints=[str(tiny_checkpoint)]))) as client:
         response = client.post("/v1/grade", files={"file": ("huge.png", buffer.getvalue(), "image/png")})

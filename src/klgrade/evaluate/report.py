@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from klgrade.constants import NUM_GRADES  # noqa: E402
-from klgrade.files import atomic_path, rows_to_csv, write_text_atomic  # noqa: E402
+from klgrade.files import atomic_path, rows_to_csv, write_json_atomic, write_text_atomic  # noqa: E402
 from klgrade.metrics import ECE_BINS, calibration_bins  # noqa: E402
 
 
@@ -55,7 +54,7 @@ def plot_reliability(y_true, probabilities, path: Path, bins: int = ECE_BINS) ->
 def write_evaluation(result, out: Path) -> None:
     """metrics.json, predictions.csv (path, patient, true, predicted, probabilities), confusion.png, reliability.png."""
     out = Path(out)
-    write_text_atomic(out / "metrics.json", json.dumps(result.metrics, indent=2))
+    write_json_atomic(out / "metrics.json", result.metrics)
     rows = [{"path": s.path, "patient_id": s.patient_id, "true": s.grade, "predicted": int(p.argmax()),
              **{f"prob_{k}": round(float(v), 6) for k, v in enumerate(p)}}
             for s, p in zip(result.samples, result.probabilities)]

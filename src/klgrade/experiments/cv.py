@@ -13,7 +13,6 @@ is skipped on a rerun, so an interrupted CV continues where it stopped.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from dataclasses import replace
@@ -124,7 +123,7 @@ def cross_validate(config: TrainConfig, teachers_for_fold=None, deadline: float 
     summary = {"model": config.model, "model_options": config.model_options, "folds": config.folds,
                "per_fold": per_fold, "mean_sd": mean_sd(per_fold), "pooled_oof": rows_metrics(all_rows)}
     write_text_atomic(out / "oof_predictions.csv", rows_to_csv(all_rows, OOF_COLUMNS))
-    write_text_atomic(out / "cv_metrics.json", json.dumps(summary, indent=2))
+    write_json_atomic(out / "cv_metrics.json", summary)
     write_text_atomic(out / "cv_summary.md", cv_markdown(summary))
     return summary
 

@@ -12,7 +12,7 @@ import numpy as np
 from klgrade.evaluate.report import plot_confusion, save_figure
 from klgrade.experiments.cv import fold_dir, run_name
 from klgrade.explain.gradcam import overlay
-from klgrade.files import rows_to_csv, write_text_atomic
+from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
 from klgrade.infer.predictor import Grading
 from klgrade.metrics import REPORT_METRICS
 
@@ -34,7 +34,7 @@ def _cell(stats: dict) -> str:
 def write_report(results: dict, out: Path, panel: list[PanelImage]) -> None:
     out = Path(out)
     figures = out / "figures"
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_json_atomic(out / "results.json", results)
     rows = []
     for name, entry in results["variants"].items():
         for which in SETS:
