@@ -12,13 +12,15 @@ import torch
 
 from klgrade.data.augment import DomainConfig, domain_augment
 from klgrade.data.preprocess import normalize
+from klgrade.errors import KLGradeError
 from klgrade.models import create_model
 from klgrade.train.config import TrainConfig
-from klgrade.train.module import GradingModule
+from klgrade.train.module import GradingModule, js_divergence
 
 from helpers import REPO, copy_real_images, knee_image
 
 ALWAYS = DomainConfig(**{k: (1.0 if k.endswith("_prob") else v) for k, v in DomainConfig().to_dict().items()})
+NOTHING = DomainConfig(**{k: (0.0 if k.endswith("_prob") else v) for k, v in DomainConfig().to_dict().items()})
 
 
 def batch(n: int = 6, side: int = 96) -> torch.Tensor:
@@ -35,8 +37,7 @@ def test_domain_augmentation_is_seeded_changes_images_and_keeps_shape_and_range(
     assert first.shape == x.shape and first.dtype == x.dtype and 0 <= first.min() and first.max() <= 1
     everything = domain_augment(x, ALWAYS, torch.Generator().manual_seed(0))
     assert (everything - x).abs().mean(dim=(1, 2, 3)).min() > 0.01  # every image changed
-    nothing = DomainConfig(**{k: (0.0 if k.endswith("_prob") else v) for k, v in DomainConfig().to_dict().items()})
-    torch.testing.assert_close(domain_augment(x, nothing, torch.Generator().manual_seed(0)), x, rtol=0, atol=0)
+    torch.testing.assert_close(domain_augment(x, NOTHING, torch.Generator().manual_seed(0)), x, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("step", ["clahe_prob", "soften_prob", "gamma_prob", "equalize_prob", "jpeg_prob",
@@ -56,6 +57,33 @@ def test_validation_inputs_are_never_augmented():
     expected = normalize(images.unsqueeze(1))
     torch.testing.assert_close(module._inputs(images, augment=False), expected, rtol=0, atol=0)
     assert not torch.equal(module._inputs(images, augment=True), expected)
+
+
+@pytest.mark.parametrize("domain, processed_differs", [(NOTHING, False), (ALWAYS, True)])
+def test_consistency_pairs_each_image_with_its_processed_copy_under_the_same_warp(domain, processed_differs):
+    config = TrainConfig(data="x", domain_augment=True, domain=domain.to_dict(), consistency=5.0)
+    module = GradingModule(create_model("resnet18"), config, steps_per_epoch=1)
+    module._augment_generator.manual_seed(0)
+    images = torch.from_numpy(np.stack([knee_image(i, 64) for i in range(3)]))
+    x = module._inputs(images, augment=True)
+    stored, processed = x.chunk(2)
+    assert len(x) == 6 and not torch.equal(stored, normalize(images.unsqueeze(1)))  # warped, not as stored
+    assert torch.equal(stored, processed) != processed_differs
+    if processed_differs:  # same warp: the copies' difference is the processing, not a different geometry
+        assert torch.corrcoef(torch.stack([stored.flatten(), processed.flatten()]))[0, 1] > 0.8
+
+
+def test_js_divergence_is_zero_for_equal_predictions_symmetric_and_bounded():
+    a, b = torch.randn(8, 5), torch.randn(8, 5)
+    assert js_divergence(a, a).abs() < 1e-6
+    torch.testing.assert_close(js_divergence(a, b), js_divergence(b, a))
+    opposite = torch.tensor([[30.0, 0, 0, 0, 0]]), torch.tensor([[0, 0, 0, 0, 30.0]])
+    assert 0 < js_divergence(a, b) < js_divergence(*opposite) <= np.log(2) + 1e-6
+
+
+def test_consistency_needs_domain_augmentation():
+    with pytest.raises(KLGradeError, match="--consistency needs --domain-augment"):
+        TrainConfig(data="x", consistency=1.0).validate()
 
 
 def test_robustness_benchmark_runs_on_a_tiny_folder(tiny_checkpoint, kneekl224, tmp_path):

@@ -96,6 +96,8 @@ def train_options(command):
         ema: Annotated[Optional[float], typer.Option(help="EMA decay of weights, 0 = off [0].")] = None,
         domain_augment: Annotated[Optional[bool], typer.Option("--domain-augment/--no-domain-augment", help=(
             "Imitate upstream processing in training: CLAHE, softening, gamma, JPEG, resampling, blur, noise [no]."))] = None,
+        consistency: Annotated[Optional[float], typer.Option(help=(
+            "Weight of the agreement loss between each image and its processed copy; needs --domain-augment [0]."))] = None,
         label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing [0].")] = None,
         balance: Annotated[Optional[str], typer.Option(help="Class imbalance: none, sampler or loss [none].")] = None,
         patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience on val QWK, 0 = off [0].")] = None,

@@ -32,6 +32,8 @@ class TrainConfig:
     augment: affine + intensity strengths (`AugmentConfig`); domain_augment [False]: also imitate upstream
     processing (CLAHE, softening, gamma, equalisation, JPEG, resampling, blur, noise) with the strengths in
     `domain` (`DomainConfig`). Both are recorded in the checkpoint (train_config) and never run at validation.
+    consistency [0.0]: weight of the Jensen-Shannon divergence between the predictions for each image as stored
+    and after the domain augmentation (same warp, AugMix-style); needs domain_augment, doubles the training batch.
     device [auto|cpu|cuda], devices [1], num_nodes [1], precision [bf16-mixed|32-true].
     threads [None]: CPU threads for torch. cache_dir [None]: image cache location.
     """
@@ -65,6 +67,7 @@ class TrainConfig:
     augment: dict = field(default_factory=lambda: AugmentConfig().to_dict())
     domain_augment: bool = False
     domain: dict = field(default_factory=lambda: DomainConfig().to_dict())
+    consistency: float = 0.0
     device: str = "auto"
     devices: int = 1
     num_nodes: int = 1
@@ -93,6 +96,10 @@ class TrainConfig:
         if self.ordinal and self.label_smoothing > 0:
             raise KLGradeError("--label-smoothing cannot be used with --ordinal: smoothing every grade flattens the "
                                "cumulative-logit scale")
+        if self.consistency < 0:
+            raise KLGradeError(f"--consistency must be at least 0, not {self.consistency}")
+        if self.consistency > 0 and not self.domain_augment:
+            raise KLGradeError("--consistency needs --domain-augment: it compares each image with its processed copy")
         if self.fold is not None and not 0 <= self.fold < self.folds:
             raise KLGradeError(f"--fold must lie in 0-{self.folds - 1}")
         return self

@@ -4,6 +4,11 @@ Distillation (Hinton et al., "Distilling the Knowledge in a Neural Network", 201
 https://arxiv.org/abs/1503.02531): loss = (1 - a) * CE(y) + a * T^2 * KL(p_teacher^T || p_student^T), with
 the teacher seeing the same augmented batch; several teachers form an ensemble by averaging their softened
 probabilities.
+
+Consistency (Hendrycks et al., "AugMix", ICLR 2020, https://arxiv.org/abs/1912.02781): with `consistency` > 0
+each image is seen twice in the batch, as stored and after the domain augmentation, under the same warp and
+intensity jitter; the loss adds `consistency` * JSD(p_stored, p_processed), so the grade learns not to depend
+on the upstream processing rather than only to tolerate it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ from klgrade.data.augment import AugmentConfig, DomainConfig, domain_augment, ra
 from klgrade.data.preprocess import normalize
 from klgrade.metrics import confusion_metrics
 from klgrade.train.config import TrainConfig
+
+
+def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence between two batches of predictions (batch mean, nats)."""
+    log_a, log_b = F.log_softmax(logits_a, dim=1), F.log_softmax(logits_b, dim=1)
+    log_mean = torch.logsumexp(torch.stack([log_a, log_b]), dim=0) - math.log(2)
+    kl_a = F.kl_div(log_mean, log_a, reduction="batchmean", log_target=True)
+    kl_b = F.kl_div(log_mean, log_b, reduction="batchmean", log_target=True)
+    return (kl_a + kl_b) / 2
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -60,10 +74,19 @@ class GradingModule(L.LightningModule):
             memory_format=torch.channels_last)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Training-only: upstream-processing changes (when on), then the affine and intensity augmentation."""
-        if self.domain_config is not None:
-            x = domain_augment(x, self.domain_config, self._augment_generator)
-        return random_augment(x, self.augment_config, self._augment_generator)
+        """Training-only: upstream-processing changes (when on), then the affine and intensity augmentation.
+
+        With consistency on, returns the batch twice (as stored, then processed) under the same random warp.
+        """
+        if self.domain_config is None:
+            return random_augment(x, self.augment_config, self._augment_generator)
+        processed = domain_augment(x, self.domain_config, self._augment_generator)
+        if self.config.consistency == 0:
+            return random_augment(processed, self.augment_config, self._augment_generator)
+        warp_state = self._augment_generator.get_state()
+        stored = random_augment(x, self.augment_config, self._augment_generator)
+        self._augment_generator.set_state(warp_state)
+        return torch.cat([stored, random_augment(processed, self.augment_config, self._augment_generator)])
 
     def on_fit_start(self) -> None:
         for teacher in self._teachers:
@@ -85,7 +108,13 @@ class GradingModule(L.LightningModule):
         images, labels = batch
         x = self._inputs(images, augment=True)
         logits = self.model(x).float()
+        if len(logits) != len(labels):  # consistency: stored and processed copies of each image
+            labels = labels.repeat(2)
         loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.config.label_smoothing)
+        if self.config.consistency > 0:
+            consistency = js_divergence(*logits.chunk(2))
+            self.log("train/consistency", consistency, on_step=False, on_epoch=True, sync_dist=True)
+            loss = loss + self.config.consistency * consistency
         if self._teachers:
             kd = distillation_loss(logits, self._teacher_probs(x), self.config.kd_temperature)
             self.log("train/kd", kd, on_step=False, on_epoch=True, sync_dist=True)
