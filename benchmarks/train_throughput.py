@@ -1,15 +1,22 @@
 """Training images/s of klgrade's Lightning step versus a bare PyTorch loop (same model, batch, augmentation,
-precision), per model, on the current device.
+precision), per model, on the current device; with `--concurrency`, the images/s of N such trainings run at
+once in separate processes on the same device (what `reproduce --jobs N` does), summed.
 
-    python benchmarks/train_throughput.py [--models msa_net resnet18] [--batch 64] [--size 224] [--steps 30]
+    python benchmarks/train_throughput.py [--models msa_net resnet18 ...] [--batch 64] [--size 224] [--steps 30]
+        [--concurrency 2 4] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import multiprocessing
 import sys
 import tempfile
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +33,11 @@ from klgrade.models import create_model  # noqa: E402
 from klgrade.train.batches import make_loader  # noqa: E402
 from klgrade.train.config import TrainConfig  # noqa: E402
 from klgrade.train.module import GradingModule  # noqa: E402
+
+
+# Lightning's banners and warnings about the benchmark's own loader would bury the table (also in spawned workers).
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", module="lightning")
 
 
 class StepTimer(L.Callback):
@@ -92,26 +104,55 @@ def bare_rate(name: str, images: np.ndarray, labels: np.ndarray, batch: int, war
     return steps * batch / (time.perf_counter() - start)
 
 
+def random_data(batch: int, steps: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = batch * (steps + 1)
+    return rng.integers(0, 255, (n, size, size), dtype=np.uint8), rng.integers(0, 5, n)
+
+
+def concurrent_job(name: str, batch: int, steps: int, size: int, warmup: int, threads: int) -> float:
+    """One of N simultaneous trainings (a spawned process): its own data, its klgrade images/s."""
+    torch.set_num_threads(threads)
+    images, labels = random_data(batch, steps + warmup, size, seed=torch.initial_seed() % 2**32)
+    return klgrade_rate(name, images, labels, batch, warmup)
+
+
+def concurrent_rate(name: str, workers: int, args) -> float:
+    """Summed images/s of `workers` klgrade trainings at once on this device (as `reproduce --jobs`)."""
+    threads = max(1, (multiprocessing.cpu_count()) // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rates = pool.map(concurrent_job, *zip(*[(name, args.batch, args.steps, args.size, args.warmup, threads)] * workers))
+        return float(sum(rates))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["msa_net", "resnet18"])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2", "densenet121", "msa_net"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[],
+                        help="also time N trainings at once, for each N given")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
-    n = args.batch * (args.steps + args.warmup + 1)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (n, args.size, args.size), dtype=np.uint8)
-    labels = rng.integers(0, 5, n)
+    images, labels = random_data(args.batch, args.steps + args.warmup, args.size)
     print(f"machine: {machine()}")
     print(f"batch {args.batch}, {args.size}x{args.size}, bf16 autocast, channels_last, on-device augmentation, "
           f"{args.steps} timed steps")
-    print(f"{'model':12s} {'klgrade img/s':>14s} {'bare loop img/s':>16s} {'ratio':>6s}")
+    print(f"{'model':12s} {'klgrade img/s':>14s} {'bare loop img/s':>16s} {'ratio':>6s}"
+          + "".join(f" {f'x{n} img/s':>10s} {'gain':>5s}" for n in args.concurrency))
+    results = {"machine": machine(), "batch": args.batch, "size": args.size, "models": {}}
     for name in args.models:
         ours = klgrade_rate(name, images, labels, args.batch, args.warmup)
         bare = bare_rate(name, images, labels, args.batch, args.warmup, args.steps)
-        print(f"{name:12s} {ours:14.1f} {bare:16.1f} {ours / bare:6.2f}", flush=True)
+        together = {n: concurrent_rate(name, n, args) for n in args.concurrency}
+        results["models"][name] = {"klgrade": ours, "bare": bare, "ratio": ours / bare,
+                                   "concurrent": {str(n): rate for n, rate in together.items()}}
+        print(f"{name:12s} {ours:14.1f} {bare:16.1f} {ours / bare:6.2f}"
+              + "".join(f" {rate:10.1f} {rate / ours:5.2f}" for rate in together.values()), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,7 @@ def reproduce(
     seed: Annotated[int, typer.Option(help="Seed of folds and training.")] = 0,
     time_budget: Annotated[Optional[float], typer.Option(min=0, help="Minutes after which no fold starts; the "
                                                          "report covers what finished [no limit].")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Fold trainings at once on the device (processes) [1].")] = 1,
 ) -> None:
     """The paper's protocol: 5 models + distilled msa_net + ablations, CV, internal/external validation, report."""
     from klgrade.experiments.protocol import PROFILES
@@ -168,7 +169,7 @@ def reproduce(
     if profile not in PROFILES:
         raise KLGradeError(f"--profile must be one of {sorted(PROFILES)}, not '{profile}'")
     results = run_protocol(data, out, profile=profile, external=external, device=device, seed=seed,
-                           time_budget_s=time_budget * 60 if time_budget is not None else None)
+                           time_budget_s=time_budget * 60 if time_budget is not None else None, jobs=jobs)
     if results["unfinished"]:
         typer.echo(f"time budget spent; unfinished: {', '.join(results['unfinished'])} (rerun to continue)")
     typer.echo(f"report: {out / 'report.md'}")

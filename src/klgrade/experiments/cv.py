@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,15 +54,14 @@ def run_name(variant: str) -> str:
     return variant.replace("+", "_").replace(" -", "_no_").replace(" ", "_")
 
 
-def run_fold(config: TrainConfig, fold: int, teachers_for_fold=None) -> list[dict]:
+def run_fold(config: TrainConfig, fold: int) -> list[dict]:
     """Train fold `fold` (unless already done) and return its out-of-fold prediction rows."""
     out = fold_dir(config.out, fold)
     oof_path = out / "oof.csv"
     if oof_path.exists():
         log.info("fold %d already done: %s", fold, oof_path)
         return _read_oof(oof_path)
-    teachers = teachers_for_fold(fold) if teachers_for_fold else config.teacher
-    fold_config = replace(config, fold=fold, out=str(out), teacher=list(teachers), resume=True)
+    fold_config = replace(config, fold=fold, out=str(out), resume=(out / "last.ckpt").exists())
     fit(fold_config)
     held_out = select_data(fold_config).val
     write_json_atomic(out / "selection.json", {**SELECTION, "epochs": config.epochs})
@@ -97,16 +95,9 @@ def mean_sd(per_fold: list[dict], names=REPORT_METRICS) -> dict:
                    if len(per_fold) > 1 else 0.0} for name in names}
 
 
-class OutOfTime(KLGradeError):
-    """The time budget ran out before a fold could start; finished folds stay on disk for a rerun."""
-
-
-def cross_validate(config: TrainConfig, teachers_for_fold=None, deadline: float | None = None) -> dict:
-    """Run every fold; write oof_predictions.csv, cv_metrics.json and cv_summary.md under `config.out`.
-
-    Raises:
-        OutOfTime: `time.monotonic()` passed `deadline` before an unfinished fold could start.
-    """
+def cross_validate(config: TrainConfig) -> dict:
+    """Run every fold (or read the finished ones); write oof_predictions.csv, cv_metrics.json and cv_summary.md
+    under `config.out`."""
     out = Path(config.out)
     if config.patience > 0:
         raise KLGradeError("--patience would stop each fold on the patients it is scored on; cross-validation "
@@ -114,10 +105,7 @@ def cross_validate(config: TrainConfig, teachers_for_fold=None, deadline: float 
     check_folds_disjoint(config)
     all_rows, per_fold = [], []
     for fold in range(config.folds):
-        finished = (fold_dir(config.out, fold) / "oof.csv").exists()
-        if deadline is not None and not finished and time.monotonic() > deadline:
-            raise OutOfTime(f"{config.out}: time budget spent before fold {fold}")
-        rows = run_fold(config, fold, teachers_for_fold)
+        rows = run_fold(config, fold)
         per_fold.append(rows_metrics(rows))
         all_rows.extend(rows)
     summary = {"model": config.model, "model_options": config.model_options, "folds": config.folds,

@@ -60,6 +60,8 @@ def _markdown(results: dict, panel: Path | None) -> str:
                                                           if results["external"] else "") + ".",
              "msa_net+kd is distilled from the ensemble of the four baselines trained on the same fold "
              "(mean of their softened probabilities).", ""]
+    lines += [f"Trained on {results['device']}, {results['jobs']} fold training(s) at once; this invocation "
+              f"took {results['wall_s']:.0f} s (training, validation and this report).", ""]
     if results.get("unfinished"):
         lines += [f"**Stopped by the time budget**; not finished (rerun the same command to continue): "
                   f"{', '.join(results['unfinished'])}.", ""]
@@ -80,6 +82,9 @@ def _markdown(results: dict, panel: Path | None) -> str:
         m = entry["cv"]["pooled_oof"]
         lines.append(f"| {name} | {m['errors']} | {m['adjacent_errors']} | {m['two_grade_errors']} | "
                      f"{m['extreme_errors']} | {m['adjacent_error_rate']:.3f} |")
+    lines += ["", "## Training time (sum over folds of each fold's wall time; folds run at once overlap)", "",
+              "| model | seconds |", "|---|---|"]
+    lines += [f"| {name} | {entry['train_s']:.0f} |" for name, entry in variants.items()]
     lines += ["", "## Ablations of msa_net (CV mean; difference to the full model)", "",
               "| variant | accuracy | delta | qwk | delta | mcc | delta |", "|---|---|---|---|---|---|---|"]
     full = variants.get("msa_net", {}).get("cv", {}).get("mean_sd")
