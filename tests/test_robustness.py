@@ -73,6 +73,27 @@ def test_consistency_pairs_each_image_with_its_processed_copy_under_the_same_war
         assert torch.corrcoef(torch.stack([stored.flatten(), processed.flatten()]))[0, 1] > 0.8
 
 
+def test_with_consistency_teachers_see_the_stored_copies_and_their_answer_is_the_target_for_both():
+    seen = []
+
+    class Teacher(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return torch.zeros(len(x), 5)
+
+    config = TrainConfig(data="x", domain_augment=True, domain=ALWAYS.to_dict(), consistency=5.0, kd_alpha=1.0)
+    module = GradingModule(create_model("resnet18"), config, steps_per_epoch=1, teachers=[Teacher()])
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    images = torch.from_numpy(np.stack([knee_image(i, 64) for i in range(3)]))
+    module._augment_generator.manual_seed(0)
+    stored = module._inputs(images, augment=True).chunk(2)[0]
+    module._augment_generator.manual_seed(0)
+    torch.manual_seed(0)
+    loss = module.training_step((images, torch.tensor([0, 2, 4])), 0)
+    assert len(seen) == 1 and torch.equal(seen[0], stored)
+    assert torch.isfinite(loss)
+
+
 def test_js_divergence_is_zero_for_equal_predictions_symmetric_and_bounded():
     a, b = torch.randn(8, 5), torch.randn(8, 5)
     assert js_divergence(a, a).abs() < 1e-6

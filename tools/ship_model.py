@@ -1,13 +1,13 @@
 """Package a trained run as the model shipped inside klgrade: fp16 safetensors, calibrated, + MODEL_CARD.md.
 
-Evaluates the run's best checkpoint on the validation split with and without flip TTA, keeps TTA only
+Evaluates the run's last (default) or best checkpoint on the validation split with and without flip TTA, keeps TTA only
 if it helps QWK there, writes the weights (with the decision and the card summary in their metadata) to
 src/klgrade/weights/, then calibrates them (`klgrade calibrate`: temperature and conformal grade sets on val,
 the gradability check's feature density on train) and writes the card, with the robustness tables of
 `benchmarks/robustness.py --json` when given (the new model's, and the model it replaces).
 
-    python tools/ship_model.py RUN_DIR --data ../shared/data/kneeKL224 [--recipe "klgrade train ..."]
-        [--robustness NEW.json [--robustness-before OLD.json]]
+    python tools/ship_model.py RUN_DIR --data ../shared/data/kneeKL224 [--checkpoint last|best]
+        [--recipe "klgrade train ..."] [--robustness NEW.json [--robustness-before OLD.json]]
 """
 
 from __future__ import annotations
@@ -38,18 +38,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run", type=Path)
     parser.add_argument("--data", required=True)
+    parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                        help="last epoch of the fixed schedule, or the epoch with the best val QWK (chosen on val)")
     parser.add_argument("--recipe", default="")
     parser.add_argument("--notes", default="")
     parser.add_argument("--robustness", type=Path, default=None, help="benchmarks/robustness.py --json of this run.")
     parser.add_argument("--robustness-before", type=Path, default=None, help="The same for the model it replaces.")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    best = args.run / "best.safetensors"
-    results = {tta: evaluate(Predictor([best], tta=tta), args.data, split="val").metrics for tta in (False, True)}
+    weights = args.run / f"{args.checkpoint}.safetensors"
+    results = {tta: evaluate(Predictor([weights], tta=tta), args.data, split="val").metrics for tta in (False, True)}
     use_tta = results[True]["qwk"] > results[False]["qwk"]
     chosen = results[use_tta]
-    model, info = load_checkpoint(best)
-    card = {"data": DATA, "intended_use": INTENDED_USE, "recipe": args.recipe, "date": str(date.today())}
+    model, info = load_checkpoint(weights)
+    card = {"data": DATA, "intended_use": INTENDED_USE, "recipe": args.recipe, "date": str(date.today()),
+            "checkpoint": args.checkpoint}
     info = {**info, "inference": {"tta": use_tta}, "card": card,
             "val_metrics": {k: chosen[k] for k in ("accuracy", "precision_macro", "f1_macro", "mcc", "qwk", "mae")}}
     target = save_checkpoint(WEIGHTS / SHIPPED_WEIGHTS, model, info, dtype=torch.float16)
@@ -91,7 +94,7 @@ Recipe (CPU, 2 cores, {date.today()}): `{info['card']['recipe']}`
 Epochs {train['epochs']}, batch {train['batch_size']}, AdamW lr {train['lr']} (1-epoch warm-up, cosine), weight
 decay {train['weight_decay']}, label smoothing {train['label_smoothing']}, EMA of weights {train['ema']}, bf16
 autocast, on-the-fly flips / rotation +/-{train['augment']['rotate_deg']} deg / scale +/-{train['augment']['scale']}
-/ shift / brightness / contrast{_domain(train)}. Checkpoint chosen by validation QWK (epoch {info['epoch']}). {notes}
+/ shift / brightness / contrast{_domain(train)}{_consistency(train)}. {_choice(info)} {notes}
 
 ## Validation results (kneeKL224 val, n={shipped['n']}, 95% patient-level bootstrap intervals)
 | metric | value | 95% CI |
@@ -112,8 +115,8 @@ Confusion matrix (rows = true grade, columns = predicted):
 |---|---|---|---|---|---|
 {cm}
 
-Note: val was used to select the epoch and the TTA setting, so these figures are optimistic for new data; the
-kneeKL224 test split was not used.
+Note: val chose the TTA setting{' and the epoch' if info['card']['checkpoint'] == 'best' else ''} and fits the calibration, so these
+figures are somewhat optimistic for new data; the kneeKL224 test split was not used.
 
 ## Intended use and limits
 {info['card']['intended_use']}
@@ -134,6 +137,20 @@ def _domain(train: dict) -> str:
     strengths = ", ".join(f"{key} {value}" for key, value in train["domain"].items())
     return (f", and domain augmentation imitating upstream processing (CLAHE, softening, gamma, equalisation, "
             f"JPEG, resampling, blur, noise: {strengths})")
+
+
+def _consistency(train: dict) -> str:
+    if not train.get("consistency"):
+        return ""
+    return (f", each image also seen beside its processed copy under the same warp with a Jensen-Shannon agreement "
+            f"loss of weight {train['consistency']}")
+
+
+def _choice(info: dict) -> str:
+    if info["card"]["checkpoint"] == "best":
+        return f"Checkpoint chosen by validation QWK (epoch {info['epoch']})."
+    return (f"Checkpoint: the last epoch ({info['epoch'] + 1} of {info['train_config']['epochs']}) of the fixed "
+            "schedule, not chosen on val.")
 
 
 def calibration_section(calibration: dict, shipped: dict) -> str:

@@ -89,8 +89,8 @@ class DomainConfig:
         noise_prob, noise_std: additive Gaussian noise, std on [0, 1] intensities.
     """
 
-    clahe_prob: float = 0.25
-    clahe_clip: tuple[float, float] = (1.0, 4.0)
+    clahe_prob: float = 0.4
+    clahe_clip: tuple[float, float] = (1.0, 6.0)
     clahe_grids: tuple[int, ...] = (4, 8)
     soften_prob: float = 0.25
     soften_blend: tuple[float, float] = (0.3, 0.8)

@@ -8,7 +8,8 @@ probabilities.
 Consistency (Hendrycks et al., "AugMix", ICLR 2020, https://arxiv.org/abs/1912.02781): with `consistency` > 0
 each image is seen twice in the batch, as stored and after the domain augmentation, under the same warp and
 intensity jitter; the loss adds `consistency` * JSD(p_stored, p_processed), so the grade learns not to depend
-on the upstream processing rather than only to tolerate it.
+on the upstream processing rather than only to tolerate it. Teachers then see each image as stored only, and
+their answer is the target for both copies: the processed copy should be graded as the stored one is.
 """
 
 from __future__ import annotations
@@ -108,15 +109,17 @@ class GradingModule(L.LightningModule):
         images, labels = batch
         x = self._inputs(images, augment=True)
         logits = self.model(x).float()
-        if len(logits) != len(labels):  # consistency: stored and processed copies of each image
+        paired = len(logits) != len(labels)  # consistency: stored and processed copies of each image
+        if paired:
             labels = labels.repeat(2)
         loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.config.label_smoothing)
-        if self.config.consistency > 0:
+        if paired:
             consistency = js_divergence(*logits.chunk(2))
             self.log("train/consistency", consistency, on_step=False, on_epoch=True, sync_dist=True)
             loss = loss + self.config.consistency * consistency
         if self._teachers:
-            kd = distillation_loss(logits, self._teacher_probs(x), self.config.kd_temperature)
+            targets = self._teacher_probs(x.chunk(2)[0]).repeat(2, 1) if paired else self._teacher_probs(x)
+            kd = distillation_loss(logits, targets, self.config.kd_temperature)
             self.log("train/kd", kd, on_step=False, on_epoch=True, sync_dist=True)
             loss = (1 - self.config.kd_alpha) * loss + self.config.kd_alpha * kd
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
