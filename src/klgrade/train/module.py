@@ -113,15 +113,15 @@ class GradingModule(L.LightningModule):
         if paired:
             labels = labels.repeat(2)
         loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.config.label_smoothing)
-        if paired:
-            consistency = js_divergence(*logits.chunk(2))
-            self.log("train/consistency", consistency, on_step=False, on_epoch=True, sync_dist=True)
-            loss = loss + self.config.consistency * consistency
         if self._teachers:
             targets = self._teacher_probs(x.chunk(2)[0]).repeat(2, 1) if paired else self._teacher_probs(x)
             kd = distillation_loss(logits, targets, self.config.kd_temperature)
             self.log("train/kd", kd, on_step=False, on_epoch=True, sync_dist=True)
             loss = (1 - self.config.kd_alpha) * loss + self.config.kd_alpha * kd
+        if paired:  # after the label/teacher mix: its weight does not depend on kd_alpha
+            consistency = js_divergence(*logits.chunk(2))
+            self.log("train/consistency", consistency, on_step=False, on_epoch=True, sync_dist=True)
+            loss = loss + self.config.consistency * consistency
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
