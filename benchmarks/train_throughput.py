@@ -29,6 +29,7 @@ from common import machine  # noqa: E402
 
 from klgrade.data.augment import AugmentConfig, random_augment  # noqa: E402
 from klgrade.data.preprocess import normalize  # noqa: E402
+from klgrade.experiments.jobs import threads_per_job  # noqa: E402
 from klgrade.models import create_model  # noqa: E402
 from klgrade.train.batches import make_loader  # noqa: E402
 from klgrade.train.config import TrainConfig  # noqa: E402
@@ -119,7 +120,7 @@ def concurrent_job(name: str, batch: int, steps: int, size: int, warmup: int, th
 
 def concurrent_rate(name: str, workers: int, args) -> float:
     """Summed images/s of `workers` klgrade trainings at once on this device (as `reproduce --jobs`)."""
-    threads = max(1, (multiprocessing.cpu_count()) // workers)
+    threads = threads_per_job(workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         rates = pool.map(concurrent_job, *zip(*[(name, args.batch, args.steps, args.size, args.warmup, threads)] * workers))
         return float(sum(rates))

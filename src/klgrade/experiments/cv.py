@@ -49,6 +49,11 @@ def fold_model(out: str | Path, fold: int) -> Path:
     return fold_dir(out, fold) / FOLD_CHECKPOINT
 
 
+def fold_done(out: str | Path, fold: int) -> bool:
+    """A fold is finished once its out-of-fold predictions are written (the last thing `run_fold` does)."""
+    return (fold_dir(out, fold) / "oof.csv").exists()
+
+
 def run_name(variant: str) -> str:
     """Folder name of a model variant's runs: `msa_net -fpn` -> `msa_net_no_fpn`."""
     return variant.replace("+", "_").replace(" -", "_no_").replace(" ", "_")
@@ -58,7 +63,7 @@ def run_fold(config: TrainConfig, fold: int) -> list[dict]:
     """Train fold `fold` (unless already done) and return its out-of-fold prediction rows."""
     out = fold_dir(config.out, fold)
     oof_path = out / "oof.csv"
-    if oof_path.exists():
+    if fold_done(config.out, fold):
         log.info("fold %d already done: %s", fold, oof_path)
         return _read_oof(oof_path)
     fold_config = replace(config, fold=fold, out=str(out), resume=(out / "last.ckpt").exists())

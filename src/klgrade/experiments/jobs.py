@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from klgrade.experiments.cv import fold_dir, fold_model, run_fold
+from klgrade.experiments.cv import fold_dir, fold_done, fold_model, run_fold
 from klgrade.files import write_json_atomic
 from klgrade.train.config import TrainConfig
 
@@ -44,11 +44,6 @@ class FoldJob:
 
     def ready(self) -> bool:
         return all(fold_done(out, fold) for out, fold in self.teachers)
-
-
-def fold_done(out: str | Path, fold: int) -> bool:
-    """A fold is finished once its out-of-fold predictions are written (the last thing `run_fold` does)."""
-    return (fold_dir(out, fold) / "oof.csv").exists()
 
 
 def train_fold_job(job: FoldJob) -> str:

@@ -127,8 +127,8 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
             continue
         cv = cross_validate(config)  # every fold is trained: this gathers their out-of-fold predictions
         entry = {"model": variant.model, "options": config.model_options, "distilled": variant.distilled,
-                 "ablation": variant.ablation, "train_s": training_seconds(run, base.folds), "cv": {"mean_sd": cv["mean_sd"], "per_fold": cv["per_fold"],
-                                                      "pooled_oof": cv["pooled_oof"]}}
+                 "ablation": variant.ablation, "train_s": training_seconds(run, base.folds),
+                 "cv": {"mean_sd": cv["mean_sd"], "per_fold": cv["per_fold"], "pooled_oof": cv["pooled_oof"]}}
         if has_val:
             entry["internal"] = validate_fold_models(run, base.folds, data, extra["val_limit"], "val")
         if external:
