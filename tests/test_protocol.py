@@ -33,6 +33,8 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     for fold in range(3):  # the scored model was chosen by nothing that saw the fold's patients
         selection = json.loads((out / f"fold{fold}" / "selection.json").read_text())
         assert selection["checkpoint"] == "last.safetensors" and selection["selection_patients"] == []
+        kept = {path.name for path in (out / f"fold{fold}").iterdir() if path.suffix in (".ckpt", ".safetensors")}
+        assert kept == {"last.safetensors"}  # resume state and the val-chosen weights are spent once the fold is done
     fold0 = [r for r in rows if r["fold"] == "0"]
     scored = load_model(out / "fold0" / "last.safetensors", tta=False)
     expected = scored.probabilities(decode_all([Sample(r["path"], int(r["true"]), r["patient_id"]) for r in fold0],

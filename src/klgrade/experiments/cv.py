@@ -7,7 +7,10 @@ patient-grouped split would cost each fold a fifth of its training data for a ch
 with EMA makes well enough. `fold<k>/selection.json` records this. Per fold: a run folder
 (`fold<k>/`, resumable), its out-of-fold predictions and metrics. Over folds: all out-of-fold predictions
 in one CSV, per-fold metrics, and mean +/- sd in JSON and Markdown. A finished fold (its `oof.csv` exists)
-is skipped on a rerun, so an interrupted CV continues where it stopped.
+is skipped on a rerun, so an interrupted CV continues where it stopped. A finished fold keeps only its model:
+the resume state (`last.ckpt`, ~3x the weights with optimizer and EMA) and `best.safetensors` (chosen on the
+fold's own held-out patients, so no figure may use it) are deleted; 45 protocol folds would otherwise leave
+gigabytes behind.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ OOF_COLUMNS = ["fold", "path", "patient_id", "true", "predicted", *(f"prob_{k}" 
 
 
 FOLD_CHECKPOINT = "last.safetensors"
+SPENT_FILES = ("last.ckpt", "best.safetensors")
+"""Run files a finished fold no longer needs."""
 SELECTION = {"checkpoint": FOLD_CHECKPOINT, "chosen_by": "last epoch of a fixed schedule (no early stopping)",
              "selection_patients": []}
 """What chose each fold's model: nothing that saw the fold's patients."""
@@ -76,6 +81,8 @@ def run_fold(config: TrainConfig, fold: int) -> list[dict]:
              **{f"prob_{k}": round(float(v), 6) for k, v in enumerate(p)}}
             for s, p in zip(predictions.samples, predictions.outputs.probabilities)]
     write_text_atomic(oof_path, rows_to_csv(rows, OOF_COLUMNS))
+    for name in SPENT_FILES:
+        (out / name).unlink(missing_ok=True)
     return rows
 
 
