@@ -15,7 +15,8 @@ TINY = {"PROTOCOL_PROFILE": "quick", "PROTOCOL_DEVICE": "cpu", "PROTOCOL_JOBS": 
 
 
 def run_script(tmp_path, data, minutes="5") -> subprocess.CompletedProcess:
-    env = {**os.environ, **TINY, "PROTOCOL_DATA": str(data)}
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, **TINY, "PROTOCOL_DATA": str(data), "TMPDIR": str(tmp_path / "tmp")}
     return subprocess.run([str(REPO / "tools" / "gpu_protocol.sh"), str(tmp_path / "out"), minutes], env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -38,6 +39,7 @@ def test_gpu_protocol_script_writes_throughput_and_the_whole_report_to_few_files
     with tarfile.open(out / "protocol.tar.gz") as archive:
         names = archive.getnames()
     assert "figures/folds.png" in names and "runs/msa_net_kd/fold2/timing.json" in names
+    assert not list((tmp_path / "tmp").iterdir())  # the work folder (checkpoints, image cache) is gone
 
 
 def test_gpu_protocol_script_names_missing_data(tmp_path):
