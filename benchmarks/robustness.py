@@ -6,8 +6,9 @@ Each perturbation is applied to the decoded image as a radiograph viewer or PACS
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
 copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
 downsampling to 112 px and back, a 16-bit PNG re-encode, and Gaussian noise. Per perturbation: accuracy, QWK,
-and agreement of the grade with the clean image's grade. `--json` prints
-`{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement"}}}`.
+and agreement of the grade with the clean image's grade, and `warned`, the share of images that get the
+processing-shift warning (calibrated models). `--json` prints
+`{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement", "warned"}}}`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from klgrade.data.io import read_image  # noqa: E402
 from klgrade.data.sources import find_samples  # noqa: E402
 from klgrade.infer.grading import load_model  # noqa: E402
 from klgrade.metrics import compute_metrics  # noqa: E402
+from klgrade.uncertainty import processing_shift  # noqa: E402
 
 SEED = 0
 BATCH = 64
@@ -85,14 +87,17 @@ def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], 
     }
 
 
-def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> np.ndarray:
+def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and processing-shift warnings of the images."""
     prepared = np.stack([predictor.prepare(image, side) for image, side in zip(images, sides)])
-    return np.concatenate([predictor.probabilities(prepared[i:i + BATCH]) for i in range(0, len(prepared), BATCH)])
+    probabilities = [predictor.probabilities(prepared[i:i + BATCH]) for i in range(0, len(prepared), BATCH)]
+    return np.concatenate(probabilities), processing_shift(prepared, predictor.processing)
 
 
-def scores(labels: list[int], probabilities: np.ndarray, clean: np.ndarray | None) -> dict:
+def scores(labels: list[int], graded: tuple[np.ndarray, np.ndarray], clean: np.ndarray | None) -> dict:
+    probabilities, warned = graded
     metrics = compute_metrics(labels, probabilities, n_boot=0)
-    result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"]}
+    result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"], "warned": float(warned.mean())}
     if clean is not None:
         result["agreement"] = float((probabilities.argmax(1) == clean.argmax(1)).mean())
     return result
@@ -116,11 +121,11 @@ def main() -> None:
     images = [read_image(s.path) for s in samples]
     sides = [s.side for s in samples]
     labels = [s.grade for s in samples]
-    clean = grades_of(predictor, images, sides)
-    result = {"n": len(samples), "clean": scores(labels, clean, None), "perturbations": {}}
+    clean_probabilities, clean_warned = grades_of(predictor, images, sides)
+    result = {"n": len(samples), "clean": scores(labels, (clean_probabilities, clean_warned), None), "perturbations": {}}
     for name, perturb in perturbations(np.random.default_rng(SEED)).items():
-        probabilities = grades_of(predictor, [perturb(image) for image in images], sides)
-        result["perturbations"][name] = scores(labels, probabilities, clean)
+        graded = grades_of(predictor, [perturb(image) for image in images], sides)
+        result["perturbations"][name] = scores(labels, graded, clean_probabilities)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -128,11 +133,12 @@ def main() -> None:
     print(f"model {predictor.name} ({', '.join(str(p) for p in predictor.paths)}), TTA {'on' if predictor.tta else 'off'}, "
           f"{result['n']} images of {args.data}")
     clean_scores = result["clean"]
-    print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s}")
-    print(f"{'clean':18s} {clean_scores['accuracy']:9.3f} {'':7s} {clean_scores['qwk']:6.3f}")
+    print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s}")
+    print(f"{'clean':18s} {clean_scores['accuracy']:9.3f} {'':7s} {clean_scores['qwk']:6.3f} {'':10s} "
+          f"{clean_scores['warned']:7.3f}")
     for name, entry in result["perturbations"].items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_scores['accuracy']:+7.3f} "
-              f"{entry['qwk']:6.3f} {entry['agreement']:10.3f}")
+              f"{entry['qwk']:6.3f} {entry['agreement']:10.3f} {entry['warned']:7.3f}")
 
 
 if __name__ == "__main__":

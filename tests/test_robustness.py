@@ -117,7 +117,7 @@ def test_robustness_benchmark_runs_on_a_tiny_folder(tiny_checkpoint, kneekl224, 
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert report["n"] == 8 and set(report["clean"]) == {"accuracy", "qwk"}
+    assert report["n"] == 8 and set(report["clean"]) == {"accuracy", "qwk", "warned"}
     assert len(report["perturbations"]) >= 10
     for entry in report["perturbations"].values():
-        assert set(entry) == {"accuracy", "qwk", "agreement"} and 0 <= entry["agreement"] <= 1
+        assert set(entry) == {"accuracy", "qwk", "agreement", "warned"} and 0 <= entry["agreement"] <= 1

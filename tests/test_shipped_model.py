@@ -53,6 +53,26 @@ def test_images_that_are_not_knee_radiographs_are_flagged_but_still_graded():
         assert grade(example, model=model).gradable, example.name
 
 
+def test_the_shipped_model_warns_when_the_contrast_processing_differs(kneekl224):
+    """Val knees as stored: no warning; the same knees CLAHE-enhanced once more (a viewer's "enhance" button):
+    warned, and still graded (about half are also flagged not gradable by the feature-space check)."""
+    import cv2
+    import numpy as np
+
+    from klgrade.data.io import read_image
+    from klgrade.infer.grading import grade_many, load_model
+    from klgrade.uncertainty import PROCESSING_SHIFT
+
+    model = load_model()
+    paths = sorted((kneekl224 / "val").rglob("*.jpg"))[::40]
+    clahe = cv2.createCLAHE(clipLimit=4.0, tileGridSize=(8, 8))
+    enhanced = [clahe.apply(read_image(p).astype(np.uint8)).astype(np.float32) for p in paths]
+    stored_results, enhanced_results = list(grade_many(model, paths)), list(grade_many(model, enhanced))
+    assert sum(PROCESSING_SHIFT in r.warnings for r in stored_results) <= 1
+    assert sum(PROCESSING_SHIFT in r.warnings for r in enhanced_results) >= 0.8 * len(paths)
+    assert all(len(r.probabilities) == 5 and 0 <= r.grade <= 4 for r in enhanced_results)
+
+
 def test_shipped_weights_describe_themselves():
     info = read_info(shipped_checkpoint())
     assert info["model"]["name"] == "msa_net"

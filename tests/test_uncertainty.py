@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 from klgrade.infer.grading import grade, load_model
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
-from klgrade.uncertainty import BLANK, FeatureDensity, conformal_scores, conformal_threshold, grade_sets, gradability
+from klgrade.uncertainty import (BLANK, FeatureDensity, conformal_scores, conformal_threshold, fit_processing_profile,
+                                 grade_sets, gradability, processing_shift)
 
 from helpers import EXAMPLES, copy_real_images, knee_image, run_cli
 
@@ -60,11 +61,43 @@ def test_feature_density_flags_far_points_and_blank_images():
     assert gradability(images, None, None) == [[], [BLANK]]
 
 
+def test_processing_profile_warns_on_contrast_processing_not_on_the_training_look(kneekl224):
+    """Fitted on real train crops and thresholded on half of val: the other half passes as stored, and does not
+    once CLAHE-enhanced again or equalised; JPEG compression (no contrast change) passes."""
+    import cv2
+
+    from klgrade.data.io import read_image
+    from klgrade.data.preprocess import PreprocessConfig, to_uint8
+    from klgrade.data.sources import find_samples
+
+    config = PreprocessConfig(size=160)
+    grey = {split: [read_image(s.path) for s in find_samples(kneekl224 / split)[::every]]
+            for split, every in (("train", 10), ("val", 2))}
+
+    def prepared(images, process=lambda image: image):
+        return np.stack([to_uint8(process(image), config) for image in images])
+
+    def jpeg(image):
+        encoded = cv2.imencode(".jpg", image.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 30])[1]
+        return cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32)
+
+    fit_half, scored = grey["val"][0::2], grey["val"][1::2]
+    profile = fit_processing_profile(prepared(grey["train"]), prepared(fit_half), flagged_share=0.01)
+    clahe = cv2.createCLAHE(clipLimit=4.0, tileGridSize=(8, 8))
+    warned = {name: processing_shift(prepared(scored, process), profile).mean() for name, process in {
+        "stored": lambda image: image, "jpeg_q30": jpeg,
+        "clahe_again": lambda image: clahe.apply(image.astype(np.uint8)).astype(np.float32),
+        "equalised": lambda image: cv2.equalizeHist(image.astype(np.uint8)).astype(np.float32)}.items()}
+    assert warned["stored"] <= 0.04 and warned["jpeg_q30"] <= 0.06, warned
+    assert warned["clahe_again"] >= 0.8 and warned["equalised"] >= 0.8, warned
+    assert not processing_shift(prepared(scored[:3]), None).any()
+
+
 def test_calibrate_writes_everything_into_the_checkpoint(calibrated):
     calibration = read_info(calibrated)["calibration"]
     assert calibration["n_calibration"] == 40 and calibration["n_density"] == 60
     assert 0.25 <= calibration["temperature"] <= 8 and len(calibration["conformal_scores"]) == 40
-    assert np.isfinite(calibration["density"]["threshold"])
+    assert np.isfinite(calibration["density"]["threshold"]) and np.isfinite(calibration["processing"]["threshold"])
 
 
 def test_a_calibrated_checkpoint_answers_alike_through_predict_serve_and_onnx(calibrated, tmp_path):

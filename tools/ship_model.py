@@ -160,7 +160,9 @@ Calibrated on kneeKL224 val ({calibration['n_calibration']} images) with `klgrad
 (flip TTA {'on' if calibration['tta'] else 'off'}): temperature {calibration['temperature']:.3f}; conformal grade sets
 (contiguous least-ambiguous sets, 90% by default, any alpha per call); the gradability check's feature
 density (Mahalanobis, penultimate features) fitted on the {calibration['n_density']} train images and thresholded
-to flag {calibration['flagged_share']:.0%} of val. On val itself (in-sample for the sets): coverage
+to flag {calibration['flagged_share']:.0%} of val; the processing profile (spread, local contrast and fine detail of the
+preprocessed image; Mahalanobis distance to the train images') thresholded likewise, whose excess adds a warning
+that the image's contrast processing differs from the training images'. On val itself (in-sample for the sets): coverage
 {shipped['coverage']:.3f}, mean set size {shipped['mean_set_size']:.2f}, not gradable {shipped['ungradable_fraction']:.3f}.
 Cross-fitted figures (calibrate on half the patients, score the other half): docs/results.md.
 """
@@ -170,12 +172,14 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
     if new is None:
         return ""
     lines = ["", "## Robustness to upstream processing (kneeKL224 val, `benchmarks/robustness.py`)", "",
-             "| perturbation | accuracy | QWK | agreement with clean |" + (" before: accuracy | QWK | agreement |" if before else ""),
-             "|---|---|---|---|" + ("---|---|---|" if before else "")]
+             "| perturbation | accuracy | QWK | agreement with clean | warned |"
+             + (" before: accuracy | QWK | agreement |" if before else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if before else "")]
     rows = [("clean", new["clean"], before["clean"] if before else None)]
     rows += [(name, entry, before["perturbations"][name] if before else None) for name, entry in new["perturbations"].items()]
     for name, entry, old in rows:
-        cells = f"| {name} | {entry['accuracy']:.3f} | {entry['qwk']:.3f} | {entry.get('agreement', 1.0):.3f} |"
+        cells = (f"| {name} | {entry['accuracy']:.3f} | {entry['qwk']:.3f} | {entry.get('agreement', 1.0):.3f} | "
+                 f"{entry['warned']:.3f} |")
         if old is not None:
             cells += f" {old['accuracy']:.3f} | {old['qwk']:.3f} | {old.get('agreement', 1.0):.3f} |"
         lines.append(cells)

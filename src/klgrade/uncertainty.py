@@ -13,6 +13,12 @@ Gradability: the Mahalanobis distance of the penultimate features to the nearest
 covariance (Lee, Lee, Lee and Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
 Adversarial Attacks", NeurIPS 2018), fitted on training images and thresholded at a quantile of the
 calibration images' distances; plus a check for blank, near-constant images.
+
+Processing shift: a knee radiograph whose contrast was processed unlike the training images (enhanced again,
+equalised) is still gradable, but its grade may move with the processing (docs/results.md, robustness). Three
+statistics of the preprocessed image that such processing changes (grey-level spread, local-to-global contrast,
+fine detail), their Mahalanobis distance to the training images' mean under their covariance, and the same
+kind of threshold as above, give a warning, not a refusal.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 DEFAULT_ALPHA = 0.1
@@ -28,6 +35,8 @@ BLANK_STD = 2.0
 """A preprocessed uint8 image with less spread than this (grey levels) holds nothing to grade."""
 NOT_A_KNEE = "not gradable: the image does not look like the knee radiographs the model was trained on"
 BLANK = "not gradable: the image is blank or nearly constant"
+PROCESSING_SHIFT = ("the image's contrast processing differs from the training images (e.g. enhanced or equalised "
+                    "again): the grade may differ from that of the image as the model expects it")
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -121,3 +130,35 @@ def gradability(images_uint8: np.ndarray, features: np.ndarray | None,
         elif outlier:
             notes.append(NOT_A_KNEE)
     return reasons
+
+
+def processing_statistics(images_uint8: np.ndarray) -> np.ndarray:
+    """(N, 3) per preprocessed image: grey-level spread, mean local spread over it, mean fine detail (|Laplacian|
+    after a slight blur, so that noise and JPEG blocks weigh little). CLAHE raises the last two, equalisation
+    the first."""
+    rows = []
+    for image in np.asarray(images_uint8):
+        grey = image.astype(np.float32)
+        spread = float(grey.std())
+        window = (max(3, grey.shape[0] // 10),) * 2
+        mean = cv2.blur(grey, window)
+        local = float(np.sqrt(np.maximum(cv2.blur(grey * grey, window) - mean * mean, 0)).mean())
+        detail = float(np.abs(cv2.Laplacian(cv2.GaussianBlur(grey, (0, 0), 1.5), cv2.CV_32F)).mean())
+        rows.append([spread, local / max(spread, 1e-3), detail])
+    return np.array(rows, dtype=np.float64).reshape(-1, 3)
+
+
+def fit_processing_profile(training_uint8: np.ndarray, calibration_uint8: np.ndarray,
+                           flagged_share: float) -> FeatureDensity:
+    """The training images' processing statistics (one mean, their covariance), thresholded so that
+    `flagged_share` of the calibration images are warned about."""
+    statistics = processing_statistics(training_uint8)
+    profile = FeatureDensity.fit(statistics, np.zeros(len(statistics), dtype=int), shrinkage=0.0)
+    return profile.with_threshold(processing_statistics(calibration_uint8), flagged_share)
+
+
+def processing_shift(images_uint8: np.ndarray, profile: FeatureDensity | None) -> np.ndarray:
+    """(N,) True where an image's contrast processing lies outside the training images' (no profile: never)."""
+    if profile is None:
+        return np.zeros(len(images_uint8), dtype=bool)
+    return profile.distances(processing_statistics(images_uint8)) > profile.threshold

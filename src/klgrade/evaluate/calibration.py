@@ -7,7 +7,9 @@ Fitted on one combined output, the one the predictor then scales (ensemble mean 
    the true grade with probability >= 1 - alpha, for any alpha chosen later;
 3. a feature density for gradability: grade means and covariance of the penultimate features of the
    `density` images (the training data), thresholded so that `FLAGGED_SHARE` of the calibration images are
-   flagged.
+   flagged;
+4. a processing profile: the same for three contrast statistics of the `density` images, thresholded on the
+   calibration images likewise; an image beyond it gets a warning that its processing differs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from klgrade.infer.predictor import Predictor
 from klgrade.metrics import fit_temperature
 from klgrade.models import load_checkpoint, save_checkpoint
 from klgrade.models.weights import stored_dtype
-from klgrade.uncertainty import FeatureDensity, apply_temperature, conformal_scores, log_probabilities
+from klgrade.uncertainty import (FeatureDensity, apply_temperature, conformal_scores, fit_processing_profile,
+                                 log_probabilities)
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +37,28 @@ FLAGGED_SHARE = 0.01
 """Share of in-distribution calibration images the gradability check may flag."""
 
 
-def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Uncalibrated combined probabilities and penultimate features of every sample (all must be readable)."""
+def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Uncalibrated combined probabilities, penultimate features and the preprocessed uint8 images of every
+    sample (all must be readable)."""
     predictions, failures = predict_samples(predictor, samples, raw=True)
     if failures:
         listed = "; ".join(str(f) for f in failures[:5])
         raise DataLayoutError(f"{len(failures)} unreadable {what} image(s): {listed}")
-    return predictions.outputs.probabilities, predictions.outputs.features
+    return predictions.outputs.probabilities, predictions.outputs.features, predictions.images
 
 
 def fit_calibration(predictor: Predictor, calibration: list[Sample], density: list[Sample]) -> dict:
     """The calibration of `predictor` (JSON-ready): temperature, conformal scores, feature density."""
     labels = np.array([s.grade for s in calibration])
-    probabilities, features = raw_outputs(predictor, calibration, "calibration")
+    probabilities, features, images = raw_outputs(predictor, calibration, "calibration")
     temperature = fit_temperature(log_probabilities(probabilities), labels)
     scores = np.sort(conformal_scores(apply_temperature(probabilities, temperature), labels))
-    _, density_features = raw_outputs(predictor, density, "density")
+    _, density_features, density_images = raw_outputs(predictor, density, "density")
     fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))
     fitted = fitted.with_threshold(features, FLAGGED_SHARE)
     return {"temperature": temperature, "tta": predictor.tta, "conformal_scores": np.round(scores, 6).tolist(),
-            "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE, "n_calibration": len(calibration),
+            "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE,
+            "processing": fit_processing_profile(density_images, images, FLAGGED_SHARE).to_dict(), "n_calibration": len(calibration),
             "n_density": len(density), "date": date.today().isoformat()}
 
 

@@ -26,8 +26,8 @@ from klgrade.data.preprocess import PreprocessConfig, normalize, to_uint8
 from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
-from klgrade.uncertainty import (DEFAULT_ALPHA, FeatureDensity, apply_temperature, conformal_threshold, grade_sets,
-                                 gradability)
+from klgrade.uncertainty import (DEFAULT_ALPHA, PROCESSING_SHIFT, FeatureDensity, apply_temperature,
+                                 conformal_threshold, grade_sets, gradability, processing_shift)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,8 @@ class Predictor:
         """The combined log-probabilities are divided by this before the softmax (1 = as trained)."""
         self.conformal_scores = np.asarray(calibration.get("conformal_scores", []), dtype=np.float64)
         self.density = FeatureDensity.from_dict(calibration["density"]) if "density" in calibration else None
+        self.processing = FeatureDensity.from_dict(calibration["processing"]) if "processing" in calibration else None
+        """The training images' contrast-processing profile (`uncertainty.processing_shift`)."""
 
     def _calibration(self) -> dict:
         """The stored calibration, when it belongs to this exact set-up: the same checkpoint alone, or the same
@@ -249,6 +251,9 @@ class Predictor:
         grades = probabilities.argmax(axis=1)
         sets, coverage, warnings = self.assess(prepared, outputs, alpha)
         gradable = [not reasons for reasons in warnings]
+        for notes, shifted in zip(warnings, processing_shift(prepared, self.processing)):
+            if shifted:
+                notes.append(PROCESSING_SHIFT)
         maps = [None] * len(prepared)
         if explain and self.can_explain:
             explanation = self.explain(prepared, grades)
