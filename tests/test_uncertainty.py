@@ -14,7 +14,7 @@ from klgrade.serve.app import Settings, create_app
 from klgrade.uncertainty import (BLANK, FeatureDensity, conformal_scores, conformal_threshold, fit_processing_profile,
                                  grade_sets, gradability, processing_shift)
 
-from helpers import EXAMPLES, copy_real_images, knee_image, run_cli
+from helpers import EXAMPLES, REPO, copy_real_images, knee_image, run_cli
 
 
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,3 +153,19 @@ def test_an_ensemble_is_calibrated_on_its_combined_output_and_only_together(tiny
     assert read_info(members[0])["calibration"]["ensemble_id"] == read_info(members[1])["calibration"]["ensemble_id"]
     assert not load_model(members[0]).is_calibrated  # one member alone: the ensemble's calibration does not fit it
     assert not load_model([calibrated, members[1]]).is_calibrated
+
+
+def test_uncertainty_benchmark_cross_fits_on_a_tiny_split_root(tiny_checkpoint, kneekl224, tmp_path):
+    import subprocess
+    import sys
+
+    copy_real_images(kneekl224, tmp_path / "train", 4, split="train")
+    copy_real_images(kneekl224, tmp_path / "val", 4, split="val")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "uncertainty.py"), "--data", str(tmp_path),
+                             "--checkpoint", str(tiny_checkpoint), "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert len(report["cross_fit"]) == 2 and sum(f["n_scored"] for f in report["cross_fit"]) == 20
+    for key in ("coverage", "flagged_fraction", "warned_fraction"):
+        assert 0 <= report["mean"][key] <= 1
+    assert report["not_knee"]["n"] > 40 and report["n_density"] == 20
