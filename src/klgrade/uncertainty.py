@@ -35,8 +35,8 @@ BLANK_STD = 2.0
 """A preprocessed uint8 image with less spread than this (grey levels) holds nothing to grade."""
 NOT_A_KNEE = "not gradable: the image does not look like the knee radiographs the model was trained on"
 BLANK = "not gradable: the image is blank or nearly constant"
-PROCESSING_SHIFT = ("the image's contrast processing differs from the training images (e.g. enhanced or equalised "
-                    "again): the grade may differ from that of the image as the model expects it")
+PROCESSING_SHIFT = ("the image's contrast processing differs from the training images' (e.g. enhanced or "
+                    "equalised again): the grade may change with such processing")
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
