@@ -121,8 +121,9 @@ def main() -> None:
     images = [read_image(s.path) for s in samples]
     sides = [s.side for s in samples]
     labels = [s.grade for s in samples]
-    clean_probabilities, clean_warned = grades_of(predictor, images, sides)
-    result = {"n": len(samples), "clean": scores(labels, (clean_probabilities, clean_warned), None), "perturbations": {}}
+    clean_graded = grades_of(predictor, images, sides)
+    clean_probabilities = clean_graded[0]
+    result = {"n": len(samples), "clean": scores(labels, clean_graded, None), "perturbations": {}}
     for name, perturb in perturbations(np.random.default_rng(SEED)).items():
         graded = grades_of(predictor, [perturb(image) for image in images], sides)
         result["perturbations"][name] = scores(labels, graded, clean_probabilities)

@@ -97,8 +97,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"model {predictor.name} (TTA {'on' if predictor.tta else 'off'}), alpha {args.alpha}, density from "
           f"{len(train)} train images; val halves by patient (seed {args.seed})")
-    print(f"{'direction':>10s} {'n fit':>6s} {'n scored':>8s} {'T':>6s} {'coverage':>9s} {'set size':>9s} {'flagged':>8s} "
-          f"{'warned':>7s}  per grade")
+    print(f"{'direction':>10s} {'n fit':>6s} {'n scored':>8s} {'T':>6s} {'coverage':>9s} {'set size':>9s} "
+          f"{'flagged':>8s} {'warned':>7s}  per grade")
     for i, fold in enumerate(folds):
         per_grade = " ".join(f"{c:.2f}" for c in fold["coverage_per_grade"])
         print(f"{'A->B' if i == 0 else 'B->A':>10s} {fold['n_fit']:6d} {fold['n_scored']:8d} {fold['temperature']:6.3f} "

@@ -162,7 +162,8 @@ def test_uncertainty_benchmark_cross_fits_on_a_tiny_split_root(tiny_checkpoint, 
     copy_real_images(kneekl224, tmp_path / "train", 4, split="train")
     copy_real_images(kneekl224, tmp_path / "val", 4, split="val")
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "uncertainty.py"), "--data", str(tmp_path),
-                             "--checkpoint", str(tiny_checkpoint), "--json"], capture_output=True, text=True, timeout=300)
+                             "--checkpoint", str(tiny_checkpoint), "--json"],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert len(report["cross_fit"]) == 2 and sum(f["n_scored"] for f in report["cross_fit"]) == 20

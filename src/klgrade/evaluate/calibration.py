@@ -48,7 +48,8 @@ def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple
 
 
 def fit_calibration(predictor: Predictor, calibration: list[Sample], density: list[Sample]) -> dict:
-    """The calibration of `predictor` (JSON-ready): temperature, conformal scores, feature density."""
+    """The calibration of `predictor` (JSON-ready): temperature, conformal scores, feature density, processing
+    profile."""
     labels = np.array([s.grade for s in calibration])
     probabilities, features, images = raw_outputs(predictor, calibration, "calibration")
     temperature = fit_temperature(log_probabilities(probabilities), labels)
@@ -56,10 +57,10 @@ def fit_calibration(predictor: Predictor, calibration: list[Sample], density: li
     _, density_features, density_images = raw_outputs(predictor, density, "density")
     fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))
     fitted = fitted.with_threshold(features, FLAGGED_SHARE)
+    processing = fit_processing_profile(density_images, images, FLAGGED_SHARE)
     return {"temperature": temperature, "tta": predictor.tta, "conformal_scores": np.round(scores, 6).tolist(),
-            "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE,
-            "processing": fit_processing_profile(density_images, images, FLAGGED_SHARE).to_dict(), "n_calibration": len(calibration),
-            "n_density": len(density), "date": date.today().isoformat()}
+            "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE, "processing": processing.to_dict(),
+            "n_calibration": len(calibration), "n_density": len(density), "date": date.today().isoformat()}
 
 
 def calibrate_checkpoint(checkpoints: str | Path | list[str | Path], calibration: list[Sample],
