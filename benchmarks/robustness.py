@@ -94,8 +94,7 @@ def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> t
     return np.concatenate(probabilities), processing_shift(prepared, predictor.processing)
 
 
-def scores(labels: list[int], graded: tuple[np.ndarray, np.ndarray], clean: np.ndarray | None) -> dict:
-    probabilities, warned = graded
+def scores(labels: list[int], probabilities: np.ndarray, warned: np.ndarray, clean: np.ndarray | None) -> dict:
     metrics = compute_metrics(labels, probabilities, n_boot=0)
     result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"], "warned": float(warned.mean())}
     if clean is not None:
@@ -121,12 +120,12 @@ def main() -> None:
     images = [read_image(s.path) for s in samples]
     sides = [s.side for s in samples]
     labels = [s.grade for s in samples]
-    clean_graded = grades_of(predictor, images, sides)
-    clean_probabilities = clean_graded[0]
-    result = {"n": len(samples), "clean": scores(labels, clean_graded, None), "perturbations": {}}
+    clean_probabilities, clean_warned = grades_of(predictor, images, sides)
+    result = {"n": len(samples), "clean": scores(labels, clean_probabilities, clean_warned, None),
+              "perturbations": {}}
     for name, perturb in perturbations(np.random.default_rng(SEED)).items():
-        graded = grades_of(predictor, [perturb(image) for image in images], sides)
-        result["perturbations"][name] = scores(labels, graded, clean_probabilities)
+        probabilities, warned = grades_of(predictor, [perturb(image) for image in images], sides)
+        result["perturbations"][name] = scores(labels, probabilities, warned, clean_probabilities)
     if args.json:
         print(json.dumps(result, indent=2))
         return

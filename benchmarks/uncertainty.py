@@ -34,12 +34,12 @@ from klgrade.infer.predictor import Predictor, shipped_checkpoint  # noqa: E402
 from klgrade.metrics import fit_temperature, set_metrics  # noqa: E402
 from klgrade.uncertainty import (FeatureDensity, apply_temperature, conformal_scores, conformal_threshold,  # noqa: E402
                                  fit_processing_profile, grade_sets, gradability, log_probabilities,
-                                 processing_shift)
+                                 processing_shift, processing_statistics)
 
 FLAGGED_SHARE = 0.01
 
 
-def cross_fit(probabilities, features, labels, images, halves, density: FeatureDensity, train_images: np.ndarray,
+def cross_fit(probabilities, features, labels, images, halves, density: FeatureDensity, processing: FeatureDensity,
               alpha: float) -> list[dict]:
     results = []
     for fit_half, score_half in ((halves[0], halves[1]), (halves[1], halves[0])):
@@ -48,7 +48,7 @@ def cross_fit(probabilities, features, labels, images, halves, density: FeatureD
         sets = grade_sets(apply_temperature(probabilities[score_half], temperature), conformal_threshold(scores, alpha))
         fitted = density.with_threshold(features[fit_half], FLAGGED_SHARE)
         flagged = [bool(r) for r in gradability(images[score_half], features[score_half], fitted)]
-        profile = fit_processing_profile(train_images, images[fit_half], FLAGGED_SHARE)
+        profile = processing.with_threshold(processing_statistics(images[fit_half]), FLAGGED_SHARE)
         results.append({"n_fit": int(len(fit_half)), "n_scored": int(len(score_half)), "temperature": temperature,
                          **set_metrics(labels[score_half], sets), "flagged_fraction": float(np.mean(flagged)),
                          "warned_fraction": float(processing_shift(images[score_half], profile).mean())})
@@ -80,14 +80,15 @@ def main() -> None:
     halves = (np.flatnonzero(in_first), np.flatnonzero(~in_first))
     outputs = val_predictions.outputs
     folds = cross_fit(outputs.probabilities, outputs.features, np.array(val_predictions.labels), val_predictions.images,
-                      halves, density, train_predictions.images, args.alpha)
+                      halves, density, fit_processing_profile(train_predictions.images), args.alpha)
     full = density.with_threshold(outputs.features, FLAGGED_SHARE)
     odd = not_knee_images()
     odd_prepared = np.stack([predictor.prepare(image.astype(np.float32)) for image in odd.values()])
     odd_outputs = predictor.raw_outputs(odd_prepared)
     odd_flagged = [bool(r) for r in gradability(odd_prepared, odd_outputs.features, full)]
     result = {"alpha": args.alpha, "cross_fit": folds,
-              "mean": {key: float(np.mean([f[key] for f in folds])) for key in ("coverage", "mean_set_size", "flagged_fraction", "warned_fraction")},
+              "mean": {key: float(np.mean([f[key] for f in folds]))
+                       for key in ("coverage", "mean_set_size", "flagged_fraction", "warned_fraction")},
               "not_knee": {"n": len(odd), "flagged_fraction": float(np.mean(odd_flagged)),
                            "missed": [name for name, flagged in zip(odd, odd_flagged) if not flagged]},
               "n_density": len(train)}

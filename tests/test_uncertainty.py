@@ -12,7 +12,7 @@ from klgrade.infer.grading import grade, load_model
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
 from klgrade.uncertainty import (BLANK, FeatureDensity, conformal_scores, conformal_threshold, fit_processing_profile,
-                                 grade_sets, gradability, processing_shift)
+                                 grade_sets, gradability, processing_shift, processing_statistics)
 
 from helpers import EXAMPLES, REPO, copy_real_images, knee_image, run_cli
 
@@ -82,7 +82,8 @@ def test_processing_profile_warns_on_contrast_processing_not_on_the_training_loo
         return cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32)
 
     fit_half, scored = grey["val"][0::2], grey["val"][1::2]
-    profile = fit_processing_profile(prepared(grey["train"]), prepared(fit_half), flagged_share=0.01)
+    profile = fit_processing_profile(prepared(grey["train"])).with_threshold(processing_statistics(prepared(fit_half)),
+                                                                             flagged_share=0.01)
     clahe = cv2.createCLAHE(clipLimit=4.0, tileGridSize=(8, 8))
     warned = {name: processing_shift(prepared(scored, process), profile).mean() for name, process in {
         "stored": lambda image: image, "jpeg_q30": jpeg,

@@ -148,13 +148,11 @@ def processing_statistics(images_uint8: np.ndarray) -> np.ndarray:
     return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
 
-def fit_processing_profile(training_uint8: np.ndarray, calibration_uint8: np.ndarray,
-                           flagged_share: float) -> FeatureDensity:
-    """The training images' processing statistics (one mean, their covariance), thresholded so that
-    `flagged_share` of the calibration images are warned about."""
+def fit_processing_profile(training_uint8: np.ndarray) -> FeatureDensity:
+    """The training images' processing statistics (one mean, their covariance); the threshold is set later,
+    as for the feature density: `.with_threshold(processing_statistics(calibration_uint8), share)`."""
     statistics = processing_statistics(training_uint8)
-    profile = FeatureDensity.fit(statistics, np.zeros(len(statistics), dtype=int), shrinkage=0.0)
-    return profile.with_threshold(processing_statistics(calibration_uint8), flagged_share)
+    return FeatureDensity.fit(statistics, np.zeros(len(statistics), dtype=int), shrinkage=0.0)
 
 
 def processing_shift(images_uint8: np.ndarray, profile: FeatureDensity | None) -> np.ndarray:

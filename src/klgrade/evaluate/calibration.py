@@ -29,7 +29,7 @@ from klgrade.metrics import fit_temperature
 from klgrade.models import load_checkpoint, save_checkpoint
 from klgrade.models.weights import stored_dtype
 from klgrade.uncertainty import (FeatureDensity, apply_temperature, conformal_scores, fit_processing_profile,
-                                 log_probabilities)
+                                 log_probabilities, processing_statistics)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def fit_calibration(predictor: Predictor, calibration: list[Sample], density: li
     _, density_features, density_images = raw_outputs(predictor, density, "density")
     fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))
     fitted = fitted.with_threshold(features, FLAGGED_SHARE)
-    processing = fit_processing_profile(density_images, images, FLAGGED_SHARE)
+    processing = fit_processing_profile(density_images).with_threshold(processing_statistics(images), FLAGGED_SHARE)
     return {"temperature": temperature, "tta": predictor.tta, "conformal_scores": np.round(scores, 6).tolist(),
             "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE, "processing": processing.to_dict(),
             "n_calibration": len(calibration), "n_density": len(density), "date": date.today().isoformat()}
