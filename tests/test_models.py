@@ -123,3 +123,35 @@ def test_partial_load_of_local_weights_is_reported(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         create_model("msa_net", fpn=False, pretrained=str(tmp_path / "w.safetensors"))
     assert "the rest start as built" in caplog.text and "w.safetensors" in caplog.text
+
+
+def test_a_new_normaliser_is_the_identity_and_the_grader_keeps_its_answers():
+    torch.manual_seed(0)
+    plain = create_model("msa_net", width=32, heads=2).eval()
+    with_normaliser = create_model("msa_net", width=32, heads=2, normaliser=True).eval()
+    missing, unexpected = with_normaliser.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(key.startswith("normaliser.") for key in missing)
+    for side in (160, 100, 64):  # sides that the normaliser's 4- and 8-pixel grids do not divide evenly too
+        x = torch.randn(2, 1, side, side)
+        with torch.no_grad():
+            assert torch.equal(with_normaliser.normaliser(x), x)
+            assert torch.allclose(with_normaliser(x), plain(x), atol=1e-6)
+
+
+def test_the_normaliser_can_learn_a_tone_curve():
+    """Fit a gamma-like global change on random images: the output must get much closer than the input was."""
+    from klgrade.models.normaliser import ProcessingNormaliser
+
+    torch.manual_seed(0)
+    normaliser = ProcessingNormaliser()
+    target = torch.rand(8, 1, 64, 64)
+    processed = target ** 0.6
+    optimizer = torch.optim.Adam(normaliser.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = (normaliser(processed) - target).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    before = (processed - target).abs().mean().item()
+    after = (normaliser(processed) - target).abs().mean().item()
+    assert after < 0.3 * before, (before, after)

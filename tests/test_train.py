@@ -248,3 +248,26 @@ def test_ordinal_loss_keeps_a_gradient_when_confidently_wrong_and_refuses_label_
     assert torch.isfinite(head.score.bias.grad).all() and head.score.bias.grad.abs().item() > 0.5
     with pytest.raises(KLGradeError, match="label-smoothing"):
         TrainConfig(data="x", ordinal=True, label_smoothing=0.1).validate()
+
+
+def test_train_only_the_normaliser_leaves_the_grader_bit_identical(kneekl224, tmp_path):
+    base = {**TINY, "data": str(kneekl224), "epochs": 1, "limit": 24}
+    fit(TrainConfig(**base, out=str(tmp_path / "grader")))
+    grader = tmp_path / "grader" / "last.safetensors"
+    fit(TrainConfig(**{**base, "model_options": {**TINY["model_options"], "normaliser": True}}, init=str(grader),
+                    train_only=["normaliser"], teacher=[str(grader)], kd_alpha=1.0, kd_temperature=1.0,
+                    domain_augment=True, consistency=1.0, lr=3e-3, out=str(tmp_path / "normalised")))
+    before = load_checkpoint(grader)[0].state_dict()
+    after = load_checkpoint(tmp_path / "normalised" / "last.safetensors")[0].state_dict()
+    for name, tensor in before.items():  # batch-norm running statistics included: frozen parts stay in eval mode
+        assert torch.equal(after[name], tensor), name
+    trained = [name for name in after if name.startswith("normaliser.")]
+    assert trained and any(after[name].abs().sum() > 0 for name in trained if "coefficients" in name)
+
+
+def test_train_only_names_a_part_with_parameters(kneekl224, tmp_path):
+    for part, message in (("nowhere", "has no part 'nowhere'"), ("normaliser", "has nothing to train")):
+        result = run_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / part), "--limit", "16",
+                         "--device", "cpu", "--image-size", "64", "--train-only", part, "--quiet")
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1000:]
+        assert message in result.stderr

@@ -25,6 +25,7 @@ from klgrade.evaluate.evaluation import evaluate
 from klgrade.evaluate.report import plot_confusion
 from klgrade.infer.predictor import SHIPPED_WEIGHTS, Predictor
 from klgrade.models import load_checkpoint, save_checkpoint
+from klgrade.models.weights import read_info
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "klgrade" / "weights"
 INTENDED_USE = ("Research on automated Kellgren-Lawrence grading and its explanation. Not a medical device; "
@@ -52,7 +53,7 @@ def main() -> None:
     chosen = results[use_tta]
     model, info = load_checkpoint(weights)
     card = {"data": DATA, "intended_use": INTENDED_USE, "recipe": args.recipe, "date": str(date.today()),
-            "checkpoint": args.checkpoint}
+            "checkpoint": args.checkpoint, **frozen_origin(info["train_config"])}
     info = {**info, "inference": {"tta": use_tta}, "card": card,
             "val_metrics": {k: chosen[k] for k in ("accuracy", "precision_macro", "f1_macro", "mcc", "qwk", "mae")}}
     target = save_checkpoint(WEIGHTS / SHIPPED_WEIGHTS, model, info, dtype=torch.float16)
@@ -81,11 +82,11 @@ def model_card(info: dict, results: dict, shipped: dict, use_tta: bool, notes: s
 ## Model
 `{spec['name']}` with options {json.dumps(spec['options']) if spec['options'] else 'at their defaults (resnet18 backbone, pyramid width 128, 4 attention heads)'}: multi-scale attention
 network (FPN over C3-C5, squeeze-and-excitation on every pyramid level, multi-head self-attention with 2-D
-sin-cos positions on the coarsest level, pooled fusion head). Input: one grey channel at
+sin-cos positions on the coarsest level, pooled fusion head).{_normaliser(spec)} Input: one grey channel at
 {info['preprocess']['size']}x{info['preprocess']['size']} px (percentile stretch 0.5-99.5%, no CLAHE at inference:
 the training data were already CLAHE-enhanced). Weights stored in fp16 ({'with' if use_tta else 'without'} flip
 test-time augmentation by default, chosen on val QWK: {results[True]['qwk']:.4f} with vs {results[False]['qwk']:.4f}
-without). {_origin(info['train_config'])}
+without). {_origin(info)}
 
 ## Training data and recipe
 {info['card']['data']}
@@ -186,8 +187,34 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _origin(train: dict) -> str:
+def _normaliser(spec: dict) -> str:
+    if not spec["options"].get("normaliser"):
+        return ""
+    return (" In front of the backbone, a learned processing normaliser (`klgrade.models.normaliser`: a "
+            "low-resolution network predicting smooth maps of a per-pixel quadratic tone curve) maps images processed "
+            "otherwise (enhanced again, equalised, another tone curve) back to the training images' look.")
+
+
+def frozen_origin(train: dict) -> dict:
+    """For a run that trained only some parts (`train_only`): the card of the weights the rest was frozen from,
+    read now, before shipping may overwrite that file."""
+    if not train.get("train_only"):
+        return {}
+    frozen = read_info(train["init"])
+    return {"frozen_from": {**frozen.get("card", {}), "epoch": frozen.get("epoch"),
+                            "val_metrics": frozen.get("val_metrics", {})}}
+
+
+def _origin(info: dict) -> str:
     """How the weights came to be: from scratch or from given weights, with or without a teacher."""
+    train, frozen = info["train_config"], info["card"].get("frozen_from")
+    if frozen:
+        return (f"Only the {', '.join(train['train_only'])} was trained (recipe below); every other weight is the "
+                f"model shipped on {frozen.get('date')}, frozen (its recipe: `{frozen.get('recipe')}`, epoch "
+                f"{frozen.get('epoch')}{' chosen by val QWK' if frozen.get('checkpoint', 'best') == 'best' else ''}; val accuracy {frozen['val_metrics'].get('accuracy', 0):.3f}, "
+                f"QWK {frozen['val_metrics'].get('qwk', 0):.3f}). The target of the trained part: the frozen model's "
+                f"own answer on each stored image (distillation, a = {train['kd_alpha']}, T = {train['kd_temperature']}),"
+                " for the stored image and for a processed copy.")
     start = f"Started from `{Path(train['init']).name}`" if train.get("init") else "Trained from scratch (no ImageNet weights)"
     if not train["teacher"]:
         return f"{start}, without distillation."

@@ -66,7 +66,7 @@ def _train_overrides(values: dict) -> dict:
             raise KLGradeError(f"--option '{item}' must look like key=value")
         options[key] = yaml.safe_load(value)  # numbers, true/false/False, lists; anything else stays a string
     overrides["model_options"] = options or None
-    for flag in ("teacher", "quiet", "resume"):  # empty list / False mean "not given", so YAML values stand
+    for flag in ("teacher", "train_only", "quiet", "resume"):  # empty list / False mean "not given", so YAML values stand
         overrides[flag] = overrides[flag] or None
     return overrides
 
@@ -90,6 +90,8 @@ def train_options(command):
         folds: Annotated[Optional[int], typer.Option(help="Number of patient-grouped folds [5].")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Random seed [0].")] = None,
         init: Annotated[Optional[str], typer.Option(help="Start from these weights, e.g. to fine-tune at a higher resolution [random].")] = None,
+        train_only: Annotated[Optional[list[str]], typer.Option(help=(
+            "Train only this submodule (repeatable), e.g. normaliser; the rest stays frozen [all]."))] = None,
         image_size: Annotated[Optional[int], typer.Option(help="Input side in pixels [224].")] = None,
         option: Annotated[Optional[list[str]], typer.Option(help="Model option key=value, e.g. fpn=false.")] = None,
         ordinal: Annotated[Optional[bool], typer.Option("--ordinal/--no-ordinal", help="Cumulative-logit head [no].")] = None,

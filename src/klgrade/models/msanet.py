@@ -6,7 +6,8 @@ squeeze-and-excitation (Hu et al., "Squeeze-and-Excitation Networks", CVPR 2018,
 https://arxiv.org/abs/1709.01507, timm's `SEModule`); a pre-norm transformer block (multi-head self-attention
 with 2-D sin-cos positional encoding, then an MLP) relates distant regions of the coarsest level, e.g. the
 medial and lateral compartments; each level is pooled and the concatenation is classified.
-Each component can be switched off (`fpn`, `se`, `attention`) so ablations are one flag away.
+Each component can be switched off (`fpn`, `se`, `attention`) so ablations are one flag away. With
+`normaliser=True` a learned processing normaliser (`klgrade.models.normaliser`) sits in front of the backbone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, SEModule, build_sincos2d_pos_embed
 
 from klgrade.constants import NUM_GRADES
+from klgrade.models.normaliser import ProcessingNormaliser
 
 
 class FeaturePyramid(nn.Module):
@@ -81,12 +83,14 @@ class MultiScaleAttentionNet(nn.Module):
         heads: attention heads.
         fpn, se, attention: switch each component off for ablations.
         drop_rate: dropout before the classifier.
+        normaliser: map other upstream processing back to the training images' look first (identity until trained).
     """
 
     def __init__(self, num_classes: int = NUM_GRADES, in_chans: int = 1, backbone: str = "resnet18", levels: int = 3,
                  width: int = 128, heads: int = 4, fpn: bool = True, se: bool = True, attention: bool = True,
-                 drop_rate: float = 0.2, pretrained: bool = False):
+                 drop_rate: float = 0.2, normaliser: bool = False, pretrained: bool = False):
         super().__init__()
+        self.normaliser = ProcessingNormaliser() if normaliser else nn.Identity()
         self.backbone = timm.create_model(backbone, features_only=True, in_chans=in_chans, pretrained=pretrained,
                                           out_indices=tuple(range(-levels, 0)))
         in_channels = self.backbone.feature_info.channels()
@@ -101,7 +105,7 @@ class MultiScaleAttentionNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Pyramid levels after SE and attention, finest first: [(B, width, H/8, W/8), ...]."""
-        levels = [se(level) for se, level in zip(self.recalibrate, self.neck(self.backbone(x)))]
+        levels = [se(level) for se, level in zip(self.recalibrate, self.neck(self.backbone(self.normaliser(x))))]
         levels[-1] = self.attention(levels[-1])
         return [output(level) for output, level in zip(self.level_outputs, levels)]
 

@@ -28,6 +28,8 @@ class TrainConfig:
     fold [None], folds [5]: train on the other folds of the train split and validate on fold `fold`.
     seed [0]; limit [None]: use at most this many train and validation images (quick checks).
     init [None]: weights file to start from instead of random weights (fine-tuning, e.g. at a higher resolution).
+    train_only [[]]: train only these submodules of the model (e.g. `normaliser`); the rest stays frozen, in
+    eval mode (batch-norm statistics and dropout included). Empty = train everything.
     image_size [224], clahe [False], canonical_side [False]: preprocessing, stored in the checkpoint.
     augment: affine + intensity strengths (`AugmentConfig`); domain_augment [False]: also imitate upstream
     processing (CLAHE, softening, gamma, equalisation, JPEG, resampling, blur, noise) with the strengths in
@@ -61,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None
     init: str | None = None
+    train_only: list[str] = field(default_factory=list)
     image_size: int = IMAGE_SIZE
     clahe: bool = False
     canonical_side: bool = False

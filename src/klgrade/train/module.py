@@ -25,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from klgrade.constants import MAIN_METRIC, NUM_GRADES
 from klgrade.data.augment import AugmentConfig, DomainConfig, domain_augment, random_augment
 from klgrade.data.preprocess import normalize
+from klgrade.errors import KLGradeError
 from klgrade.metrics import confusion_metrics
 from klgrade.train.config import TrainConfig
 
@@ -52,6 +53,8 @@ class GradingModule(L.LightningModule):
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
         self.model = model.to(memory_format=torch.channels_last)
+        if config.train_only:
+            freeze_all_but(self.model, config.train_only)
         self.config = config
         self.augment_config = AugmentConfig(**config.augment)
         self.domain_config = DomainConfig.from_dict(config.domain) if config.domain_augment else None
@@ -94,6 +97,10 @@ class GradingModule(L.LightningModule):
             teacher.to(self.device, memory_format=torch.channels_last)
 
     def on_train_epoch_start(self) -> None:
+        if self.config.train_only:  # frozen parts keep their batch-norm statistics (Lightning restores modes after
+            self.model.eval()       # validation, but never sets them when fitting starts)
+            for name in self.config.train_only:
+                self.model.get_submodule(name).train()
         # Randomness derived from (seed, epoch, rank): a run resumed at an epoch boundary repeats it exactly, and
         # DDP processes draw different augmentation and dropout for their different images.
         epoch_seed = (self.config.seed * 100_003 + self.current_epoch) * 1_009 + self.global_rank
@@ -156,7 +163,8 @@ class GradingModule(L.LightningModule):
         self.history = checkpoint.get("klgrade_history", [])
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        trained = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=self.config.lr, weight_decay=self.config.weight_decay)
         # Known in advance: asking Lightning to estimate it would build the data iterator before a resume restores
         # the epoch counter, and the resumed epoch would replay the first epoch's batch order.
         total = max(1, self.steps_per_epoch * self.config.epochs)
@@ -166,6 +174,25 @@ class GradingModule(L.LightningModule):
             warmup = min(total - 1, int(total * self.config.warmup_epochs / self.config.epochs))
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def freeze_all_but(model: nn.Module, names: list[str]) -> None:
+    """Stop gradients to every parameter outside the named submodules.
+
+    Raises:
+        KLGradeError: a name is not a submodule with parameters (e.g. `normaliser` without `normaliser=true`).
+    """
+    model.requires_grad_(False)
+    for name in names:
+        try:
+            part = model.get_submodule(name)
+        except AttributeError:
+            raise KLGradeError(f"--train-only: the model has no part '{name}'") from None
+        parameters = list(part.parameters())
+        if not parameters:
+            raise KLGradeError(f"--train-only: the model's part '{name}' has nothing to train")
+        for parameter in parameters:
+            parameter.requires_grad_(True)
 
 
 def _warmup_cosine(warmup: int, total: int):
