@@ -67,7 +67,7 @@ def _train_overrides(values: dict) -> dict:
         options[key] = yaml.safe_load(value)  # numbers, true/false/False, lists; anything else stays a string
     overrides["model_options"] = options or None
     for flag in ("teacher", "train_only", "quiet", "resume"):  # empty list / False mean "not given", so YAML values stand
-        overrides[flag] = overrides[flag] or None
+        overrides[flag] = overrides.get(flag) or None
     return overrides
 
 
