@@ -14,7 +14,7 @@ from klgrade.errors import CheckpointError, ImageReadError
 from klgrade.explain.gradcam import gradcam, joint_fraction, overlay
 from klgrade.infer.onnx import OnnxModel, export_onnx
 from klgrade.infer.grading import load_model
-from klgrade.models import create_model, load_checkpoint
+from klgrade.models import create_model, load_checkpoint, save_checkpoint
 
 from helpers import EXAMPLES, copy_real_images, knee_image, run_cli
 
@@ -183,3 +183,22 @@ def test_evaluate_writes_reports_and_can_calibrate(tiny_checkpoint, kneekl224, t
     assert len(rows) == 10 and {"path", "patient_id", "true", "predicted", "prob_4"} <= set(rows[0])
     for name in ("confusion.png", "reliability.png", "metrics.json"):
         assert (out / name).stat().st_size > 100
+
+
+def test_a_model_with_a_trained_normaliser_exports_to_onnx_and_agrees(tmp_path):
+    """The normaliser's pooling and interpolation at the image's own size survive the export; non-zero
+    coefficients stand in for a trained one (a new normaliser is the identity and would prove nothing)."""
+    torch.manual_seed(0)
+    options = {"width": 32, "heads": 2, "normaliser": True}
+    model = create_model("msa_net", **options)
+    torch.nn.init.normal_(model.normaliser.coefficients.weight, std=0.05)
+    info = {"model": {"name": "msa_net", "num_classes": 5, "in_chans": 1, "ordinal": False, "options": options},
+            "preprocess": {"size": 72, "clip_percentiles": [0.5, 99.5], "clahe": False, "canonical_side": False}}
+    checkpoint = save_checkpoint(tmp_path / "normalised.safetensors", model, info)
+    images = [np.asarray(Image.open(p), dtype=np.float32) for p in sorted(EXAMPLES.glob("*.jpg"))]
+    x = torch.randn(2, 1, 72, 72)
+    assert not torch.allclose(model.normaliser(x), x)
+    a = np.array([g.probabilities for g in load_model(checkpoint, tta=False).grade_arrays(images)])
+    onnx_path = export_onnx(checkpoint, tmp_path / "normalised.onnx")
+    b = np.array([g.probabilities for g in load_model(onnx_path, tta=False, backend="onnx").grade_arrays(images)])
+    assert (a.argmax(1) == b.argmax(1)).all() and np.abs(a - b).max() < 1e-4
