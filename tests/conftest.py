@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DATA, copy_real_images, run_cli
+from helpers import DATA, copy_real_images, run_cli, save_msa_net
 
 
 @pytest.fixture(scope="session")
@@ -26,15 +26,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained small msa_net checkpoint (64 px): exercises every code path in a fraction of a second."""
     import torch
 
-    from klgrade.models import create_model, save_checkpoint
+    from klgrade.models import create_model
 
     torch.manual_seed(0)
     options = {"width": 32, "heads": 2}
-    model = create_model("msa_net", **options)
-    info = {"model": {"name": "msa_net", "num_classes": 5, "in_chans": 1, "ordinal": False, "options": options},
-            "preprocess": {"size": 64, "clip_percentiles": [0.5, 99.5], "clahe": False, "canonical_side": False},
-            "val_metrics": {"accuracy": 0.2}}
-    return save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.safetensors", model, info)
+    return save_msa_net(tmp_path_factory.mktemp("tiny") / "tiny.safetensors", create_model("msa_net", **options),
+                        options, size=64)
 
 
 @pytest.fixture(scope="session")

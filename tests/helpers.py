@@ -37,6 +37,16 @@ def copy_real_images(source: Path, target: Path, per_grade: int, split: str = "v
     return copied
 
 
+def save_msa_net(path: Path, model, options: dict, size: int) -> Path:
+    """Save `model` (an msa_net built with `options`) as a checkpoint fed `size`-px images."""
+    from klgrade.models import save_checkpoint
+
+    info = {"model": {"name": "msa_net", "num_classes": 5, "in_chans": 1, "ordinal": False, "options": options},
+            "preprocess": {"size": size, "clip_percentiles": [0.5, 99.5], "clahe": False, "canonical_side": False},
+            "val_metrics": {"accuracy": 0.2}}
+    return save_checkpoint(path, model, info)
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed `klgrade` command as a user would."""
     return subprocess.run([sys.executable, "-m", "klgrade", *args], capture_output=True, text=True, timeout=timeout)

@@ -14,9 +14,9 @@ from klgrade.errors import CheckpointError, ImageReadError
 from klgrade.explain.gradcam import gradcam, joint_fraction, overlay
 from klgrade.infer.onnx import OnnxModel, export_onnx
 from klgrade.infer.grading import load_model
-from klgrade.models import create_model, load_checkpoint, save_checkpoint
+from klgrade.models import create_model, load_checkpoint
 
-from helpers import EXAMPLES, copy_real_images, knee_image, run_cli
+from helpers import EXAMPLES, copy_real_images, knee_image, run_cli, save_msa_net
 
 
 def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp_path):
@@ -192,9 +192,7 @@ def test_a_model_with_a_trained_normaliser_exports_to_onnx_and_agrees(tmp_path):
     options = {"width": 32, "heads": 2, "normaliser": True}
     model = create_model("msa_net", **options)
     torch.nn.init.normal_(model.normaliser.coefficients.weight, std=0.05)
-    info = {"model": {"name": "msa_net", "num_classes": 5, "in_chans": 1, "ordinal": False, "options": options},
-            "preprocess": {"size": 72, "clip_percentiles": [0.5, 99.5], "clahe": False, "canonical_side": False}}
-    checkpoint = save_checkpoint(tmp_path / "normalised.safetensors", model, info)
+    checkpoint = save_msa_net(tmp_path / "normalised.safetensors", model, options, size=72)
     images = [np.asarray(Image.open(p), dtype=np.float32) for p in sorted(EXAMPLES.glob("*.jpg"))]
     x = torch.randn(2, 1, 72, 72)
     assert not torch.allclose(model.normaliser(x), x)
