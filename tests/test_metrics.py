@@ -4,7 +4,7 @@ from sklearn.metrics import (accuracy_score, cohen_kappa_score, confusion_matrix
                              mean_absolute_error, precision_score, recall_score, roc_auc_score)
 
 from klgrade.metrics import (bootstrap_ci, compute_metrics, confusion_metrics, expected_calibration_error,
-                                      fit_temperature)
+                                      fit_temperature, set_metrics, share_per_grade)
 
 DESIGN_KEYS = {"n", "accuracy", "precision_macro", "precision_weighted", "recall_macro", "f1_macro", "f1_weighted",
                "mcc", "qwk", "mae", "confusion_matrix", "adjacent_error_rate", "extreme_errors", "ci95"}
@@ -85,3 +85,11 @@ def test_single_grade_and_error_free_cases_do_not_crash():
     m = compute_metrics(y, probabilities, n_boot=10)
     assert m["accuracy"] == 1.0 and m["errors"] == 0 and m["adjacent_error_rate"] == 1.0
     assert m["qwk"] == 0.0 or m["qwk"] == 1.0
+
+
+def test_shares_per_grade_count_each_true_grade_apart_and_mark_absent_grades():
+    y_true = [0, 0, 0, 1, 3, 3, 4]
+    flags = [True, False, False, True, False, False, True]
+    assert share_per_grade(y_true, flags) == [pytest.approx(1 / 3), 1.0, None, 0.0, 1.0]
+    sets = [[0], [1, 2], [0, 1], [1], [2], [3, 4], [4]]
+    assert set_metrics(y_true, sets)["coverage_per_grade"] == [pytest.approx(2 / 3), 1.0, None, 0.5, 1.0]

@@ -12,7 +12,8 @@ from helpers import EXAMPLES, REPO, run_cli
 
 BAR = {"accuracy": 0.65, "qwk": 0.76, "mcc": 0.50}
 """Floor for the shipped model on kneeKL224 val: issue #6's accuracy and MCC; for QWK the from-scratch reference
-level (0.76). The model shipped on 2026-11-26 (CPU-trained) measures 0.651 / 0.772 / 0.513."""
+level (0.76). The model shipped on 2026-11-26 (CPU-trained) measures 0.651 / 0.772 / 0.513; with the processing
+normaliser shipped on 2026-11-27 in front of it, 0.655 / 0.774 / 0.518."""
 
 
 def test_shipped_model_meets_the_bar_on_val_and_its_card_says_so(kneekl224):
@@ -32,6 +33,8 @@ def test_shipped_model_meets_the_bar_on_val_and_its_card_says_so(kneekl224):
     assert metrics["nominal_coverage"] == pytest.approx(0.9) and 0.87 <= metrics["coverage"] <= 0.97
     assert len(metrics["coverage_per_grade"]) == 5 and 1 < metrics["mean_set_size"] < 3
     assert 0 < metrics["ungradable_fraction"] <= 0.02 and metrics["processing_shift_fraction"] <= 0.02
+    flagged_kl4 = round(metrics["ungradable_per_grade"][4] * 27)
+    assert f"flags {flagged_kl4} of 27 KL 4 knees of val" in card or flagged_kl4 <= 27 * 3 * metrics["ungradable_fraction"]
 
 
 def test_images_that_are_not_knee_radiographs_are_flagged_but_still_graded():
@@ -53,9 +56,10 @@ def test_images_that_are_not_knee_radiographs_are_flagged_but_still_graded():
         assert grade(example, model=model).gradable, example.name
 
 
-def test_the_shipped_model_warns_when_the_contrast_processing_differs(kneekl224):
+def test_the_shipped_model_keeps_its_grades_and_warns_when_the_contrast_processing_differs(kneekl224):
     """Val knees as stored: no warning; the same knees CLAHE-enhanced once more (a viewer's "enhance" button):
-    warned, and still graded (about half are also flagged not gradable by the feature-space check)."""
+    warned, and mostly the same grade (its processing normaliser: 93 of 104 here; the model shipped before it
+    kept 57 of 104)."""
     import cv2
     import numpy as np
 
@@ -64,13 +68,14 @@ def test_the_shipped_model_warns_when_the_contrast_processing_differs(kneekl224)
     from klgrade.uncertainty import PROCESSING_SHIFT
 
     model = load_model()
-    paths = sorted((kneekl224 / "val").rglob("*.jpg"))[::40]
+    paths = sorted((kneekl224 / "val").rglob("*.jpg"))[::8]
     clahe = cv2.createCLAHE(clipLimit=4.0, tileGridSize=(8, 8))
     enhanced = [clahe.apply(read_image(p).astype(np.uint8)).astype(np.float32) for p in paths]
     stored_results, enhanced_results = list(grade_many(model, paths)), list(grade_many(model, enhanced))
-    assert sum(PROCESSING_SHIFT in r.warnings for r in stored_results) <= 1
+    assert sum(PROCESSING_SHIFT in r.warnings for r in stored_results) <= 0.05 * len(paths)
     assert sum(PROCESSING_SHIFT in r.warnings for r in enhanced_results) >= 0.8 * len(paths)
-    assert all(len(r.probabilities) == 5 and 0 <= r.grade <= 4 for r in enhanced_results)
+    kept = sum(s.grade == e.grade for s, e in zip(stored_results, enhanced_results))
+    assert kept >= 0.8 * len(paths), kept
 
 
 def test_shipped_weights_describe_themselves():

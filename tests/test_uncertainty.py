@@ -127,7 +127,7 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     result = run_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated), "--json")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
-    assert {"coverage", "mean_set_size", "coverage_per_grade", "ungradable_fraction",
+    assert {"coverage", "mean_set_size", "coverage_per_grade", "ungradable_fraction", "ungradable_per_grade",
             "processing_shift_fraction"} <= set(metrics)
     assert len(metrics["coverage_per_grade"]) == 5 and 1 <= metrics["mean_set_size"] <= 5
     same = run_cli("evaluate", "--data", str(data), "--calibrate-on", str(data), "--checkpoint", str(calibrated))

@@ -48,12 +48,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     weights = args.run / f"{args.checkpoint}.safetensors"
+    origin = frozen_origin(read_info(weights)["train_config"])
     results = {tta: evaluate(Predictor([weights], tta=tta), args.data, split="val").metrics for tta in (False, True)}
     use_tta = results[True]["qwk"] > results[False]["qwk"]
     chosen = results[use_tta]
     model, info = load_checkpoint(weights)
     card = {"data": DATA, "intended_use": INTENDED_USE, "recipe": args.recipe, "date": str(date.today()),
-            "checkpoint": args.checkpoint, **frozen_origin(info["train_config"])}
+            "checkpoint": args.checkpoint, **origin}
     info = {**info, "inference": {"tta": use_tta}, "card": card,
             "val_metrics": {k: chosen[k] for k in ("accuracy", "precision_macro", "f1_macro", "mcc", "qwk", "mae")}}
     target = save_checkpoint(WEIGHTS / SHIPPED_WEIGHTS, model, info, dtype=torch.float16)
@@ -62,12 +63,13 @@ def main() -> None:
     shipped = evaluate(Predictor([target]), args.data, split="val").metrics
     plot_confusion(shipped["confusion_matrix"], "shipped model on kneeKL224 val", WEIGHTS / "confusion_val.png")
     robustness = [json.loads(path.read_text()) if path else None for path in (args.robustness, args.robustness_before)]
-    card = model_card(info, results, shipped, use_tta, args.notes) + calibration_section(calibration, shipped)
+    limits = gradability_limit(shipped) + processing_limit(robustness[0])
+    card = model_card(info, results, shipped, use_tta, args.notes, limits) + calibration_section(calibration, shipped)
     (WEIGHTS / "MODEL_CARD.md").write_text(card + robustness_section(*robustness))
     print(json.dumps({k: shipped[k] for k in ("accuracy", "qwk", "mcc", "f1_macro", "mae")}, indent=2))
 
 
-def model_card(info: dict, results: dict, shipped: dict, use_tta: bool, notes: str) -> str:
+def model_card(info: dict, results: dict, shipped: dict, use_tta: bool, notes: str, limits: str) -> str:
     ci = shipped["ci95"]
     rows = "\n".join(f"| {name} | {shipped[name]:.3f} | {ci[name][0]:.3f}-{ci[name][1]:.3f} |" if name in ci else
                      f"| {name} | {shipped[name]:.3f} | |"
@@ -92,7 +94,7 @@ without). {_origin(info)}
 {info['card']['data']}
 
 Recipe (CPU, 2 cores, {date.today()}): `{info['card']['recipe']}`
-Epochs {train['epochs']}, batch {train['batch_size']}, AdamW lr {train['lr']} (1-epoch warm-up, cosine), weight
+Epochs {train['epochs']}, batch {train['batch_size']}, AdamW lr {train['lr']} ({train['warmup_epochs']}-epoch warm-up, cosine), weight
 decay {train['weight_decay']}, label smoothing {train['label_smoothing']}, EMA of weights {train['ema']}, bf16
 autocast, on-the-fly flips / rotation +/-{train['augment']['rotate_deg']} deg / scale +/-{train['augment']['scale']}
 / shift / brightness / contrast{_domain(train)}{_consistency(train)}. {_choice(info)} {notes}
@@ -125,7 +127,7 @@ figures are somewhat optimistic for new data; the kneeKL224 test split was not u
   CLAHE-enhanced). Full-leg or bilateral radiographs, other projections, implants and children are out of scope;
   the gradability check flags images far from the training data (`gradable: false`), but an image it lets
   through is not thereby in scope.
-- KL 1 ("doubtful") is the least reliable grade, as it is for human readers.
+{limits}- KL 1 ("doubtful") is the least reliable grade, as it is for human readers.
 - Trained on one cohort (OAI, US); performance on other populations, scanners and processing is unknown.
 - The Grad-CAM heatmap shows which regions raised the predicted grade's score; it is not a segmentation of
   osteophytes or joint-space narrowing.
@@ -184,7 +186,34 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
         if old is not None:
             cells += f" {old['accuracy']:.3f} | {old['qwk']:.3f} | {old.get('agreement', 1.0):.3f} |"
         lines.append(cells)
+    lines += ["", "Agreement: the share of knees whose grade is the clean image's; warned: the share of answers carrying the "
+              "processing warning."]
     return "\n".join(lines) + "\n"
+
+
+def gradability_limit(shipped: dict) -> str:
+    """A limits bullet for grades the gradability check flags far more often than val as a whole (KL 4 so far)."""
+    overall = shipped["ungradable_fraction"]
+    support = shipped["per_grade"]["support"]
+    counts = [(k, round(share * n), n) for k, (share, n) in enumerate(zip(shipped["ungradable_per_grade"], support))
+              if share is not None]
+    often = [f"{flagged} of {n} KL {k} knees" for k, flagged, n in counts if flagged >= 2 and flagged / n > 3 * overall]
+    if not often:
+        return ""
+    return (f"- The gradability check flags {', '.join(often)} of val, against {overall:.1%} of all val knees: a "
+            "`gradable: false` on such a knee is more likely the knee than the image.\n")
+
+
+def processing_limit(robustness: dict | None) -> str:
+    """A limits bullet with the largest accuracy loss and grade change of the robustness benchmark."""
+    if robustness is None:
+        return ""
+    clean, perturbed = robustness["clean"]["accuracy"], robustness["perturbations"]
+    drop_name = max(perturbed, key=lambda name: clean - perturbed[name]["accuracy"])
+    flip_name = min(perturbed, key=lambda name: perturbed[name]["agreement"])
+    return (f"- Other upstream processing (table below) costs at most {100 * (clean - perturbed[drop_name]['accuracy']):.1f} "
+            f"points of val accuracy ({drop_name}) but changes up to {1 - perturbed[flip_name]['agreement']:.0%} of grades "
+            f"({flip_name}).\n")
 
 
 def _normaliser(spec: dict) -> str:
@@ -201,6 +230,9 @@ def frozen_origin(train: dict) -> dict:
     if not train.get("train_only"):
         return {}
     frozen = read_info(train["init"])
+    if frozen["train_config"] == train:
+        raise SystemExit(f"{train['init']}: already holds this run's weights (shipped before?), not the weights it "
+                         "was frozen from; restore those first (git checkout -- that file)")
     return {"frozen_from": {**frozen.get("card", {}), "epoch": frozen.get("epoch"),
                             "val_metrics": frozen.get("val_metrics", {})}}
 

@@ -156,11 +156,15 @@ def bootstrap_ci(y_true, y_pred, groups=None, n_boot: int = 1000, seed: int = 0,
 
 def set_metrics(y_true, sets: list[list[int]], num_classes: int = NUM_GRADES) -> dict:
     """How prediction sets did: share holding the true grade (overall and per true grade), mean size."""
-    y_true = np.asarray(y_true, dtype=int)
-    covered = np.array([y in s for y, s in zip(y_true, sets)])
-    per_grade = [float(covered[y_true == k].mean()) if (y_true == k).any() else None for k in range(num_classes)]
-    return {"coverage": float(covered.mean()), "mean_set_size": float(np.mean([len(s) for s in sets])),
-            "coverage_per_grade": per_grade}
+    covered = [y in s for y, s in zip(y_true, sets)]
+    return {"coverage": float(np.mean(covered)), "mean_set_size": float(np.mean([len(s) for s in sets])),
+            "coverage_per_grade": share_per_grade(y_true, covered, num_classes)}
+
+
+def share_per_grade(y_true, flags, num_classes: int = NUM_GRADES) -> list[float | None]:
+    """Share of true `flags` among the images of each true grade (None for a grade with no image)."""
+    y_true, flags = np.asarray(y_true, dtype=int), np.asarray(flags, dtype=bool)
+    return [float(flags[y_true == k].mean()) if (y_true == k).any() else None for k in range(num_classes)]
 
 
 def fit_temperature(logits, y_true) -> float:

@@ -13,7 +13,7 @@ from klgrade.data.cache import decode_all
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Outputs, Predictor
-from klgrade.metrics import compute_metrics, fit_temperature, set_metrics
+from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
 from klgrade.uncertainty import log_probabilities, processing_shift
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     """Metrics of `predictor` on the labelled images of `data` (unreadable images are reported, not scored).
 
     With a calibrated model (or `calibrate_on`, which fits a temperature first), the metrics include the
-    grade sets' coverage at `alpha`; `ungradable_fraction` is always there; a checkpoint calibrated by
+    grade sets' coverage at `alpha`; `ungradable_fraction` (and per true grade) is always there; a checkpoint calibrated by
     `klgrade calibrate` adds `processing_shift_fraction`, the share of images whose contrast processing differs
     from the training images'.
     """
@@ -117,7 +117,9 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     metrics = compute_metrics(predictions.labels, probabilities, groups=[s.patient_id for s in predictions.samples],
                               n_boot=n_boot, seed=seed)
     sets, coverage, reasons = predictor.assess(predictions.images, predictions.outputs, alpha)
-    metrics["ungradable_fraction"] = float(np.mean([bool(r) for r in reasons]))
+    flagged = [bool(r) for r in reasons]
+    metrics["ungradable_fraction"] = float(np.mean(flagged))
+    metrics["ungradable_per_grade"] = share_per_grade(predictions.labels, flagged)
     if predictor.processing is not None:
         metrics["processing_shift_fraction"] = float(processing_shift(predictions.images, predictor.processing).mean())
     if coverage is not None:
