@@ -6,9 +6,11 @@ Each perturbation is applied to the decoded image as a radiograph viewer or PACS
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
 copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
 downsampling to 112 px and back, a 16-bit PNG re-encode, and Gaussian noise. Per perturbation: accuracy, QWK,
-and agreement of the grade with the clean image's grade, and `warned`, the share of images that get the
-processing-shift warning (calibrated models). `--json` prints
-`{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement", "warned"}}}`.
+and agreement of the grade with the clean image's grade; `warned`, the share of images that get the
+processing-shift warning, and `not_gradable`, the share flagged not gradable; for a calibrated model also
+`coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?)
+and `mean_set_size`. `--json` prints
+`{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "not_gradable", ...}}}`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import io
 import json
 import sys
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import cv2
@@ -30,12 +33,12 @@ from common import machine  # noqa: E402
 
 from klgrade.data.io import read_image  # noqa: E402
 from klgrade.data.sources import find_samples  # noqa: E402
+from klgrade.evaluate.evaluation import batched_outputs  # noqa: E402
 from klgrade.infer.grading import load_model  # noqa: E402
 from klgrade.metrics import compute_metrics  # noqa: E402
 from klgrade.uncertainty import processing_shift  # noqa: E402
 
 SEED = 0
-BATCH = 64
 
 
 def _uint8(image: np.ndarray) -> np.ndarray:
@@ -87,18 +90,32 @@ def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], 
     }
 
 
-def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and processing-shift warnings of the images."""
+@dataclass
+class Graded:
+    """What the model says about each image of a set: probabilities, grade sets and both flags."""
+    probabilities: np.ndarray
+    sets: list[list[int]]
+    not_gradable: np.ndarray
+    warned: np.ndarray
+
+
+def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> Graded:
     prepared = np.stack([predictor.prepare(image, side) for image, side in zip(images, sides)])
-    probabilities = [predictor.probabilities(prepared[i:i + BATCH]) for i in range(0, len(prepared), BATCH)]
-    return np.concatenate(probabilities), processing_shift(prepared, predictor.processing)
+    outputs = batched_outputs(predictor, prepared)
+    sets, _, reasons = predictor.assess(prepared, outputs)
+    return Graded(outputs.probabilities, sets, np.array([bool(r) for r in reasons]),
+                  processing_shift(prepared, predictor.processing))
 
 
-def scores(labels: list[int], probabilities: np.ndarray, warned: np.ndarray, clean: np.ndarray | None) -> dict:
-    metrics = compute_metrics(labels, probabilities, n_boot=0)
-    result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"], "warned": float(warned.mean())}
+def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: bool) -> dict:
+    metrics = compute_metrics(labels, graded.probabilities, n_boot=0)
+    result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"], "warned": float(graded.warned.mean()),
+              "not_gradable": float(graded.not_gradable.mean())}
+    if calibrated:
+        result["coverage"] = float(np.mean([label in grade_set for label, grade_set in zip(labels, graded.sets)]))
+        result["mean_set_size"] = float(np.mean([len(grade_set) for grade_set in graded.sets]))
     if clean is not None:
-        result["agreement"] = float((probabilities.argmax(1) == clean.argmax(1)).mean())
+        result["agreement"] = float((graded.probabilities.argmax(1) == clean.probabilities.argmax(1)).mean())
     return result
 
 
@@ -120,25 +137,25 @@ def main() -> None:
     images = [read_image(s.path) for s in samples]
     sides = [s.side for s in samples]
     labels = [s.grade for s in samples]
-    clean_probabilities, clean_warned = grades_of(predictor, images, sides)
-    result = {"n": len(samples), "clean": scores(labels, clean_probabilities, clean_warned, None),
-              "perturbations": {}}
+    clean = grades_of(predictor, images, sides)
+    calibrated = predictor.is_calibrated
+    result = {"n": len(samples), "clean": scores(labels, clean, None, calibrated), "perturbations": {}}
     for name, perturb in perturbations(np.random.default_rng(SEED)).items():
-        probabilities, warned = grades_of(predictor, [perturb(image) for image in images], sides)
-        result["perturbations"][name] = scores(labels, probabilities, warned, clean_probabilities)
+        graded = grades_of(predictor, [perturb(image) for image in images], sides)
+        result["perturbations"][name] = scores(labels, graded, clean, calibrated)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"machine: {machine()}")
     print(f"model {predictor.name} ({', '.join(str(p) for p in predictor.paths)}), TTA {'on' if predictor.tta else 'off'}, "
           f"{result['n']} images of {args.data}")
-    clean_scores = result["clean"]
-    print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s}")
-    print(f"{'clean':18s} {clean_scores['accuracy']:9.3f} {'':7s} {clean_scores['qwk']:6.3f} {'':10s} "
-          f"{clean_scores['warned']:7.3f}")
-    for name, entry in result["perturbations"].items():
-        print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_scores['accuracy']:+7.3f} "
-              f"{entry['qwk']:6.3f} {entry['agreement']:10.3f} {entry['warned']:7.3f}")
+    clean_accuracy = result["clean"]["accuracy"]
+    print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
+          f"{'not grad.':>9s} {'coverage':>9s} {'set size':>9s}")
+    for name, entry in {"clean": result["clean"], **result["perturbations"]}.items():
+        print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
+              f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['not_gradable']:9.3f} "
+              f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}")
 
 
 if __name__ == "__main__":

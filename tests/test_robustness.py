@@ -110,14 +110,20 @@ def test_consistency_needs_domain_augmentation():
         TrainConfig(data="x", consistency=1.0).validate()
 
 
-def test_robustness_benchmark_runs_on_a_tiny_folder(tiny_checkpoint, kneekl224, tmp_path):
+def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grade_sets_still_hold(
+        calibrated, kneekl224, tmp_path):
     copy_real_images(kneekl224, tmp_path, 2)
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "robustness.py"), "--data", str(tmp_path),
-                             "--checkpoint", str(tiny_checkpoint), "--limit", "8", "--json"],
+                             "--checkpoint", str(calibrated), "--limit", "8", "--json"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert report["n"] == 8 and set(report["clean"]) == {"accuracy", "qwk", "warned"}
+    scored = {"accuracy", "qwk", "warned", "not_gradable", "coverage", "mean_set_size"}
+    assert report["n"] == 8 and set(report["clean"]) == scored
     assert len(report["perturbations"]) >= 10
     for entry in report["perturbations"].values():
-        assert set(entry) == {"accuracy", "qwk", "agreement", "warned"} and 0 <= entry["agreement"] <= 1
+        assert set(entry) == scored | {"agreement"} and 0 <= entry["agreement"] <= 1
+    for entry in [report["clean"], *report["perturbations"].values()]:
+        assert 0 <= entry["coverage"] <= 1 and 1 <= entry["mean_set_size"] <= 5 and 0 <= entry["not_gradable"] <= 1
+        # A set holds at least its own arg-max grade, so it covers the truth at least as often as the grade is right.
+        assert entry["coverage"] >= entry["accuracy"]

@@ -174,20 +174,19 @@ Cross-fitted figures (calibrate on half the patients, score the other half): doc
 def robustness_section(new: dict | None, before: dict | None) -> str:
     if new is None:
         return ""
+    columns = ["accuracy", "qwk", "agreement", "warned"] + [c for c in ("coverage",) if c in new["clean"]]
+    before_has = next(iter(before["perturbations"].values())) if before else {}
+    before_columns = [c for c in columns if c != "warned" and c in before_has]
     lines = ["", "## Robustness to upstream processing (kneeKL224 val, `benchmarks/robustness.py`)", "",
-             "| perturbation | accuracy | QWK | agreement with clean | warned |"
-             + (" before: accuracy | QWK | agreement |" if before else ""),
-             "|---|---|---|---|---|" + ("---|---|---|" if before else "")]
+             "| perturbation | " + " | ".join(columns) + " |" + "".join(f" before: {c} |" for c in before_columns),
+             "|---|" + "---|" * (len(columns) + len(before_columns))]
     rows = [("clean", new["clean"], before["clean"] if before else None)]
     rows += [(name, entry, before["perturbations"][name] if before else None) for name, entry in new["perturbations"].items()]
     for name, entry, old in rows:
-        cells = (f"| {name} | {entry['accuracy']:.3f} | {entry['qwk']:.3f} | {entry.get('agreement', 1.0):.3f} | "
-                 f"{entry['warned']:.3f} |")
-        if old is not None:
-            cells += f" {old['accuracy']:.3f} | {old['qwk']:.3f} | {old.get('agreement', 1.0):.3f} |"
-        lines.append(cells)
+        cells = [f"{entry.get(c, 1.0):.3f}" for c in columns] + [f"{old.get(c, 1.0):.3f}" for c in before_columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Agreement: the share of knees whose grade is the clean image's; warned: the share of answers carrying the "
-              "processing warning."]
+              "processing warning; coverage: the share whose 90% grade set holds the true grade."]
     return "\n".join(lines) + "\n"
 
 
@@ -211,9 +210,14 @@ def processing_limit(robustness: dict | None) -> str:
     clean, perturbed = robustness["clean"]["accuracy"], robustness["perturbations"]
     drop_name = max(perturbed, key=lambda name: clean - perturbed[name]["accuracy"])
     flip_name = min(perturbed, key=lambda name: perturbed[name]["agreement"])
-    return (f"- Other upstream processing (table below) costs at most {100 * (clean - perturbed[drop_name]['accuracy']):.1f} "
+    text = (f"- Other upstream processing (table below) costs at most {100 * (clean - perturbed[drop_name]['accuracy']):.1f} "
             f"points of val accuracy ({drop_name}) but changes up to {1 - perturbed[flip_name]['agreement']:.0%} of grades "
-            f"({flip_name}).\n")
+            f"({flip_name}).")
+    coverages = [entry["coverage"] for entry in perturbed.values() if "coverage" in entry]
+    if coverages:
+        text += (f" The grade sets (90%) hold the true grade for {min(coverages):.1%}-{max(coverages):.1%} of knees under "
+                 "each processing.")
+    return text + "\n"
 
 
 def _normaliser(spec: dict) -> str:
