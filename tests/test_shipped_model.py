@@ -144,3 +144,19 @@ def test_every_example_gets_a_non_empty_map_that_points_at_evidence():
         shuffled = [masked(result.image, top_share_mask(random_map(result.image.shape[0], generator))) for _ in range(3)]
         random.append(base - model.probabilities(np.stack(shuffled))[:, result.grade].mean())
     assert np.mean(deletion) > np.mean(random) > -1, (deletion, random)
+
+
+def test_the_recipe_the_card_names_is_the_configuration_the_shipped_weights_were_trained_with():
+    """Loaded as `klgrade train --config` loads it, the recipe file gives the stored training configuration, except
+    where it names the frozen grader (`runs/grader_2026-11-26.safetensors`, extracted with `git show`: the shipped
+    file now holds the normaliser too), the output folder and the one resume."""
+    from klgrade.train.config import load_config
+
+    info = read_info(shipped_checkpoint())
+    words = info["card"]["recipe"].split()
+    config_file = REPO / words[words.index("--config") + 1]
+    config = json.loads(json.dumps(load_config(config_file, {"data": words[words.index("--data") + 1]}).to_dict()))
+    stored = info["train_config"]
+    assert {key for key in stored if config[key] != stored[key]} <= {"init", "teacher", "out", "resume"}
+    assert config["init"] == "runs/grader_2026-11-26.safetensors" and config["teacher"] == [config["init"]]
+    assert "git show" in config_file.read_text()
