@@ -199,8 +199,9 @@ def gradability_limit(shipped: dict) -> str:
     often = [f"{flagged} of {n} KL {k} knees" for k, flagged, n in counts if flagged >= 2 and flagged / n > 3 * overall]
     if not often:
         return ""
-    return (f"- The gradability check flags {', '.join(often)} of val, against {overall:.1%} of all val knees: a "
-            "`gradable: false` on such a knee is more likely the knee than the image.\n")
+    return (f"- The gradability check flags {', '.join(often)} of val, against {overall:.1%} of all val knees: "
+            "severe knees lie far from the typical training knee, so a `gradable: false` on a severe-looking knee may "
+            "reflect the severity rather than the image (look for hardware or unusual processing first).\n")
 
 
 def processing_limit(robustness: dict | None) -> str:
