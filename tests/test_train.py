@@ -1,5 +1,6 @@
 """Training engine on small real subsets: CLI run, exact resume, distillation, fold hygiene."""
 
+import csv
 import json
 
 import pytest
@@ -65,6 +66,36 @@ def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(kneekl224, tmp
         assert torch.equal(straight[key], resumed[key]), key
     history = json.loads((tmp_path / "killed" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+def _logged_rows(run) -> list[dict]:
+    with open(run / "logs" / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_resumed_run_keeps_its_training_curves(kneekl224, tmp_path):
+    """Lightning's CSV writer deleted metrics.csv on resume: the curves before the kill were lost."""
+    config = {**TINY, "data": str(kneekl224), "epochs": 3, "out": str(tmp_path)}
+    with pytest.raises(Interrupt):
+        fit(TrainConfig(**config), callbacks=[CrashMidEpoch(epoch=2, batch=2)])
+    fit(TrainConfig(**config, resume=True))
+    rows = _logged_rows(tmp_path)
+    assert [int(row["epoch"]) for row in rows if row["val/qwk"]] == [0, 1, 2]
+    steps = [int(row["step"]) for row in rows]
+    assert steps == sorted(steps) and len(rows) == len({(row["step"], bool(row["val/qwk"])) for row in rows})
+
+
+def test_the_resumed_log_drops_rows_after_the_checkpoint_and_appends_under_the_same_columns(tmp_path):
+    from klgrade.train.fit import ResumedCSVLogger
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("epoch,step,train/loss,val/qwk\n0,4,1.5,\n0,4,,0.2\n1,9,1.2,\n")
+    logger = ResumedCSVLogger(tmp_path, name="logs", version="", before_step=5)
+    logger.log_metrics({"epoch": 1, "train/loss": 1.1}, step=9)
+    logger.save()
+    rows = _logged_rows(tmp_path)
+    assert [(row["step"], row["train/loss"], row["val/qwk"]) for row in rows] == [
+        ("4", "1.5", ""), ("4", "", "0.2"), ("9", "1.1", "")]
 
 
 def test_same_seed_same_weights_on_cpu(kneekl224, tmp_path):

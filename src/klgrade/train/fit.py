@@ -6,11 +6,13 @@ Run folder:
     last.safetensors   the same for the latest epoch
     last.ckpt          full Lightning state (optimizer, scheduler, EMA, epoch) for `--resume`
     metrics.json       per-epoch validation metrics and the best epoch
-    logs/              CSV logs (training curves)
+    logs/              CSV logs (training curves; `--resume` keeps the rows logged up to the checkpoint)
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import warnings
 from dataclasses import dataclass
@@ -135,7 +137,8 @@ def load_teachers(paths: list[str], preprocess: PreprocessConfig) -> list[torch.
     return teachers
 
 
-def build_trainer(config: TrainConfig, out: Path, callbacks: list[Callback]) -> L.Trainer:
+def build_trainer(config: TrainConfig, out: Path, callbacks: list[Callback],
+                  resumed_step: int | None = None) -> L.Trainer:
     accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "gpu"}[config.device]
     if config.device == "cuda" and not torch.cuda.is_available():
         raise KLGradeError("--device cuda asked for, but no CUDA GPU is available")
@@ -151,10 +154,39 @@ def build_trainer(config: TrainConfig, out: Path, callbacks: list[Callback]) -> 
     return L.Trainer(
         accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy=strategy,
         precision=config.precision, max_epochs=config.epochs, callbacks=callbacks, num_sanity_val_steps=0,
-        logger=CSVLogger(out, name="logs", version=""), enable_progress_bar=not config.quiet,
+        logger=CSVLogger(out, name="logs", version="") if resumed_step is None else
+        ResumedCSVLogger(out, name="logs", version="", before_step=resumed_step),
+        enable_progress_bar=not config.quiet,
         enable_model_summary=not config.quiet, use_distributed_sampler=False, log_every_n_steps=10,
         plugins=[AtomicCheckpointIO()],
     )
+
+
+class ResumedCSVLogger(CSVLogger):
+    """A CSV logger that keeps the rows a resumed run logged up to its checkpoint: Lightning's writer deletes an
+    existing metrics.csv when it starts; this puts back the rows before `before_step` (later ones are redone) and
+    tells the writer their columns, so new rows append."""
+
+    def __init__(self, *args, before_step: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_step = before_step
+
+    @property
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        metrics_file = Path(self.log_dir) / "metrics.csv"
+        history = metrics_file.read_text() if metrics_file.is_file() else ""
+        writer = super().experiment
+        if history and hasattr(writer, "metrics_keys"):  # rank zero's real writer, not a dummy
+            reader = csv.DictReader(io.StringIO(history))
+            rows = [row for row in reader if int(row["step"]) < self.before_step]
+            with atomic_path(metrics_file) as temporary, open(temporary, "w", newline="") as file:
+                table = csv.DictWriter(file, fieldnames=reader.fieldnames)
+                table.writeheader()
+                table.writerows(rows)
+            writer.metrics_keys = list(reader.fieldnames)
+        return writer
 
 
 def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
@@ -194,10 +226,13 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     steps_per_epoch = train_loader.batch_sampler.batches_per_process(config.devices * config.num_nodes)
     module = GradingModule(model, config, steps_per_epoch, class_weights, load_teachers(config.teacher, data.preprocess))
     exporter = ExportWeights(out, info)
-    trainer = build_trainer(config, out, [exporter, DatasetOnDevice([train_loader, val_loader]), *(callbacks or [])])
     resume_from = out / "last.ckpt" if config.resume and (out / "last.ckpt").exists() else None
     if config.resume and resume_from is None:
         log.warning("--resume: no %s yet, starting from scratch", out / "last.ckpt")
+    resumed_step = None if resume_from is None else int(
+        torch.load(resume_from, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    trainer = build_trainer(config, out, [exporter, DatasetOnDevice([train_loader, val_loader]), *(callbacks or [])],
+                            resumed_step)
     with warnings.catch_warnings():
         for message in BENIGN_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
