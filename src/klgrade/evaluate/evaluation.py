@@ -101,9 +101,9 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     """Metrics of `predictor` on the labelled images of `data` (unreadable images are reported, not scored).
 
     With a calibrated model (or `calibrate_on`, which fits a temperature first), the metrics include the
-    grade sets' coverage at `alpha`; `ungradable_fraction` (and per true grade) is always there; a checkpoint calibrated by
-    `klgrade calibrate` adds `processing_shift_fraction`, the share of images whose contrast processing differs
-    from the training images'.
+    grade sets' coverage at `alpha`; `ungradable_fraction` (and `ungradable_per_grade`, per true grade) is always
+    there; a checkpoint calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the share of images
+    whose contrast processing differs from the training images'.
     """
     problems: list[ImageReadError] = []
     samples = pick_split(find_samples(data, problems), split)
