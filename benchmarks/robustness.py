@@ -19,8 +19,8 @@ import argparse
 import io
 import json
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import cv2
@@ -35,7 +35,7 @@ from klgrade.data.io import read_image  # noqa: E402
 from klgrade.data.sources import find_samples  # noqa: E402
 from klgrade.evaluate.evaluation import batched_outputs  # noqa: E402
 from klgrade.infer.grading import load_model  # noqa: E402
-from klgrade.metrics import compute_metrics  # noqa: E402
+from klgrade.metrics import compute_metrics, set_metrics  # noqa: E402
 from klgrade.uncertainty import processing_shift  # noqa: E402
 
 SEED = 0
@@ -112,8 +112,8 @@ def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: 
     result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"], "warned": float(graded.warned.mean()),
               "not_gradable": float(graded.not_gradable.mean())}
     if calibrated:
-        result["coverage"] = float(np.mean([label in grade_set for label, grade_set in zip(labels, graded.sets)]))
-        result["mean_set_size"] = float(np.mean([len(grade_set) for grade_set in graded.sets]))
+        sets = set_metrics(labels, graded.sets)
+        result.update(coverage=sets["coverage"], mean_set_size=sets["mean_set_size"])
     if clean is not None:
         result["agreement"] = float((graded.probabilities.argmax(1) == clean.probabilities.argmax(1)).mean())
     return result

@@ -48,11 +48,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     weights = args.run / f"{args.checkpoint}.safetensors"
-    origin = frozen_origin(read_info(weights)["train_config"])
+    model, info = load_checkpoint(weights)
+    origin = frozen_origin(info["train_config"])
     results = {tta: evaluate(Predictor([weights], tta=tta), args.data, split="val").metrics for tta in (False, True)}
     use_tta = results[True]["qwk"] > results[False]["qwk"]
     chosen = results[use_tta]
-    model, info = load_checkpoint(weights)
     card = {"data": DATA, "intended_use": INTENDED_USE, "recipe": args.recipe, "date": str(date.today()),
             "checkpoint": args.checkpoint, **origin}
     info = {**info, "inference": {"tta": use_tta}, "card": card,
