@@ -12,7 +12,7 @@ from klgrade.infer.grading import grade, load_model
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
 from klgrade.uncertainty import (BLANK, FeatureDensity, conformal_scores, conformal_threshold, fit_processing_profile,
-                                 grade_sets, gradability, processing_shift, processing_statistics)
+                                 grade_sets, grade_thresholds, gradability, processing_shift, processing_statistics)
 
 from helpers import EXAMPLES, REPO, copy_real_images, knee_image, run_cli
 
@@ -49,6 +49,31 @@ def test_split_conformal_coverage_holds_on_exchangeable_data(alpha):
     coverage = np.mean([y in s for y, s in zip(test_labels, sets)])
     assert 1 - alpha - 0.02 <= coverage <= 1 - alpha + 0.03
     assert np.mean([len(s) for s in sets]) < 5
+
+
+def test_per_grade_thresholds_cover_every_grade_where_one_threshold_misses_the_hard_one():
+    """A model sharp on most grades and unsure on the doubtful KL1 knees (its severity estimate for them is twice
+    as noisy, as readers' is): one threshold for all covers 90% on average but KL1 far less; a threshold per
+    grade covers each."""
+    def unsure_on_kl1(n, seed):
+        rng = np.random.default_rng(seed)
+        labels = rng.choice(5, n, p=[0.4, 0.15, 0.25, 0.13, 0.07])
+        centre = labels + rng.normal(0, np.where(labels == 1, 0.6, 0.3))
+        logits = -((np.arange(5) - centre[:, None]) ** 2) / (2 * 0.5**2)
+        return np.exp(logits) / np.exp(logits).sum(1, keepdims=True), labels
+
+    (calibration, calibration_labels), (test, test_labels) = unsure_on_kl1(4000, 3), unsure_on_kl1(4000, 4)
+    scores = conformal_scores(calibration, calibration_labels)
+
+    def coverage_per_grade(sets):
+        covered = np.array([y in s for y, s in zip(test_labels, sets)])
+        return [covered[test_labels == grade].mean() for grade in range(5)]
+
+    one_threshold = coverage_per_grade(grade_sets(test, conformal_threshold(scores, 0.1)))
+    per_grade = coverage_per_grade(grade_sets(test, grade_thresholds(scores, calibration_labels, 0.1)))
+    assert one_threshold[1] < 0.8, one_threshold
+    assert min(per_grade) >= 0.88, per_grade
+    assert grade_thresholds(scores[:5], calibration_labels[:5], 0.1).tolist() == [1.0] * 5  # too few: every grade
 
 
 def test_feature_density_flags_far_points_and_blank_images():
@@ -98,7 +123,23 @@ def test_calibrate_writes_everything_into_the_checkpoint(calibrated):
     calibration = read_info(calibrated)["calibration"]
     assert calibration["n_calibration"] == 40 and calibration["n_density"] == 60
     assert 0.25 <= calibration["temperature"] <= 8 and len(calibration["conformal_scores"]) == 40
+    assert sorted(calibration["conformal_grades"]) == sorted([0, 1, 2, 3, 4] * 8)
+    assert calibration["conformal_scores"] == sorted(calibration["conformal_scores"])
     assert np.isfinite(calibration["density"]["threshold"]) and np.isfinite(calibration["processing"]["threshold"])
+
+
+def test_a_calibration_written_before_per_grade_thresholds_keeps_its_one_threshold_and_says_so(calibrated, tmp_path,
+                                                                                             caplog):
+    from klgrade.models import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(calibrated)
+    del info["calibration"]["conformal_grades"]
+    older = save_checkpoint(tmp_path / "older.safetensors", model, info)
+    assert len(load_model(calibrated).set_thresholds(0.2)) == 5 and "calibrate` again" not in caplog.text
+    older_model = load_model(older)
+    assert "run `klgrade calibrate` again" in caplog.text
+    assert older_model.set_thresholds(0.2) == conformal_threshold(info["calibration"]["conformal_scores"], 0.2)
+    assert grade(sorted(EXAMPLES.glob("*.jpg"))[0], model=older_model).coverage == pytest.approx(0.9)
 
 
 def test_a_calibrated_checkpoint_answers_alike_through_predict_serve_and_onnx(calibrated, tmp_path):
@@ -163,11 +204,12 @@ def test_uncertainty_benchmark_cross_fits_on_a_tiny_split_root(tiny_checkpoint, 
     copy_real_images(kneekl224, tmp_path / "train", 4, split="train")
     copy_real_images(kneekl224, tmp_path / "val", 4, split="val")
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "uncertainty.py"), "--data", str(tmp_path),
-                             "--checkpoint", str(tiny_checkpoint), "--json"],
+                             "--checkpoint", str(tiny_checkpoint), "--splits", "2", "--json"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert len(report["cross_fit"]) == 2 and sum(f["n_scored"] for f in report["cross_fit"]) == 20
+    assert len(report["cross_fit"]) == 4 and sum(f["n_scored"] for f in report["cross_fit"][:2]) == 20
+    assert len(report["mean"]["coverage_per_grade"]) == len(report["one_threshold"]["coverage_per_grade_p5"]) == 5
     for key in ("coverage", "flagged_fraction", "warned_fraction"):
         assert 0 <= report["mean"][key] <= 1
     assert report["not_knee"]["n"] > 40 and report["n_density"] == 20

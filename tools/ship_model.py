@@ -161,12 +161,14 @@ def calibration_section(calibration: dict, shipped: dict) -> str:
 ## Calibration (how sure)
 Calibrated on kneeKL224 val ({calibration['n_calibration']} images) with `klgrade calibrate`, on the combined output
 (flip TTA {'on' if calibration['tta'] else 'off'}): temperature {calibration['temperature']:.3f}; conformal grade sets
-(contiguous least-ambiguous sets, 90% by default, any alpha per call); the gradability check's feature
+(contiguous least-ambiguous sets with a threshold per grade, so that they hold the true grade for 90% of the knees
+of every grade by default, any alpha per call); the gradability check's feature
 density (Mahalanobis, penultimate features) fitted on the {calibration['n_density']} train images and thresholded
 to flag {calibration['flagged_share']:.0%} of val; the processing profile (spread, local contrast and fine detail of the
 preprocessed image; Mahalanobis distance to the train images') thresholded likewise, whose excess adds a warning
 that the image's contrast processing differs from the training images'. On val itself (in-sample for the sets): coverage
-{shipped['coverage']:.3f}, mean set size {shipped['mean_set_size']:.2f}, not gradable {shipped['ungradable_fraction']:.3f}.
+{shipped['coverage']:.3f} (KL 0-4: {' / '.join(f'{c:.2f}' for c in shipped['coverage_per_grade'])}), mean set size
+{shipped['mean_set_size']:.2f}, not gradable {shipped['ungradable_fraction']:.3f}.
 Cross-fitted figures (calibrate on half the patients, score the other half): docs/results.md.
 """
 

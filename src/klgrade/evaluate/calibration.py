@@ -3,8 +3,9 @@ into a copy of the checkpoint, where `predict`, `evaluate`, `serve` and the ONNX
 
 Fitted on one combined output, the one the predictor then scales (ensemble mean and flip TTA included):
 1. temperature (Guo et al., ICML 2017) of the combined log-probabilities, by NLL;
-2. conformal scores of the temperature-scaled probabilities (`klgrade.uncertainty`), so that grade sets hold
-   the true grade with probability >= 1 - alpha, for any alpha chosen later;
+2. conformal scores of the temperature-scaled probabilities and the grade of each (`klgrade.uncertainty`), so
+   that grade sets hold the true grade with probability >= 1 - alpha for the knees of every grade, for any
+   alpha chosen later;
 3. a feature density for gradability: grade means and covariance of the penultimate features of the
    `density` images (the training data), thresholded so that `FLAGGED_SHARE` of the calibration images are
    flagged;
@@ -48,18 +49,20 @@ def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple
 
 
 def fit_calibration(predictor: Predictor, calibration: list[Sample], density: list[Sample]) -> dict:
-    """The calibration of `predictor` (JSON-ready): temperature, conformal scores, feature density, processing
-    profile."""
+    """The calibration of `predictor` (JSON-ready): temperature, conformal scores (ascending) with their grades,
+    feature density, processing profile."""
     labels = np.array([s.grade for s in calibration])
     probabilities, features, images = raw_outputs(predictor, calibration, "calibration")
     temperature = fit_temperature(log_probabilities(probabilities), labels)
-    scores = np.sort(conformal_scores(apply_temperature(probabilities, temperature), labels))
+    scores = conformal_scores(apply_temperature(probabilities, temperature), labels)
+    order = np.argsort(scores, kind="stable")
     _, density_features, density_images = raw_outputs(predictor, density, "density")
     fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))
     fitted = fitted.with_threshold(features, FLAGGED_SHARE)
     processing = fit_processing_profile(density_images).with_threshold(processing_statistics(images), FLAGGED_SHARE)
-    return {"temperature": temperature, "tta": predictor.tta, "conformal_scores": np.round(scores, 6).tolist(),
-            "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE, "processing": processing.to_dict(),
+    return {"temperature": temperature, "tta": predictor.tta, "conformal_scores": np.round(scores[order], 6).tolist(),
+            "conformal_grades": labels[order].tolist(), "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE,
+            "processing": processing.to_dict(),
             "n_calibration": len(calibration), "n_density": len(density), "date": date.today().isoformat()}
 
 

@@ -27,7 +27,8 @@ from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
 from klgrade.uncertainty import (DEFAULT_ALPHA, PROCESSING_SHIFT, FeatureDensity, apply_temperature,
-                                 conformal_threshold, grade_sets, gradability, processing_shift)
+                                 conformal_threshold, grade_sets, grade_thresholds, gradability,
+                                 processing_shift)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,12 @@ class Predictor:
         self.temperature = float(calibration.get("temperature", 1.0))
         """The combined log-probabilities are divided by this before the softmax (1 = as trained)."""
         self.conformal_scores = np.asarray(calibration.get("conformal_scores", []), dtype=np.float64)
+        self.conformal_grades = np.asarray(calibration.get("conformal_grades", []), dtype=np.int64)
+        """The true grade behind each score: the sets get a threshold per grade (`uncertainty.grade_thresholds`)."""
+        if self.is_calibrated and len(self.conformal_grades) != len(self.conformal_scores):
+            log.warning("%s was calibrated before grade sets had a threshold per grade: its sets hold the true grade "
+                        "for %.0f%% of knees on average, not per grade; run `klgrade calibrate` again", self.paths[0],
+                        100 * (1 - self.alpha))
         self.density = FeatureDensity.from_dict(calibration["density"]) if "density" in calibration else None
         self.processing = FeatureDensity.from_dict(calibration["processing"]) if "processing" in calibration else None
         """The training images' contrast-processing profile (`uncertainty.processing_shift`)."""
@@ -213,12 +220,18 @@ class Predictor:
         logits, features = features_and_logits(model, x.to(self.device))
         return logits.float().cpu(), features.float().cpu().numpy()
 
+    def set_thresholds(self, alpha: float) -> np.ndarray | float:
+        """The conformal threshold of each grade (one for all from an older calibration without grades)."""
+        if len(self.conformal_grades) == len(self.conformal_scores):
+            return grade_thresholds(self.conformal_scores, self.conformal_grades, alpha)
+        return conformal_threshold(self.conformal_scores, alpha)
+
     def assess(self, images_uint8: np.ndarray, outputs: Outputs,
                alpha: float | None = None) -> tuple[list[list[int]], float | None, list[list[str]]]:
         """Grade sets (and their coverage) and per-image reasons for not being gradable."""
         alpha = self.alpha if alpha is None else alpha
         if self.is_calibrated:
-            sets = grade_sets(outputs.probabilities, conformal_threshold(self.conformal_scores, alpha))
+            sets = grade_sets(outputs.probabilities, self.set_thresholds(alpha))
             coverage = 1 - alpha
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
