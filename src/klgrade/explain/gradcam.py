@@ -8,12 +8,15 @@ grade's logit; for an ordinal (cumulative-logit) model it is the severity score,
 (`-s` for KL0, `+s` otherwise), because the log-probability of a confident end grade has no gradient.
 
 A map with no positive evidence at all is reported as empty (`Explanation.empty`), never drawn as a picture
-of nothing. Heatmaps are upsampled to the input size and scaled to [0, 1] per image (min to max of the
-positive evidence, as pytorch-grad-cam does, so that a map positive everywhere still shows its peaks).
+of nothing. Heatmaps are upsampled to the input size, smoothed slightly while still signed (the coarsest
+level's cells are 32 px: where its negative evidence was clamped to zero, the map showed their square edges),
+and scaled to [0, 1] per image (min to max of the positive evidence, as pytorch-grad-cam does, so that a map
+positive everywhere still shows its peaks).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from captum.attr import LayerGradCam
+from kornia.filters import gaussian_blur2d
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
@@ -31,6 +35,8 @@ OVERLAY_SIDE = 448
 HEATMAP_ALPHA = 0.45
 JOINT_BAND = (0.3, 0.7)
 """Rows (fraction of crop height) that hold the tibiofemoral joint space in centred knee crops."""
+SMOOTHING = 1 / 20
+"""Standard deviation of the Gaussian that smooths the signed map, as a share of the input side (8 px at 160 px)."""
 EMPTY_RATIO = 1e-3
 """A map whose largest positive value is below this share of its largest absolute value shows no evidence."""
 EXPLANATION_EMPTY = "explanation empty: no image region raised the score of this grade"
@@ -85,6 +91,13 @@ def is_empty(signed: torch.Tensor) -> torch.Tensor:
     return signed.clamp_min(0).flatten(1).amax(dim=1) <= EMPTY_RATIO * signed.abs().flatten(1).amax(dim=1)
 
 
+def smooth(signed: torch.Tensor, share: float = SMOOTHING) -> torch.Tensor:
+    """(B, H, W) signed maps blurred by a Gaussian of `share` times the side (edges replicated)."""
+    sigma = share * signed.shape[-1]
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    return gaussian_blur2d(signed[:, None], kernel, (sigma, sigma), border_type="replicate")[:, 0]
+
+
 def gradcam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Explanation:
     """Grad-CAM of the given target grades (positive evidence, scaled to [0, 1]); the model is left in eval mode.
 
@@ -100,7 +113,7 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Ex
         pending[index] = is_empty(signed[index])
         if not pending.any():
             break
-    positive = signed.clamp_min(0)
+    positive = smooth(signed).clamp_min(0)
     low = positive.flatten(1).amin(dim=1).view(-1, 1, 1)  # evidence everywhere: show where it is strongest
     maps = (positive - low) / (positive.flatten(1).amax(dim=1).view(-1, 1, 1) - low).clamp_min(1e-12)
     return Explanation(maps.numpy(), pending.numpy())
