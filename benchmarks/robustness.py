@@ -8,8 +8,8 @@ copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisati
 downsampling to 112 px and back, a 16-bit PNG re-encode, and Gaussian noise. Per perturbation: accuracy, QWK,
 and agreement of the grade with the clean image's grade; `warned`, the share of images that get the
 processing-shift warning, and `not_gradable`, the share flagged not gradable; for a calibrated model also
-`coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?)
-and `mean_set_size`. `--json` prints
+`coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?),
+`coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`. `--json` prints
 `{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "not_gradable", ...}}}`.
 """
 
@@ -113,7 +113,8 @@ def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: 
               "not_gradable": float(graded.not_gradable.mean())}
     if calibrated:
         sets = set_metrics(labels, graded.sets)
-        result.update(coverage=sets["coverage"], mean_set_size=sets["mean_set_size"])
+        result.update(coverage=sets["coverage"], coverage_per_grade=sets["coverage_per_grade"],
+                      mean_set_size=sets["mean_set_size"])
     if clean is not None:
         result["agreement"] = float((graded.probabilities.argmax(1) == clean.probabilities.argmax(1)).mean())
     return result
@@ -151,11 +152,12 @@ def main() -> None:
           f"{result['n']} images of {args.data}")
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
-          f"{'not grad.':>9s} {'coverage':>9s} {'set size':>9s}")
+          f"{'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4")
     for name, entry in {"clean": result["clean"], **result["perturbations"]}.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
               f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['not_gradable']:9.3f} "
-              f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}")
+              f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}  "
+              f"{' '.join(f'{c:.2f}' for c in entry.get('coverage_per_grade', []) if c is not None)}")
 
 
 if __name__ == "__main__":

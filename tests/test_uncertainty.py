@@ -12,7 +12,8 @@ from klgrade.infer.grading import grade, load_model
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
 from klgrade.uncertainty import (BLANK, FeatureDensity, conformal_scores, conformal_threshold, fit_processing_profile,
-                                 grade_sets, grade_thresholds, gradability, processing_shift, processing_statistics)
+                                 grade_sets, grade_thresholds, gradability, processing_shift, processing_statistics,
+                                 uncertified_grades, uncertified_warning)
 
 from helpers import EXAMPLES, REPO, copy_real_images, knee_image, run_cli
 
@@ -74,6 +75,21 @@ def test_per_grade_thresholds_cover_every_grade_where_one_threshold_misses_the_h
     assert one_threshold[1] < 0.8, one_threshold
     assert min(per_grade) >= 0.88, per_grade
     assert grade_thresholds(scores[:5], calibration_labels[:5], 0.1).tolist() == [1.0] * 5  # too few: every grade
+
+
+def test_sets_say_when_the_calibration_is_too_small_for_the_coverage_asked(calibrated):
+    """kneeKL224 val has 27 KL4 knees: enough for 95% (27 >= ceil(28 * 0.95)), not for 97%. The tiny calibrated
+    checkpoint has 8 knees per grade: enough for 80%, not for 90%; every set then holds every grade, and says so."""
+    val_grades = np.repeat(np.arange(5), [328, 153, 212, 106, 27])
+    assert uncertified_grades(val_grades, 0.05) == [] and uncertified_grades(val_grades, 0.03) == [4]
+    model = load_model(calibrated)
+    example = sorted(EXAMPLES.glob("KL2_*.jpg"))[0]
+    supported = grade(example, model=model, alpha=0.2)
+    assert not any(w.startswith("grade set:") for w in supported.warnings)
+    result = grade(example, model=model, alpha=0.1)
+    assert result.grade_set == [0, 1, 2, 3, 4] and result.gradable == supported.gradable
+    assert uncertified_warning([0, 1, 2, 3, 4], 0.1) in result.warnings
+    assert "KL 0, 1, 2, 3, 4" in uncertified_warning([0, 1, 2, 3, 4], 0.1) and "90%" in uncertified_warning([4], 0.1)
 
 
 def test_feature_density_flags_far_points_and_blank_images():

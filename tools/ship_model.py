@@ -219,7 +219,13 @@ def processing_limit(robustness: dict | None) -> str:
     coverages = [entry["coverage"] for entry in perturbed.values() if "coverage" in entry]
     if coverages:
         text += (f" The grade sets (90%) hold the true grade for {min(coverages):.1%}-{max(coverages):.1%} of knees under "
-                 "each processing.")
+                 "each processing")
+        per_grade = [(c, k, name) for name, entry in perturbed.items()
+                     for k, c in enumerate(entry.get("coverage_per_grade", [])) if c is not None]
+        if per_grade:
+            lowest, grade, name = min(per_grade)
+            text += f", for {lowest:.0%} or more of the knees of every grade (lowest: KL{grade} under {name})"
+        text += "."
     return text + "\n"
 
 

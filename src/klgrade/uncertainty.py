@@ -77,6 +77,20 @@ def grade_thresholds(scores: np.ndarray, grades: np.ndarray, alpha: float = DEFA
     return np.array([conformal_threshold(scores[grades == grade], alpha) for grade in range(NUM_GRADES)])
 
 
+def uncertified_grades(grades: np.ndarray, alpha: float) -> list[int]:
+    """The grades with too few calibration images to promise 1 - alpha for them (n < ceil((n + 1)(1 - alpha)),
+    e.g. fewer than 99 for alpha 0.01): their threshold is 1.0, so every grade set reaches them."""
+    counts = np.bincount(np.asarray(grades, dtype=np.int64), minlength=NUM_GRADES)
+    return [grade for grade, n in enumerate(counts) if math.ceil((n + 1) * (1 - alpha)) > n]
+
+
+def uncertified_warning(grades: list[int], alpha: float) -> str:
+    """The answer's warning when `uncertified_grades` is not empty."""
+    return (f"grade set: the calibration holds too few knees of KL {', '.join(map(str, grades))} to promise "
+            f"{100 * (1 - alpha):g}% coverage for {'that grade' if len(grades) == 1 else 'those grades'}: every set "
+            f"includes {'it' if len(grades) == 1 else 'them'} (choose a larger alpha)")
+
+
 def grade_sets(probabilities: np.ndarray, thresholds: float | np.ndarray) -> list[list[int]]:
     """Per image, the grades from the lowest to the highest with probability >= 1 - threshold (one for all
     grades, or one per grade: `grade_thresholds`), and the mode."""

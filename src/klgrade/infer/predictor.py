@@ -28,7 +28,7 @@ from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
 from klgrade.uncertainty import (DEFAULT_ALPHA, PROCESSING_SHIFT, FeatureDensity, apply_temperature,
                                  conformal_threshold, grade_sets, grade_thresholds, gradability,
-                                 processing_shift)
+                                 processing_shift, uncertified_grades, uncertified_warning)
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class Grading:
         grade: predicted KL grade 0-4 (the most probable one).
         probabilities: probability of each grade 0-4.
         confidence: probability of `grade`.
-        grade_set: contiguous grades that hold the true grade with probability `coverage` (calibrated
-            models); just `[grade]` when the model is not calibrated (then `coverage` is None).
+        grade_set: contiguous grades that hold the true grade with probability `coverage`, whatever the true
+            grade (calibrated models); just `[grade]` when the model is not calibrated (then `coverage` is None).
         gradable: False when the input is not a knee radiograph like the training data (blank, or far from
             it in feature space); the probabilities are still given, the grade is not to be trusted.
         heatmap: (H, W) Grad-CAM map in [0, 1] of the network input when explained, else None.
@@ -226,6 +226,12 @@ class Predictor:
             return grade_thresholds(self.conformal_scores, self.conformal_grades, alpha)
         return conformal_threshold(self.conformal_scores, alpha)
 
+    def uncertified_grades(self, alpha: float) -> list[int]:
+        """Grades every set includes because the calibration holds too few of them for 1 - alpha."""
+        if not self.is_calibrated or len(self.conformal_grades) != len(self.conformal_scores):
+            return []
+        return uncertified_grades(self.conformal_grades, alpha)
+
     def assess(self, images_uint8: np.ndarray, outputs: Outputs,
                alpha: float | None = None) -> tuple[list[list[int]], float | None, list[list[str]]]:
         """Grade sets (and their coverage) and per-image reasons for not being gradable."""
@@ -259,11 +265,15 @@ class Predictor:
                        explain: bool = False, alpha: float | None = None) -> list[Grading]:
         """Grade (B, H, W) uint8 images from `prepare`; Grad-CAM of the predicted grade when `explain`."""
         names = names or [None] * len(prepared)
+        alpha = self.alpha if alpha is None else alpha
         outputs = self.outputs(prepared)
         probabilities = outputs.probabilities
         grades = probabilities.argmax(axis=1)
         sets, coverage, warnings = self.assess(prepared, outputs, alpha)
         gradable = [not reasons for reasons in warnings]
+        uncertified = self.uncertified_grades(alpha)
+        for notes in warnings if uncertified else []:
+            notes.append(uncertified_warning(uncertified, alpha))
         for notes, shifted in zip(warnings, processing_shift(prepared, self.processing)):
             if shifted:
                 notes.append(PROCESSING_SHIFT)

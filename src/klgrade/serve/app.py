@@ -56,8 +56,8 @@ class GradeResponse(BaseModel):
     grade: int = Field(description="Predicted Kellgren-Lawrence grade, 0-4.")
     probabilities: list[float] = Field(description="Probability of each grade 0-4.")
     confidence: float = Field(description="Probability of the predicted grade.")
-    grade_set: list[int] = Field(description="Contiguous grades holding the true grade with probability `coverage` "
-                                             "(calibrated models); the grade alone otherwise.")
+    grade_set: list[int] = Field(description="Contiguous grades holding the true grade with probability `coverage`, "
+                                             "whatever the true grade (calibrated models); the grade alone otherwise.")
     coverage: float | None = Field(None, description="Nominal coverage of grade_set (1 - alpha); null if uncalibrated.")
     gradable: bool = Field(description="False: not a knee radiograph like the training data; do not trust the grade.")
     warnings: list[str] = Field(default_factory=list, description="What a reader must know about this answer.")
