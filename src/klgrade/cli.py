@@ -310,8 +310,12 @@ def calibrate(
 ) -> None:
     """Fit temperature, conformal grade sets and the gradability check; write them into a copy of the checkpoint."""
     from klgrade.data.sources import find_samples, select_split
+    import numpy as np
+
+    from klgrade.constants import NUM_GRADES
     from klgrade.evaluate.calibration import calibrate_checkpoint
     from klgrade.evaluate.evaluation import check_disjoint, pick_split
+    from klgrade.uncertainty import DEFAULT_ALPHA, smallest_alpha, uncertified_grades, uncertified_warning
 
     _setup_logging(quiet=True)
     if len(checkpoint) == 1 and (out.is_dir() or out.suffix != ".safetensors"):
@@ -328,8 +332,14 @@ def calibrate(
         density = select_split(density, "train")
     check_disjoint(calibration, density, "calibration and density data")
     result = calibrate_checkpoint(checkpoint, calibration, density, out, tta=tta)
-    typer.echo(f"temperature {result['temperature']:.3f}, {result['n_calibration']} calibration images, "
-               f"feature density from {result['n_density']} images -> {out}")
+    counts = np.bincount(result["conformal_grades"], minlength=NUM_GRADES)
+    lowest = smallest_alpha(result["conformal_grades"])
+    typer.echo(f"temperature {result['temperature']:.3f}, {result['n_calibration']} calibration images "
+               f"(KL 0-4: {' / '.join(map(str, counts))}; grade sets certified for every grade at alpha >= "
+               f"{lowest:.3f}), feature density from {result['n_density']} images -> {out}")
+    short = uncertified_grades(result["conformal_grades"], DEFAULT_ALPHA)
+    if short:
+        typer.echo(f"warning: {uncertified_warning(short, DEFAULT_ALPHA)}", err=True)
 
 
 @app.command("export-onnx")

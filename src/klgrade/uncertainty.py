@@ -84,6 +84,13 @@ def uncertified_grades(grades: np.ndarray, alpha: float) -> list[int]:
     return [grade for grade, n in enumerate(counts) if math.ceil((n + 1) * (1 - alpha)) > n]
 
 
+def smallest_alpha(grades: np.ndarray) -> float:
+    """The smallest alpha for which every grade's calibration images suffice: max over grades of 1 / (n + 1),
+    rounded up to 3 decimals."""
+    counts = np.bincount(np.asarray(grades, dtype=np.int64), minlength=NUM_GRADES)
+    return math.ceil(1000 / (counts.min() + 1)) / 1000
+
+
 def uncertified_warning(grades: list[int], alpha: float) -> str:
     """The answer's warning when `uncertified_grades` is not empty."""
     return (f"grade set: the calibration holds too few knees of KL {', '.join(map(str, grades))} to promise "
