@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine facts and a timer."""
+"""Helpers shared by the benchmark scripts: machine facts, a timer, and cross-fitted grade sets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import os
 import platform
 import time
 
+import numpy as np
 import torch
+
+from klgrade.metrics import fit_temperature
+from klgrade.uncertainty import apply_temperature, conformal_scores, grade_sets, grade_thresholds, log_probabilities
 
 
 def machine() -> str:
@@ -42,3 +46,21 @@ def latency_ms(function, repeats: int = 20, warmup: int = 3) -> float:
         function()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2] * 1000
+
+
+def patient_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the images of a random half of the patients, and of the rest (no patient in both)."""
+    unique = sorted(set(patients))
+    first = set(np.random.default_rng(seed).permutation(unique)[: len(unique) // 2])
+    in_first = np.array([patient in first for patient in patients])
+    return np.flatnonzero(in_first), np.flatnonzero(~in_first)
+
+
+def fitted_sets(fit_probabilities: np.ndarray, fit_labels: np.ndarray, probabilities: np.ndarray,
+                alpha: float) -> tuple[float, np.ndarray, list[list[int]]]:
+    """`klgrade calibrate`'s grade sets fitted on one labelled set of uncalibrated probabilities (temperature, then
+    a conformal threshold per grade) and applied to others: (temperature, thresholds, sets)."""
+    temperature = fit_temperature(log_probabilities(fit_probabilities), fit_labels)
+    scores = conformal_scores(apply_temperature(fit_probabilities, temperature), fit_labels)
+    thresholds = grade_thresholds(scores, fit_labels, alpha)
+    return temperature, thresholds, grade_sets(apply_temperature(probabilities, temperature), thresholds)

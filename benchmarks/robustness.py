@@ -1,6 +1,7 @@
 """Do grades hold whatever the upstream image processing? A fixed, seeded suite of perturbations on a labelled set.
 
-    python benchmarks/robustness.py --data ../shared/data/kneeKL224/val [--checkpoint CKPT ...] [--limit N] [--tta] [--json]
+    python benchmarks/robustness.py --data ../shared/data/kneeKL224/val [--checkpoint CKPT ...] [--limit N] [--tta]
+        [--cross-fit 20] [--json]
 
 Each perturbation is applied to the decoded image as a radiograph viewer or PACS would, with OpenCV (not the
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
@@ -9,7 +10,10 @@ downsampling to 112 px and back, a 16-bit PNG re-encode, and Gaussian noise. Per
 and agreement of the grade with the clean image's grade; `warned`, the share of images that get the
 processing-shift warning, and `not_gradable`, the share flagged not gradable; for a calibrated model also
 `coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?),
-`coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`. `--json` prints
+`coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`, and, since the model's
+calibration may have seen these very knees (the shipped one: kneeKL224 val), `cross_fitted_coverage` and
+`cross_fitted_coverage_per_grade`: grade sets calibrated afresh on the clean images of half the patients and
+scored on the other half's processed images, both ways, over `--cross-fit` random halvings. `--json` prints
 `{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "not_gradable", ...}}}`.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import sys
 from dataclasses import dataclass
@@ -29,14 +34,14 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import fitted_sets, machine, patient_halves  # noqa: E402
 
 from klgrade.data.io import read_image  # noqa: E402
 from klgrade.data.sources import find_samples  # noqa: E402
 from klgrade.evaluate.evaluation import batched_outputs  # noqa: E402
 from klgrade.infer.grading import load_model  # noqa: E402
 from klgrade.metrics import compute_metrics, set_metrics  # noqa: E402
-from klgrade.uncertainty import processing_shift  # noqa: E402
+from klgrade.uncertainty import apply_temperature, processing_shift  # noqa: E402
 
 SEED = 0
 
@@ -120,6 +125,23 @@ def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: 
     return result
 
 
+def cross_fitted(labels: np.ndarray, patients: list[str], clean: Graded, graded: Graded, temperature: float,
+                 alpha: float, splits: int) -> dict:
+    """Coverage of grade sets fitted on the clean images of half the patients (temperature and per-grade thresholds,
+    as `klgrade calibrate`) and scored on the other half's `graded` images, both ways, over `splits` halvings."""
+    uncalibrated_clean = apply_temperature(clean.probabilities, 1 / temperature)  # p ~ p_calibrated ** T
+    uncalibrated = apply_temperature(graded.probabilities, 1 / temperature)
+    fits = []
+    for split in range(splits):
+        for fit, scored in itertools.permutations(patient_halves(patients, SEED + split)):
+            _, _, sets = fitted_sets(uncalibrated_clean[fit], labels[fit], uncalibrated[scored], alpha)
+            fits.append(set_metrics(labels[scored], sets))
+    per_grade = [[fit["coverage_per_grade"][grade] for fit in fits if fit["coverage_per_grade"][grade] is not None]
+                 for grade in range(len(fits[0]["coverage_per_grade"]))]
+    return {"cross_fitted_coverage": float(np.mean([fit["coverage"] for fit in fits])),
+            "cross_fitted_coverage_per_grade": [float(np.mean(values)) if values else None for values in per_grade]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
@@ -127,6 +149,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="At most N images (a seeded subset).")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="Flip TTA on/off [as the checkpoint recommends].")
+    parser.add_argument("--cross-fit", type=int, default=20,
+                        help="Random patient halvings for the cross-fitted coverage of a calibrated model (0: none).")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -140,10 +164,18 @@ def main() -> None:
     labels = [s.grade for s in samples]
     clean = grades_of(predictor, images, sides)
     calibrated = predictor.is_calibrated
-    result = {"n": len(samples), "clean": scores(labels, clean, None, calibrated), "perturbations": {}}
+    patients = [s.patient_id for s in samples]
+
+    def scored(graded: Graded, reference: Graded | None) -> dict:
+        entry = scores(labels, graded, reference, calibrated)
+        if calibrated and args.cross_fit:
+            entry.update(cross_fitted(np.array(labels), patients, clean, graded, predictor.temperature, predictor.alpha,
+                                      args.cross_fit))
+        return entry
+
+    result = {"n": len(samples), "clean": scored(clean, None), "perturbations": {}}
     for name, perturb in perturbations(np.random.default_rng(SEED)).items():
-        graded = grades_of(predictor, [perturb(image) for image in images], sides)
-        result["perturbations"][name] = scores(labels, graded, clean, calibrated)
+        result["perturbations"][name] = scored(grades_of(predictor, [perturb(image) for image in images], sides), clean)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -152,12 +184,14 @@ def main() -> None:
           f"{result['n']} images of {args.data}")
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
-          f"{'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4")
+          f"{'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
     for name, entry in {"clean": result["clean"], **result["perturbations"]}.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
               f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['not_gradable']:9.3f} "
               f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}  "
-              f"{' '.join(f'{c:.2f}' for c in entry.get('coverage_per_grade', []) if c is not None)}")
+              f"{' '.join(f'{c:.2f}' for c in entry.get('coverage_per_grade', []) if c is not None)} | "
+              f"{entry.get('cross_fitted_coverage', float('nan')):.3f} "
+              f"{' '.join(f'{c:.2f}' for c in entry.get('cross_fitted_coverage_per_grade', []) if c is not None)}")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,15 @@
         [--density-limit N] [--seed 0] [--splits 20] [--json]
 
 The calibration split (`val`) is cut into two halves by patient; the temperature, the conformal thresholds (one
-per grade, as shipped) and the gradability threshold are fitted on one half (the feature density on the `train` split) and scored on the
-other, both ways, for `--splits` random halvings (one network pass; the halvings only re-fit). Reported per fit
-and averaged (with the 5th percentile of per-grade coverage over the fits: how low it gets on a calibration set
-of this size): coverage of the grade sets (target 1 - alpha), mean set
-size, coverage per true grade (and, for comparison, the same with one conformal threshold for all grades), share of the held-out half flagged not gradable, share warned that its
-contrast processing differs (processing profile on the `train` images, threshold on the fitting half); and the
-share of images
-that are not knee radiographs (blank, noise, gradients, text, photographs and scans shipped in installed
-packages: tests/helpers.py) flagged not gradable.
+per grade, as shipped) and the gradability threshold are fitted on one half (the feature density on the `train`
+split) and scored on the other, both ways, for `--splits` random halvings (one network pass; the halvings only
+re-fit). Reported per fit and averaged (with the 5th percentile of per-grade coverage over the fits: how low it
+gets on a calibration set of this size): coverage of the grade sets (target 1 - alpha), mean set size, coverage
+per true grade (and, for comparison, the same with one conformal threshold for all grades), share of the
+held-out half flagged not gradable, share warned that its contrast processing differs (processing profile on the
+`train` images, threshold on the fitting half); and the share of images that are not knee radiographs (blank,
+noise, gradients, text, photographs and scans shipped in installed packages: tests/helpers.py) flagged not
+gradable.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import machine  # noqa: E402
+from common import fitted_sets, machine, patient_halves  # noqa: E402
 from helpers import not_knee_images  # noqa: E402
 
 from klgrade.data.sources import find_samples, select_split  # noqa: E402
 from klgrade.evaluate.evaluation import predict_samples  # noqa: E402
 from klgrade.infer.predictor import Predictor, shipped_checkpoint  # noqa: E402
-from klgrade.metrics import fit_temperature, set_metrics  # noqa: E402
+from klgrade.metrics import set_metrics  # noqa: E402
 from klgrade.uncertainty import (FeatureDensity, apply_temperature, conformal_scores, conformal_threshold,  # noqa: E402
-                                 fit_processing_profile, grade_sets, grade_thresholds, gradability, log_probabilities,
-                                 processing_shift, processing_statistics)
+                                 fit_processing_profile, grade_sets, gradability, processing_shift,
+                                 processing_statistics)
 
 FLAGGED_SHARE = 0.01
 
@@ -45,10 +45,9 @@ def cross_fit(probabilities, features, labels, images, halves, density: FeatureD
               alpha: float) -> list[dict]:
     results = []
     for fit_half, score_half in ((halves[0], halves[1]), (halves[1], halves[0])):
-        temperature = fit_temperature(log_probabilities(probabilities[fit_half]), labels[fit_half])
+        temperature, _, sets = fitted_sets(probabilities[fit_half], labels[fit_half], probabilities[score_half], alpha)
         scores = conformal_scores(apply_temperature(probabilities[fit_half], temperature), labels[fit_half])
         scaled = apply_temperature(probabilities[score_half], temperature)
-        sets = grade_sets(scaled, grade_thresholds(scores, labels[fit_half], alpha))
         one_threshold = set_metrics(labels[score_half], grade_sets(scaled, conformal_threshold(scores, alpha)))
         fitted = density.with_threshold(features[fit_half], FLAGGED_SHARE)
         flagged = [bool(r) for r in gradability(images[score_half], features[score_half], fitted)]
@@ -88,14 +87,12 @@ def main() -> None:
     val_predictions, _ = predict_samples(predictor, val, raw=True)
     train_predictions, _ = predict_samples(predictor, train, raw=True)
     density = FeatureDensity.fit(train_predictions.outputs.features, np.array(train_predictions.labels))
-    patients = sorted({s.patient_id for s in val_predictions.samples})
+    patients = [s.patient_id for s in val_predictions.samples]
     outputs, labels = val_predictions.outputs, np.array(val_predictions.labels)
     processing = fit_processing_profile(train_predictions.images)
     folds = []
     for split in range(args.splits):
-        first = set(np.random.default_rng(args.seed + split).permutation(patients)[: len(patients) // 2])
-        in_first = np.array([s.patient_id in first for s in val_predictions.samples])
-        halves = (np.flatnonzero(in_first), np.flatnonzero(~in_first))
+        halves = patient_halves(patients, args.seed + split)
         folds += cross_fit(outputs.probabilities, outputs.features, labels, val_predictions.images, halves, density,
                            processing, args.alpha)
     full = density.with_threshold(outputs.features, FLAGGED_SHARE)

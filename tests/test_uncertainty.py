@@ -11,9 +11,10 @@ from fastapi.testclient import TestClient
 from klgrade.infer.grading import grade, load_model
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
-from klgrade.uncertainty import (BLANK, FeatureDensity, conformal_scores, conformal_threshold, fit_processing_profile,
-                                 grade_sets, grade_thresholds, gradability, processing_shift, processing_statistics,
-                                 uncertified_grades, uncertified_warning)
+from klgrade.uncertainty import (BLANK, FeatureDensity, apply_temperature, conformal_scores, conformal_threshold,
+                                 fit_processing_profile, grade_sets, grade_thresholds, gradability, processing_shift,
+                                 processing_statistics, smallest_alpha, uncertified_grades,
+                                 uncertified_warning)
 
 from helpers import EXAMPLES, REPO, copy_real_images, knee_image, run_cli
 
@@ -39,6 +40,13 @@ def test_sets_are_contiguous_hold_the_mode_and_reach_all_grades():
         assert grades == list(range(grades[0], grades[-1] + 1)) and int(p.argmax()) in grades
     scores = conformal_scores(probabilities, labels)
     np.testing.assert_allclose(scores, 1 - probabilities[np.arange(200), labels])
+
+
+def test_a_temperature_is_undone_by_its_inverse():
+    """benchmarks/robustness.py recovers the uncalibrated probabilities of a calibrated model this way."""
+    probabilities, _ = synthetic(50, 5)
+    np.testing.assert_allclose(apply_temperature(apply_temperature(probabilities, 0.8), 1 / 0.8), probabilities,
+                               atol=1e-9)
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.2])
@@ -77,19 +85,33 @@ def test_per_grade_thresholds_cover_every_grade_where_one_threshold_misses_the_h
     assert grade_thresholds(scores[:5], calibration_labels[:5], 0.1).tolist() == [1.0] * 5  # too few: every grade
 
 
-def test_sets_say_when_the_calibration_is_too_small_for_the_coverage_asked(calibrated):
+def test_sets_say_when_the_calibration_is_too_small_for_the_coverage_asked(calibrated, tmp_path):
     """kneeKL224 val has 27 KL4 knees: enough for 95% (27 >= ceil(28 * 0.95)), not for 97%. The tiny calibrated
-    checkpoint has 8 knees per grade: enough for 80%, not for 90%; every set then holds every grade, and says so."""
+    checkpoint has 10 knees per grade: enough for 90%, not for 95%; every set then holds every grade, and says so;
+    `klgrade calibrate` says it too when the default 90% is beyond its calibration images."""
     val_grades = np.repeat(np.arange(5), [328, 153, 212, 106, 27])
     assert uncertified_grades(val_grades, 0.05) == [] and uncertified_grades(val_grades, 0.03) == [4]
+    assert smallest_alpha(val_grades) == 0.036
     model = load_model(calibrated)
     example = sorted(EXAMPLES.glob("KL2_*.jpg"))[0]
-    supported = grade(example, model=model, alpha=0.2)
+    supported = grade(example, model=model, alpha=0.1)
     assert not any(w.startswith("grade set:") for w in supported.warnings)
-    result = grade(example, model=model, alpha=0.1)
+    result = grade(example, model=model, alpha=0.05)
     assert result.grade_set == [0, 1, 2, 3, 4] and result.gradable == supported.gradable
-    assert uncertified_warning([0, 1, 2, 3, 4], 0.1) in result.warnings
-    assert "KL 0, 1, 2, 3, 4" in uncertified_warning([0, 1, 2, 3, 4], 0.1) and "90%" in uncertified_warning([4], 0.1)
+    assert uncertified_warning([0, 1, 2, 3, 4], 0.05) in result.warnings
+    assert "KL 0, 1, 2, 3, 4" in result.warnings[-1] and "95% coverage" in result.warnings[-1]
+
+    from klgrade.models import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(calibrated)
+    calibration = info["calibration"]
+    dropped = [i for i, g in enumerate(calibration["conformal_grades"]) if g == 4][:5]  # 5 KL4 knees left
+    keep = [i for i in range(len(calibration["conformal_grades"])) if i not in dropped]
+    calibration.update(conformal_scores=[calibration["conformal_scores"][i] for i in keep],
+                       conformal_grades=[calibration["conformal_grades"][i] for i in keep])
+    few_kl4 = load_model(save_checkpoint(tmp_path / "few_kl4.safetensors", model, info))
+    assert few_kl4.uncertified_grades(0.1) == [4]
+    assert "too few knees of KL 4 to promise 90% coverage" in grade(example, model=few_kl4).warnings[-1]
 
 
 def test_feature_density_flags_far_points_and_blank_images():
@@ -137,9 +159,9 @@ def test_processing_profile_warns_on_contrast_processing_not_on_the_training_loo
 
 def test_calibrate_writes_everything_into_the_checkpoint(calibrated):
     calibration = read_info(calibrated)["calibration"]
-    assert calibration["n_calibration"] == 40 and calibration["n_density"] == 60
-    assert 0.25 <= calibration["temperature"] <= 8 and len(calibration["conformal_scores"]) == 40
-    assert sorted(calibration["conformal_grades"]) == sorted([0, 1, 2, 3, 4] * 8)
+    assert calibration["n_calibration"] == 50 and calibration["n_density"] == 60
+    assert 0.25 <= calibration["temperature"] <= 8 and len(calibration["conformal_scores"]) == 50
+    assert sorted(calibration["conformal_grades"]) == sorted([0, 1, 2, 3, 4] * 10)
     assert calibration["conformal_scores"] == sorted(calibration["conformal_scores"])
     assert np.isfinite(calibration["density"]["threshold"]) and np.isfinite(calibration["processing"]["threshold"])
 
