@@ -58,9 +58,11 @@ def print_metrics(metrics: dict) -> None:
     table.add_row("adjacent share of errors", f"{metrics['adjacent_error_rate']:.3f}", "")
     if "coverage" in metrics:
         table.add_row(f"grade-set coverage (nominal {metrics['nominal_coverage']:.0%})", f"{metrics['coverage']:.3f}", "")
+        table.add_row("grade-set coverage per grade (KL 0-4)", " / ".join(
+            "-" if c is None else f"{c:.2f}" for c in metrics["coverage_per_grade"]), "")
         table.add_row("mean grade-set size", f"{metrics['mean_set_size']:.2f}", "")
     table.add_row("not gradable", f"{metrics['ungradable_fraction']:.3f}", "")
-    console = Console()
+    console = Console(width=120)
     console.print(table)
     confusion = Table("true \\ predicted", *(str(k) for k in range(NUM_GRADES)), title="confusion matrix")
     for k, row in enumerate(metrics["confusion_matrix"]):
