@@ -96,6 +96,17 @@ def test_gradcam_follows_the_evidence():
     assert joint_fraction(np.ones((100, 100))) == pytest.approx(0.4)
 
 
+def test_the_overlay_colours_the_evidence_and_leaves_the_rest_of_the_radiograph_readable():
+    radiograph = knee_image(2, 160)
+    heatmap = np.zeros((160, 160), np.float32)
+    heatmap[60:100, 60:100] = 1.0
+    picture = np.asarray(overlay(radiograph, heatmap, "KL 2"), dtype=np.int16)[:448]
+    grey = picture[..., 0] == picture[..., 2]
+    assert grey[:100].all() and grey[-100:].all()  # no evidence: the radiograph as it is (it was washed blue)
+    centre = picture[200:248, 200:248]
+    assert (np.abs(centre[..., 0] - centre[..., 2]) > 40).all()  # strong evidence: coloured
+
+
 @pytest.mark.parametrize("direction, grade", [(-1, 0), (1, 4)])
 def test_ordinal_maps_are_not_empty_for_confident_end_grades(direction, grade):
     """The log-probability of a confident KL0/KL4 has (almost) no gradient; the severity score always has one."""

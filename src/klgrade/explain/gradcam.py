@@ -32,7 +32,10 @@ from klgrade.models import gradcam_layers, ordinal_head
 
 OVERLAY_SIDE = 448
 """Side (pixels) of the saved overlay: twice the network input, readable on screen."""
-HEATMAP_ALPHA = 0.45
+HEATMAP_ALPHA = 0.6
+"""Opacity of the colour map where the evidence is strong."""
+FADE_BELOW = 0.3
+"""Heat (of 1) below which the colour map fades out linearly, so that the radiograph shows where the evidence is weak."""
 JOINT_BAND = (0.3, 0.7)
 """Rows (fraction of crop height) that hold the tibiofemoral joint space in centred knee crops."""
 SMOOTHING = 1 / 20
@@ -129,16 +132,19 @@ def joint_fraction(heatmap: np.ndarray, band: tuple[float, float] = JOINT_BAND) 
 
 def overlay(image_uint8: np.ndarray, heatmap: np.ndarray | None, caption: str) -> Image.Image:
     """Radiograph with the heatmap blended on top and a caption bar, one line per caption line (`!` lines,
-    the warnings, in yellow).
+    the warnings, in yellow). The colour map's opacity follows the heat (`FADE_BELOW`), so the anatomy stays
+    readable where the evidence is weak.
 
     An empty (all-zero) or missing heatmap leaves the radiograph as it is: the caption says why.
     """
-    grey = Image.fromarray(image_uint8).convert("RGB").resize((OVERLAY_SIDE, OVERLAY_SIDE), Image.BILINEAR)
+    side = (OVERLAY_SIDE, OVERLAY_SIDE)
+    grey = Image.fromarray(image_uint8).convert("RGB").resize(side, Image.BILINEAR)
     picture = grey
     if heatmap is not None and heatmap.max() > 0:
-        heat = (colormaps["jet"](heatmap)[..., :3] * 255).astype(np.uint8)
-        picture = Image.blend(grey, Image.fromarray(heat).resize((OVERLAY_SIDE, OVERLAY_SIDE), Image.BILINEAR),
-                              HEATMAP_ALPHA)
+        heat = np.asarray(Image.fromarray(heatmap.astype(np.float32)).resize(side, Image.BILINEAR)).clip(0, 1)
+        colours = colormaps["jet"](heat)[..., :3] * 255
+        opacity = HEATMAP_ALPHA * np.clip(heat / FADE_BELOW, 0, 1)[..., None]
+        picture = Image.fromarray((np.asarray(grey) * (1 - opacity) + colours * opacity).round().astype(np.uint8))
     lines = caption.splitlines() or [""]
     line_height = OVERLAY_SIDE // 14
     font = ImageFont.load_default(size=line_height * 3 // 4)
