@@ -189,10 +189,14 @@ def test_evaluate_writes_reports_and_can_calibrate(tiny_checkpoint, kneekl224, t
         target.write_bytes(path.read_bytes())
     out = tmp_path / "report"
     result = run_cli("evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(labelled), "--json", "--out",
-                     str(out), "--calibrate-on", str(calibration))
+                     str(out), "--calibrate-on", str(calibration), "--alpha", "0.5")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["n"] == 10 and metrics["temperature"] != 1.0
+    # The grade sets are fitted there too (3 knees per grade certify alpha 0.5), so the uncalibrated checkpoint
+    # reports their coverage.
+    assert metrics["nominal_coverage"] == 0.5 and len(metrics["coverage_per_grade"]) == 5
+    assert metrics["accuracy"] <= metrics["coverage"] <= 1
     for key in ("n", "accuracy", "precision_macro", "precision_weighted", "recall_macro", "f1_macro", "f1_weighted",
                 "mcc", "qwk", "mae", "confusion_matrix", "adjacent_error_rate", "extreme_errors", "ci95"):
         assert key in metrics

@@ -226,9 +226,9 @@ def evaluate(
     backend: Backend = "torch",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
-    calibrate_on: Annotated[Optional[str], typer.Option(help="Fit a temperature on this labelled folder first "
-                                                      "(its val split for a split root; must not share files or "
-                                                      "patients with --data).")] = None,
+    calibrate_on: Annotated[Optional[str], typer.Option(help="Fit a temperature and the grade sets on this labelled "
+                                                      "folder first (its val split for a split root; must not share "
+                                                      "files or patients with --data).")] = None,
     alpha: Alpha = None,
 ) -> None:
     """Score checkpoint(s) on a labelled folder: accuracy, F1, MCC, QWK, MAE, confusion, 95% intervals."""

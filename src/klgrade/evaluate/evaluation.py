@@ -14,7 +14,7 @@ from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Outputs, Predictor
 from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
-from klgrade.uncertainty import log_probabilities, processing_shift
+from klgrade.uncertainty import apply_temperature, conformal_scores, log_probabilities, processing_shift
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,18 @@ def check_disjoint(first: list[Sample], second: list[Sample], what: str) -> None
 
 
 def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], split: str | None = None) -> float:
-    """Fit the predictor's temperature on a labelled set disjoint from `scored` (Guo et al. 2017); returns it."""
+    """Fit the predictor's temperature (Guo et al. 2017) and its grade sets (conformal scores with their grades,
+    as `klgrade calibrate`) on a labelled set disjoint from `scored`; returns the temperature. A stored
+    calibration's sets are replaced too: their scores belong to its own temperature."""
     found = find_samples(data)
     samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
     check_disjoint(samples, scored, f"--calibrate-on {data}")
     predictions, _ = predict_samples(predictor, samples, raw=True)
-    predictor.temperature = fit_temperature(log_probabilities(predictions.outputs.probabilities), predictions.labels)
+    labels = np.array(predictions.labels)
+    probabilities = predictions.outputs.probabilities
+    predictor.temperature = fit_temperature(log_probabilities(probabilities), labels)
+    predictor.conformal_scores = conformal_scores(apply_temperature(probabilities, predictor.temperature), labels)
+    predictor.conformal_grades = labels
     return predictor.temperature
 
 
@@ -100,8 +106,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
              seed: int = 0, alpha: float | None = None, calibrate_on: str | Path | None = None) -> Evaluation:
     """Metrics of `predictor` on the labelled images of `data` (unreadable images are reported, not scored).
 
-    With a calibrated model (or `calibrate_on`, which fits a temperature first), the metrics include the
-    grade sets' coverage at `alpha`; `ungradable_fraction` (and `ungradable_per_grade`, per true grade) is always
+    With a calibrated model (or `calibrate_on`, which fits a temperature and the grade sets first), the metrics
+    include the grade sets' coverage at `alpha`; `ungradable_fraction` (and `ungradable_per_grade`, per true grade) is always
     there; a checkpoint calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the share of images
     whose contrast processing differs from the training images'.
     """
