@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from klgrade.infer.grading import grade, load_model
 from klgrade.models.weights import read_info
@@ -40,6 +42,22 @@ def test_sets_are_contiguous_hold_the_mode_and_reach_all_grades():
         assert grades == list(range(grades[0], grades[-1] + 1)) and int(p.argmax()) in grades
     scores = conformal_scores(probabilities, labels)
     np.testing.assert_allclose(scores, 1 - probabilities[np.arange(200), labels])
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 60), alphas=st.tuples(st.floats(0.01, 0.5), st.floats(0.01, 0.5)))
+def test_per_grade_sets_are_intervals_around_the_mode_and_grow_as_alpha_shrinks(seed, n, alphas):
+    """Any probabilities, any calibration (even empty grades): contiguous, holding the mode, nested in alpha."""
+    rng = np.random.default_rng(seed)
+    probabilities = rng.dirichlet(np.full(5, 0.5), size=20)
+    scores, grades = rng.random(n), rng.integers(0, 5, n)
+    small, large = sorted(alphas)
+    wide = grade_sets(probabilities, grade_thresholds(scores, grades, small))
+    narrow = grade_sets(probabilities, grade_thresholds(scores, grades, large))
+    for low_alpha, high_alpha, p in zip(wide, narrow, probabilities):
+        assert low_alpha == list(range(low_alpha[0], low_alpha[-1] + 1)) and int(p.argmax()) in high_alpha
+        assert set(high_alpha) <= set(low_alpha)
+    assert set(uncertified_grades(grades, large)) <= set(uncertified_grades(grades, small))
 
 
 def test_a_temperature_is_undone_by_its_inverse():
