@@ -45,7 +45,8 @@ def test_sets_are_contiguous_hold_the_mode_and_reach_all_grades():
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 60), alphas=st.tuples(st.floats(0.01, 0.5), st.floats(0.01, 0.5)))
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 60),
+       alphas=st.tuples(st.floats(0.01, 0.5), st.floats(0.01, 0.5)))
 def test_per_grade_sets_are_intervals_around_the_mode_and_grow_as_alpha_shrinks(seed, n, alphas):
     """Any probabilities, any calibration (even empty grades): contiguous, holding the mode, nested in alpha."""
     rng = np.random.default_rng(seed)
