@@ -96,6 +96,17 @@ def test_gradcam_follows_the_evidence():
     assert joint_fraction(np.ones((100, 100))) == pytest.approx(0.4)
 
 
+def test_a_map_whose_only_evidence_the_smoothing_dissolves_is_reported_empty(monkeypatch):
+    from klgrade.explain import gradcam as module
+
+    signed = torch.full((1, 64, 64), -1.0)
+    signed[0, 32, 32] = 0.01  # above the empty ratio before smoothing, gone after it
+    monkeypatch.setattr(module, "gradcam_layers", lambda model: [[None]])
+    monkeypatch.setattr(module, "signed_gradcam", lambda model, inputs, targets, layers: signed.clone())
+    explanation = module.gradcam(torch.nn.Identity(), torch.zeros(1, 1, 64, 64), torch.tensor([0]))
+    assert explanation.empty[0] and explanation.maps.max() == 0
+
+
 def test_the_overlay_colours_the_evidence_and_leaves_the_rest_of_the_radiograph_readable():
     radiograph = knee_image(2, 160)
     heatmap = np.zeros((160, 160), np.float32)

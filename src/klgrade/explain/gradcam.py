@@ -108,15 +108,15 @@ def gradcam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Ex
     """
     model.eval()
     inputs, targets = inputs.float(), torch.as_tensor(targets)
-    signed = torch.zeros(inputs.shape[0], *inputs.shape[-2:])
+    smoothed = torch.zeros(inputs.shape[0], *inputs.shape[-2:])
     pending = torch.ones(inputs.shape[0], dtype=torch.bool)
     for layers in gradcam_layers(model):
         index = pending.nonzero()[:, 0]
-        signed[index] = signed_gradcam(model, inputs[index.to(inputs.device)], targets[index], layers)
-        pending[index] = is_empty(signed[index])
+        smoothed[index] = smooth(signed_gradcam(model, inputs[index.to(inputs.device)], targets[index], layers))
+        pending[index] = is_empty(smoothed[index])  # judged as shown: a speck the smoothing dissolves shows nothing
         if not pending.any():
             break
-    positive = smooth(signed).clamp_min(0)
+    positive = smoothed.clamp_min(0)
     low = positive.flatten(1).amin(dim=1).view(-1, 1, 1)  # evidence everywhere: show where it is strongest
     maps = (positive - low) / (positive.flatten(1).amax(dim=1).view(-1, 1, 1) - low).clamp_min(1e-12)
     return Explanation(maps.numpy(), pending.numpy())
