@@ -13,8 +13,10 @@ processing-shift warning, and `not_gradable`, the share flagged not gradable; fo
 `coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`, and, since the model's
 calibration may have seen these very knees (the shipped one: kneeKL224 val), `cross_fitted_coverage` and
 `cross_fitted_coverage_per_grade`: grade sets calibrated afresh on the clean images of half the patients and
-scored on the other half's processed images, both ways, over `--cross-fit` random halvings. `--json` prints
-`{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "not_gradable", ...}}}`.
+scored on the other half's processed images, both ways, over `--cross-fit` random halvings. The same scores for
+`framings`, another site's framing of the same knee (rotated 7 degrees, cropped 15% and 25% tighter), kept apart:
+they are not contrast processing. `--json` prints `{"clean": {...}, "perturbations": {name: {"accuracy", "qwk",
+"agreement", "warned", "not_gradable", ...}}, "framings": {...}}`.
 """
 
 from __future__ import annotations
@@ -95,6 +97,30 @@ def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], 
     }
 
 
+def _rotate(degrees: float) -> Callable[[np.ndarray], np.ndarray]:
+    def rotate(image: np.ndarray) -> np.ndarray:
+        height, width = image.shape
+        matrix = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+        return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return rotate
+
+
+def _crop(share: float) -> Callable[[np.ndarray], np.ndarray]:
+    def crop(image: np.ndarray) -> np.ndarray:
+        height, width = image.shape
+        kept_height, kept_width = int(height * share), int(width * share)
+        top, left = (height - kept_height) // 2, (width - kept_width) // 2
+        return cv2.resize(image[top:top + kept_height, left:left + kept_width], (width, height),
+                          interpolation=cv2.INTER_LINEAR)
+    return crop
+
+
+def framings() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Another site's framing of the same knee: tilted, or cropped tighter around the joint (a wider field of view
+    cannot be made from these crops)."""
+    return {"rotate_7": _rotate(7.0), "crop_0.85": _crop(0.85), "crop_0.75": _crop(0.75)}
+
+
 @dataclass
 class Graded:
     """What the model says about each image of a set: probabilities, grade sets and both flags."""
@@ -173,9 +199,10 @@ def main() -> None:
                                       args.cross_fit))
         return entry
 
-    result = {"n": len(samples), "clean": scored(clean, None), "perturbations": {}}
-    for name, perturb in perturbations(np.random.default_rng(SEED)).items():
-        result["perturbations"][name] = scored(grades_of(predictor, [perturb(image) for image in images], sides), clean)
+    result = {"n": len(samples), "clean": scored(clean, None), "perturbations": {}, "framings": {}}
+    for group, changes in (("perturbations", perturbations(np.random.default_rng(SEED))), ("framings", framings())):
+        for name, change in changes.items():
+            result[group][name] = scored(grades_of(predictor, [change(image) for image in images], sides), clean)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -185,7 +212,7 @@ def main() -> None:
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
           f"{'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
-    for name, entry in {"clean": result["clean"], **result["perturbations"]}.items():
+    for name, entry in {"clean": result["clean"], **result["perturbations"], **result["framings"]}.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
               f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['not_gradable']:9.3f} "
               f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}  "
