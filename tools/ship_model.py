@@ -63,7 +63,7 @@ def main() -> None:
     shipped = evaluate(Predictor([target]), args.data, split="val").metrics
     plot_confusion(shipped["confusion_matrix"], "shipped model on kneeKL224 val", WEIGHTS / "confusion_val.png")
     robustness = [json.loads(path.read_text()) if path else None for path in (args.robustness, args.robustness_before)]
-    limits = gradability_limit(shipped) + processing_limit(robustness[0])
+    limits = gradability_limit(shipped) + processing_limit(robustness[0]) + framing_limit(robustness[0])
     card = model_card(info, results, shipped, use_tta, args.notes, limits) + calibration_section(calibration, shipped)
     (WEIGHTS / "MODEL_CARD.md").write_text(card + robustness_section(*robustness))
     print(json.dumps({k: shipped[k] for k in ("accuracy", "qwk", "mcc", "f1_macro", "mae")}, indent=2))
@@ -185,8 +185,11 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
              "|---|" + "---|" * (len(columns) + len(before_columns))]
     rows = [("clean", new["clean"], before["clean"] if before else None)]
     rows += [(name, entry, before["perturbations"][name] if before else None) for name, entry in new["perturbations"].items()]
+    rows += [(f"{name} (framing)", entry, before.get("framings", {}).get(name) if before else None)
+             for name, entry in new.get("framings", {}).items()]
     for name, entry, old in rows:
-        cells = [f"{entry.get(c, 1.0):.3f}" for c in columns] + [f"{old.get(c, 1.0):.3f}" for c in before_columns]
+        cells = ([f"{entry.get(c, 1.0):.3f}" for c in columns]
+                 + [f"{old.get(c, 1.0):.3f}" if old else "" for c in before_columns])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Agreement: the share of knees whose grade is the clean image's; warned: the share of answers carrying the "
               "processing warning; coverage: the share whose 90% grade set holds the true grade (in-sample: the "
@@ -234,6 +237,22 @@ def processing_limit(robustness: dict | None) -> str:
             text += f", for {lowest:.0%} or more of the knees of every grade (lowest: KL{grade} under {name})"
         text += "."
     return text + "\n"
+
+
+def framing_limit(robustness: dict | None) -> str:
+    """A limits bullet with what another framing of the knee (tilt, tighter crop) does to the grades."""
+    framings = (robustness or {}).get("framings")
+    if not framings:
+        return ""
+    clean = robustness["clean"]["accuracy"]
+    effects = "; ".join(f"{name} changes {1 - entry['agreement']:.0%} of grades "
+                        f"({100 * (entry['accuracy'] - clean):+.1f} accuracy points)" for name, entry in framings.items())
+    flagged = max(entry["not_gradable"] for entry in framings.values())
+    warned = max(entry["warned"] for entry in framings.values())
+    return (f"- Framing unlike kneeKL224's crops (`benchmarks/robustness.py`, framings of the val knees): {effects}. "
+            f"The checks catch few of these (not gradable at most {flagged:.0%}, processing warning at most "
+            f"{warned:.0%}): crop other sites' radiographs to the knee as kneeKL224 does (joint centred, the knee "
+            "filling the frame).\n")
 
 
 def _normaliser(spec: dict) -> str:
