@@ -57,10 +57,10 @@ def patient_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def fitted_sets(fit_probabilities: np.ndarray, fit_labels: np.ndarray, probabilities: np.ndarray,
-                alpha: float) -> tuple[float, np.ndarray, list[list[int]]]:
+                alpha: float) -> tuple[float, list[list[int]]]:
     """`klgrade calibrate`'s grade sets fitted on one labelled set of uncalibrated probabilities (temperature, then
-    a conformal threshold per grade) and applied to others: (temperature, thresholds, sets)."""
+    a conformal threshold per grade) and applied to others: (temperature, sets)."""
     temperature = fit_temperature(log_probabilities(fit_probabilities), fit_labels)
     scores = conformal_scores(apply_temperature(fit_probabilities, temperature), fit_labels)
-    thresholds = grade_thresholds(scores, fit_labels, alpha)
-    return temperature, thresholds, grade_sets(apply_temperature(probabilities, temperature), thresholds)
+    return temperature, grade_sets(apply_temperature(probabilities, temperature),
+                                   grade_thresholds(scores, fit_labels, alpha))

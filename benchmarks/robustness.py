@@ -160,7 +160,7 @@ def cross_fitted(labels: np.ndarray, patients: list[str], clean: Graded, graded:
     fits = []
     for split in range(splits):
         for fit, scored in itertools.permutations(patient_halves(patients, SEED + split)):
-            _, _, sets = fitted_sets(uncalibrated_clean[fit], labels[fit], uncalibrated[scored], alpha)
+            _, sets = fitted_sets(uncalibrated_clean[fit], labels[fit], uncalibrated[scored], alpha)
             fits.append(set_metrics(labels[scored], sets))
     per_grade = [[fit["coverage_per_grade"][grade] for fit in fits if fit["coverage_per_grade"][grade] is not None]
                  for grade in range(len(fits[0]["coverage_per_grade"]))]

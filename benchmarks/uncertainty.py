@@ -45,7 +45,7 @@ def cross_fit(probabilities, features, labels, images, halves, density: FeatureD
               alpha: float) -> list[dict]:
     results = []
     for fit_half, score_half in ((halves[0], halves[1]), (halves[1], halves[0])):
-        temperature, _, sets = fitted_sets(probabilities[fit_half], labels[fit_half], probabilities[score_half], alpha)
+        temperature, sets = fitted_sets(probabilities[fit_half], labels[fit_half], probabilities[score_half], alpha)
         scores = conformal_scores(apply_temperature(probabilities[fit_half], temperature), labels[fit_half])
         scaled = apply_temperature(probabilities[score_half], temperature)
         one_threshold = set_metrics(labels[score_half], grade_sets(scaled, conformal_threshold(scores, alpha)))

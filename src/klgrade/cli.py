@@ -309,10 +309,10 @@ def calibrate(
     tta: Tta = None,
 ) -> None:
     """Fit temperature, conformal grade sets and the gradability check; write them into a copy of the checkpoint."""
-    from klgrade.data.sources import find_samples, select_split
     import numpy as np
 
     from klgrade.constants import NUM_GRADES
+    from klgrade.data.sources import find_samples, select_split
     from klgrade.evaluate.calibration import calibrate_checkpoint
     from klgrade.evaluate.evaluation import check_disjoint, pick_split
     from klgrade.uncertainty import DEFAULT_ALPHA, smallest_alpha, uncertified_grades, uncertified_warning
