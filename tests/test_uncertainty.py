@@ -133,6 +133,16 @@ def test_sets_say_when_the_calibration_is_too_small_for_the_coverage_asked(calib
     assert "too few knees of KL 4 to promise 90% coverage" in grade(example, model=few_kl4).warnings[-1]
 
 
+def test_calibrate_says_when_its_images_cannot_certify_the_default_coverage(tiny_checkpoint, kneekl224, tmp_path):
+    copy_real_images(kneekl224, tmp_path / "val", 4, split="val")
+    copy_real_images(kneekl224, tmp_path / "train", 4, split="train")
+    result = run_cli("calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--out",
+                     str(tmp_path / "calibrated.safetensors"))
+    assert result.returncode == 0, result.stderr  # a warning, not an error: the sets are still valid, only wider
+    assert "KL 0-4: 4 / 4 / 4 / 4 / 4; grade sets certified for every grade at alpha >= 0.200" in result.stdout
+    assert result.stderr.strip() == f"warning: {uncertified_warning([0, 1, 2, 3, 4], 0.1)}"
+
+
 def test_feature_density_flags_far_points_and_blank_images():
     rng = np.random.default_rng(0)
     features, labels = rng.normal(0, 1, (2000, 8)), rng.integers(0, 5, 2000)
