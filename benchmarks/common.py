@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine facts, a timer, and cross-fitted grade sets."""
+"""Helpers shared by the benchmark scripts: machine facts, a timer, and halving a labelled set by patient."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ import time
 
 import numpy as np
 import torch
-
-from klgrade.metrics import fit_temperature
-from klgrade.uncertainty import apply_temperature, conformal_scores, grade_sets, grade_thresholds, log_probabilities
 
 
 def machine() -> str:
@@ -55,12 +52,3 @@ def patient_halves(patients: list[str], seed: int) -> tuple[np.ndarray, np.ndarr
     in_first = np.array([patient in first for patient in patients])
     return np.flatnonzero(in_first), np.flatnonzero(~in_first)
 
-
-def fitted_sets(fit_probabilities: np.ndarray, fit_labels: np.ndarray, probabilities: np.ndarray,
-                alpha: float) -> tuple[float, list[list[int]]]:
-    """`klgrade calibrate`'s grade sets fitted on one labelled set of uncalibrated probabilities (temperature, then
-    a conformal threshold per grade) and applied to others: (temperature, sets)."""
-    temperature = fit_temperature(log_probabilities(fit_probabilities), fit_labels)
-    scores = conformal_scores(apply_temperature(fit_probabilities, temperature), fit_labels)
-    return temperature, grade_sets(apply_temperature(probabilities, temperature),
-                                   grade_thresholds(scores, fit_labels, alpha))

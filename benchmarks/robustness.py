@@ -36,14 +36,15 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import fitted_sets, machine, patient_halves  # noqa: E402
+from common import machine, patient_halves  # noqa: E402
 
 from klgrade.data.io import read_image  # noqa: E402
 from klgrade.data.sources import find_samples  # noqa: E402
-from klgrade.evaluate.evaluation import batched_outputs  # noqa: E402
+from klgrade.constants import NUM_GRADES  # noqa: E402
+from klgrade.evaluate.evaluation import batched_outputs, fit_grade_sets  # noqa: E402
 from klgrade.infer.grading import load_model  # noqa: E402
 from klgrade.metrics import compute_metrics, set_metrics  # noqa: E402
-from klgrade.uncertainty import apply_temperature, processing_shift  # noqa: E402
+from klgrade.uncertainty import apply_temperature, grade_sets, grade_thresholds, processing_shift  # noqa: E402
 
 SEED = 0
 
@@ -151,20 +152,36 @@ def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: 
     return result
 
 
-def cross_fitted(labels: np.ndarray, patients: list[str], clean: Graded, graded: Graded, temperature: float,
-                 alpha: float, splits: int) -> dict:
-    """Coverage of grade sets fitted on the clean images of half the patients (temperature and per-grade thresholds,
-    as `klgrade calibrate`) and scored on the other half's `graded` images, both ways, over `splits` halvings."""
-    uncalibrated_clean = apply_temperature(clean.probabilities, 1 / temperature)  # p ~ p_calibrated ** T
-    uncalibrated = apply_temperature(graded.probabilities, 1 / temperature)
+@dataclass
+class CrossFit:
+    """Grade sets fitted as `klgrade calibrate` fits them on the clean images of one half of the patients, to be
+    scored on the other half (`scored`, indices)."""
+    scored: np.ndarray
+    temperature: float
+    thresholds: np.ndarray
+
+
+def cross_fits(labels: np.ndarray, patients: list[str], clean: Graded, temperature: float, alpha: float,
+               splits: int) -> list[CrossFit]:
+    """One fit per half of each of `splits` random halvings, both ways, from the clean images' uncalibrated
+    probabilities (the model's calibration undone: p ~ p_calibrated ** T)."""
+    uncalibrated = apply_temperature(clean.probabilities, 1 / temperature)
     fits = []
     for split in range(splits):
         for fit, scored in itertools.permutations(patient_halves(patients, SEED + split)):
-            _, sets = fitted_sets(uncalibrated_clean[fit], labels[fit], uncalibrated[scored], alpha)
-            fits.append(set_metrics(labels[scored], sets))
-    per_grade = [[fit["coverage_per_grade"][grade] for fit in fits if fit["coverage_per_grade"][grade] is not None]
-                 for grade in range(len(fits[0]["coverage_per_grade"]))]
-    return {"cross_fitted_coverage": float(np.mean([fit["coverage"] for fit in fits])),
+            fitted_temperature, scores = fit_grade_sets(uncalibrated[fit], labels[fit])
+            fits.append(CrossFit(scored, fitted_temperature, grade_thresholds(scores, labels[fit], alpha)))
+    return fits
+
+
+def cross_fitted(labels: np.ndarray, fits: list[CrossFit], graded: Graded, temperature: float) -> dict:
+    """Coverage of the cross-fitted grade sets on the scored halves' `graded` images, averaged over the fits."""
+    uncalibrated = apply_temperature(graded.probabilities, 1 / temperature)
+    results = [set_metrics(labels[fit.scored], grade_sets(apply_temperature(uncalibrated[fit.scored], fit.temperature),
+                                                          fit.thresholds)) for fit in fits]
+    per_grade = [[result["coverage_per_grade"][grade] for result in results
+                  if result["coverage_per_grade"][grade] is not None] for grade in range(NUM_GRADES)]
+    return {"cross_fitted_coverage": float(np.mean([result["coverage"] for result in results])),
             "cross_fitted_coverage_per_grade": [float(np.mean(values)) if values else None for values in per_grade]}
 
 
@@ -190,13 +207,13 @@ def main() -> None:
     labels = [s.grade for s in samples]
     clean = grades_of(predictor, images, sides)
     calibrated = predictor.is_calibrated
-    patients = [s.patient_id for s in samples]
+    fits = (cross_fits(np.array(labels), [s.patient_id for s in samples], clean, predictor.temperature,
+                       predictor.alpha, args.cross_fit) if calibrated else [])
 
     def scored(graded: Graded, reference: Graded | None) -> dict:
         entry = scores(labels, graded, reference, calibrated)
-        if calibrated and args.cross_fit:
-            entry.update(cross_fitted(np.array(labels), patients, clean, graded, predictor.temperature, predictor.alpha,
-                                      args.cross_fit))
+        if fits:
+            entry.update(cross_fitted(np.array(labels), fits, graded, predictor.temperature))
         return entry
 
     result = {"n": len(samples), "clean": scored(clean, None), "perturbations": {}, "framings": {}}

@@ -27,15 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import fitted_sets, machine, patient_halves  # noqa: E402
+from common import machine, patient_halves  # noqa: E402
 from helpers import not_knee_images  # noqa: E402
 
 from klgrade.data.sources import find_samples, select_split  # noqa: E402
-from klgrade.evaluate.evaluation import predict_samples  # noqa: E402
+from klgrade.evaluate.evaluation import fit_grade_sets, predict_samples  # noqa: E402
 from klgrade.infer.predictor import Predictor, shipped_checkpoint  # noqa: E402
 from klgrade.metrics import set_metrics  # noqa: E402
-from klgrade.uncertainty import (FeatureDensity, apply_temperature, conformal_scores, conformal_threshold,  # noqa: E402
-                                 fit_processing_profile, grade_sets, gradability, processing_shift,
+from klgrade.uncertainty import (FeatureDensity, apply_temperature, conformal_threshold,  # noqa: E402
+                                 fit_processing_profile, grade_sets, grade_thresholds, gradability, processing_shift,
                                  processing_statistics)
 
 FLAGGED_SHARE = 0.01
@@ -45,9 +45,9 @@ def cross_fit(probabilities, features, labels, images, halves, density: FeatureD
               alpha: float) -> list[dict]:
     results = []
     for fit_half, score_half in ((halves[0], halves[1]), (halves[1], halves[0])):
-        temperature, sets = fitted_sets(probabilities[fit_half], labels[fit_half], probabilities[score_half], alpha)
-        scores = conformal_scores(apply_temperature(probabilities[fit_half], temperature), labels[fit_half])
+        temperature, scores = fit_grade_sets(probabilities[fit_half], labels[fit_half])
         scaled = apply_temperature(probabilities[score_half], temperature)
+        sets = grade_sets(scaled, grade_thresholds(scores, labels[fit_half], alpha))
         one_threshold = set_metrics(labels[score_half], grade_sets(scaled, conformal_threshold(scores, alpha)))
         fitted = density.with_threshold(features[fit_half], FLAGGED_SHARE)
         flagged = [bool(r) for r in gradability(images[score_half], features[score_half], fitted)]

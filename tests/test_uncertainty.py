@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from klgrade.infer.grading import grade, load_model
+from klgrade.metrics import set_metrics
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
 from klgrade.uncertainty import (BLANK, FeatureDensity, apply_temperature, conformal_scores, conformal_threshold,
@@ -94,8 +95,7 @@ def test_per_grade_thresholds_cover_every_grade_where_one_threshold_misses_the_h
     scores = conformal_scores(calibration, calibration_labels)
 
     def coverage_per_grade(sets):
-        covered = np.array([y in s for y, s in zip(test_labels, sets)])
-        return [covered[test_labels == grade].mean() for grade in range(5)]
+        return set_metrics(test_labels, sets)["coverage_per_grade"]
 
     one_threshold = coverage_per_grade(grade_sets(test, conformal_threshold(scores, 0.1)))
     per_grade = coverage_per_grade(grade_sets(test, grade_thresholds(scores, calibration_labels, 0.1)))

@@ -24,13 +24,11 @@ import numpy as np
 
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
-from klgrade.evaluate.evaluation import predict_samples
+from klgrade.evaluate.evaluation import fit_grade_sets, predict_samples
 from klgrade.infer.predictor import Predictor
-from klgrade.metrics import fit_temperature
 from klgrade.models import load_checkpoint, save_checkpoint
 from klgrade.models.weights import stored_dtype
-from klgrade.uncertainty import (FeatureDensity, apply_temperature, conformal_scores, fit_processing_profile,
-                                 log_probabilities, processing_statistics)
+from klgrade.uncertainty import FeatureDensity, fit_processing_profile, processing_statistics
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +51,7 @@ def fit_calibration(predictor: Predictor, calibration: list[Sample], density: li
     feature density, processing profile."""
     labels = np.array([s.grade for s in calibration])
     probabilities, features, images = raw_outputs(predictor, calibration, "calibration")
-    temperature = fit_temperature(log_probabilities(probabilities), labels)
-    scores = conformal_scores(apply_temperature(probabilities, temperature), labels)
+    temperature, scores = fit_grade_sets(probabilities, labels)
     order = np.argsort(scores, kind="stable")
     _, density_features, density_images = raw_outputs(predictor, density, "density")
     fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))

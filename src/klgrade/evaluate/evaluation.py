@@ -86,6 +86,14 @@ def check_disjoint(first: list[Sample], second: list[Sample], what: str) -> None
                               f"patient(s) (e.g. {example}); calibrate on data that is not scored")
 
 
+def fit_grade_sets(probabilities: np.ndarray, labels) -> tuple[float, np.ndarray]:
+    """The temperature of uncalibrated combined probabilities of labelled images (Guo et al. 2017, by NLL) and the
+    conformal scores of the scaled ones: what a grade set's thresholds are cut from (`uncertainty.grade_thresholds`)."""
+    labels = np.asarray(labels)
+    temperature = fit_temperature(log_probabilities(probabilities), labels)
+    return temperature, conformal_scores(apply_temperature(probabilities, temperature), labels)
+
+
 def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], split: str | None = None) -> float:
     """Fit the predictor's temperature (Guo et al. 2017) and its grade sets (conformal scores with their grades,
     as `klgrade calibrate`) on a labelled set disjoint from `scored`; returns the temperature. A stored
@@ -94,11 +102,9 @@ def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], spli
     samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
     check_disjoint(samples, scored, f"--calibrate-on {data}")
     predictions, _ = predict_samples(predictor, samples, raw=True)
-    labels = np.array(predictions.labels)
-    probabilities = predictions.outputs.probabilities
-    predictor.temperature = fit_temperature(log_probabilities(probabilities), labels)
-    predictor.conformal_scores = conformal_scores(apply_temperature(probabilities, predictor.temperature), labels)
-    predictor.conformal_grades = labels
+    predictor.temperature, predictor.conformal_scores = fit_grade_sets(predictions.outputs.probabilities,
+                                                                       predictions.labels)
+    predictor.conformal_grades = np.array(predictions.labels)
     return predictor.temperature
 
 
@@ -107,9 +113,9 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     """Metrics of `predictor` on the labelled images of `data` (unreadable images are reported, not scored).
 
     With a calibrated model (or `calibrate_on`, which fits a temperature and the grade sets first), the metrics
-    include the grade sets' coverage at `alpha`; `ungradable_fraction` (and `ungradable_per_grade`, per true grade) is always
-    there; a checkpoint calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the share of images
-    whose contrast processing differs from the training images'.
+    include the grade sets' coverage at `alpha`; `ungradable_fraction` (and `ungradable_per_grade`, per true
+    grade) is always there; a checkpoint calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the
+    share of images whose contrast processing differs from the training images'.
     """
     problems: list[ImageReadError] = []
     samples = pick_split(find_samples(data, problems), split)

@@ -35,7 +35,7 @@ OVERLAY_SIDE = 448
 HEATMAP_ALPHA = 0.6
 """Opacity of the colour map where the evidence is strong."""
 FADE_BELOW = 0.3
-"""Heat (of 1) below which the colour map fades out linearly, so that the radiograph shows where the evidence is weak."""
+"""Heat (of 1) below which the colour map fades out linearly: the radiograph shows where the evidence is weak."""
 JOINT_BAND = (0.3, 0.7)
 """Rows (fraction of crop height) that hold the tibiofemoral joint space in centred knee crops."""
 SMOOTHING = 1 / 20

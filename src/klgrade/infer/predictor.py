@@ -144,7 +144,7 @@ class Predictor:
         self.conformal_scores = np.asarray(calibration.get("conformal_scores", []), dtype=np.float64)
         self.conformal_grades = np.asarray(calibration.get("conformal_grades", []), dtype=np.int64)
         """The true grade behind each score: the sets get a threshold per grade (`uncertainty.grade_thresholds`)."""
-        if self.is_calibrated and len(self.conformal_grades) != len(self.conformal_scores):
+        if self.is_calibrated and not self.has_grade_thresholds:
             log.warning("%s was calibrated before grade sets had a threshold per grade: its sets hold the true grade "
                         "for %.0f%% of knees on average, not per grade; run `klgrade calibrate` again", self.paths[0],
                         100 * (1 - self.alpha))
@@ -171,6 +171,11 @@ class Predictor:
     @property
     def is_calibrated(self) -> bool:
         return len(self.conformal_scores) > 0
+
+    @property
+    def has_grade_thresholds(self) -> bool:
+        """Calibrated with each score's grade (older calibrations hold the scores alone: one threshold for all)."""
+        return self.is_calibrated and len(self.conformal_grades) == len(self.conformal_scores)
     @property
     def name(self) -> str:
         names = [i["model"]["name"] for i in self.infos]
@@ -222,15 +227,13 @@ class Predictor:
 
     def set_thresholds(self, alpha: float) -> np.ndarray | float:
         """The conformal threshold of each grade (one for all from an older calibration without grades)."""
-        if len(self.conformal_grades) == len(self.conformal_scores):
+        if self.has_grade_thresholds:
             return grade_thresholds(self.conformal_scores, self.conformal_grades, alpha)
         return conformal_threshold(self.conformal_scores, alpha)
 
     def uncertified_grades(self, alpha: float) -> list[int]:
         """Grades every set includes because the calibration holds too few of them for 1 - alpha."""
-        if not self.is_calibrated or len(self.conformal_grades) != len(self.conformal_scores):
-            return []
-        return uncertified_grades(self.conformal_grades, alpha)
+        return uncertified_grades(self.conformal_grades, alpha) if self.has_grade_thresholds else []
 
     def assess(self, images_uint8: np.ndarray, outputs: Outputs,
                alpha: float | None = None) -> tuple[list[list[int]], float | None, list[list[str]]]:
