@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
-from klgrade.data.augment import DomainConfig, domain_augment
+from klgrade.data.augment import DomainConfig, domain_augment, reframe
 from klgrade.data.preprocess import normalize
 from klgrade.errors import KLGradeError
 from klgrade.models import create_model
@@ -41,13 +44,28 @@ def test_domain_augmentation_is_seeded_changes_images_and_keeps_shape_and_range(
 
 
 @pytest.mark.parametrize("step", ["clahe_prob", "soften_prob", "gamma_prob", "equalize_prob", "jpeg_prob",
-                                  "resample_prob", "blur_prob", "noise_prob"])
+                                  "resample_prob", "blur_prob", "noise_prob", "reframe_prob"])
 def test_each_domain_change_alone_changes_the_image(step):
     only = DomainConfig(**{k: (1.0 if k == step else 0.0 if k.endswith("_prob") else v)
                            for k, v in DomainConfig().to_dict().items()})
     x = batch(4)
     changed = domain_augment(x, only, torch.Generator().manual_seed(1))
     assert (changed - x).abs().mean() > 1e-3, step
+
+
+def test_reframing_is_another_sites_tighter_crop_of_the_same_knee(kneekl224):
+    """Untilted, the training reframe is the centred crop resized back that the robustness benchmark grades."""
+    path = sorted((kneekl224 / "val" / "3").glob("*.jpg"))[0]
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    side, kept = image.shape[0], int(image.shape[0] * 0.75)
+    start = (side - kept) // 2
+    cropped = cv2.resize(image[start:start + kept, start:start + kept], (side, side), interpolation=cv2.INTER_LINEAR)
+    x = torch.from_numpy(image).float().div(255)[None, None]
+    framed = reframe(x, torch.tensor([0.75]), torch.tensor([0.0]))[0, 0].numpy() * 255
+    assert np.abs(framed - cropped).mean() < 1.0  # grey levels out of 255: interpolation differences only
+    assert np.abs(reframe(x, torch.tensor([0.9]), torch.tensor([0.0]))[0, 0].numpy() * 255 - cropped).mean() > 8.0
+    tilted = reframe(x, torch.tensor([0.75]), torch.tensor([math.radians(8)]))[0, 0].numpy() * 255
+    assert np.abs(tilted - cropped).mean() > 8.0
 
 
 def test_validation_inputs_are_never_augmented():
@@ -61,7 +79,8 @@ def test_validation_inputs_are_never_augmented():
 
 @pytest.mark.parametrize("domain, processed_differs", [(NOTHING, False), (ALWAYS, True)])
 def test_consistency_pairs_each_image_with_its_processed_copy_under_the_same_warp(domain, processed_differs):
-    config = TrainConfig(data="x", domain_augment=True, domain=domain.to_dict(), consistency=5.0)
+    processing = dataclasses.replace(domain, reframe_prob=0.0)  # reframing changes the geometry on purpose
+    config = TrainConfig(data="x", domain_augment=True, domain=processing.to_dict(), consistency=5.0)
     module = GradingModule(create_model("resnet18"), config, steps_per_epoch=1)
     module._augment_generator.manual_seed(0)
     images = torch.from_numpy(np.stack([knee_image(i, 64) for i in range(3)]))

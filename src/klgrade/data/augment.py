@@ -4,7 +4,8 @@ change per image.
 Domain augmentation (`DomainConfig`, one switch in the training config) imitates what happens to a
 radiograph before klgrade sees it: local contrast enhanced again (CLAHE with a random clip limit and tile
 grid) or reduced (blended with a large-scale smoothed copy, towards an unenhanced radiograph), gamma,
-histogram equalisation, JPEG compression, down-then-up sampling, blur and noise. The filters are kornia's,
+histogram equalisation, JPEG compression, down-then-up sampling, blur and noise; and, when asked
+(`reframe_prob`), another site's framing of the same knee: cropped tighter around the joint and tilted. The filters are kornia's,
 batched on the training device; on a CPU, CLAHE and JPEG run through OpenCV instead (kornia's take 50 and
 110 ms per 160-px image there, OpenCV's well under 1 ms), the rest stays kornia's. Random parameters come from a seeded CPU generator (the same on every
 device); the warp runs as a single `grid_sample` over the batch, so there is no per-image Python work in the
@@ -87,6 +88,10 @@ class DomainConfig:
         resample_prob, resample_min_side: down to a side drawn from [resample_min_side, side) and back up.
         blur_prob, blur_sigma: Gaussian blur, sigma in pixels.
         noise_prob, noise_std: additive Gaussian noise, std on [0, 1] intensities.
+        reframe_prob, reframe_share, reframe_rotate_deg: a centred crop keeping a share of the side drawn from
+            `reframe_share`, tilted by up to `reframe_rotate_deg`, resized back (reflected at the border). Off by
+            default, so that recipes written before it draw the same random numbers. Only tighter: a wider field of
+            view cannot be made from a crop.
     """
 
     clahe_prob: float = 0.4
@@ -106,6 +111,9 @@ class DomainConfig:
     blur_sigma: tuple[float, float] = (0.3, 1.5)
     noise_prob: float = 0.2
     noise_std: tuple[float, float] = (0.005, 0.04)
+    reframe_prob: float = 0.0
+    reframe_share: tuple[float, float] = (0.7, 0.95)
+    reframe_rotate_deg: float = 8.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,4 +195,17 @@ def domain_augment(images: torch.Tensor, config: DomainConfig, generator: torch.
     std = _between(len(index), config.noise_std, generator).view(-1, 1, 1, 1)
     noise = torch.randn((len(index), *x.shape[1:]), generator=generator) * std
     update(index, lambda v: v + noise.to(v.device, v.dtype))
+    if config.reframe_prob > 0:
+        index = _chosen(n, config.reframe_prob, generator)
+        share = _between(len(index), config.reframe_share, generator)
+        tilt = (torch.rand(len(index), generator=generator) * 2 - 1) * math.radians(config.reframe_rotate_deg)
+        update(index, lambda v: reframe(v, share.to(v.device), tilt.to(v.device)))
     return x
+
+
+def reframe(images: torch.Tensor, share: torch.Tensor, tilt: torch.Tensor) -> torch.Tensor:
+    """Centred crops keeping `share` of the side, rotated by `tilt` radians, resized back to the input side."""
+    cos, sin, zero = torch.cos(tilt) * share, torch.sin(tilt) * share, torch.zeros_like(share)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
