@@ -14,10 +14,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from klgrade.data.io import read_image
 from klgrade.data.sources import find_samples, is_image_file
-from klgrade.errors import DataLayoutError, ImageReadError
+from klgrade.errors import CheckpointError, DataLayoutError, ImageReadError
+from klgrade.infer.predictor import Predictor
+from klgrade.models.weights import METADATA_KEY
 from klgrade.serve.app import Settings, create_app
 from klgrade.serve.local import local_server
 
@@ -301,3 +305,73 @@ def test_a_png_named_dcm_is_graded_by_cli_and_service_alike(tiny_checkpoint, tmp
     with TestClient(create_app(Settings(checkpoints=[str(tiny_checkpoint)]))) as client:
         body = client.post("/v1/grade", files={"file": ("knee.dcm", path.read_bytes(), "application/dicom")}).json()
     assert body["grade"] == rows[0]["grade"]
+
+
+# 10: damaged checkpoint metadata ---------------------------------------------------------------------------------
+
+def with_metadata(source: Path, target: Path, change=None, raw: str | None = None) -> Path:
+    """A copy of `source` whose klgrade metadata is `change`d (or replaced by `raw` text)."""
+    with safe_open(str(source), framework="pt") as handle:
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+        info = json.loads(handle.metadata()[METADATA_KEY])
+    if change is not None:
+        change(info)
+    save_file(state, str(target), metadata={METADATA_KEY: raw if raw is not None else json.dumps(info)})
+    return target
+
+
+def set_field(*keys_and_value):
+    *keys, last, value = keys_and_value
+
+    def change(info: dict) -> None:
+        for key in keys:
+            info = info[key]
+        info[last] = value(info[last]) if callable(value) else value
+    return change
+
+
+DAMAGES = {  # each would crash later with a traceback, or answer with a wrong grade set, before the checks
+    "negative temperature": (set_field("calibration", "temperature", -1.0), "temperature must be positive"),
+    "temperature as text": (set_field("calibration", "temperature", "hot"), "temperature must be a number"),
+    "grade 9": (set_field("calibration", "conformal_grades", lambda g: [9] * len(g)), "whole grades 0 to 4"),
+    "grades cut short": (set_field("calibration", "conformal_grades", lambda g: g[:10]),
+                         "10 conformal_grades for 50 conformal_scores"),
+    "a score as text": (set_field("calibration", "conformal_scores", lambda s: ["x"] + s[1:]),
+                        "conformal_scores must hold numbers only"),
+    "a score above 1": (set_field("calibration", "conformal_scores", lambda s: s[:-1] + [1.5]),
+                        "conformal_scores must lie in [0, 1]"),
+    "density without precision": (lambda info: info["calibration"]["density"].pop("precision"),
+                                  "density: needs means, precision and threshold"),
+    "density of another width": (set_field("calibration", "density", "means", [[0.0, 1.0]]),
+                                 "density: precision is"),
+    "processing of one statistic": (set_field("calibration", "processing", "means", [[0.0]]), "processing: precision"),
+    "calibration as a list": (set_field("calibration", [1, 2]), "calibration: must be a mapping"),
+    "no architecture": (lambda info: info.pop("model"), "does not name the model's architecture"),
+    "size as text": (set_field("preprocess", "size", "big"), "preprocess: size must be a whole number"),
+    "unknown preprocessing": (set_field("preprocess", "sharpen", True), "preprocess: unknown fields ['sharpen']"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_checkpoint_metadata_is_refused_naming_the_file_and_field(calibrated, tmp_path, damage):
+    change, message = DAMAGES[damage]
+    path = with_metadata(calibrated, tmp_path / "damaged.safetensors", change)
+    with pytest.raises(CheckpointError) as caught:
+        Predictor([path])
+    assert str(caught.value).startswith(str(path)) and message in str(caught.value)
+
+
+def test_a_density_of_another_model_is_refused_at_the_first_image(calibrated, tmp_path):
+    wide = np.eye(3).tolist()
+    path = with_metadata(calibrated, tmp_path / "other.safetensors", set_field(
+        "calibration", "density", lambda d: {"means": [[0.0] * 3] * 5, "precision": wide, "threshold": d["threshold"]}))
+    predictor = Predictor([path])
+    with pytest.raises(CheckpointError, match="density: 3 features, but the model has"):
+        predictor.grade_prepared(np.stack([predictor.prepare(knee_image())]))
+
+
+def test_cli_reports_damaged_metadata_in_one_line(calibrated, tmp_path):
+    bad_json = with_metadata(calibrated, tmp_path / "json.safetensors", raw="{not json")
+    one_line_error(predict_json(str(EXAMPLE), "--checkpoint", str(bad_json))[0], str(bad_json), "not valid JSON")
+    negative = with_metadata(calibrated, tmp_path / "cold.safetensors", set_field("calibration", "temperature", -1.0))
+    one_line_error(predict_json(str(EXAMPLE), "--checkpoint", str(negative))[0], str(negative), "temperature")

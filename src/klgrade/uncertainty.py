@@ -27,7 +27,7 @@ kind of threshold as above, give a warning, not a refusal.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -40,6 +40,8 @@ BLANK_STD = 2.0
 """A preprocessed uint8 image with less spread than this (grey levels) holds nothing to grade."""
 NOT_A_KNEE = "not gradable: the image does not look like the knee radiographs the model was trained on"
 BLANK = "not gradable: the image is blank or nearly constant"
+PROCESSING_STATISTICS = ("grey-level spread", "local-to-global contrast", "fine detail")
+"""What `processing_statistics` measures per image, in its column order."""
 PROCESSING_SHIFT = ("the image's contrast processing differs from the training images' (e.g. enhanced or "
                     "equalised again): the grade may change with such processing")
 
@@ -133,9 +135,18 @@ class FeatureDensity:
 
     @classmethod
     def from_dict(cls, values: dict) -> "FeatureDensity":
-        """From checkpoint metadata (`to_dict`): the matrices become arrays once, not at every batch."""
-        return cls(np.asarray(values["means"], dtype=np.float64), np.asarray(values["precision"], dtype=np.float64),
-                   float(values["threshold"]))
+        """From checkpoint metadata (`to_dict`): the matrices become arrays once, not at every batch.
+
+        Raises ValueError naming the field that is missing or of the wrong shape.
+        """
+        if not isinstance(values, dict) or not {"means", "precision", "threshold"} <= values.keys():
+            raise ValueError("needs means, precision and threshold")
+        means = _finite_array(values["means"], "means", ndim=2)
+        precision = _finite_array(values["precision"], "precision", ndim=2)
+        if precision.shape != (means.shape[1], means.shape[1]):
+            raise ValueError(f"precision is {precision.shape}, not ({means.shape[1]}, {means.shape[1]}) as the means")
+        threshold = _finite_array(values["threshold"], "threshold", ndim=0)
+        return cls(means, precision, float(threshold))
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """(N,) squared Mahalanobis distance to the nearest grade mean."""
@@ -150,6 +161,65 @@ class FeatureDensity:
         """JSON-ready, matrices rounded to 7 decimals (the checkpoint metadata is text)."""
         return {"means": np.round(self.means, 7).tolist(), "precision": np.round(self.precision, 7).tolist(),
                 "threshold": self.threshold}
+
+
+def _finite_array(values, name: str, ndim: int) -> np.ndarray:
+    """`values` as a float64 array of `ndim` dimensions (none of them empty) and finite entries, or ValueError."""
+    if isinstance(values, bool) or (ndim == 0 and not isinstance(values, (int, float))):
+        raise ValueError(f"{name} must be a number")
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must hold numbers only") from None
+    if array.ndim != ndim or 0 in array.shape:
+        raise ValueError(f"{name} must be a non-empty {ndim}-d array of numbers")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds values that are not finite")
+    return array
+
+
+@dataclass
+class Calibration:
+    """What `klgrade calibrate` stores in a checkpoint, as arrays: the temperature, the conformal scores with
+    their grades, and the gradability and processing densities (None where absent)."""
+
+    temperature: float = 1.0
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    grades: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Empty for calibrations stored before grade sets had a threshold per grade."""
+    density: FeatureDensity | None = None
+    processing: FeatureDensity | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Calibration":
+        """Each field checked: a hand-edited or damaged checkpoint fails here, naming the field, instead of
+        crashing later or answering with a wrong grade set. Raises ValueError."""
+        if not isinstance(values, dict):
+            raise ValueError("must be a mapping of fields")
+        temperature = float(_finite_array(values.get("temperature"), "temperature", ndim=0))
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, not {temperature}")
+        scores = _finite_array(values.get("conformal_scores"), "conformal_scores", ndim=1)
+        if scores.min() < 0 or scores.max() > 1:
+            raise ValueError("conformal_scores must lie in [0, 1] (1 - probability of the true grade)")
+        grades = np.zeros(0, dtype=np.int64)
+        if "conformal_grades" in values:
+            stored = _finite_array(values["conformal_grades"], "conformal_grades", ndim=1)
+            if len(stored) != len(scores):
+                raise ValueError(f"{len(stored)} conformal_grades for {len(scores)} conformal_scores")
+            if not np.isin(stored, np.arange(NUM_GRADES)).all():
+                raise ValueError(f"conformal_grades must be whole grades 0 to {NUM_GRADES - 1}")
+            grades = stored.astype(np.int64)
+        densities = {}
+        for name in ("density", "processing"):
+            try:
+                densities[name] = FeatureDensity.from_dict(values[name]) if name in values else None
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        profile = densities["processing"]
+        if profile is not None and profile.means.shape[1] != len(PROCESSING_STATISTICS):
+            raise ValueError(f"processing: {profile.means.shape[1]} statistics, not {len(PROCESSING_STATISTICS)}")
+        return cls(temperature, scores, grades, **densities)
 
 
 def gradability(images_uint8: np.ndarray, features: np.ndarray | None,
@@ -179,7 +249,7 @@ def processing_statistics(images_uint8: np.ndarray) -> np.ndarray:
         local = float(np.sqrt(np.maximum(cv2.blur(grey * grey, window) - mean * mean, 0)).mean())
         detail = float(np.abs(cv2.Laplacian(cv2.GaussianBlur(grey, (0, 0), 1.5), cv2.CV_32F)).mean())
         rows.append([spread, local / max(spread, 1e-3), detail])
-    return np.array(rows, dtype=np.float64).reshape(-1, 3)
+    return np.array(rows, dtype=np.float64).reshape(-1, len(PROCESSING_STATISTICS))
 
 
 def fit_processing_profile(training_uint8: np.ndarray) -> FeatureDensity:

@@ -34,13 +34,31 @@ class PreprocessConfig:
     clahe: bool = False
     canonical_side: bool = False
 
+    def __post_init__(self):
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 16:
+            raise ValueError(f"size must be a whole number of pixels >= 16, not {self.size!r}")
+        low, high = self.clip_percentiles
+        if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0 <= low < high <= 100):
+            raise ValueError(f"clip_percentiles must be two numbers 0 <= low < high <= 100, not {self.clip_percentiles!r}")
+        if not isinstance(self.clahe, bool) or not isinstance(self.canonical_side, bool):
+            raise ValueError("clahe and canonical_side must be true or false")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "PreprocessConfig":
+        """From checkpoint metadata; raises ValueError for unknown fields or values that cannot be used."""
+        if not isinstance(values, dict):
+            raise ValueError("must be a mapping of fields")
+        unknown = values.keys() - cls.__dataclass_fields__.keys()
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}")
         values = dict(values)
-        values["clip_percentiles"] = tuple(values.get("clip_percentiles", cls.clip_percentiles))
+        percentiles = values.get("clip_percentiles", cls.clip_percentiles)
+        if not isinstance(percentiles, (list, tuple)) or len(percentiles) != 2:
+            raise ValueError(f"clip_percentiles must be two numbers, not {percentiles!r}")
+        values["clip_percentiles"] = tuple(percentiles)
         return cls(**values)
 
 

@@ -26,7 +26,7 @@ from klgrade.data.preprocess import PreprocessConfig, normalize, to_uint8
 from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
-from klgrade.uncertainty import (DEFAULT_ALPHA, PROCESSING_SHIFT, FeatureDensity, apply_temperature,
+from klgrade.uncertainty import (DEFAULT_ALPHA, PROCESSING_SHIFT, Calibration, apply_temperature,
                                  conformal_threshold, grade_sets, grade_thresholds, gradability,
                                  processing_shift, uncertified_grades, uncertified_warning)
 
@@ -132,41 +132,50 @@ class Predictor:
         configs = {str(sorted(i["preprocess"].items())) for i in self.infos}
         if len(configs) > 1:
             raise CheckpointError("ensemble members were trained with different preprocessing; cannot combine them")
-        self.preprocess = PreprocessConfig.from_dict(self.infos[0]["preprocess"])
+        try:
+            self.preprocess = PreprocessConfig.from_dict(self.infos[0].get("preprocess"))
+        except ValueError as exc:
+            raise CheckpointError(f"{paths[0]}: preprocess: {exc}") from None
         recommended = self.infos[0].get("inference", {}).get("tta", False)
         self.tta = recommended if tta is None else tta
         self.paths = paths
         self.alpha = DEFAULT_ALPHA
         """Grade sets miss the true grade for at most this share of images (calibrated models)."""
-        calibration = self._calibration() if calibrated else {}
-        self.temperature = float(calibration.get("temperature", 1.0))
+        calibration = self._calibration() if calibrated else Calibration()
+        self.temperature = calibration.temperature
         """The combined log-probabilities are divided by this before the softmax (1 = as trained)."""
-        self.conformal_scores = np.asarray(calibration.get("conformal_scores", []), dtype=np.float64)
-        self.conformal_grades = np.asarray(calibration.get("conformal_grades", []), dtype=np.int64)
+        self.conformal_scores = calibration.scores
+        self.conformal_grades = calibration.grades
         """The true grade behind each score: the sets get a threshold per grade (`uncertainty.grade_thresholds`)."""
         if self.is_calibrated and not self.has_grade_thresholds:
             log.warning("%s was calibrated before grade sets had a threshold per grade: its sets hold the true grade "
                         "for %.0f%% of knees on average, not per grade; run `klgrade calibrate` again", self.paths[0],
                         100 * (1 - self.alpha))
-        self.density = FeatureDensity.from_dict(calibration["density"]) if "density" in calibration else None
-        self.processing = FeatureDensity.from_dict(calibration["processing"]) if "processing" in calibration else None
+        self.density = calibration.density
+        self.processing = calibration.processing
         """The training images' contrast-processing profile (`uncertainty.processing_shift`)."""
 
-    def _calibration(self) -> dict:
-        """The stored calibration, when it belongs to this exact set-up: the same checkpoint alone, or the same
-        ensemble members together (an ensemble is calibrated on its combined output), and the same TTA setting."""
+    def _calibration(self) -> Calibration:
+        """The stored calibration, checked field by field, when it belongs to this exact set-up: the same
+        checkpoint alone, or the same ensemble members together (an ensemble is calibrated on its combined output),
+        and the same TTA setting."""
         stored = [info.get("calibration") for info in self.infos]
         if stored[0] is None:
-            return {}
+            return Calibration()
+        if not all(isinstance(c, dict) or c is None for c in stored):
+            raise CheckpointError(f"{self.paths[0]}: calibration: must be a mapping of fields")
         ensemble_ids = {(c or {}).get("ensemble_id") for c in stored}
         if len(ensemble_ids) != 1 or len(stored[0].get("members", [None])) != len(stored):
             log.warning("running uncalibrated: the stored calibration belongs to another set of checkpoints")
-            return {}
+            return Calibration()
         if stored[0].get("tta") != self.tta:
             log.warning("%s was calibrated with flip TTA %s; running it %s leaves it uncalibrated", self.paths[0],
                         "on" if stored[0].get("tta") else "off", "with" if self.tta else "without")
-            return {}
-        return stored[0]
+            return Calibration()
+        try:
+            return Calibration.from_dict(stored[0])
+        except ValueError as exc:
+            raise CheckpointError(f"{self.paths[0]}: calibration: {exc}; run `klgrade calibrate` again") from None
 
     @property
     def is_calibrated(self) -> bool:
@@ -244,6 +253,9 @@ class Predictor:
             coverage = 1 - alpha
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
+        if self.density is not None and self.density.means.shape[1] != outputs.features.shape[1]:
+            raise CheckpointError(f"{self.paths[0]}: calibration: density: {self.density.means.shape[1]} features, "
+                                  f"but the model has {outputs.features.shape[1]}; run `klgrade calibrate` again")
         return sets, coverage, gradability(images_uint8, outputs.features, self.density)
 
     def explain(self, images_uint8: np.ndarray, targets: np.ndarray) -> Explanation:

@@ -57,7 +57,14 @@ def read_info(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a safetensors checkpoint ({exc})") from None
     if METADATA_KEY not in metadata:
         raise CheckpointError(f"{path}: safetensors file without klgrade metadata (not a klgrade checkpoint)")
-    return json.loads(metadata[METADATA_KEY])
+    try:
+        info = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: klgrade metadata is not valid JSON ({exc.msg}, character {exc.pos})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict) or not isinstance(
+            info["model"].get("name"), str):
+        raise CheckpointError(f"{path}: klgrade metadata does not name the model's architecture (model.name)")
+    return info
 
 
 def stored_dtype(path: str | Path) -> torch.dtype:
