@@ -8,7 +8,8 @@ training augmentation's code): CLAHE again at two strengths, local contrast redu
 copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
 downsampling to 112 px and back, a 16-bit PNG re-encode, and Gaussian noise. Per perturbation: accuracy, QWK,
 and agreement of the grade with the clean image's grade; `warned`, the share of images that get the
-processing-shift warning, and `not_gradable`, the share flagged not gradable; for a calibrated model also
+processing-shift warning, `framing_warned`, the share that get the framing warning (the knee framed tighter than
+in training), and `not_gradable`, the share flagged not gradable; for a calibrated model also
 `coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?),
 `coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`, and, since the model's
 calibration may have seen these very knees (the shipped one: kneeKL224 val), `cross_fitted_coverage` and
@@ -16,7 +17,7 @@ calibration may have seen these very knees (the shipped one: kneeKL224 val), `cr
 scored on the other half's processed images, both ways, over `--cross-fit` random halvings. The same scores for
 `framings`, another site's framing of the same knee (rotated 7 degrees, cropped 15% and 25% tighter), kept apart:
 they are not contrast processing. `--json` prints `{"clean": {...}, "perturbations": {name: {"accuracy", "qwk",
-"agreement", "warned", "not_gradable", ...}}, "framings": {...}}`.
+"agreement", "warned", "framing_warned", "not_gradable", ...}}, "framings": {...}}`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from klgrade.constants import NUM_GRADES  # noqa: E402
 from klgrade.evaluate.evaluation import batched_outputs, fit_grade_sets  # noqa: E402
 from klgrade.infer.grading import load_model  # noqa: E402
 from klgrade.metrics import compute_metrics, set_metrics  # noqa: E402
-from klgrade.uncertainty import apply_temperature, grade_sets, grade_thresholds, processing_shift  # noqa: E402
+from klgrade.uncertainty import (apply_temperature, framing_shift, grade_sets, grade_thresholds,  # noqa: E402
+                                 processing_shift)
 
 SEED = 0
 
@@ -129,6 +131,7 @@ class Graded:
     sets: list[list[int]]
     not_gradable: np.ndarray
     warned: np.ndarray
+    framing_warned: np.ndarray
 
 
 def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> Graded:
@@ -136,13 +139,13 @@ def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> G
     outputs = batched_outputs(predictor, prepared)
     sets, _, reasons = predictor.assess(prepared, outputs)
     return Graded(outputs.probabilities, sets, np.array([bool(r) for r in reasons]),
-                  processing_shift(prepared, predictor.processing))
+                  processing_shift(prepared, predictor.processing), framing_shift(outputs.features, predictor.framing))
 
 
 def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: bool) -> dict:
     metrics = compute_metrics(labels, graded.probabilities, n_boot=0)
     result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"], "warned": float(graded.warned.mean()),
-              "not_gradable": float(graded.not_gradable.mean())}
+              "framing_warned": float(graded.framing_warned.mean()), "not_gradable": float(graded.not_gradable.mean())}
     if calibrated:
         sets = set_metrics(labels, graded.sets)
         result.update(coverage=sets["coverage"], coverage_per_grade=sets["coverage_per_grade"],
@@ -228,10 +231,11 @@ def main() -> None:
           f"{result['n']} images of {args.data}")
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
-          f"{'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
+          f"{'framing':>7s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
     for name, entry in {"clean": result["clean"], **result["perturbations"], **result["framings"]}.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
-              f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['not_gradable']:9.3f} "
+              f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['framing_warned']:7.3f} "
+              f"{entry['not_gradable']:9.3f} "
               f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}  "
               f"{' '.join(f'{c:.2f}' for c in entry.get('coverage_per_grade', []) if c is not None)} | "
               f"{entry.get('cross_fitted_coverage', float('nan')):.3f} "

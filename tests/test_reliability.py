@@ -345,6 +345,8 @@ DAMAGES = {  # each would crash later with a traceback, or answer with a wrong g
     "density of another width": (set_field("calibration", "density", "means", [[0.0, 1.0]]),
                                  "density: precision is"),
     "processing of one statistic": (set_field("calibration", "processing", "means", [[0.0]]), "processing: precision"),
+    "framing threshold 0": (set_field("calibration", "framing", "threshold", 0.0), "framing: threshold must be"),
+    "framing without weights": (lambda info: info["calibration"]["framing"].pop("weights"), "framing: needs weights"),
     "calibration as a list": (set_field("calibration", [1, 2]), "calibration: must be a mapping"),
     "no architecture": (lambda info: info.pop("model"), "does not name the model's architecture"),
     "size as text": (set_field("preprocess", "size", "big"), "preprocess: size must be a whole number"),

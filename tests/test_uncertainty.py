@@ -14,10 +14,10 @@ from klgrade.infer.grading import grade, load_model
 from klgrade.metrics import set_metrics
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
-from klgrade.uncertainty import (BLANK, FeatureDensity, apply_temperature, conformal_scores, conformal_threshold,
-                                 fit_processing_profile, grade_sets, grade_thresholds, gradability, processing_shift,
-                                 processing_statistics, smallest_alpha, uncertified_grades,
-                                 uncertified_warning)
+from klgrade.uncertainty import (BLANK, FeatureDensity, FramingProbe, apply_temperature, conformal_scores,
+                                 conformal_threshold, fit_processing_profile, framing_shift, grade_sets,
+                                 grade_thresholds, gradability, processing_shift, processing_statistics,
+                                 smallest_alpha, uncertified_grades, uncertified_warning)
 
 from helpers import EXAMPLES, REPO, copy_real_images, knee_image, run_cli
 
@@ -153,6 +153,26 @@ def test_feature_density_flags_far_points_and_blank_images():
     assert gradability(images, None, None) == [[], [BLANK]]
 
 
+def test_framing_probe_reads_the_crop_share_and_warns_only_below_the_training_framing():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(0, 1, 16)
+
+    def features(shares):  # the log share along one direction of 16, noise along all
+        return np.outer(np.log(shares), direction) + rng.normal(0, 0.05, (len(shares), 16))
+
+    shares = rng.uniform(0.65, 1.0, 1000)
+    probe = FramingProbe.fit(features(shares), shares).with_threshold(features(np.ones(500)), 0.02)
+    estimated = probe.shares(features(np.full(300, 0.8)))
+    assert abs(np.median(estimated) - 0.8) < 0.02
+    assert 0.9 < probe.threshold < 1.0
+    assert framing_shift(features(np.ones(2000)), probe).mean() < 0.04
+    assert framing_shift(features(np.full(300, 0.85)), probe).all()
+    assert not framing_shift(features(np.full(3, 0.5)), None).any()
+    restored = FramingProbe.from_dict(json.loads(json.dumps(probe.to_dict())))
+    some = features(shares[:50])
+    np.testing.assert_allclose(restored.shares(some), probe.shares(some), rtol=1e-6)
+
+
 def test_processing_profile_warns_on_contrast_processing_not_on_the_training_look(kneekl224):
     """Fitted on real train crops and thresholded on half of val: the other half passes as stored, and does not
     once CLAHE-enhanced again or equalised; JPEG compression (no contrast change) passes."""
@@ -193,6 +213,8 @@ def test_calibrate_writes_everything_into_the_checkpoint(calibrated):
     assert sorted(calibration["conformal_grades"]) == sorted([0, 1, 2, 3, 4] * 10)
     assert calibration["conformal_scores"] == sorted(calibration["conformal_scores"])
     assert np.isfinite(calibration["density"]["threshold"]) and np.isfinite(calibration["processing"]["threshold"])
+    width = len(calibration["density"]["means"][0])
+    assert len(calibration["framing"]["weights"]) == width and 0 < calibration["framing"]["threshold"] <= 2
 
 
 def test_a_calibration_written_before_per_grade_thresholds_keeps_its_one_threshold_and_says_so(calibrated, tmp_path,

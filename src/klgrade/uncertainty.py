@@ -22,6 +22,12 @@ equalised) is still gradable, but its grade may move with the processing (docs/r
 statistics of the preprocessed image that such processing changes (grey-level spread, local-to-global contrast,
 fine detail), their Mahalanobis distance to the training images' mean under their covariance, and the same
 kind of threshold as above, give a warning, not a refusal.
+
+Framing shift: a knee cropped tighter than the training images (the joint larger in the frame, as another site
+may crop it) is still gradable, but its grade may move with the framing (docs/results.md, framing). A linear
+read-out of the log crop share from the penultimate features (ridge regression; the network's features carry
+the anatomy's scale in the frame), fitted on training images re-framed at random shares, estimates how much of
+the training images' field of view an image shows; below a threshold set on the calibration images, a warning.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ BLANK_STD = 2.0
 """A preprocessed uint8 image with less spread than this (grey levels) holds nothing to grade."""
 NOT_A_KNEE = "not gradable: the image does not look like the knee radiographs the model was trained on"
 BLANK = "not gradable: the image is blank or nearly constant"
+FRAMING_SHIFT = ("the knee fills more of the image than in the training images (cropped tighter around the "
+                 "joint?): the grade may change with the framing; crop as the training images are, the joint "
+                 "centred and the knee filling the square")
 PROCESSING_STATISTICS = ("grey-level spread", "local-to-global contrast", "fine detail")
 """What `processing_statistics` measures per image, in its column order."""
 PROCESSING_SHIFT = ("the image's contrast processing differs from the training images' (e.g. enhanced or "
@@ -163,6 +172,59 @@ class FeatureDensity:
                 "threshold": self.threshold}
 
 
+@dataclass
+class FramingProbe:
+    """Estimates the crop share of an image from its penultimate features: 1 = the training images' framing, 0.75 =
+    cropped to the central 75% (the knee 1.33x larger in the frame); warns below `threshold`."""
+
+    weights: np.ndarray
+    """(D,) weights of the linear read-out of log(share)."""
+    bias: float
+    threshold: float
+
+    @classmethod
+    def fit(cls, features: np.ndarray, shares: np.ndarray, shrinkage: float = 1e-5) -> "FramingProbe":
+        """Ridge regression of log(share) on features; the ridge is `shrinkage` times the mean feature variance
+        (the default chosen by two-fold cross-validation on re-framed train images, docs/results.md). The threshold
+        is set later (`with_threshold`)."""
+        features, target = np.asarray(features, dtype=np.float64), np.log(np.asarray(shares, dtype=np.float64))
+        mean = features.mean(axis=0)
+        centred = features - mean
+        gram = centred.T @ centred
+        gram += shrinkage * np.trace(gram) / len(gram) * np.eye(len(gram))
+        weights = np.linalg.solve(gram, centred.T @ (target - target.mean()))
+        return cls(weights, float(target.mean() - mean @ weights), 0.0)
+
+    def shares(self, features: np.ndarray) -> np.ndarray:
+        """(N,) estimated crop share of each image."""
+        return np.exp(np.asarray(features, dtype=np.float64) @ self.weights + self.bias)
+
+    def with_threshold(self, features: np.ndarray, warned_share: float) -> "FramingProbe":
+        """Threshold at the `warned_share` quantile of these (as framed in training) images' estimated shares."""
+        return FramingProbe(self.weights, self.bias, float(np.quantile(self.shares(features), warned_share)))
+
+    def to_dict(self) -> dict:
+        return {"weights": np.round(self.weights, 9).tolist(), "bias": self.bias, "threshold": self.threshold}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FramingProbe":
+        """From checkpoint metadata; raises ValueError naming the field that is missing or unusable."""
+        if not isinstance(values, dict) or not {"weights", "bias", "threshold"} <= values.keys():
+            raise ValueError("needs weights, bias and threshold")
+        threshold = float(_finite_array(values["threshold"], "threshold", ndim=0))
+        if not 0 < threshold <= 2:
+            raise ValueError(f"threshold must be a crop share in (0, 2], not {threshold}")
+        return cls(_finite_array(values["weights"], "weights", ndim=1),
+                   float(_finite_array(values["bias"], "bias", ndim=0)), threshold)
+
+
+def framing_shift(features: np.ndarray, probe: FramingProbe | None) -> np.ndarray:
+    """(N,) True where an image looks cropped tighter than the training images (no probe: never)."""
+    if probe is None:
+        return np.zeros(len(features), dtype=bool)
+    return probe.shares(features) < probe.threshold
+
+
 def _finite_array(values, name: str, ndim: int) -> np.ndarray:
     """`values` as a float64 array of `ndim` dimensions (none of them empty) and finite entries, or ValueError."""
     if isinstance(values, bool) or (ndim == 0 and not isinstance(values, (int, float))):
@@ -181,7 +243,7 @@ def _finite_array(values, name: str, ndim: int) -> np.ndarray:
 @dataclass
 class Calibration:
     """What `klgrade calibrate` stores in a checkpoint, as arrays: the temperature, the conformal scores with
-    their grades, and the gradability and processing densities (None where absent)."""
+    their grades, the gradability and processing densities and the framing probe (None where absent)."""
 
     temperature: float = 1.0
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -189,6 +251,7 @@ class Calibration:
     """Empty for calibrations stored before grade sets had a threshold per grade."""
     density: FeatureDensity | None = None
     processing: FeatureDensity | None = None
+    framing: FramingProbe | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> "Calibration":
@@ -216,10 +279,14 @@ class Calibration:
                 densities[name] = FeatureDensity.from_dict(values[name]) if name in values else None
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+        try:
+            framing = FramingProbe.from_dict(values["framing"]) if "framing" in values else None
+        except ValueError as exc:
+            raise ValueError(f"framing: {exc}") from None
         profile = densities["processing"]
         if profile is not None and profile.means.shape[1] != len(PROCESSING_STATISTICS):
             raise ValueError(f"processing: {profile.means.shape[1]} statistics, not {len(PROCESSING_STATISTICS)}")
-        return cls(temperature, scores, grades, **densities)
+        return cls(temperature, scores, grades, **densities, framing=framing)
 
 
 def gradability(images_uint8: np.ndarray, features: np.ndarray | None,

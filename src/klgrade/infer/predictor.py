@@ -6,7 +6,7 @@ graded result), by `klgrade predict`, the HTTP service and the Python API.
 A predictor holds one or more checkpoints (an ensemble averages probabilities), the preprocessing stored in
 them, optional horizontal-flip test-time augmentation, a backend (torch, or ONNX Runtime) and, for a single
 checkpoint calibrated by `klgrade calibrate`, its calibration: a temperature applied to the combined output,
-conformal grade sets, and the gradability check (`klgrade.uncertainty`).
+conformal grade sets, the gradability check, and the processing and framing warnings (`klgrade.uncertainty`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from klgrade.data.preprocess import PreprocessConfig, normalize, to_uint8
 from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
-from klgrade.uncertainty import (DEFAULT_ALPHA, PROCESSING_SHIFT, Calibration, apply_temperature,
-                                 conformal_threshold, grade_sets, grade_thresholds, gradability,
+from klgrade.uncertainty import (DEFAULT_ALPHA, FRAMING_SHIFT, PROCESSING_SHIFT, Calibration, apply_temperature,
+                                 conformal_threshold, framing_shift, grade_sets, grade_thresholds, gradability,
                                  processing_shift, uncertified_grades, uncertified_warning)
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class Predictor:
                         100 * (1 - self.alpha))
         self.density = calibration.density
         self.processing = calibration.processing
+        self.framing = calibration.framing
         """The training images' contrast-processing profile (`uncertainty.processing_shift`)."""
 
     def _calibration(self) -> Calibration:
@@ -253,9 +254,12 @@ class Predictor:
             coverage = 1 - alpha
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
-        if self.density is not None and self.density.means.shape[1] != outputs.features.shape[1]:
-            raise CheckpointError(f"{self.paths[0]}: calibration: density: {self.density.means.shape[1]} features, "
-                                  f"but the model has {outputs.features.shape[1]}; run `klgrade calibrate` again")
+        widths = {"density": self.density.means.shape[1] if self.density else None,
+                  "framing": len(self.framing.weights) if self.framing else None}
+        for name, width in widths.items():
+            if width is not None and width != outputs.features.shape[1]:
+                raise CheckpointError(f"{self.paths[0]}: calibration: {name}: {width} features, but the model has "
+                                      f"{outputs.features.shape[1]}; run `klgrade calibrate` again")
         return sets, coverage, gradability(images_uint8, outputs.features, self.density)
 
     def explain(self, images_uint8: np.ndarray, targets: np.ndarray) -> Explanation:
@@ -292,6 +296,9 @@ class Predictor:
         for notes, shifted in zip(warnings, processing_shift(prepared, self.processing)):
             if shifted:
                 notes.append(PROCESSING_SHIFT)
+        for notes, reframed in zip(warnings, framing_shift(outputs.features, self.framing)):
+            if reframed:
+                notes.append(FRAMING_SHIFT)
         maps = [None] * len(prepared)
         if explain and self.can_explain:
             explanation = self.explain(prepared, grades)
