@@ -166,7 +166,10 @@ of every grade by default, any alpha per call); the gradability check's feature
 density (Mahalanobis, penultimate features) fitted on the {calibration['n_density']} train images and thresholded
 to flag {calibration['flagged_share']:.0%} of val; the processing profile (spread, local contrast and fine detail of the
 preprocessed image; Mahalanobis distance to the train images') thresholded likewise, whose excess adds a warning
-that the image's contrast processing differs from the training images'. On val itself (in-sample for the sets): coverage
+that the image's contrast processing differs from the training images'; the framing probe (a ridge read-out of the
+crop share from the penultimate features of train images re-framed at random) with its threshold at crop share
+{calibration['framing']['threshold']:.3f}, set so that {calibration['framing_warned_share']:.0%} of val as stored is warned that the knee is framed tighter
+than in training. On val itself (in-sample for the sets): coverage
 {shipped['coverage']:.3f} (KL 0-4: {' / '.join(f'{c:.2f}' for c in shipped['coverage_per_grade'])}), mean set size
 {shipped['mean_set_size']:.2f}, not gradable {shipped['ungradable_fraction']:.3f}.
 Cross-fitted figures (calibrate on half the patients, score the other half): docs/results.md.
@@ -251,8 +254,8 @@ def framing_limit(robustness: dict | None) -> str:
     processed = max(entry["framing_warned"] for entry in robustness["perturbations"].values())
     return (f"- Framing unlike kneeKL224's crops (`benchmarks/robustness.py`, framings of the val knees): {effects}. "
             f"Such answers carry the framing warning (the knee fills more of the image than in training): {warned}; "
-            f"{robustness['clean']['framing_warned']:.1%} of the knees as stored and at most {processed:.1%} under "
-            "any contrast processing. Crop other sites' radiographs to the knee as kneeKL224 does (joint centred, the "
+            f"{robustness['clean']['framing_warned']:.1%} of the knees as stored (in-sample: the threshold is set on "
+            f"val) and at most {processed:.1%} under any contrast processing. Crop other sites' radiographs to the knee as kneeKL224 does (joint centred, the "
             "knee filling the frame).\n")
 
 
