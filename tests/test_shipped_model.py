@@ -34,6 +34,7 @@ def test_shipped_model_meets_the_bar_on_val_and_its_card_says_so(kneekl224):
     assert len(metrics["coverage_per_grade"]) == 5 and 1 < metrics["mean_set_size"] < 3
     assert min(metrics["coverage_per_grade"]) >= 0.9, metrics["coverage_per_grade"]  # a threshold per grade
     assert 0 < metrics["ungradable_fraction"] <= 0.02 and metrics["processing_shift_fraction"] <= 0.02
+    assert 0.01 <= metrics["framing_shift_fraction"] <= 0.03  # its threshold: 2% of val as stored
     flagged_kl4 = round(metrics["ungradable_per_grade"][4] * 27)
     assert f"flags {flagged_kl4} of 27 KL 4 knees of val" in card or flagged_kl4 <= 27 * 3 * metrics["ungradable_fraction"]
 

@@ -258,11 +258,13 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert {"coverage", "mean_set_size", "coverage_per_grade", "ungradable_fraction", "ungradable_per_grade",
-            "processing_shift_fraction"} <= set(metrics)
+            "processing_shift_fraction", "framing_shift_fraction"} <= set(metrics)
     assert len(metrics["coverage_per_grade"]) == 5 and 1 <= metrics["mean_set_size"] <= 5
     table = run_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated))
     assert table.returncode == 0, table.stderr
     assert " / ".join(f"{c:.2f}" for c in metrics["coverage_per_grade"]) in table.stdout
+    framing_row = next(line for line in table.stdout.splitlines() if "framed tighter than training" in line)
+    assert f"{metrics['framing_shift_fraction']:.3f}" in framing_row
     same = run_cli("evaluate", "--data", str(data), "--calibrate-on", str(data), "--checkpoint", str(calibrated))
     assert same.returncode == 1 and "Traceback" not in same.stderr
     assert "calibrate on data that is not scored" in same.stderr and len(same.stderr.strip().splitlines()) == 1

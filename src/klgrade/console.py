@@ -62,6 +62,10 @@ def print_metrics(metrics: dict) -> None:
             "-" if c is None else f"{c:.2f}" for c in metrics["coverage_per_grade"]), "")
         table.add_row("mean grade-set size", f"{metrics['mean_set_size']:.2f}", "")
     table.add_row("not gradable", f"{metrics['ungradable_fraction']:.3f}", "")
+    for key, label in (("processing_shift_fraction", "warned: contrast processing differs"),
+                       ("framing_shift_fraction", "warned: framed tighter than training")):
+        if key in metrics:
+            table.add_row(label, f"{metrics[key]:.3f}", "")
     console = Console(width=120)
     console.print(table)
     confusion = Table("true \\ predicted", *(str(k) for k in range(NUM_GRADES)), title="confusion matrix")

@@ -14,7 +14,8 @@ from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Outputs, Predictor
 from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
-from klgrade.uncertainty import apply_temperature, conformal_scores, log_probabilities, processing_shift
+from klgrade.uncertainty import (apply_temperature, conformal_scores, framing_shift, log_probabilities,
+                                 processing_shift)
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     With a calibrated model (or `calibrate_on`, which fits a temperature and the grade sets first), the metrics
     include the grade sets' coverage at `alpha`; `ungradable_fraction` (and `ungradable_per_grade`, per true
     grade) is always there; a checkpoint calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the
-    share of images whose contrast processing differs from the training images'.
+    share of images whose contrast processing differs from the training images', and `framing_shift_fraction`,
+    the share that look framed tighter (an external set cropped otherwise shows here).
     """
     problems: list[ImageReadError] = []
     samples = pick_split(find_samples(data, problems), split)
@@ -134,6 +136,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     metrics["ungradable_per_grade"] = share_per_grade(predictions.labels, flagged)
     if predictor.processing is not None:
         metrics["processing_shift_fraction"] = float(processing_shift(predictions.images, predictor.processing).mean())
+    if predictor.framing is not None:
+        metrics["framing_shift_fraction"] = float(framing_shift(predictions.outputs.features, predictor.framing).mean())
     if coverage is not None:
         metrics.update(set_metrics(predictions.labels, sets))
         metrics["nominal_coverage"] = coverage
