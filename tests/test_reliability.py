@@ -351,6 +351,7 @@ DAMAGES = {  # each would crash later with a traceback, or answer with a wrong g
     "no architecture": (lambda info: info.pop("model"), "does not name the model's architecture"),
     "size as text": (set_field("preprocess", "size", "big"), "preprocess: size must be a whole number"),
     "unknown preprocessing": (set_field("preprocess", "sharpen", True), "preprocess: unknown fields ['sharpen']"),
+    "no preprocessing": (lambda info: info.pop("preprocess"), "preprocess: must be a mapping of fields"),
 }
 
 
@@ -377,3 +378,10 @@ def test_cli_reports_damaged_metadata_in_one_line(calibrated, tmp_path):
     one_line_error(predict_json(str(EXAMPLE), "--checkpoint", str(bad_json))[0], str(bad_json), "not valid JSON")
     negative = with_metadata(calibrated, tmp_path / "cold.safetensors", set_field("calibration", "temperature", -1.0))
     one_line_error(predict_json(str(EXAMPLE), "--checkpoint", str(negative))[0], str(negative), "temperature")
+
+
+def test_an_ensemble_of_differently_preprocessed_members_is_refused(tiny_checkpoint, tmp_path):
+    other = with_metadata(tiny_checkpoint, tmp_path / "wider.safetensors", set_field("preprocess", "size", 96))
+    with pytest.raises(CheckpointError, match="different preprocessing"):
+        Predictor([tiny_checkpoint, other])
+    assert Predictor([tiny_checkpoint, with_metadata(tiny_checkpoint, tmp_path / "same.safetensors")]).preprocess.size == 64

@@ -97,6 +97,14 @@ class Grading:
     image: np.ndarray | None = field(default=None, repr=False)
 
 
+def stored_preprocess(path: Path, info: dict) -> PreprocessConfig:
+    """The preprocessing a checkpoint was trained with, checked field by field."""
+    try:
+        return PreprocessConfig.from_dict(info.get("preprocess"))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: preprocess: {exc}") from None
+
+
 class Predictor:
     """Grades preprocessed images with one checkpoint or an ensemble.
 
@@ -129,13 +137,10 @@ class Predictor:
                 model.to(self.device)
             self.models.append(model)
             self.infos.append(info)
-        configs = {str(sorted(i["preprocess"].items())) for i in self.infos}
-        if len(configs) > 1:
+        configs = [stored_preprocess(path, info) for path, info in zip(paths, self.infos)]
+        if len(set(configs)) > 1:
             raise CheckpointError("ensemble members were trained with different preprocessing; cannot combine them")
-        try:
-            self.preprocess = PreprocessConfig.from_dict(self.infos[0].get("preprocess"))
-        except ValueError as exc:
-            raise CheckpointError(f"{paths[0]}: preprocess: {exc}") from None
+        self.preprocess = configs[0]
         recommended = self.infos[0].get("inference", {}).get("tta", False)
         self.tta = recommended if tta is None else tta
         self.paths = paths
@@ -153,8 +158,9 @@ class Predictor:
                         100 * (1 - self.alpha))
         self.density = calibration.density
         self.processing = calibration.processing
-        self.framing = calibration.framing
         """The training images' contrast-processing profile (`uncertainty.processing_shift`)."""
+        self.framing = calibration.framing
+        """The crop-share read-out behind the framing warning (`uncertainty.framing_shift`)."""
 
     def _calibration(self) -> Calibration:
         """The stored calibration, checked field by field, when it belongs to this exact set-up: the same
