@@ -384,4 +384,5 @@ def test_an_ensemble_of_differently_preprocessed_members_is_refused(tiny_checkpo
     other = with_metadata(tiny_checkpoint, tmp_path / "wider.safetensors", set_field("preprocess", "size", 96))
     with pytest.raises(CheckpointError, match="different preprocessing"):
         Predictor([tiny_checkpoint, other])
-    assert Predictor([tiny_checkpoint, with_metadata(tiny_checkpoint, tmp_path / "same.safetensors")]).preprocess.size == 64
+    same = with_metadata(tiny_checkpoint, tmp_path / "same.safetensors")
+    assert Predictor([tiny_checkpoint, same]).preprocess.size == 64

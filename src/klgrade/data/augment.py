@@ -5,11 +5,11 @@ Domain augmentation (`DomainConfig`, one switch in the training config) imitates
 radiograph before klgrade sees it: local contrast enhanced again (CLAHE with a random clip limit and tile
 grid) or reduced (blended with a large-scale smoothed copy, towards an unenhanced radiograph), gamma,
 histogram equalisation, JPEG compression, down-then-up sampling, blur and noise; and, when asked
-(`reframe_prob`), another site's framing of the same knee: cropped tighter around the joint and tilted. The filters are kornia's,
-batched on the training device; on a CPU, CLAHE and JPEG run through OpenCV instead (kornia's take 50 and
-110 ms per 160-px image there, OpenCV's well under 1 ms), the rest stays kornia's. Random parameters come from a seeded CPU generator (the same on every
-device); the warp runs as a single `grid_sample` over the batch, so there is no per-image Python work in the
-training loop.
+(`reframe_prob`), another site's framing of the same knee: cropped tighter around the joint and tilted.
+The filters are kornia's, batched on the training device; on a CPU, CLAHE and JPEG run through OpenCV instead
+(kornia's take 50 and 110 ms per 160-px image there, OpenCV's well under 1 ms), the rest stays kornia's. Random
+parameters come from a seeded CPU generator (the same on every device); the warp runs as a single `grid_sample`
+over the batch, so there is no per-image Python work in the training loop.
 """
 
 from __future__ import annotations

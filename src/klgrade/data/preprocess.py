@@ -39,7 +39,8 @@ class PreprocessConfig:
             raise ValueError(f"size must be a whole number of pixels >= 16, not {self.size!r}")
         low, high = self.clip_percentiles
         if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0 <= low < high <= 100):
-            raise ValueError(f"clip_percentiles must be two numbers 0 <= low < high <= 100, not {self.clip_percentiles!r}")
+            raise ValueError("clip_percentiles must be two numbers 0 <= low < high <= 100, "
+                             f"not {self.clip_percentiles!r}")
         if not isinstance(self.clahe, bool) or not isinstance(self.canonical_side, bool):
             raise ValueError("clahe and canonical_side must be true or false")
 
