@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,15 @@ def knee_image(seed: int = 0, size: int = 64) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size]
     return (128 + 60 * np.sin(x / 5.0 + seed) + rng.normal(0, 10, (size, size))).clip(0, 255).astype(np.uint8)
+
+
+def benchmark_framings() -> dict:
+    """`benchmarks/robustness.py`'s framings (name -> function of a grey image): tests grade exactly what it grades."""
+    spec = importlib.util.spec_from_file_location("robustness_benchmark", REPO / "benchmarks" / "robustness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.framings()
 
 
 def copy_real_images(source: Path, target: Path, per_grade: int, split: str = "val") -> list[Path]:

@@ -20,7 +20,7 @@ from klgrade.models import create_model
 from klgrade.train.config import TrainConfig
 from klgrade.train.module import GradingModule, js_divergence
 
-from helpers import REPO, copy_real_images, knee_image
+from helpers import REPO, benchmark_framings, copy_real_images, knee_image
 
 ALWAYS = DomainConfig(**{k: (1.0 if k.endswith("_prob") else v) for k, v in DomainConfig().to_dict().items()})
 NOTHING = DomainConfig(**{k: (0.0 if k.endswith("_prob") else v) for k, v in DomainConfig().to_dict().items()})
@@ -57,9 +57,7 @@ def test_reframing_is_another_sites_tighter_crop_of_the_same_knee(kneekl224):
     """Untilted, the training reframe is the centred crop resized back that the robustness benchmark grades."""
     path = sorted((kneekl224 / "val" / "3").glob("*.jpg"))[0]
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    side, kept = image.shape[0], int(image.shape[0] * 0.75)
-    start = (side - kept) // 2
-    cropped = cv2.resize(image[start:start + kept, start:start + kept], (side, side), interpolation=cv2.INTER_LINEAR)
+    cropped = benchmark_framings()["crop_0.75"](image)
     x = torch.from_numpy(image).float().div(255)[None, None]
     framed = reframe(x, torch.tensor([0.75]), torch.tensor([0.0]))[0, 0].numpy() * 255
     assert np.abs(framed - cropped).mean() < 1.0  # grey levels out of 255: interpolation differences only

@@ -8,7 +8,7 @@ import klgrade
 from klgrade.infer.predictor import shipped_checkpoint
 from klgrade.models.weights import read_info
 
-from helpers import EXAMPLES, REPO, run_cli
+from helpers import EXAMPLES, REPO, benchmark_framings, run_cli
 
 BAR = {"accuracy": 0.65, "qwk": 0.76, "mcc": 0.50}
 """Floor for the shipped model on kneeKL224 val: issue #6's accuracy and MCC; for QWK the from-scratch reference
@@ -91,18 +91,13 @@ def test_the_shipped_model_warns_when_the_knee_is_cropped_tighter_than_in_traini
     from klgrade.infer.grading import grade_many, load_model
     from klgrade.uncertainty import FRAMING_SHIFT
 
-    def cropped(image, share):
-        side = image.shape[0]
-        kept = int(side * share)
-        start = (side - kept) // 2
-        return cv2.resize(image[start:start + kept, start:start + kept], (side, side), interpolation=cv2.INTER_LINEAR)
-
+    framings = benchmark_framings()
     model = load_model()
     images = [read_image(p) for p in sorted((kneekl224 / "val").rglob("*.jpg"))[::8]]
     clahe = cv2.createCLAHE(clipLimit=4.0, tileGridSize=(8, 8))
     warned = {name: np.mean([FRAMING_SHIFT in r.warnings for r in grade_many(model, [change(i) for i in images])])
-              for name, change in {"stored": lambda i: i, "crop_0.85": lambda i: cropped(i, 0.85),
-                                   "crop_0.75": lambda i: cropped(i, 0.75),
+              for name, change in {"stored": lambda i: i, "crop_0.85": framings["crop_0.85"],
+                                   "crop_0.75": framings["crop_0.75"],
                                    "clahe": lambda i: clahe.apply(i.astype(np.uint8)).astype(np.float32)}.items()}
     assert warned["stored"] <= 0.05 and warned["clahe"] <= 0.06, warned
     assert warned["crop_0.85"] >= 0.8 and warned["crop_0.75"] >= 0.95, warned

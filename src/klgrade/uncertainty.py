@@ -148,8 +148,7 @@ class FeatureDensity:
 
         Raises ValueError naming the field that is missing or of the wrong shape.
         """
-        if not isinstance(values, dict) or not {"means", "precision", "threshold"} <= values.keys():
-            raise ValueError("needs means, precision and threshold")
+        _require(values, ("means", "precision", "threshold"))
         means = _finite_array(values["means"], "means", ndim=2)
         precision = _finite_array(values["precision"], "precision", ndim=2)
         if precision.shape != (means.shape[1], means.shape[1]):
@@ -209,8 +208,7 @@ class FramingProbe:
     @classmethod
     def from_dict(cls, values: dict) -> "FramingProbe":
         """From checkpoint metadata; raises ValueError naming the field that is missing or unusable."""
-        if not isinstance(values, dict) or not {"weights", "bias", "threshold"} <= values.keys():
-            raise ValueError("needs weights, bias and threshold")
+        _require(values, ("weights", "bias", "threshold"))
         threshold = float(_finite_array(values["threshold"], "threshold", ndim=0))
         if not 0 < threshold <= 2:
             raise ValueError(f"threshold must be a crop share in (0, 2], not {threshold}")
@@ -223,6 +221,12 @@ def framing_shift(features: np.ndarray, probe: FramingProbe | None) -> np.ndarra
     if probe is None:
         return np.zeros(len(features), dtype=bool)
     return probe.shares(features) < probe.threshold
+
+
+def _require(values, names: tuple[str, ...]) -> None:
+    """ValueError unless `values` is a mapping holding every one of `names`."""
+    if not isinstance(values, dict) or not set(names) <= values.keys():
+        raise ValueError(f"needs {', '.join(names[:-1])} and {names[-1]}")
 
 
 def _finite_array(values, name: str, ndim: int) -> np.ndarray:
@@ -273,20 +277,16 @@ class Calibration:
             if not np.isin(stored, np.arange(NUM_GRADES)).all():
                 raise ValueError(f"conformal_grades must be whole grades 0 to {NUM_GRADES - 1}")
             grades = stored.astype(np.int64)
-        densities = {}
-        for name in ("density", "processing"):
+        parts = {}
+        for name, kind in (("density", FeatureDensity), ("processing", FeatureDensity), ("framing", FramingProbe)):
             try:
-                densities[name] = FeatureDensity.from_dict(values[name]) if name in values else None
+                parts[name] = kind.from_dict(values[name]) if name in values else None
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
-        try:
-            framing = FramingProbe.from_dict(values["framing"]) if "framing" in values else None
-        except ValueError as exc:
-            raise ValueError(f"framing: {exc}") from None
-        profile = densities["processing"]
+        profile = parts["processing"]
         if profile is not None and profile.means.shape[1] != len(PROCESSING_STATISTICS):
             raise ValueError(f"processing: {profile.means.shape[1]} statistics, not {len(PROCESSING_STATISTICS)}")
-        return cls(temperature, scores, grades, **densities, framing=framing)
+        return cls(temperature, scores, grades, **parts)
 
 
 def gradability(images_uint8: np.ndarray, features: np.ndarray | None,

@@ -299,12 +299,12 @@ class Predictor:
         uncertified = self.uncertified_grades(alpha)
         for notes in warnings if uncertified else []:
             notes.append(uncertified_warning(uncertified, alpha))
-        for notes, shifted in zip(warnings, processing_shift(prepared, self.processing)):
-            if shifted:
-                notes.append(PROCESSING_SHIFT)
-        for notes, reframed in zip(warnings, framing_shift(outputs.features, self.framing)):
-            if reframed:
-                notes.append(FRAMING_SHIFT)
+        shifts = {PROCESSING_SHIFT: processing_shift(prepared, self.processing),
+                  FRAMING_SHIFT: framing_shift(outputs.features, self.framing)}
+        for warning, shifted in shifts.items():
+            for notes, shown in zip(warnings, shifted):
+                if shown:
+                    notes.append(warning)
         maps = [None] * len(prepared)
         if explain and self.can_explain:
             explanation = self.explain(prepared, grades)
