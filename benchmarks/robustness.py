@@ -45,8 +45,7 @@ from klgrade.constants import NUM_GRADES  # noqa: E402
 from klgrade.evaluate.evaluation import batched_outputs, fit_grade_sets  # noqa: E402
 from klgrade.infer.grading import load_model  # noqa: E402
 from klgrade.metrics import compute_metrics, set_metrics  # noqa: E402
-from klgrade.uncertainty import (apply_temperature, framing_shift, grade_sets, grade_thresholds,  # noqa: E402
-                                 processing_shift)
+from klgrade.uncertainty import apply_temperature, grade_sets, grade_thresholds  # noqa: E402
 
 SEED = 0
 
@@ -138,8 +137,9 @@ def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> G
     prepared = np.stack([predictor.prepare(image, side) for image, side in zip(images, sides)])
     outputs = batched_outputs(predictor, prepared)
     sets, _, reasons = predictor.assess(prepared, outputs)
+    shifts, never = predictor.shifts(prepared, outputs), np.zeros(len(prepared), dtype=bool)
     return Graded(outputs.probabilities, sets, np.array([bool(r) for r in reasons]),
-                  processing_shift(prepared, predictor.processing), framing_shift(outputs.features, predictor.framing))
+                  shifts.get("processing", never), shifts.get("framing", never))
 
 
 def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: bool) -> dict:

@@ -167,7 +167,6 @@ def test_framing_probe_reads_the_crop_share_and_warns_only_below_the_training_fr
     assert 0.9 < probe.threshold < 1.0
     assert framing_shift(features(np.ones(2000)), probe).mean() < 0.04
     assert framing_shift(features(np.full(300, 0.85)), probe).all()
-    assert not framing_shift(features(np.full(3, 0.5)), None).any()
     restored = FramingProbe.from_dict(json.loads(json.dumps(probe.to_dict())))
     some = features(shares[:50])
     np.testing.assert_allclose(restored.shares(some), probe.shares(some), rtol=1e-6)
@@ -203,7 +202,6 @@ def test_processing_profile_warns_on_contrast_processing_not_on_the_training_loo
         "equalised": lambda image: cv2.equalizeHist(image.astype(np.uint8)).astype(np.float32)}.items()}
     assert warned["stored"] <= 0.04 and warned["jpeg_q30"] <= 0.06, warned
     assert warned["clahe_again"] >= 0.8 and warned["equalised"] >= 0.8, warned
-    assert not processing_shift(prepared(scored[:3]), None).any()
 
 
 def test_calibrate_writes_everything_into_the_checkpoint(calibrated):

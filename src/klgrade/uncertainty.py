@@ -53,6 +53,8 @@ PROCESSING_STATISTICS = ("grey-level spread", "local-to-global contrast", "fine 
 """What `processing_statistics` measures per image, in its column order."""
 PROCESSING_SHIFT = ("the image's contrast processing differs from the training images' (e.g. enhanced or "
                     "equalised again): the grade may change with such processing")
+SHIFT_WARNINGS = {"processing": PROCESSING_SHIFT, "framing": FRAMING_SHIFT}
+"""The warning each kind of shift adds to an answer (`Predictor.shifts`)."""
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -216,10 +218,8 @@ class FramingProbe:
                    float(_finite_array(values["bias"], "bias", ndim=0)), threshold)
 
 
-def framing_shift(features: np.ndarray, probe: FramingProbe | None) -> np.ndarray:
-    """(N,) True where an image looks cropped tighter than the training images (no probe: never)."""
-    if probe is None:
-        return np.zeros(len(features), dtype=bool)
+def framing_shift(features: np.ndarray, probe: FramingProbe) -> np.ndarray:
+    """(N,) True where an image looks cropped tighter than the training images."""
     return probe.shares(features) < probe.threshold
 
 
@@ -326,8 +326,6 @@ def fit_processing_profile(training_uint8: np.ndarray) -> FeatureDensity:
     return FeatureDensity.fit(statistics, np.zeros(len(statistics), dtype=int), shrinkage=0.0)
 
 
-def processing_shift(images_uint8: np.ndarray, profile: FeatureDensity | None) -> np.ndarray:
-    """(N,) True where an image's contrast processing lies outside the training images' (no profile: never)."""
-    if profile is None:
-        return np.zeros(len(images_uint8), dtype=bool)
+def processing_shift(images_uint8: np.ndarray, profile: FeatureDensity) -> np.ndarray:
+    """(N,) True where an image's contrast processing lies outside the training images'."""
     return profile.distances(processing_statistics(images_uint8)) > profile.threshold

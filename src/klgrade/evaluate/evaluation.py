@@ -14,8 +14,7 @@ from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Outputs, Predictor
 from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
-from klgrade.uncertainty import (apply_temperature, conformal_scores, framing_shift, log_probabilities,
-                                 processing_shift)
+from klgrade.uncertainty import apply_temperature, conformal_scores, log_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +133,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     flagged = [bool(r) for r in reasons]
     metrics["ungradable_fraction"] = float(np.mean(flagged))
     metrics["ungradable_per_grade"] = share_per_grade(predictions.labels, flagged)
-    if predictor.processing is not None:
-        metrics["processing_shift_fraction"] = float(processing_shift(predictions.images, predictor.processing).mean())
-    if predictor.framing is not None:
-        metrics["framing_shift_fraction"] = float(framing_shift(predictions.outputs.features, predictor.framing).mean())
+    for kind, shifted in predictor.shifts(predictions.images, predictions.outputs).items():
+        metrics[f"{kind}_shift_fraction"] = float(shifted.mean())
     if coverage is not None:
         metrics.update(set_metrics(predictions.labels, sets))
         metrics["nominal_coverage"] = coverage

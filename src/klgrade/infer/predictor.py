@@ -26,9 +26,9 @@ from klgrade.data.preprocess import PreprocessConfig, normalize, to_uint8
 from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
-from klgrade.uncertainty import (DEFAULT_ALPHA, FRAMING_SHIFT, PROCESSING_SHIFT, Calibration, apply_temperature,
-                                 conformal_threshold, framing_shift, grade_sets, grade_thresholds, gradability,
-                                 processing_shift, uncertified_grades, uncertified_warning)
+from klgrade.uncertainty import (DEFAULT_ALPHA, SHIFT_WARNINGS, Calibration, apply_temperature, conformal_threshold,
+                                 framing_shift, grade_sets, grade_thresholds, gradability, processing_shift,
+                                 uncertified_grades, uncertified_warning)
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,17 @@ class Predictor:
                                       f"{outputs.features.shape[1]}; run `klgrade calibrate` again")
         return sets, coverage, gradability(images_uint8, outputs.features, self.density)
 
+    def shifts(self, images_uint8: np.ndarray, outputs: Outputs) -> dict[str, np.ndarray]:
+        """Per kind of shift the calibration can see (`uncertainty.SHIFT_WARNINGS`; none uncalibrated), (N,) True
+        where an image still gradable was processed ("processing") or framed ("framing") unlike the training
+        images: its grade may move with that."""
+        shifts = {}
+        if self.processing is not None:
+            shifts["processing"] = processing_shift(images_uint8, self.processing)
+        if self.framing is not None:
+            shifts["framing"] = framing_shift(outputs.features, self.framing)
+        return shifts
+
     def explain(self, images_uint8: np.ndarray, targets: np.ndarray) -> Explanation:
         """Grad-CAM of the target grades, averaged over the ensemble's models (empty only if every member's is).
 
@@ -299,12 +310,10 @@ class Predictor:
         uncertified = self.uncertified_grades(alpha)
         for notes in warnings if uncertified else []:
             notes.append(uncertified_warning(uncertified, alpha))
-        shifts = {PROCESSING_SHIFT: processing_shift(prepared, self.processing),
-                  FRAMING_SHIFT: framing_shift(outputs.features, self.framing)}
-        for warning, shifted in shifts.items():
+        for kind, shifted in self.shifts(prepared, outputs).items():
             for notes, shown in zip(warnings, shifted):
                 if shown:
-                    notes.append(warning)
+                    notes.append(SHIFT_WARNINGS[kind])
         maps = [None] * len(prepared)
         if explain and self.can_explain:
             explanation = self.explain(prepared, grades)
