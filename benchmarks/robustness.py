@@ -8,16 +8,17 @@ training augmentation's code): CLAHE again at two strengths, local contrast redu
 copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
 downsampling to 112 px and back, a 16-bit PNG re-encode, and Gaussian noise. Per perturbation: accuracy, QWK,
 and agreement of the grade with the clean image's grade; `warned`, the share of images that get the
-processing-shift warning, `framing_warned`, the share that get the framing warning (the knee framed tighter than
-in training), and `not_gradable`, the share flagged not gradable; for a calibrated model also
+processing-shift warning, `framing_warned` and `framing_wide_warned`, the shares that get a framing warning (the
+knee framed tighter, or wider, than in training), and `not_gradable`, the share flagged not gradable; for a calibrated model also
 `coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?),
 `coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`, and, since the model's
 calibration may have seen these very knees (the shipped one: kneeKL224 val), `cross_fitted_coverage` and
 `cross_fitted_coverage_per_grade`: grade sets calibrated afresh on the clean images of half the patients and
 scored on the other half's processed images, both ways, over `--cross-fit` random halvings. The same scores for
-`framings`, another site's framing of the same knee (rotated 7 degrees, cropped 15% and 25% tighter), kept apart:
-they are not contrast processing. `--json` prints `{"clean": {...}, "perturbations": {name: {"accuracy", "qwk",
-"agreement", "warned", "framing_warned", "not_gradable", ...}}, "framings": {...}}`.
+`framings`, another site's framing of the same knee (rotated 7 degrees, cropped 15% and 25% tighter, shrunk 20%
+inside a margin of repeated edge pixels or a black one), kept apart: they are not contrast processing. `--json`
+prints `{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "framing_warned",
+"framing_wide_warned", "not_gradable", ...}}, "framings": {...}}`.
 """
 
 from __future__ import annotations
@@ -117,10 +118,24 @@ def _crop(share: float) -> Callable[[np.ndarray], np.ndarray]:
     return crop
 
 
+def _shrink(share: float, border: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The knee framed wider: the image shrunk to 1 / `share` of its side inside an OpenCV `border` margin
+    (kneeKL224's crops hold nothing beyond their frame, so the margin is made up)."""
+    def shrink(image: np.ndarray) -> np.ndarray:
+        height, width = image.shape
+        kept_height, kept_width = round(height / share), round(width / share)
+        small = cv2.resize(image, (kept_width, kept_height), interpolation=cv2.INTER_AREA)
+        top, left = (height - kept_height) // 2, (width - kept_width) // 2
+        return cv2.copyMakeBorder(small, top, height - kept_height - top, left, width - kept_width - left, border,
+                                  value=0)
+    return shrink
+
+
 def framings() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """Another site's framing of the same knee: tilted, or cropped tighter around the joint (a wider field of view
-    cannot be made from these crops)."""
-    return {"rotate_7": _rotate(7.0), "crop_0.85": _crop(0.85), "crop_0.75": _crop(0.75)}
+    """Another site's framing of the same knee: tilted, cropped tighter around the joint, or framed wider (shrunk
+    inside a margin of repeated edge pixels, or letterboxed in black)."""
+    return {"rotate_7": _rotate(7.0), "crop_0.85": _crop(0.85), "crop_0.75": _crop(0.75),
+            "wide_1.2": _shrink(1.2, cv2.BORDER_REPLICATE), "black_margin_1.2": _shrink(1.2, cv2.BORDER_CONSTANT)}
 
 
 @dataclass
@@ -131,6 +146,7 @@ class Graded:
     not_gradable: np.ndarray
     warned: np.ndarray
     framing_warned: np.ndarray
+    framing_wide_warned: np.ndarray
 
 
 def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> Graded:
@@ -139,13 +155,15 @@ def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> G
     sets, _, reasons = predictor.assess(prepared, outputs)
     shifts, never = predictor.shifts(prepared, outputs), np.zeros(len(prepared), dtype=bool)
     return Graded(outputs.probabilities, sets, np.array([bool(r) for r in reasons]),
-                  shifts.get("processing", never), shifts.get("framing", never))
+                  shifts.get("processing", never), shifts.get("framing", never), shifts.get("framing_wide", never))
 
 
 def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: bool) -> dict:
     metrics = compute_metrics(labels, graded.probabilities, n_boot=0)
     result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"], "warned": float(graded.warned.mean()),
-              "framing_warned": float(graded.framing_warned.mean()), "not_gradable": float(graded.not_gradable.mean())}
+              "framing_warned": float(graded.framing_warned.mean()),
+              "framing_wide_warned": float(graded.framing_wide_warned.mean()),
+              "not_gradable": float(graded.not_gradable.mean())}
     if calibrated:
         sets = set_metrics(labels, graded.sets)
         result.update(coverage=sets["coverage"], coverage_per_grade=sets["coverage_per_grade"],
@@ -231,10 +249,11 @@ def main() -> None:
           f"{result['n']} images of {args.data}")
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
-          f"{'framing':>7s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
+          f"{'framing':>7s} {'wider':>6s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
     for name, entry in {"clean": result["clean"], **result["perturbations"], **result["framings"]}.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
               f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['framing_warned']:7.3f} "
+              f"{entry['framing_wide_warned']:6.3f} "
               f"{entry['not_gradable']:9.3f} "
               f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}  "
               f"{' '.join(f'{c:.2f}' for c in entry.get('coverage_per_grade', []) if c is not None)} | "

@@ -47,5 +47,5 @@ def calibrated(tiny_checkpoint, kneekl224, tmp_path_factory):
     assert "temperature" in result.stdout
     # n knees per grade certify sets down to alpha = 1 / (n + 1).
     assert "KL 0-4: 10 / 10 / 10 / 10 / 10; grade sets certified for every grade at alpha >= 0.091" in result.stdout
-    assert "too few" not in result.stderr and "framing warning below crop share" in result.stdout
+    assert "too few" not in result.stderr and "framing warnings below crop share" in result.stdout
     return out

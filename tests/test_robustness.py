@@ -66,6 +66,25 @@ def test_reframing_is_another_sites_tighter_crop_of_the_same_knee(kneekl224):
     assert np.abs(tilted - cropped).mean() > 8.0
 
 
+def test_a_share_above_one_frames_wider_as_the_benchmark_does(kneekl224):
+    """The calibration's wider framings (a share above 1) are the benchmark's knee shrunk into a margin, margin for
+    margin: repeated edge pixels ("border") or black ("zeros")."""
+    path = sorted((kneekl224 / "val" / "2").glob("*.jpg"))[0]
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    x = torch.from_numpy(image).float().div(255)[None, None]
+    framings = benchmark_framings()
+
+    def smooth(grey):  # bilinear sampling and OpenCV's area shrink alias the CLAHE texture differently
+        return cv2.GaussianBlur(np.asarray(grey, np.float32), (0, 0), 1.0)
+
+    framed = {padding: smooth(reframe(x, torch.tensor([1.2]), torch.tensor([0.0]), padding=padding)[0, 0].numpy() * 255)
+              for padding in ("border", "zeros")}
+    for padding, name in (("border", "wide_1.2"), ("zeros", "black_margin_1.2")):
+        assert np.abs(framed[padding] - smooth(framings[name](image))).mean() < 5.0, padding
+    assert np.abs(framed["zeros"] - smooth(framings["wide_1.2"](image))).mean() > 20.0
+    assert np.abs(framed["border"] - smooth(image)).mean() > 20.0  # the knee did shrink
+
+
 def test_validation_inputs_are_never_augmented():
     config = TrainConfig(data="x", domain_augment=True, domain=ALWAYS.to_dict())
     module = GradingModule(create_model("resnet18"), config, steps_per_epoch=1)
@@ -135,15 +154,17 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    scored = {"accuracy", "qwk", "warned", "framing_warned", "not_gradable", "coverage", "coverage_per_grade",
+    scored = {"accuracy", "qwk", "warned", "framing_warned", "framing_wide_warned", "not_gradable", "coverage",
+              "coverage_per_grade",
               "mean_set_size", "cross_fitted_coverage", "cross_fitted_coverage_per_grade"}
     assert report["n"] == 8 and set(report["clean"]) == scored
-    assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {"rotate_7", "crop_0.85", "crop_0.75"}
+    assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {"rotate_7", "crop_0.85", "crop_0.75", "wide_1.2",
+                                                                         "black_margin_1.2"}
     for entry in [*report["perturbations"].values(), *report["framings"].values()]:
         assert set(entry) == scored | {"agreement"} and 0 <= entry["agreement"] <= 1
     for entry in [report["clean"], *report["perturbations"].values(), *report["framings"].values()]:
         assert 0 <= entry["coverage"] <= 1 and 1 <= entry["mean_set_size"] <= 5 and 0 <= entry["not_gradable"] <= 1
-        assert 0 <= entry["framing_warned"] <= 1
+        assert 0 <= entry["framing_warned"] <= 1 and 0 <= entry["framing_wide_warned"] <= 1
         # A set holds at least its own arg-max grade, so it covers the truth at least as often as the grade is right.
         assert entry["coverage"] >= entry["accuracy"] and len(entry["coverage_per_grade"]) == 5
         assert 0 <= entry["cross_fitted_coverage"] <= 1 and len(entry["cross_fitted_coverage_per_grade"]) == 5

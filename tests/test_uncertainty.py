@@ -15,7 +15,7 @@ from klgrade.metrics import set_metrics
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
 from klgrade.uncertainty import (BLANK, FeatureDensity, FramingProbe, apply_temperature, conformal_scores,
-                                 conformal_threshold, fit_processing_profile, framing_shift, grade_sets,
+                                 conformal_threshold, fit_processing_profile, grade_sets,
                                  grade_thresholds, gradability, processing_shift, processing_statistics,
                                  smallest_alpha, uncertified_grades, uncertified_warning)
 
@@ -153,7 +153,7 @@ def test_feature_density_flags_far_points_and_blank_images():
     assert gradability(images, None, None) == [[], [BLANK]]
 
 
-def test_framing_probe_reads_the_crop_share_and_warns_only_below_the_training_framing():
+def test_framing_probes_read_the_crop_share_and_warn_only_beyond_the_training_framing():
     rng = np.random.default_rng(0)
     direction = rng.normal(0, 1, 16)
 
@@ -165,8 +165,14 @@ def test_framing_probe_reads_the_crop_share_and_warns_only_below_the_training_fr
     estimated = probe.shares(features(np.full(300, 0.8)))
     assert abs(np.median(estimated) - 0.8) < 0.02
     assert 0.9 < probe.threshold < 1.0
-    assert framing_shift(features(np.ones(2000)), probe).mean() < 0.04
-    assert framing_shift(features(np.full(300, 0.85)), probe).all()
+    assert probe.shifted(features(np.ones(2000))).mean() < 0.04
+    assert probe.shifted(features(np.full(300, 0.85))).all() and not probe.shifted(features(np.full(300, 1.2))).any()
+    wider_shares = rng.uniform(1.0, 1.4, 1000)
+    wider = FramingProbe.fit(features(wider_shares), wider_shares, wider=True).with_threshold(features(np.ones(500)),
+                                                                                             0.01)
+    assert 1.0 < wider.threshold < 1.1 and wider.shifted(features(np.ones(2000))).mean() < 0.03
+    assert wider.shifted(features(np.full(300, 1.2))).all() and not wider.shifted(features(np.full(300, 0.8))).any()
+    assert FramingProbe.from_dict(json.loads(json.dumps(wider.to_dict()))).wider
     restored = FramingProbe.from_dict(json.loads(json.dumps(probe.to_dict())))
     some = features(shares[:50])
     np.testing.assert_allclose(restored.shares(some), probe.shares(some), rtol=1e-6)
@@ -213,6 +219,8 @@ def test_calibrate_writes_everything_into_the_checkpoint(calibrated):
     assert np.isfinite(calibration["density"]["threshold"]) and np.isfinite(calibration["processing"]["threshold"])
     width = len(calibration["density"]["means"][0])
     assert len(calibration["framing"]["weights"]) == width and 0 < calibration["framing"]["threshold"] <= 2
+    assert len(calibration["framing_wide"]["weights"]) == width and calibration["framing_wide"]["wider"]
+    assert calibration["framing_wide_warned_share"] == 0.01 and not calibration["framing"]["wider"]
 
 
 def test_a_calibration_written_before_per_grade_thresholds_keeps_its_one_threshold_and_says_so(calibrated, tmp_path,
@@ -256,13 +264,15 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert {"coverage", "mean_set_size", "coverage_per_grade", "ungradable_fraction", "ungradable_per_grade",
-            "processing_shift_fraction", "framing_shift_fraction"} <= set(metrics)
+            "processing_shift_fraction", "framing_shift_fraction", "framing_wide_shift_fraction"} <= set(metrics)
     assert len(metrics["coverage_per_grade"]) == 5 and 1 <= metrics["mean_set_size"] <= 5
     table = run_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated))
     assert table.returncode == 0, table.stderr
     assert " / ".join(f"{c:.2f}" for c in metrics["coverage_per_grade"]) in table.stdout
     framing_row = next(line for line in table.stdout.splitlines() if "framed tighter than training" in line)
     assert f"{metrics['framing_shift_fraction']:.3f}" in framing_row
+    wider_row = next(line for line in table.stdout.splitlines() if "framed wider than training" in line)
+    assert f"{metrics['framing_wide_shift_fraction']:.3f}" in wider_row
     same = run_cli("evaluate", "--data", str(data), "--calibrate-on", str(data), "--checkpoint", str(calibrated))
     assert same.returncode == 1 and "Traceback" not in same.stderr
     assert "calibrate on data that is not scored" in same.stderr and len(same.stderr.strip().splitlines()) == 1

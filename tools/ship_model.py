@@ -166,10 +166,10 @@ of every grade by default, any alpha per call); the gradability check's feature
 density (Mahalanobis, penultimate features) fitted on the {calibration['n_density']} train images and thresholded
 to flag {calibration['flagged_share']:.0%} of val; the processing profile (spread, local contrast and fine detail of the
 preprocessed image; Mahalanobis distance to the train images') thresholded likewise, whose excess adds a warning
-that the image's contrast processing differs from the training images'; the framing probe (a ridge read-out of the
-crop share from the penultimate features of train images re-framed at random) with its threshold at crop share
-{calibration['framing']['threshold']:.3f}, set so that {calibration['framing_warned_share']:.0%} of val as stored is warned that the knee is framed tighter
-than in training. On val itself (in-sample for the sets): coverage
+that the image's contrast processing differs from the training images'; two framing probes (ridge read-outs of the
+crop share from the penultimate features of train images re-framed at random, tighter or wider) with thresholds at
+crop share {calibration['framing']['threshold']:.3f} and {calibration['framing_wide']['threshold']:.3f}, set so that {calibration['framing_warned_share']:.0%} and {calibration['framing_wide_warned_share']:.0%} of val as stored are warned that
+the knee is framed tighter or wider than in training. On val itself (in-sample for the sets): coverage
 {shipped['coverage']:.3f} (KL 0-4: {' / '.join(f'{c:.2f}' for c in shipped['coverage_per_grade'])}), mean set size
 {shipped['mean_set_size']:.2f}, not gradable {shipped['ungradable_fraction']:.3f}.
 Cross-fitted figures (calibrate on half the patients, score the other half): docs/results.md.
@@ -179,23 +179,22 @@ Cross-fitted figures (calibrate on half the patients, score the other half): doc
 def robustness_section(new: dict | None, before: dict | None) -> str:
     if new is None:
         return ""
-    columns = ["accuracy", "qwk", "agreement", "warned", "framing_warned"] + [
+    columns = ["accuracy", "qwk", "agreement", "not_gradable", "warned", "framing_warned", "framing_wide_warned"] + [
         c for c in ("coverage", "cross_fitted_coverage") if c in new["clean"]]
     before_has = next(iter(before["perturbations"].values())) if before else {}
-    before_columns = [c for c in columns if c != "warned" and c in before_has]
+    before_columns = [c for c in ("accuracy", "qwk", "agreement", "coverage") if c in columns and c in before_has]
     lines = ["", "## Robustness to upstream processing (kneeKL224 val, `benchmarks/robustness.py`)", "",
              "| perturbation | " + " | ".join(columns) + " |" + "".join(f" before: {c} |" for c in before_columns),
              "|---|" + "---|" * (len(columns) + len(before_columns))]
-    rows = [("clean", new["clean"], before["clean"] if before else None)]
+    rows = [("clean", {**new["clean"], "agreement": 1.0}, {**before["clean"], "agreement": 1.0} if before else None)]
     rows += [(name, entry, before["perturbations"][name] if before else None) for name, entry in new["perturbations"].items()]
     rows += [(f"{name} (framing)", entry, before.get("framings", {}).get(name) if before else None)
              for name, entry in new.get("framings", {}).items()]
     for name, entry, old in rows:
-        cells = ([f"{entry.get(c, 1.0):.3f}" for c in columns]
-                 + [f"{old.get(c, 1.0):.3f}" if old else "" for c in before_columns])
+        cells = [f"{entry[c]:.3f}" for c in columns] + [f"{old[c]:.3f}" if old else "" for c in before_columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Agreement: the share of knees whose grade is the clean image's; warned: the share of answers carrying the "
-              "processing warning; framing_warned: the share carrying the framing warning; coverage: the share whose 90% grade set holds the true grade (in-sample: the "
+    lines += ["", "Agreement: the share of knees whose grade is the clean image's; not_gradable: the share flagged `gradable: false`; warned: the share of answers carrying the "
+              "processing warning; framing_warned / framing_wide_warned: the share carrying the warning that the knee is framed tighter / wider than in training; coverage: the share whose 90% grade set holds the true grade (in-sample: the "
               "calibration is fitted on val); cross_fitted_coverage: the same for sets calibrated afresh on the clean "
               "knees of half the patients and scored on the other half, over 20 random halvings."]
     return "\n".join(lines) + "\n"
@@ -243,20 +242,27 @@ def processing_limit(robustness: dict | None) -> str:
 
 
 def framing_limit(robustness: dict | None) -> str:
-    """A limits bullet with what another framing of the knee (tilt, tighter crop) does to the grades."""
+    """A limits bullet with what another framing of the knee (tilt, tighter crop, wider) does to the grades."""
     framings = (robustness or {}).get("framings")
     if not framings:
         return ""
     clean = robustness["clean"]["accuracy"]
     effects = "; ".join(f"{name} changes {1 - entry['agreement']:.0%} of grades "
                         f"({100 * (entry['accuracy'] - clean):+.1f} accuracy points)" for name, entry in framings.items())
-    warned = ", ".join(f"{entry['framing_warned']:.0%} of {name}" for name, entry in framings.items())
-    processed = max(entry["framing_warned"] for entry in robustness["perturbations"].values())
-    return (f"- Framing unlike kneeKL224's crops (`benchmarks/robustness.py`, framings of the val knees): {effects}. "
-            f"Such answers carry the framing warning (the knee fills more of the image than in training): {warned}; "
-            f"{robustness['clean']['framing_warned']:.1%} of the knees as stored (in-sample: the threshold is set on "
-            f"val) and at most {processed:.1%} under any contrast processing. Crop other sites' radiographs to the knee as kneeKL224 does (joint centred, the "
-            "knee filling the frame).\n")
+    keys = ("framing_warned", "framing_wide_warned")
+
+    def shares(entry: dict, form: str) -> str:
+        return " / ".join(f"{entry[key]:{form}}" for key in keys)
+
+    warned = ", ".join(f"{name} {shares(entry, '.0%')}" for name, entry in framings.items())
+    processed = " / ".join(f"{max(entry[key] for entry in robustness['perturbations'].values()):.1%}" for key in keys)
+    return (f"- Framing unlike kneeKL224's crops (`benchmarks/robustness.py`, framings of the val knees; the wider ones "
+            f"are the knee shrunk inside a made-up margin, since these crops hold nothing beyond their frame): {effects}. "
+            f"Such answers carry a framing warning (the knee framed tighter / wider than in training): {warned}; "
+            f"{shares(robustness['clean'], '.1%')} of the knees as stored (in-sample: the thresholds are set on val) and "
+            f"at most {processed} under any contrast processing. Whether the wider warning also fires on a real wider "
+            "field of view (more shaft and soft tissue in the frame) is unmeasured: no such images here. Crop other "
+            "sites' radiographs to the knee as kneeKL224 does (joint centred, the knee filling the frame).\n")
 
 
 def _normaliser(spec: dict) -> str:

@@ -24,10 +24,13 @@ fine detail), their Mahalanobis distance to the training images' mean under thei
 kind of threshold as above, give a warning, not a refusal.
 
 Framing shift: a knee cropped tighter than the training images (the joint larger in the frame, as another site
-may crop it) is still gradable, but its grade may move with the framing (docs/results.md, framing). A linear
-read-out of the log crop share from the penultimate features (ridge regression; the network's features carry
-the anatomy's scale in the frame), fitted on training images re-framed at random shares, estimates how much of
-the training images' field of view an image shows; below a threshold set on the calibration images, a warning.
+may crop it), or framed wider (smaller in the frame), is still gradable, but its grade may move with the framing
+(docs/results.md, framing). A linear read-out of the log crop share from the penultimate features (ridge
+regression; the network's features carry the anatomy's scale in the frame), fitted on training images re-framed
+at random shares, estimates how much of the training images' field of view an image shows; beyond a threshold
+set on the calibration images, a warning. Two read-outs, one fitted on tighter framings and one on wider ones
+(the images shrunk inside a margin: kneeKL224's crops hold nothing beyond their frame), since one line over
+both ranges read tighter crops less well.
 """
 
 from __future__ import annotations
@@ -46,14 +49,16 @@ BLANK_STD = 2.0
 """A preprocessed uint8 image with less spread than this (grey levels) holds nothing to grade."""
 NOT_A_KNEE = "not gradable: the image does not look like the knee radiographs the model was trained on"
 BLANK = "not gradable: the image is blank or nearly constant"
+FRAMING_ADVICE = "crop as the training images are, the joint centred and the knee filling the square"
 FRAMING_SHIFT = ("the knee fills more of the image than in the training images (cropped tighter around the "
-                 "joint?): the grade may change with the framing; crop as the training images are, the joint "
-                 "centred and the knee filling the square")
+                 f"joint?): the grade may change with the framing; {FRAMING_ADVICE}")
+FRAMING_WIDE_SHIFT = ("the knee fills less of the image than in the training images (framed wider, or padded?): "
+                      f"the grade may change with the framing; {FRAMING_ADVICE}")
 PROCESSING_STATISTICS = ("grey-level spread", "local-to-global contrast", "fine detail")
 """What `processing_statistics` measures per image, in its column order."""
 PROCESSING_SHIFT = ("the image's contrast processing differs from the training images' (e.g. enhanced or "
                     "equalised again): the grade may change with such processing")
-SHIFT_WARNINGS = {"processing": PROCESSING_SHIFT, "framing": FRAMING_SHIFT}
+SHIFT_WARNINGS = {"processing": PROCESSING_SHIFT, "framing": FRAMING_SHIFT, "framing_wide": FRAMING_WIDE_SHIFT}
 """The warning each kind of shift adds to an answer (`Predictor.shifts`)."""
 
 
@@ -176,15 +181,19 @@ class FeatureDensity:
 @dataclass
 class FramingProbe:
     """Estimates the crop share of an image from its penultimate features: 1 = the training images' framing, 0.75 =
-    cropped to the central 75% (the knee 1.33x larger in the frame); warns below `threshold`."""
+    cropped to the central 75% (the knee 1.33x larger in the frame), 1.2 = framed 20% wider; warns below
+    `threshold`, or above it for a probe of wider framings."""
 
     weights: np.ndarray
     """(D,) weights of the linear read-out of log(share)."""
     bias: float
     threshold: float
+    wider: bool = False
+    """Fitted on wider framings (shares >= 1): warns above the threshold."""
 
     @classmethod
-    def fit(cls, features: np.ndarray, shares: np.ndarray, shrinkage: float = 1e-5) -> "FramingProbe":
+    def fit(cls, features: np.ndarray, shares: np.ndarray, shrinkage: float = 1e-5,
+            wider: bool = False) -> "FramingProbe":
         """Ridge regression of log(share) on features; the ridge is `shrinkage` times the mean feature variance
         (the default chosen by two-fold cross-validation on re-framed train images, docs/results.md). The threshold
         is set later (`with_threshold`)."""
@@ -194,18 +203,26 @@ class FramingProbe:
         gram = centred.T @ centred
         gram += shrinkage * np.trace(gram) / len(gram) * np.eye(len(gram))
         weights = np.linalg.solve(gram, centred.T @ (target - target.mean()))
-        return cls(weights, float(target.mean() - mean @ weights), 0.0)
+        return cls(weights, float(target.mean() - mean @ weights), 0.0, wider)
 
     def shares(self, features: np.ndarray) -> np.ndarray:
         """(N,) estimated crop share of each image."""
         return np.exp(np.asarray(features, dtype=np.float64) @ self.weights + self.bias)
 
     def with_threshold(self, features: np.ndarray, warned_share: float) -> "FramingProbe":
-        """Threshold at the `warned_share` quantile of these (as framed in training) images' estimated shares."""
-        return FramingProbe(self.weights, self.bias, float(np.quantile(self.shares(features), warned_share)))
+        """Threshold so that `warned_share` of these (as framed in training) images are warned."""
+        quantile = 1 - warned_share if self.wider else warned_share
+        threshold = float(np.quantile(self.shares(features), quantile))
+        return FramingProbe(self.weights, self.bias, threshold, self.wider)
+
+    def shifted(self, features: np.ndarray) -> np.ndarray:
+        """(N,) True where an image looks framed tighter (or, `wider`, wider) than the training images."""
+        shares = self.shares(features)
+        return shares > self.threshold if self.wider else shares < self.threshold
 
     def to_dict(self) -> dict:
-        return {"weights": np.round(self.weights, 9).tolist(), "bias": self.bias, "threshold": self.threshold}
+        return {"weights": np.round(self.weights, 9).tolist(), "bias": self.bias, "threshold": self.threshold,
+                "wider": self.wider}
 
     @classmethod
     def from_dict(cls, values: dict) -> "FramingProbe":
@@ -214,13 +231,11 @@ class FramingProbe:
         threshold = float(_finite_array(values["threshold"], "threshold", ndim=0))
         if not 0 < threshold <= 2:
             raise ValueError(f"threshold must be a crop share in (0, 2], not {threshold}")
+        wider = values.get("wider", False)
+        if not isinstance(wider, bool):
+            raise ValueError(f"wider must be true or false, not {wider!r}")
         return cls(_finite_array(values["weights"], "weights", ndim=1),
-                   float(_finite_array(values["bias"], "bias", ndim=0)), threshold)
-
-
-def framing_shift(features: np.ndarray, probe: FramingProbe) -> np.ndarray:
-    """(N,) True where an image looks cropped tighter than the training images."""
-    return probe.shares(features) < probe.threshold
+                   float(_finite_array(values["bias"], "bias", ndim=0)), threshold, wider)
 
 
 def _require(values, names: tuple[str, ...]) -> None:
@@ -247,7 +262,7 @@ def _finite_array(values, name: str, ndim: int) -> np.ndarray:
 @dataclass
 class Calibration:
     """What `klgrade calibrate` stores in a checkpoint, as arrays: the temperature, the conformal scores with
-    their grades, the gradability and processing densities and the framing probe (None where absent)."""
+    their grades, the gradability and processing densities and the framing probes (None where absent)."""
 
     temperature: float = 1.0
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -256,6 +271,7 @@ class Calibration:
     density: FeatureDensity | None = None
     processing: FeatureDensity | None = None
     framing: FramingProbe | None = None
+    framing_wide: FramingProbe | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> "Calibration":
@@ -278,11 +294,15 @@ class Calibration:
                 raise ValueError(f"conformal_grades must be whole grades 0 to {NUM_GRADES - 1}")
             grades = stored.astype(np.int64)
         parts = {}
-        for name, kind in (("density", FeatureDensity), ("processing", FeatureDensity), ("framing", FramingProbe)):
+        for name, kind in (("density", FeatureDensity), ("processing", FeatureDensity), ("framing", FramingProbe),
+                           ("framing_wide", FramingProbe)):
             try:
                 parts[name] = kind.from_dict(values[name]) if name in values else None
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+        for name, wider in (("framing", False), ("framing_wide", True)):
+            if parts[name] is not None and parts[name].wider != wider:
+                raise ValueError(f"{name}: a probe of {'tighter' if wider else 'wider'} framings")
         profile = parts["processing"]
         if profile is not None and profile.means.shape[1] != len(PROCESSING_STATISTICS):
             raise ValueError(f"processing: {profile.means.shape[1]} statistics, not {len(PROCESSING_STATISTICS)}")

@@ -203,9 +203,12 @@ def domain_augment(images: torch.Tensor, config: DomainConfig, generator: torch.
     return x
 
 
-def reframe(images: torch.Tensor, share: torch.Tensor, tilt: torch.Tensor) -> torch.Tensor:
-    """Centred crops keeping `share` of the side, rotated by `tilt` radians, resized back to the input side."""
+def reframe(images: torch.Tensor, share: torch.Tensor, tilt: torch.Tensor,
+            padding: str = "reflection") -> torch.Tensor:
+    """Centred crops keeping `share` of the side, rotated by `tilt` radians, resized back to the input side. A
+    share above 1 frames wider: the image shrinks inside a margin filled by `padding` ("reflection", "border":
+    the edge pixels repeated, "zeros": black)."""
     cos, sin, zero = torch.cos(tilt) * share, torch.sin(tilt) * share, torch.zeros_like(share)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1).to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode=padding, align_corners=False)

@@ -11,10 +11,12 @@ Fitted on one combined output, the one the predictor then scales (ensemble mean 
    flagged;
 4. a processing profile: the same for three contrast statistics of the `density` images, thresholded on the
    calibration images likewise; an image beyond it gets a warning that its processing differs;
-5. a framing probe: a ridge read-out of the crop share from the penultimate features of `density` images
-   re-framed at random (`FRAMING_IMAGES` of them, cropped to a share drawn from `FRAMING_SHARES` of the
-   full-resolution image, a quarter as they are, tilted up to +/-8 degrees, then preprocessed), thresholded so that
-   `FRAMING_WARNED_SHARE` of the calibration images as they are get the warning that the knee is framed tighter.
+5. two framing probes: ridge read-outs of the crop share from the penultimate features of `density` images
+   re-framed at random (`FRAMING_IMAGES` of them, a quarter as they are, tilted up to +/-8 degrees, then
+   preprocessed): one on tighter crops of the full-resolution image (a share drawn from `FRAMING_SHARES`),
+   thresholded so that `FRAMING_WARNED_SHARE` of the calibration images as they are get the warning that the knee
+   is framed tighter; one on wider framings (`FRAMING_WIDE_SHARES`: the image shrunk inside a margin of repeated
+   edge pixels, black or its reflection, in turn), thresholded at `FRAMING_WIDE_WARNED_SHARE` likewise.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ FRAMING_TILT_DEGREES = 8.0
 FRAMING_WARNED_SHARE = 0.02
 """Share of calibration images as they are that get the framing warning: at 2%, 93% of val knees cropped 15%
 tighter are warned (docs/results.md, framing)."""
+FRAMING_WIDE_SHARES = (1.0, 1.4)
+FRAMING_WIDE_PADDINGS = ("border", "zeros", "reflection")
+"""The margins a wider framing is made with, in turn: no single kind of margin, so the probe reads the knee's
+size more than the margin (docs/results.md, framing)."""
+FRAMING_WIDE_WARNED_SHARE = 0.01
 
 
 def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,29 +78,33 @@ def fit_calibration(predictor: Predictor, calibration: list[Sample], density: li
     fitted = fitted.with_threshold(features, FLAGGED_SHARE)
     processing = fit_processing_profile(density_images).with_threshold(processing_statistics(images), FLAGGED_SHARE)
     framing = fit_framing(predictor, density).with_threshold(features, FRAMING_WARNED_SHARE)
+    framing_wide = fit_framing(predictor, density, wider=True).with_threshold(features, FRAMING_WIDE_WARNED_SHARE)
     return {"temperature": temperature, "tta": predictor.tta, "conformal_scores": np.round(scores[order], 6).tolist(),
             "conformal_grades": labels[order].tolist(), "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE,
             "processing": processing.to_dict(), "framing": framing.to_dict(),
-            "framing_warned_share": FRAMING_WARNED_SHARE,
+            "framing_warned_share": FRAMING_WARNED_SHARE, "framing_wide": framing_wide.to_dict(),
+            "framing_wide_warned_share": FRAMING_WIDE_WARNED_SHARE,
             "n_calibration": len(calibration), "n_density": len(density), "date": date.today().isoformat()}
 
 
-def fit_framing(predictor: Predictor, samples: list[Sample], seed: int = 0) -> FramingProbe:
-    """The framing probe, fitted on up to `FRAMING_IMAGES` of `samples` re-framed at random; cropped from the
-    full-resolution image, so that a tighter crop is not also a blurrier one (the probe must read the anatomy's
-    scale, not the resampling)."""
+def fit_framing(predictor: Predictor, samples: list[Sample], seed: int = 0, wider: bool = False) -> FramingProbe:
+    """A framing probe, fitted on up to `FRAMING_IMAGES` of `samples` re-framed at random, tighter or `wider`;
+    re-framed at full resolution, so that a tighter crop is not also a blurrier one (the probe must read the
+    anatomy's scale, not the resampling)."""
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(samples), size=min(FRAMING_IMAGES, len(samples)), replace=False)
-    shares = rng.uniform(*FRAMING_SHARES, size=len(chosen))
+    shares = rng.uniform(*(FRAMING_WIDE_SHARES if wider else FRAMING_SHARES), size=len(chosen))
     shares[: len(chosen) // 4] = 1.0
     tilts = np.radians(rng.uniform(-FRAMING_TILT_DEGREES, FRAMING_TILT_DEGREES, size=len(chosen)))
+    paddings = FRAMING_WIDE_PADDINGS if wider else ("reflection",)
     prepared = []
-    for index, share, tilt in zip(chosen, shares, tilts):
+    for number, (index, share, tilt) in enumerate(zip(chosen, shares, tilts)):
         image = torch.from_numpy(read_image(samples[index].path))[None, None]
-        framed = reframe(image, torch.tensor([share], dtype=torch.float32), torch.tensor([tilt], dtype=torch.float32))
+        framed = reframe(image, torch.tensor([share], dtype=torch.float32), torch.tensor([tilt], dtype=torch.float32),
+                         padding=paddings[number % len(paddings)])
         prepared.append(predictor.prepare(framed[0, 0].numpy(), samples[index].side))
     features = batched_outputs(predictor, np.stack(prepared), raw=True).features
-    return FramingProbe.fit(features, shares)
+    return FramingProbe.fit(features, shares, wider=wider)
 
 
 def calibrate_checkpoint(checkpoints: str | Path | list[str | Path], calibration: list[Sample],

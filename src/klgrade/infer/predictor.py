@@ -27,8 +27,8 @@ from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
 from klgrade.uncertainty import (DEFAULT_ALPHA, SHIFT_WARNINGS, Calibration, apply_temperature, conformal_threshold,
-                                 framing_shift, grade_sets, grade_thresholds, gradability, processing_shift,
-                                 uncertified_grades, uncertified_warning)
+                                 grade_sets, grade_thresholds, gradability, processing_shift, uncertified_grades,
+                                 uncertified_warning)
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,8 @@ class Predictor:
         self.processing = calibration.processing
         """The training images' contrast-processing profile (`uncertainty.processing_shift`)."""
         self.framing = calibration.framing
-        """The crop-share read-out behind the framing warning (`uncertainty.framing_shift`)."""
+        """The crop-share read-outs behind the framing warnings, tighter and wider (`uncertainty.FramingProbe`)."""
+        self.framing_wide = calibration.framing_wide
 
     def _calibration(self) -> Calibration:
         """The stored calibration, checked field by field, when it belongs to this exact set-up: the same
@@ -261,7 +262,8 @@ class Predictor:
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
         widths = {"density": self.density.means.shape[1] if self.density else None,
-                  "framing": len(self.framing.weights) if self.framing else None}
+                  "framing": len(self.framing.weights) if self.framing else None,
+                  "framing_wide": len(self.framing_wide.weights) if self.framing_wide else None}
         for name, width in widths.items():
             if width is not None and width != outputs.features.shape[1]:
                 raise CheckpointError(f"{self.paths[0]}: calibration: {name}: {width} features, but the model has "
@@ -270,13 +272,14 @@ class Predictor:
 
     def shifts(self, images_uint8: np.ndarray, outputs: Outputs) -> dict[str, np.ndarray]:
         """Per kind of shift the calibration can see (`uncertainty.SHIFT_WARNINGS`; none uncalibrated), (N,) True
-        where an image still gradable was processed ("processing") or framed ("framing") unlike the training
-        images: its grade may move with that."""
+        where an image still gradable was processed ("processing") or framed tighter ("framing") or wider
+        ("framing_wide") than the training images: its grade may move with that."""
         shifts = {}
         if self.processing is not None:
             shifts["processing"] = processing_shift(images_uint8, self.processing)
-        if self.framing is not None:
-            shifts["framing"] = framing_shift(outputs.features, self.framing)
+        for kind, probe in (("framing", self.framing), ("framing_wide", self.framing_wide)):
+            if probe is not None:
+                shifts[kind] = probe.shifted(outputs.features)
         return shifts
 
     def explain(self, images_uint8: np.ndarray, targets: np.ndarray) -> Explanation:
