@@ -133,7 +133,7 @@ def _shrink(share: float, border: int) -> Callable[[np.ndarray], np.ndarray]:
 
 def framings() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Another site's framing of the same knee: tilted, cropped tighter around the joint, or framed wider (shrunk
-    inside a margin of repeated edge pixels, or letterboxed in black)."""
+    inside a margin of repeated edge pixels, or of black, which preprocessing trims off: a check that it does)."""
     return {"rotate_7": _rotate(7.0), "crop_0.85": _crop(0.85), "crop_0.75": _crop(0.75),
             "wide_1.2": _shrink(1.2, cv2.BORDER_REPLICATE), "black_margin_1.2": _shrink(1.2, cv2.BORDER_CONSTANT)}
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from klgrade.data.cache import load_cached
-from klgrade.data.preprocess import PreprocessConfig, preprocess, to_uint8
+from klgrade.data.preprocess import PreprocessConfig, preprocess, to_uint8, trim_uniform_margins
 from klgrade.data.sources import find_samples, parse_knee_name
 from klgrade.data.splits import check_no_leak, patient_folds, shared_patients
 from klgrade.errors import DataLayoutError, KLGradeError
@@ -90,6 +90,35 @@ def test_preprocess_shape_range_and_side_canonicalisation():
     np.testing.assert_array_equal(left, right[:, ::-1])
     tensor = preprocess(image, PreprocessConfig(size=64, clahe=True))
     assert tensor.shape == (1, 64, 64) and tensor.dtype.is_floating_point
+
+
+def test_a_knee_padded_into_a_larger_canvas_is_preprocessed_as_the_knee_itself(kneekl224):
+    """Letterboxed in black, framed in white, or padded and saved as JPEG (a viewer's export): the margin is cut off
+    before the stretch, so the model sees the knee as stored (before: the knee smaller and the stretch skewed)."""
+    import cv2
+
+    from klgrade.data.io import read_image
+
+    config = PreprocessConfig(size=160)
+    knee = read_image(sorted((kneekl224 / "val" / "2").glob("*.jpg"))[0])
+    assert trim_uniform_margins(knee).shape == knee.shape  # a real crop has no margin to cut
+    letterboxed = cv2.copyMakeBorder(knee, 0, 0, 37, 37, cv2.BORDER_CONSTANT, value=0)
+    framed = cv2.copyMakeBorder(knee, 20, 20, 20, 20, cv2.BORDER_CONSTANT, value=255)
+    for padded in (letterboxed, framed, letterboxed.astype(np.uint16) * 257):  # also as 16-bit grey levels
+        np.testing.assert_array_equal(to_uint8(padded, config), to_uint8(knee, config))
+    encoded = cv2.imencode(".jpg", cv2.copyMakeBorder(knee.astype(np.uint8), 19, 19, 19, 19, cv2.BORDER_CONSTANT,
+                                                      value=0), [cv2.IMWRITE_JPEG_QUALITY, 85])[1]
+    exported = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32)
+    trimmed = trim_uniform_margins(exported).shape  # of 262 x 262; JPEG ringing keeps a few pixels of margin
+    assert all(side <= knee_side + 8 for side, knee_side in zip(trimmed, knee.shape)), trimmed
+
+
+@pytest.mark.parametrize("image", [np.zeros((50, 50)), np.full((1, 40), 7.0), np.eye(40) * 0,
+                                   np.pad(np.ones((5, 5)), 30), np.array([[np.nan, 1.0], [2.0, 3.0]])],
+                         ids=["blank", "one row", "zeros", "a dot", "not finite"])
+def test_what_is_mostly_margin_is_left_as_it_is(image):
+    """Under a quarter of a side would remain (or nothing is busy): the image stays whole, for the blank check."""
+    assert trim_uniform_margins(image).shape == image.shape
 
 
 def test_real_five_fold_split_groups_patients_and_keeps_grade_proportions(kneekl224):

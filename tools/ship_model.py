@@ -257,7 +257,8 @@ def framing_limit(robustness: dict | None) -> str:
     warned = ", ".join(f"{name} {shares(entry, '.0%')}" for name, entry in framings.items())
     processed = " / ".join(f"{max(entry[key] for entry in robustness['perturbations'].values()):.1%}" for key in keys)
     return (f"- Framing unlike kneeKL224's crops (`benchmarks/robustness.py`, framings of the val knees; the wider ones "
-            f"are the knee shrunk inside a made-up margin, since these crops hold nothing beyond their frame): {effects}. "
+            f"are the knee shrunk inside a made-up margin, since these crops hold nothing beyond their frame; a uniform "
+            f"margin such as black_margin's is trimmed off before grading): {effects}. "
             f"Such answers carry a framing warning (the knee framed tighter / wider than in training): {warned}; "
             f"{shares(robustness['clean'], '.1%')} of the knees as stored (in-sample: the thresholds are set on val) and "
             f"at most {processed} under any contrast processing. Whether the wider warning also fires on a real wider "

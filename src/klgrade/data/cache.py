@@ -23,7 +23,8 @@ from klgrade.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""Raised whenever `to_uint8` changes what it makes of a file (2: uniform margins trimmed)."""
 
 
 def default_cache_dir() -> Path:

@@ -16,7 +16,7 @@ Fitted on one combined output, the one the predictor then scales (ensemble mean 
    preprocessed): one on tighter crops of the full-resolution image (a share drawn from `FRAMING_SHARES`),
    thresholded so that `FRAMING_WARNED_SHARE` of the calibration images as they are get the warning that the knee
    is framed tighter; one on wider framings (`FRAMING_WIDE_SHARES`: the image shrunk inside a margin of repeated
-   edge pixels, black or its reflection, in turn), thresholded at `FRAMING_WIDE_WARNED_SHARE` likewise.
+   edge pixels or of its reflection, in turn), thresholded at `FRAMING_WIDE_WARNED_SHARE` likewise.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ FRAMING_WARNED_SHARE = 0.02
 """Share of calibration images as they are that get the framing warning: at 2%, 93% of val knees cropped 15%
 tighter are warned (docs/results.md, framing)."""
 FRAMING_WIDE_SHARES = (1.0, 1.4)
-FRAMING_WIDE_PADDINGS = ("border", "zeros", "reflection")
+FRAMING_WIDE_PADDINGS = ("border", "reflection")
 """The margins a wider framing is made with, in turn: no single kind of margin, so the probe reads the knee's
-size more than the margin (docs/results.md, framing)."""
+size more than the margin (docs/results.md, framing). Not a uniform one: preprocessing trims it off."""
 FRAMING_WIDE_WARNED_SHARE = 0.01
 
 
