@@ -10,7 +10,9 @@ re-fit). Reported per fit and averaged (with the 5th percentile of per-grade cov
 gets on a calibration set of this size): coverage of the grade sets (target 1 - alpha), mean set size, coverage
 per true grade (and, for comparison, the same with one conformal threshold for all grades), share of the
 held-out half flagged not gradable, share warned that its contrast processing differs (processing profile on the
-`train` images, threshold on the fitting half); and the share of images that are not knee radiographs (blank,
+`train` images, threshold on the fitting half), and, for a checkpoint calibrated by `klgrade calibrate`, shares
+warned that the knee is framed tighter or wider (its stored framing read-outs, fitted on train; their thresholds
+re-fitted on the fitting half at the stored warned shares); and the share of images that are not knee radiographs (blank,
 noise, gradients, text, photographs and scans shipped in installed packages: tests/helpers.py) flagged not
 gradable.
 """
@@ -34,15 +36,17 @@ from klgrade.data.sources import find_samples, select_split  # noqa: E402
 from klgrade.evaluate.evaluation import fit_grade_sets, predict_samples  # noqa: E402
 from klgrade.infer.predictor import Predictor, shipped_checkpoint  # noqa: E402
 from klgrade.metrics import set_metrics  # noqa: E402
-from klgrade.uncertainty import (FeatureDensity, apply_temperature, conformal_threshold,  # noqa: E402
-                                 fit_processing_profile, grade_sets, grade_thresholds, gradability, processing_shift,
-                                 processing_statistics)
+from klgrade.models.weights import read_info  # noqa: E402
+from klgrade.uncertainty import (Calibration, FeatureDensity, FramingProbe, apply_temperature,  # noqa: E402
+                                 conformal_threshold, fit_processing_profile, grade_sets, grade_thresholds,
+                                 gradability, processing_shift, processing_statistics)
 
 FLAGGED_SHARE = 0.01
 
 
 def cross_fit(probabilities, features, labels, images, halves, density: FeatureDensity, processing: FeatureDensity,
-              alpha: float) -> list[dict]:
+              alpha: float, framings: dict[str, tuple[FramingProbe, float]]) -> list[dict]:
+    """`framings`: name -> (stored read-out, share of calibration knees it warns)."""
     results = []
     for fit_half, score_half in ((halves[0], halves[1]), (halves[1], halves[0])):
         temperature, scores = fit_grade_sets(probabilities[fit_half], labels[fit_half])
@@ -55,6 +59,9 @@ def cross_fit(probabilities, features, labels, images, halves, density: FeatureD
         results.append({"n_fit": int(len(fit_half)), "n_scored": int(len(score_half)), "temperature": temperature,
                          **set_metrics(labels[score_half], sets), "flagged_fraction": float(np.mean(flagged)),
                          "warned_fraction": float(processing_shift(images[score_half], profile).mean()),
+                         **{f"{name}_warned_fraction": float(probe.with_threshold(features[fit_half], share)
+                                                             .shifted(features[score_half]).mean())
+                            for name, (probe, share) in framings.items()},
                          "one_threshold": {key: one_threshold[key]
                                            for key in ("coverage", "mean_set_size", "coverage_per_grade")}})
     return results
@@ -90,11 +97,16 @@ def main() -> None:
     patients = [s.patient_id for s in val_predictions.samples]
     outputs, labels = val_predictions.outputs, np.array(val_predictions.labels)
     processing = fit_processing_profile(train_predictions.images)
+    stored = read_info(predictor.paths[0]).get("calibration")
+    calibration = Calibration.from_dict(stored) if stored else Calibration()
+    framings = {name: (probe, stored[f"{name}_warned_share"])
+                for name, probe in (("framing", calibration.framing), ("framing_wide", calibration.framing_wide))
+                if probe is not None}
     folds = []
     for split in range(args.splits):
         halves = patient_halves(patients, args.seed + split)
         folds += cross_fit(outputs.probabilities, outputs.features, labels, val_predictions.images, halves, density,
-                           processing, args.alpha)
+                           processing, args.alpha, framings)
     full = density.with_threshold(outputs.features, FLAGGED_SHARE)
     odd = not_knee_images()
     odd_prepared = np.stack([predictor.prepare(image.astype(np.float32)) for image in odd.values()])
@@ -102,7 +114,8 @@ def main() -> None:
     odd_flagged = [bool(r) for r in gradability(odd_prepared, odd_outputs.features, full)]
     result = {"alpha": args.alpha, "splits": args.splits, "cross_fit": folds,
               "mean": {**{key: float(np.mean([f[key] for f in folds]))
-                          for key in ("coverage", "mean_set_size", "flagged_fraction", "warned_fraction")},
+                          for key in ("coverage", "mean_set_size", "flagged_fraction", "warned_fraction",
+                                      *(f"{name}_warned_fraction" for name in framings))},
                        **per_grade_summary(folds)},
               "one_threshold": {key: float(np.mean([f["one_threshold"][key] for f in folds]))
                                 for key in ("coverage", "mean_set_size")}
@@ -123,7 +136,8 @@ def main() -> None:
               f"{' '.join(f'{c:.3f}' for c in summary['coverage_per_grade_p5'])}")
     mean = result["mean"]
     print(f"not gradable (held-out halves): {mean['flagged_fraction']:.3f}; processing warned: "
-          f"{mean['warned_fraction']:.3f}")
+          f"{mean['warned_fraction']:.3f}"
+          + "".join(f"; {name} warned: {mean[f'{name}_warned_fraction']:.3f}" for name in framings))
     print(f"not knee radiographs: {result['not_knee']['flagged_fraction']:.3f} of {len(odd)} flagged; "
           f"missed: {result['not_knee']['missed'] or 'none'}")
 
