@@ -104,8 +104,13 @@ def test_a_knee_padded_into_a_larger_canvas_is_preprocessed_as_the_knee_itself(k
     assert trim_uniform_margins(knee).shape == knee.shape  # a real crop has no margin to cut
     letterboxed = cv2.copyMakeBorder(knee, 0, 0, 37, 37, cv2.BORDER_CONSTANT, value=0)
     framed = cv2.copyMakeBorder(knee, 20, 20, 20, 20, cv2.BORDER_CONSTANT, value=255)
-    for padded in (letterboxed, framed, letterboxed.astype(np.uint16) * 257):  # also as 16-bit grey levels
+    padded_on_one_side = np.concatenate([np.zeros((224, 37), np.float32), knee], axis=1)
+    for padded in (letterboxed, framed, padded_on_one_side, letterboxed.astype(np.uint16) * 257):  # also 16-bit
         np.testing.assert_array_equal(to_uint8(padded, config), to_uint8(knee, config))
+    # A square radiograph with a uniform strip (air, say) on one side keeps its proportions: no stretch.
+    strip = np.concatenate([np.zeros((224, 30), np.float32), knee[:, 30:]], axis=1)
+    np.testing.assert_array_equal(trim_uniform_margins(strip), strip)
+    assert trim_uniform_margins(np.pad(knee, ((0, 0), (20, 20)))[:, 10:]).shape == (224, 224)  # uneven letterbox
     encoded = cv2.imencode(".jpg", cv2.copyMakeBorder(knee.astype(np.uint8), 19, 19, 19, 19, cv2.BORDER_CONSTANT,
                                                       value=0), [cv2.IMWRITE_JPEG_QUALITY, 85])[1]
     exported = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32)

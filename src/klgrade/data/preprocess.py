@@ -23,8 +23,9 @@ PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
 """Fixed normalisation of [0, 1] intensities; after the percentile stretch images span that range."""
 MARGIN_TOLERANCE = 0.01
-"""An outer row or column whose grey levels span at most this share of the image's range is margin, not image (8
-of kneeKL224's 6604 crops have such a margin, up to 8 px)."""
+"""An outer row or column whose grey levels span at most this share of the image's range is margin, not image.
+8 of kneeKL224's 6604 crops have such a strip on one side (up to 8 px), which staying square keeps: the trim
+changes none of them."""
 
 
 @dataclass(frozen=True)
@@ -71,16 +72,28 @@ class PreprocessConfig:
 
 
 def trim_uniform_margins(image: np.ndarray) -> np.ndarray:
-    """`image` without its uniform outer rows and columns (`MARGIN_TOLERANCE`); unchanged when under a quarter of
-    a side would remain (a blank or nearly blank image stays what it is)."""
+    """`image` without its uniform outer rows and columns (`MARGIN_TOLERANCE`), but never less square than it was:
+    the shorter side of what is kept grows back, centred, towards the longer (so a square radiograph with a uniform
+    strip of air on one side is not stretched when resized). Unchanged when under a quarter of a side would remain
+    (a blank or nearly blank image stays what it is)."""
     tolerance = MARGIN_TOLERANCE * (float(image.max()) - float(image.min()))
     kept = []
     for spans in (np.ptp(image, axis=1), np.ptp(image, axis=0)):
         busy = np.flatnonzero(spans > tolerance)
         if len(busy) == 0 or (busy[-1] + 1 - busy[0]) * 4 < len(spans):
             return image
-        kept.append(slice(busy[0], busy[-1] + 1))
-    return image[kept[0], kept[1]]
+        kept.append((int(busy[0]), int(busy[-1]) + 1))
+    side = max(stop - start for start, stop in kept)
+    rows, columns = (_grown(span, side, limit) for span, limit in zip(kept, image.shape))
+    return image[rows, columns]
+
+
+def _grown(span: tuple[int, int], length: int, limit: int) -> slice:
+    """`span` grown symmetrically to `length` (at most `limit`, shifted to stay within 0..limit)."""
+    start, stop = span
+    length = min(max(length, stop - start), limit)
+    start = min(max((start + stop - length) // 2, 0), limit - length)
+    return slice(start, start + length)
 
 
 def to_uint8(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> np.ndarray:
