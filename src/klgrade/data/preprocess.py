@@ -24,8 +24,8 @@ PIXEL_STD = 0.25
 """Fixed normalisation of [0, 1] intensities; after the percentile stretch images span that range."""
 MARGIN_TOLERANCE = 0.01
 """An outer row or column whose grey levels span at most this share of the image's range is margin, not image.
-8 of kneeKL224's 6604 crops have such a strip on one side (up to 8 px), which staying square keeps: the trim
-changes none of them."""
+8 of kneeKL224's 6604 crops have such a strip on one side (up to 8 px); the trim keeps those strips (it never
+makes an image less square), so it changes no kneeKL224 image."""
 
 
 @dataclass(frozen=True)

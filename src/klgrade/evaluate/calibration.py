@@ -54,6 +54,7 @@ FRAMING_WIDE_PADDINGS = ("border", "reflection")
 """The margins a wider framing is made with, in turn: no single kind of margin, so the probe reads the knee's
 size more than the margin (docs/results.md, framing). Not a uniform one: preprocessing trims it off."""
 FRAMING_WIDE_WARNED_SHARE = 0.01
+"""Share of calibration images as they are that get the wider-framing warning (docs/results.md, framing)."""
 
 
 def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
