@@ -99,9 +99,7 @@ def main() -> None:
     processing = fit_processing_profile(train_predictions.images)
     stored = read_info(predictor.paths[0]).get("calibration")
     calibration = Calibration.from_dict(stored) if stored else Calibration()
-    framings = {name: (probe, stored[f"{name}_warned_share"])
-                for name, probe in (("framing", calibration.framing), ("framing_wide", calibration.framing_wide))
-                if probe is not None}
+    framings = {name: (probe, stored[f"{name}_warned_share"]) for name, probe in calibration.framings.items()}
     folds = []
     for split in range(args.splits):
         halves = patient_halves(patients, args.seed + split)

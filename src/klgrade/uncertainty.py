@@ -308,6 +308,12 @@ class Calibration:
             raise ValueError(f"processing: {profile.means.shape[1]} statistics, not {len(PROCESSING_STATISTICS)}")
         return cls(temperature, scores, grades, **parts)
 
+    @property
+    def framings(self) -> dict[str, FramingProbe]:
+        """The framing read-outs stored, by the kind of shift they warn of (`SHIFT_WARNINGS`)."""
+        probes = {"framing": self.framing, "framing_wide": self.framing_wide}
+        return {kind: probe for kind, probe in probes.items() if probe is not None}
+
 
 def gradability(images_uint8: np.ndarray, features: np.ndarray | None,
                 density: FeatureDensity | None) -> list[list[str]]:

@@ -115,8 +115,9 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     With a calibrated model (or `calibrate_on`, which fits a temperature and the grade sets first), the metrics
     include the grade sets' coverage at `alpha`; `ungradable_fraction` (and `ungradable_per_grade`, per true
     grade) is always there; a checkpoint calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the
-    share of images whose contrast processing differs from the training images', and `framing_shift_fraction`,
-    the share that look framed tighter (an external set cropped otherwise shows here).
+    share of images whose contrast processing differs from the training images', and `framing_shift_fraction`
+    and `framing_wide_shift_fraction`, the shares that look framed tighter or wider (an external set cropped
+    otherwise shows here).
     """
     problems: list[ImageReadError] = []
     samples = pick_split(find_samples(data, problems), split)

@@ -159,9 +159,8 @@ class Predictor:
         self.density = calibration.density
         self.processing = calibration.processing
         """The training images' contrast-processing profile (`uncertainty.processing_shift`)."""
-        self.framing = calibration.framing
-        """The crop-share read-outs behind the framing warnings, tighter and wider (`uncertainty.FramingProbe`)."""
-        self.framing_wide = calibration.framing_wide
+        self.framings = calibration.framings
+        """The crop-share read-outs behind the framing warnings, tighter and wider, by kind of shift."""
 
     def _calibration(self) -> Calibration:
         """The stored calibration, checked field by field, when it belongs to this exact set-up: the same
@@ -261,11 +260,10 @@ class Predictor:
             coverage = 1 - alpha
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
-        widths = {"density": self.density.means.shape[1] if self.density else None,
-                  "framing": len(self.framing.weights) if self.framing else None,
-                  "framing_wide": len(self.framing_wide.weights) if self.framing_wide else None}
+        widths = {"density": self.density.means.shape[1]} if self.density is not None else {}
+        widths.update({kind: len(probe.weights) for kind, probe in self.framings.items()})
         for name, width in widths.items():
-            if width is not None and width != outputs.features.shape[1]:
+            if width != outputs.features.shape[1]:
                 raise CheckpointError(f"{self.paths[0]}: calibration: {name}: {width} features, but the model has "
                                       f"{outputs.features.shape[1]}; run `klgrade calibrate` again")
         return sets, coverage, gradability(images_uint8, outputs.features, self.density)
@@ -277,9 +275,8 @@ class Predictor:
         shifts = {}
         if self.processing is not None:
             shifts["processing"] = processing_shift(images_uint8, self.processing)
-        for kind, probe in (("framing", self.framing), ("framing_wide", self.framing_wide)):
-            if probe is not None:
-                shifts[kind] = probe.shifted(outputs.features)
+        for kind, probe in self.framings.items():
+            shifts[kind] = probe.shifted(outputs.features)
         return shifts
 
     def explain(self, images_uint8: np.ndarray, targets: np.ndarray) -> Explanation:
