@@ -6,10 +6,12 @@
 Each perturbation is applied to the decoded image as a radiograph viewer or PACS would, with OpenCV (not the
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
 copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
-downsampling to 112 px and back, a 16-bit PNG re-encode, and Gaussian noise. Per perturbation: accuracy, QWK,
-and agreement of the grade with the clean image's grade; `warned`, the share of images that get the
-processing-shift warning, `framing_warned` and `framing_wide_warned`, the shares that get a framing warning (the
-knee framed tighter, or wider, than in training), and `not_gradable`, the share flagged not gradable; for a calibrated model also
+downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise, and the grey levels inverted (a
+MONOCHROME1 radiograph saved without its inversion). Per perturbation: accuracy, QWK, and agreement of the grade
+with the clean image's grade; `warned`, the share of images that get the processing-shift warning,
+`framing_warned` and `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or
+wider, than in training), `inverted_back`, the share graded inverted back because it looked inverted, and
+`not_gradable`, the share flagged not gradable; for a calibrated model also
 `coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?),
 `coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`, and, since the model's
 calibration may have seen these very knees (the shipped one: kneeKL224 val), `cross_fitted_coverage` and
@@ -18,7 +20,7 @@ scored on the other half's processed images, both ways, over `--cross-fit` rando
 `framings`, another site's framing of the same knee (rotated 7 degrees, cropped 15% and 25% tighter, shrunk 20%
 inside a margin of repeated edge pixels or a black one), kept apart: they are not contrast processing. `--json`
 prints `{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "framing_warned",
-"framing_wide_warned", "not_gradable", ...}}, "framings": {...}}`.
+"framing_wide_warned", "inverted_back", "not_gradable", ...}}, "framings": {...}}`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from klgrade.data.sources import find_samples  # noqa: E402
 from klgrade.constants import NUM_GRADES  # noqa: E402
 from klgrade.evaluate.evaluation import batched_outputs, fit_grade_sets  # noqa: E402
 from klgrade.infer.grading import load_model  # noqa: E402
+from klgrade.infer.predictor import upright_images  # noqa: E402
 from klgrade.metrics import compute_metrics, set_metrics  # noqa: E402
 from klgrade.uncertainty import apply_temperature, grade_sets, grade_thresholds  # noqa: E402
 
@@ -97,6 +100,7 @@ def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], 
         "equalize": lambda image: cv2.equalizeHist(_uint8(image)).astype(np.float32),
         "jpeg_q30": _jpeg, "downsample_112": _resample, "png_16bit": _sixteen_bit,
         "gaussian_noise": lambda image: _noise(image, rng),
+        "inverted": lambda image: image.max() + image.min() - image,
     }
 
 
@@ -138,31 +142,34 @@ def framings() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
             "wide_1.2": _shrink(1.2, cv2.BORDER_REPLICATE), "black_margin_1.2": _shrink(1.2, cv2.BORDER_CONSTANT)}
 
 
+SHIFT_KEYS = {"processing": "warned", "framing": "framing_warned", "framing_wide": "framing_wide_warned",
+              "polarity": "inverted_back"}
+"""The report's key for the share of each kind of shift the predictor reports (`Predictor.shifts`)."""
+
+
 @dataclass
 class Graded:
-    """What the model says about each image of a set: probabilities, grade sets and both flags."""
+    """What the model says about each image of a set: probabilities, grade sets, the not-gradable flag and, per
+    kind of shift, where it was seen."""
     probabilities: np.ndarray
     sets: list[list[int]]
     not_gradable: np.ndarray
-    warned: np.ndarray
-    framing_warned: np.ndarray
-    framing_wide_warned: np.ndarray
+    shifts: dict[str, np.ndarray]
 
 
 def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> Graded:
     prepared = np.stack([predictor.prepare(image, side) for image, side in zip(images, sides)])
     outputs = batched_outputs(predictor, prepared)
-    sets, _, reasons = predictor.assess(prepared, outputs)
-    shifts, never = predictor.shifts(prepared, outputs), np.zeros(len(prepared), dtype=bool)
-    return Graded(outputs.probabilities, sets, np.array([bool(r) for r in reasons]),
-                  shifts.get("processing", never), shifts.get("framing", never), shifts.get("framing_wide", never))
+    graded = upright_images(prepared, outputs)
+    sets, _, reasons = predictor.assess(graded, outputs)
+    return Graded(outputs.probabilities, sets, np.array([bool(r) for r in reasons]), predictor.shifts(graded, outputs))
 
 
 def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: bool) -> dict:
     metrics = compute_metrics(labels, graded.probabilities, n_boot=0)
-    result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"], "warned": float(graded.warned.mean()),
-              "framing_warned": float(graded.framing_warned.mean()),
-              "framing_wide_warned": float(graded.framing_wide_warned.mean()),
+    result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"],
+              **{key: float(graded.shifts[kind].mean()) if kind in graded.shifts else 0.0
+                 for kind, key in SHIFT_KEYS.items()},
               "not_gradable": float(graded.not_gradable.mean())}
     if calibrated:
         sets = set_metrics(labels, graded.sets)
@@ -249,11 +256,11 @@ def main() -> None:
           f"{result['n']} images of {args.data}")
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
-          f"{'framing':>7s} {'wider':>6s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
+          f"{'framing':>7s} {'wider':>6s} {'inv.':>5s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
     for name, entry in {"clean": result["clean"], **result["perturbations"], **result["framings"]}.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
               f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['framing_warned']:7.3f} "
-              f"{entry['framing_wide_warned']:6.3f} "
+              f"{entry['framing_wide_warned']:6.3f} {entry['inverted_back']:5.3f} "
               f"{entry['not_gradable']:9.3f} "
               f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}  "
               f"{' '.join(f'{c:.2f}' for c in entry.get('coverage_per_grade', []) if c is not None)} | "

@@ -351,6 +351,10 @@ DAMAGES = {  # each would crash later with a traceback, or answer with a wrong g
                                        "framing: a probe of wider framings"),
     "wider flag as text": (set_field("calibration", "framing_wide", "wider", "yes"),
                            "framing_wide: wider must be true or false"),
+    "polarity without bias": (lambda info: info["calibration"]["polarity"].pop("bias"),
+                              "polarity: needs weights and bias"),
+    "polarity weights with NaN": (set_field("calibration", "polarity", "weights", lambda w: [float("nan")] + w[1:]),
+                                  "polarity: weights holds values that are not finite"),
     "calibration as a list": (set_field("calibration", [1, 2]), "calibration: must be a mapping"),
     "no architecture": (lambda info: info.pop("model"), "does not name the model's architecture"),
     "size as text": (set_field("preprocess", "size", "big"), "preprocess: size must be a whole number"),
@@ -374,6 +378,14 @@ def test_a_density_of_another_model_is_refused_at_the_first_image(calibrated, tm
         "calibration", "density", lambda d: {"means": [[0.0] * 3] * 5, "precision": wide, "threshold": d["threshold"]}))
     predictor = Predictor([path])
     with pytest.raises(CheckpointError, match="density: 3 features, but the model has"):
+        predictor.grade_prepared(np.stack([predictor.prepare(knee_image())]))
+
+
+def test_a_polarity_probe_of_another_model_is_refused_at_the_first_image(calibrated, tmp_path):
+    path = with_metadata(calibrated, tmp_path / "other.safetensors",
+                         set_field("calibration", "polarity", {"weights": [0.0] * 3, "bias": 0.0}))
+    predictor = Predictor([path])
+    with pytest.raises(CheckpointError, match="polarity: 3 features, but the model has"):
         predictor.grade_prepared(np.stack([predictor.prepare(knee_image())]))
 
 

@@ -154,9 +154,9 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    scored = {"accuracy", "qwk", "warned", "framing_warned", "framing_wide_warned", "not_gradable", "coverage",
-              "coverage_per_grade",
-              "mean_set_size", "cross_fitted_coverage", "cross_fitted_coverage_per_grade"}
+    scored = {"accuracy", "qwk", "warned", "framing_warned", "framing_wide_warned", "inverted_back", "not_gradable",
+              "coverage", "coverage_per_grade", "mean_set_size", "cross_fitted_coverage",
+              "cross_fitted_coverage_per_grade"}
     assert report["n"] == 8 and set(report["clean"]) == scored
     assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {"rotate_7", "crop_0.85", "crop_0.75", "wide_1.2",
                                                                          "black_margin_1.2"}
@@ -165,6 +165,7 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     for entry in [report["clean"], *report["perturbations"].values(), *report["framings"].values()]:
         assert 0 <= entry["coverage"] <= 1 and 1 <= entry["mean_set_size"] <= 5 and 0 <= entry["not_gradable"] <= 1
         assert 0 <= entry["framing_warned"] <= 1 and 0 <= entry["framing_wide_warned"] <= 1
+        assert 0 <= entry["inverted_back"] <= 1
         # A set holds at least its own arg-max grade, so it covers the truth at least as often as the grade is right.
         assert entry["coverage"] >= entry["accuracy"] and len(entry["coverage_per_grade"]) == 5
         assert 0 <= entry["cross_fitted_coverage"] <= 1 and len(entry["cross_fitted_coverage_per_grade"]) == 5

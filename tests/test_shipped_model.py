@@ -13,7 +13,13 @@ from helpers import EXAMPLES, REPO, benchmark_framings, run_cli
 BAR = {"accuracy": 0.65, "qwk": 0.76, "mcc": 0.50}
 """Floor for the shipped model on kneeKL224 val: issue #6's accuracy and MCC; for QWK the from-scratch reference
 level (0.76). The model shipped on 2026-11-26 (CPU-trained) measures 0.651 / 0.772 / 0.513; with the processing
-normaliser shipped on 2026-11-27 in front of it, 0.655 / 0.774 / 0.518."""
+normaliser shipped on 2026-11-27 in front of it, 0.655 / 0.774 / 0.518; with the inverted knees of val graded
+inverted back (the polarity probe, same weights), 0.656 / 0.778 / 0.520."""
+
+STORED_INVERTED = ("0/9625187L", "0/9775753L", "0/9775753R", "2/9558684L", "2/9558684R", "2/9579255R", "2/9596723L",
+                   "2/9596723R", "2/9599715L", "2/9599715R", "2/9625187R", "2/9790812L", "2/9790812R", "3/9579255L")
+"""The kneeKL224 val knees stored inverted (bone dark; both knees of 7 patients), found by their brightness (the
+central third of the columns darker than the outer sixths) and checked by eye (docs/results.md, polarity)."""
 
 
 def test_shipped_model_meets_the_bar_on_val_and_its_card_says_so(kneekl224):
@@ -36,6 +42,7 @@ def test_shipped_model_meets_the_bar_on_val_and_its_card_says_so(kneekl224):
     assert 0 < metrics["ungradable_fraction"] <= 0.02 and metrics["processing_shift_fraction"] <= 0.02
     assert 0.01 <= metrics["framing_shift_fraction"] <= 0.03  # its threshold: 2% of val as stored
     assert 0.005 <= metrics["framing_wide_shift_fraction"] <= 0.02  # its threshold: 1% of val as stored
+    assert round(metrics["polarity_shift_fraction"] * 826) == len(STORED_INVERTED)  # graded inverted back
     flagged_kl4 = round(metrics["ungradable_per_grade"][4] * 27)
     assert f"flags {flagged_kl4} of 27 KL 4 knees of val" in card or flagged_kl4 <= 27 * 3 * metrics["ungradable_fraction"]
 
@@ -108,6 +115,29 @@ def test_the_shipped_model_warns_when_the_knee_is_framed_tighter_or_wider_than_i
     assert tighter["crop_0.85"] >= 0.8 and tighter["crop_0.75"] >= 0.95, warned
     assert max(wider["crop_0.85"], wider["crop_0.75"]) <= 0.04, warned
     assert wider["wide_1.2"] >= 0.8 and tighter["wide_1.2"] <= 0.05, warned
+
+
+def test_an_inverted_radiograph_is_graded_inverted_back_and_says_so(kneekl224):
+    """Val knees saved inverted (bone dark, as a MONOCHROME1 image exported without its inversion; before the
+    polarity read-out 38% of such grades moved and 17% were flagged not gradable, docs/results.md): graded as the
+    upright knee, with the warning; upright knees: no warning; the val knees stored inverted: the warning."""
+    import numpy as np
+
+    from klgrade.data.io import read_image
+    from klgrade.infer.grading import grade_many, load_model
+    from klgrade.uncertainty import POLARITY_CORRECTED
+
+    model = load_model()
+    stored_inverted = [kneekl224 / "val" / f"{name}.jpg" for name in STORED_INVERTED]
+    upright = [p for p in sorted((kneekl224 / "val").rglob("*.jpg"))[::8] if p not in stored_inverted]
+    images = [read_image(p) for p in upright]
+    as_stored = list(grade_many(model, images))
+    inverted = list(grade_many(model, [255 - image for image in images]))
+    assert sum(POLARITY_CORRECTED in r.warnings for r in as_stored) <= 1
+    assert np.mean([POLARITY_CORRECTED in r.warnings for r in inverted]) >= 0.97
+    assert np.mean([a.grade == b.grade for a, b in zip(inverted, as_stored)]) >= 0.97
+    assert np.mean([r.gradable for r in inverted]) >= 0.97
+    assert all(POLARITY_CORRECTED in r.warnings for r in grade_many(model, stored_inverted))
 
 
 def test_a_knee_padded_into_a_larger_canvas_is_graded_as_the_knee_itself(kneekl224):

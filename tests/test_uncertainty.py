@@ -14,8 +14,8 @@ from klgrade.infer.grading import grade, load_model
 from klgrade.metrics import set_metrics
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
-from klgrade.uncertainty import (BLANK, FeatureDensity, FramingProbe, apply_temperature, conformal_scores,
-                                 conformal_threshold, fit_processing_profile, grade_sets,
+from klgrade.uncertainty import (BLANK, FeatureDensity, FramingProbe, PolarityProbe, apply_temperature,
+                                 conformal_scores, conformal_threshold, fit_processing_profile, grade_sets,
                                  grade_thresholds, gradability, processing_shift, processing_statistics,
                                  smallest_alpha, uncertified_grades, uncertified_warning)
 
@@ -178,6 +178,21 @@ def test_framing_probes_read_the_crop_share_and_warn_only_beyond_the_training_fr
     np.testing.assert_allclose(restored.shares(some), probe.shares(some), rtol=1e-6)
 
 
+def test_polarity_probe_tells_inverted_features_and_round_trips():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(0, 1, 16)
+
+    def features(inverted):  # inversion moves the features along one direction of 16, noise along all
+        return np.outer(np.asarray(inverted, dtype=float), direction) + rng.normal(0, 0.2, (len(inverted), 16))
+
+    labels = np.repeat([False, True], 500)
+    probe = PolarityProbe.fit(features(labels), labels)
+    assert not probe.inverted(features(np.zeros(1000))).any() and probe.inverted(features(np.ones(1000))).all()
+    restored = PolarityProbe.from_dict(json.loads(json.dumps(probe.to_dict())))
+    some = features(labels[::10])
+    np.testing.assert_array_equal(restored.inverted(some), probe.inverted(some))
+
+
 def test_processing_profile_warns_on_contrast_processing_not_on_the_training_look(kneekl224):
     """Fitted on real train crops and thresholded on half of val: the other half passes as stored, and does not
     once CLAHE-enhanced again or equalised; JPEG compression (no contrast change) passes."""
@@ -221,6 +236,7 @@ def test_calibrate_writes_everything_into_the_checkpoint(calibrated):
     assert len(calibration["framing"]["weights"]) == width and 0 < calibration["framing"]["threshold"] <= 2
     assert len(calibration["framing_wide"]["weights"]) == width and calibration["framing_wide"]["wider"]
     assert calibration["framing_wide_warned_share"] == 0.01 and not calibration["framing"]["wider"]
+    assert len(calibration["polarity"]["weights"]) == width and 0 <= calibration["n_density_inverted"] <= 60
 
 
 def test_a_calibration_written_before_per_grade_thresholds_keeps_its_one_threshold_and_says_so(calibrated, tmp_path,
@@ -264,7 +280,8 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert {"coverage", "mean_set_size", "coverage_per_grade", "ungradable_fraction", "ungradable_per_grade",
-            "processing_shift_fraction", "framing_shift_fraction", "framing_wide_shift_fraction"} <= set(metrics)
+            "processing_shift_fraction", "framing_shift_fraction", "framing_wide_shift_fraction",
+            "polarity_shift_fraction"} <= set(metrics)
     assert len(metrics["coverage_per_grade"]) == 5 and 1 <= metrics["mean_set_size"] <= 5
     table = run_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated))
     assert table.returncode == 0, table.stderr
@@ -273,6 +290,8 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     assert f"{metrics['framing_shift_fraction']:.3f}" in framing_row
     wider_row = next(line for line in table.stdout.splitlines() if "framed wider than training" in line)
     assert f"{metrics['framing_wide_shift_fraction']:.3f}" in wider_row
+    inverted_row = next(line for line in table.stdout.splitlines() if "graded inverted back" in line)
+    assert f"{metrics['polarity_shift_fraction']:.3f}" in inverted_row
     same = run_cli("evaluate", "--data", str(data), "--calibrate-on", str(data), "--checkpoint", str(calibrated))
     assert same.returncode == 1 and "Traceback" not in same.stderr
     assert "calibrate on data that is not scored" in same.stderr and len(same.stderr.strip().splitlines()) == 1

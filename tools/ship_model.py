@@ -169,7 +169,10 @@ preprocessed image; Mahalanobis distance to the train images') thresholded likew
 that the image's contrast processing differs from the training images'; two framing probes (ridge read-outs of the
 crop share from the penultimate features of train images re-framed at random, tighter or wider) with thresholds at
 crop share {calibration['framing']['threshold']:.3f} and {calibration['framing_wide']['threshold']:.3f}, set so that {calibration['framing_warned_share']:.0%} and {calibration['framing_wide_warned_share']:.0%} of val as stored are warned that
-the knee is framed tighter or wider than in training. On val itself (in-sample for the sets): coverage
+the knee is framed tighter or wider than in training; and a polarity probe (a linear read-out of the penultimate
+features, fitted on train images as stored and inverted) by which an image that looks inverted (bone dark) is graded
+inverted back, with a warning ({calibration['n_density_inverted']} train images looked inverted: left out of the
+density and framing fits). On val itself (in-sample for the sets): coverage
 {shipped['coverage']:.3f} (KL 0-4: {' / '.join(f'{c:.2f}' for c in shipped['coverage_per_grade'])}), mean set size
 {shipped['mean_set_size']:.2f}, not gradable {shipped['ungradable_fraction']:.3f}.
 Cross-fitted figures (calibrate on half the patients, score the other half): docs/results.md.
@@ -179,7 +182,8 @@ Cross-fitted figures (calibrate on half the patients, score the other half): doc
 def robustness_section(new: dict | None, before: dict | None) -> str:
     if new is None:
         return ""
-    columns = ["accuracy", "qwk", "agreement", "not_gradable", "warned", "framing_warned", "framing_wide_warned"] + [
+    columns = ["accuracy", "qwk", "agreement", "not_gradable", "warned", "framing_warned", "framing_wide_warned",
+               "inverted_back"] + [
         c for c in ("coverage", "cross_fitted_coverage") if c in new["clean"]]
     before_has = next(iter(before["perturbations"].values())) if before else {}
     before_columns = [c for c in ("accuracy", "qwk", "agreement", "coverage") if c in columns and c in before_has]
@@ -187,14 +191,15 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
              "| perturbation | " + " | ".join(columns) + " |" + "".join(f" before: {c} |" for c in before_columns),
              "|---|" + "---|" * (len(columns) + len(before_columns))]
     rows = [("clean", {**new["clean"], "agreement": 1.0}, {**before["clean"], "agreement": 1.0} if before else None)]
-    rows += [(name, entry, before["perturbations"][name] if before else None) for name, entry in new["perturbations"].items()]
+    rows += [(name, entry, before["perturbations"].get(name) if before else None)
+             for name, entry in new["perturbations"].items()]
     rows += [(f"{name} (framing)", entry, before.get("framings", {}).get(name) if before else None)
              for name, entry in new.get("framings", {}).items()]
     for name, entry, old in rows:
         cells = [f"{entry[c]:.3f}" for c in columns] + [f"{old[c]:.3f}" if old else "" for c in before_columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Agreement: the share of knees whose grade is the clean image's; not_gradable: the share flagged `gradable: false`; warned: the share of answers carrying the "
-              "processing warning; framing_warned / framing_wide_warned: the share carrying the warning that the knee is framed tighter / wider than in training; coverage: the share whose 90% grade set holds the true grade (in-sample: the "
+              "processing warning; framing_warned / framing_wide_warned: the share carrying the warning that the knee is framed tighter / wider than in training; inverted_back: the share graded with its grey levels inverted back because it looked inverted; coverage: the share whose 90% grade set holds the true grade (in-sample: the "
               "calibration is fitted on val); cross_fitted_coverage: the same for sets calibrated afresh on the clean "
               "knees of half the patients and scored on the other half, over 20 random halvings."]
     return "\n".join(lines) + "\n"

@@ -64,7 +64,8 @@ def print_metrics(metrics: dict) -> None:
     table.add_row("not gradable", f"{metrics['ungradable_fraction']:.3f}", "")
     for key, label in (("processing_shift_fraction", "warned: contrast processing differs"),
                        ("framing_shift_fraction", "warned: framed tighter than training"),
-                       ("framing_wide_shift_fraction", "warned: framed wider than training")):
+                       ("framing_wide_shift_fraction", "warned: framed wider than training"),
+                       ("polarity_shift_fraction", "graded inverted back (looked inverted)")):
         if key in metrics:
             table.add_row(label, f"{metrics[key]:.3f}", "")
     console = Console(width=120)

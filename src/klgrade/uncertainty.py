@@ -31,6 +31,11 @@ at random shares, estimates how much of the training images' field of view an im
 set on the calibration images, a warning. Two read-outs, one fitted on tighter framings and one on wider ones
 (the images shrunk inside a margin: kneeKL224's crops hold nothing beyond their frame), since one line over
 both ranges read tighter crops less well.
+
+Polarity: a radiograph saved with its grey levels inverted (bone dark, soft tissue bright, as a MONOCHROME1 image
+exported without its inversion; kneeKL224 itself holds 87 such knees, docs/results.md) moves grades and is mostly
+still called gradable. A linear read-out of the penultimate features, fitted on training images and their
+inversions, tells such an image; the predictor grades it inverted back (`Predictor.raw_outputs`) and says so.
 """
 
 from __future__ import annotations
@@ -58,7 +63,10 @@ PROCESSING_STATISTICS = ("grey-level spread", "local-to-global contrast", "fine 
 """What `processing_statistics` measures per image, in its column order."""
 PROCESSING_SHIFT = ("the image's contrast processing differs from the training images' (e.g. enhanced or "
                     "equalised again): the grade may change with such processing")
-SHIFT_WARNINGS = {"processing": PROCESSING_SHIFT, "framing": FRAMING_SHIFT, "framing_wide": FRAMING_WIDE_SHIFT}
+POLARITY_CORRECTED = ("the image looked inverted (bone dark, soft tissue bright, as a MONOCHROME1 radiograph saved "
+                      "without its inversion): it was graded with its grey levels inverted back")
+SHIFT_WARNINGS = {"processing": PROCESSING_SHIFT, "framing": FRAMING_SHIFT, "framing_wide": FRAMING_WIDE_SHIFT,
+                  "polarity": POLARITY_CORRECTED}
 """The warning each kind of shift adds to an answer (`Predictor.shifts`)."""
 
 
@@ -178,6 +186,47 @@ class FeatureDensity:
                 "threshold": self.threshold}
 
 
+def ridge_readout(features: np.ndarray, target: np.ndarray, shrinkage: float) -> tuple[np.ndarray, float]:
+    """Weights (D,) and bias of the ridge regression of `target` on `features`; the ridge is `shrinkage` times the
+    mean feature variance, so one setting suits any network's feature scale."""
+    features, target = np.asarray(features, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    mean = features.mean(axis=0)
+    centred = features - mean
+    gram = centred.T @ centred
+    gram += shrinkage * np.trace(gram) / len(gram) * np.eye(len(gram))
+    weights = np.linalg.solve(gram, centred.T @ (target - target.mean()))
+    return weights, float(target.mean() - mean @ weights)
+
+
+@dataclass
+class PolarityProbe:
+    """Tells an inverted image (bone dark) from its penultimate features: a linear read-out of 0 (upright) or 1
+    (inverted), fitted on as many images of each; above 1/2, inverted."""
+
+    weights: np.ndarray
+    """(D,) weights of the read-out."""
+    bias: float
+
+    @classmethod
+    def fit(cls, features: np.ndarray, inverted: np.ndarray, shrinkage: float = 1e-3) -> "PolarityProbe":
+        """Ridge regression of `inverted` (bool, (N,)) on features (the ridge as in `ridge_readout`)."""
+        return cls(*ridge_readout(features, np.asarray(inverted, dtype=np.float64), shrinkage))
+
+    def inverted(self, features: np.ndarray) -> np.ndarray:
+        """(N,) True where an image looks inverted."""
+        return np.asarray(features, dtype=np.float64) @ self.weights + self.bias > 0.5
+
+    def to_dict(self) -> dict:
+        return {"weights": np.round(self.weights, 9).tolist(), "bias": self.bias}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PolarityProbe":
+        """From checkpoint metadata; raises ValueError naming the field that is missing or unusable."""
+        _require(values, ("weights", "bias"))
+        return cls(_finite_array(values["weights"], "weights", ndim=1),
+                   float(_finite_array(values["bias"], "bias", ndim=0)))
+
+
 @dataclass
 class FramingProbe:
     """Estimates the crop share of an image from its penultimate features: 1 = the training images' framing, 0.75 =
@@ -197,13 +246,8 @@ class FramingProbe:
         """Ridge regression of log(share) on features; the ridge is `shrinkage` times the mean feature variance
         (the default chosen by two-fold cross-validation on re-framed train images, docs/results.md). The threshold
         is set later (`with_threshold`)."""
-        features, target = np.asarray(features, dtype=np.float64), np.log(np.asarray(shares, dtype=np.float64))
-        mean = features.mean(axis=0)
-        centred = features - mean
-        gram = centred.T @ centred
-        gram += shrinkage * np.trace(gram) / len(gram) * np.eye(len(gram))
-        weights = np.linalg.solve(gram, centred.T @ (target - target.mean()))
-        return cls(weights, float(target.mean() - mean @ weights), 0.0, wider)
+        weights, bias = ridge_readout(features, np.log(np.asarray(shares, dtype=np.float64)), shrinkage)
+        return cls(weights, bias, 0.0, wider)
 
     def shares(self, features: np.ndarray) -> np.ndarray:
         """(N,) estimated crop share of each image."""
@@ -262,7 +306,8 @@ def _finite_array(values, name: str, ndim: int) -> np.ndarray:
 @dataclass
 class Calibration:
     """What `klgrade calibrate` stores in a checkpoint, as arrays: the temperature, the conformal scores with
-    their grades, the gradability and processing densities and the framing probes (None where absent)."""
+    their grades, the gradability and processing densities, the framing probes and the polarity probe (None where
+    absent)."""
 
     temperature: float = 1.0
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -272,6 +317,7 @@ class Calibration:
     processing: FeatureDensity | None = None
     framing: FramingProbe | None = None
     framing_wide: FramingProbe | None = None
+    polarity: PolarityProbe | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> "Calibration":
@@ -295,7 +341,7 @@ class Calibration:
             grades = stored.astype(np.int64)
         parts = {}
         for name, kind in (("density", FeatureDensity), ("processing", FeatureDensity), ("framing", FramingProbe),
-                           ("framing_wide", FramingProbe)):
+                           ("framing_wide", FramingProbe), ("polarity", PolarityProbe)):
             try:
                 parts[name] = kind.from_dict(values[name]) if name in values else None
             except ValueError as exc:

@@ -2,6 +2,11 @@
 into a copy of the checkpoint, where `predict`, `evaluate`, `serve` and the ONNX export find it.
 
 Fitted on one combined output, the one the predictor then scales (ensemble mean and flip TTA included):
+0. a polarity probe: a linear read-out of the penultimate features of `POLARITY_IMAGES` `density` images (the
+   training data) as stored (upright) and inverted, refitted once with the stored images the first fit reads as
+   inverted counted as such (kneeKL224 holds such images); from then on the predictor grades an image that looks
+   inverted inverted back, so every step below sees the calibration images so, and the training images that look
+   inverted are left out of the density and framing fits;
 1. temperature (Guo et al., ICML 2017) of the combined log-probabilities, by NLL;
 2. conformal scores of the temperature-scaled probabilities and the grade of each (`klgrade.uncertainty`), so
    that grade sets hold the true grade with probability >= 1 - alpha for the knees of every grade, for any
@@ -12,8 +17,8 @@ Fitted on one combined output, the one the predictor then scales (ensemble mean 
 4. a processing profile: the same for three contrast statistics of the `density` images, thresholded on the
    calibration images likewise; an image beyond it gets a warning that its processing differs;
 5. two framing probes: ridge read-outs of the crop share from the penultimate features of `density` images
-   re-framed at random (`FRAMING_IMAGES` of them, a quarter as they are, tilted up to +/-8 degrees, then
-   preprocessed): one on tighter crops of the full-resolution image (a share drawn from `FRAMING_SHARES`),
+   re-framed at random (`FRAMING_IMAGES` of them, each read once, a quarter as they are, tilted up to +/-8 degrees,
+   then preprocessed): one on tighter crops of the full-resolution image (a share drawn from `FRAMING_SHARES`),
    thresholded so that `FRAMING_WARNED_SHARE` of the calibration images as they are get the warning that the knee
    is framed tighter; one on wider framings (`FRAMING_WIDE_SHARES`: the image shrunk inside a margin of repeated
    edge pixels or of its reflection, in turn), thresholded at `FRAMING_WIDE_WARNED_SHARE` likewise.
@@ -37,7 +42,8 @@ from klgrade.evaluate.evaluation import batched_outputs, fit_grade_sets, predict
 from klgrade.infer.predictor import Predictor
 from klgrade.models import load_checkpoint, save_checkpoint
 from klgrade.models.weights import stored_dtype
-from klgrade.uncertainty import FeatureDensity, FramingProbe, fit_processing_profile, processing_statistics
+from klgrade.uncertainty import (FeatureDensity, FramingProbe, PolarityProbe, fit_processing_profile,
+                                 processing_statistics)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ FRAMING_WIDE_PADDINGS = ("border", "reflection")
 size more than the margin (docs/results.md, framing). Not a uniform one: preprocessing trims it off."""
 FRAMING_WIDE_WARNED_SHARE = 0.01
 """Share of calibration images as they are that get the wider-framing warning (docs/results.md, framing)."""
+POLARITY_IMAGES = 2400
 
 
 def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,44 +75,70 @@ def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple
 
 
 def fit_calibration(predictor: Predictor, calibration: list[Sample], density: list[Sample]) -> dict:
-    """The calibration of `predictor` (JSON-ready): temperature, conformal scores (ascending) with their grades,
-    feature density, processing profile, framing probe."""
+    """The calibration of `predictor` (JSON-ready): polarity probe, temperature, conformal scores (ascending) with
+    their grades, feature density, processing profile, framing probes. Leaves the polarity probe on `predictor`."""
+    _, density_features, density_images = raw_outputs(predictor, density, "density")
+    predictor.polarity = fit_polarity(predictor, density_images, density_features)
+    upright = ~predictor.polarity.inverted(density_features)
+    density = [sample for sample, kept in zip(density, upright) if kept]
+    density_features, density_images = density_features[upright], density_images[upright]
     labels = np.array([s.grade for s in calibration])
     probabilities, features, images = raw_outputs(predictor, calibration, "calibration")
     temperature, scores = fit_grade_sets(probabilities, labels)
     order = np.argsort(scores, kind="stable")
-    _, density_features, density_images = raw_outputs(predictor, density, "density")
     fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))
     fitted = fitted.with_threshold(features, FLAGGED_SHARE)
     processing = fit_processing_profile(density_images).with_threshold(processing_statistics(images), FLAGGED_SHARE)
-    framing = fit_framing(predictor, density).with_threshold(features, FRAMING_WARNED_SHARE)
-    framing_wide = fit_framing(predictor, density, wider=True).with_threshold(features, FRAMING_WIDE_WARNED_SHARE)
+    framing, framing_wide = fit_framings(predictor, density)
+    framing = framing.with_threshold(features, FRAMING_WARNED_SHARE)
+    framing_wide = framing_wide.with_threshold(features, FRAMING_WIDE_WARNED_SHARE)
     return {"temperature": temperature, "tta": predictor.tta, "conformal_scores": np.round(scores[order], 6).tolist(),
             "conformal_grades": labels[order].tolist(), "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE,
             "processing": processing.to_dict(), "framing": framing.to_dict(),
             "framing_warned_share": FRAMING_WARNED_SHARE, "framing_wide": framing_wide.to_dict(),
-            "framing_wide_warned_share": FRAMING_WIDE_WARNED_SHARE,
-            "n_calibration": len(calibration), "n_density": len(density), "date": date.today().isoformat()}
+            "framing_wide_warned_share": FRAMING_WIDE_WARNED_SHARE, "polarity": predictor.polarity.to_dict(),
+            "n_density_inverted": int((~upright).sum()), "n_calibration": len(calibration),
+            "n_density": len(density), "date": date.today().isoformat()}
 
 
-def fit_framing(predictor: Predictor, samples: list[Sample], seed: int = 0, wider: bool = False) -> FramingProbe:
-    """A framing probe, fitted on up to `FRAMING_IMAGES` of `samples` re-framed at random, tighter or `wider`;
-    re-framed at full resolution, so that a tighter crop is not also a blurrier one (the probe must read the
-    anatomy's scale, not the resampling)."""
+def fit_polarity(predictor: Predictor, images: np.ndarray, features: np.ndarray, seed: int = 0) -> PolarityProbe:
+    """A polarity probe from up to `POLARITY_IMAGES` preprocessed training images (and their features, from a
+    predictor without one) as stored and inverted. Some stored images may be inverted already: the first fit finds
+    them (read as inverted, their inversion as upright), and the second counts them as such."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(images), size=min(POLARITY_IMAGES, len(images)), replace=False)
+    stored = features[chosen]
+    inverted = batched_outputs(predictor, 255 - images[chosen], raw=True).features
+    both = np.concatenate([stored, inverted])
+    first = PolarityProbe.fit(both, np.repeat([False, True], len(chosen)))
+    found = first.inverted(stored) & ~first.inverted(inverted)
+    return PolarityProbe.fit(both, np.concatenate([found, ~found]))
+
+
+def fit_framings(predictor: Predictor, samples: list[Sample], seed: int = 0) -> tuple[FramingProbe, FramingProbe]:
+    """The framing probes, tighter and wider, fitted on up to `FRAMING_IMAGES` of `samples` re-framed at random
+    (each image read once, re-framed both ways); re-framed at full resolution, so that a tighter crop is not also a
+    blurrier one (a probe must read the anatomy's scale, not the resampling)."""
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(samples), size=min(FRAMING_IMAGES, len(samples)), replace=False)
-    shares = rng.uniform(*(FRAMING_WIDE_SHARES if wider else FRAMING_SHARES), size=len(chosen))
-    shares[: len(chosen) // 4] = 1.0
-    tilts = np.radians(rng.uniform(-FRAMING_TILT_DEGREES, FRAMING_TILT_DEGREES, size=len(chosen)))
-    paddings = FRAMING_WIDE_PADDINGS if wider else ("reflection",)
-    prepared = []
-    for number, (index, share, tilt) in enumerate(zip(chosen, shares, tilts)):
+    kinds = {"tighter": (FRAMING_SHARES, ("reflection",)), "wider": (FRAMING_WIDE_SHARES, FRAMING_WIDE_PADDINGS)}
+    shares = {kind: rng.uniform(*bounds, size=len(chosen)) for kind, (bounds, _) in kinds.items()}
+    for drawn in shares.values():
+        drawn[: len(chosen) // 4] = 1.0
+    tilts = {kind: np.radians(rng.uniform(-FRAMING_TILT_DEGREES, FRAMING_TILT_DEGREES, size=len(chosen)))
+             for kind in kinds}
+    prepared = {kind: [] for kind in kinds}
+    for number, index in enumerate(chosen):
         image = torch.from_numpy(read_image(samples[index].path))[None, None]
-        framed = reframe(image, torch.tensor([share], dtype=torch.float32), torch.tensor([tilt], dtype=torch.float32),
-                         padding=paddings[number % len(paddings)])
-        prepared.append(predictor.prepare(framed[0, 0].numpy(), samples[index].side))
-    features = batched_outputs(predictor, np.stack(prepared), raw=True).features
-    return FramingProbe.fit(features, shares, wider=wider)
+        for kind, (_, paddings) in kinds.items():
+            framed = reframe(image, torch.tensor([shares[kind][number]], dtype=torch.float32),
+                             torch.tensor([tilts[kind][number]], dtype=torch.float32),
+                             padding=paddings[number % len(paddings)])
+            prepared[kind].append(predictor.prepare(framed[0, 0].numpy(), samples[index].side))
+    features = {kind: batched_outputs(predictor, np.stack(images), raw=True).features
+                for kind, images in prepared.items()}
+    return (FramingProbe.fit(features["tighter"], shares["tighter"]),
+            FramingProbe.fit(features["wider"], shares["wider"], wider=True))
 
 
 def calibrate_checkpoint(checkpoints: str | Path | list[str | Path], calibration: list[Sample],

@@ -72,8 +72,9 @@ def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False)
     run = predictor.raw_outputs if raw else predictor.outputs
     parts = [run(images[i:i + BATCH]) for i in range(0, len(images), BATCH)]
     if not parts:
-        return Outputs(np.zeros((0, NUM_GRADES)), np.zeros((0, 0)))
-    return Outputs(np.concatenate([p.probabilities for p in parts]), np.concatenate([p.features for p in parts]))
+        return Outputs(np.zeros((0, NUM_GRADES)), np.zeros((0, 0)), np.zeros(0, dtype=bool))
+    return Outputs(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("probabilities", "features",
+                                                                                     "inverted")))
 
 
 def check_disjoint(first: list[Sample], second: list[Sample], what: str) -> None:
@@ -117,7 +118,7 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     grade) is always there; a checkpoint calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the
     share of images whose contrast processing differs from the training images', and `framing_shift_fraction`
     and `framing_wide_shift_fraction`, the shares that look framed tighter or wider (an external set cropped
-    otherwise shows here).
+    otherwise shows here), and `polarity_shift_fraction`, the share graded inverted back.
     """
     problems: list[ImageReadError] = []
     samples = pick_split(find_samples(data, problems), split)

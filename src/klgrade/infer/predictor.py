@@ -6,7 +6,8 @@ graded result), by `klgrade predict`, the HTTP service and the Python API.
 A predictor holds one or more checkpoints (an ensemble averages probabilities), the preprocessing stored in
 them, optional horizontal-flip test-time augmentation, a backend (torch, or ONNX Runtime) and, for a single
 checkpoint calibrated by `klgrade calibrate`, its calibration: a temperature applied to the combined output,
-conformal grade sets, the gradability check, and the processing and framing warnings (`klgrade.uncertainty`).
+conformal grade sets, the gradability check, the processing and framing warnings, and the polarity read-out
+that grades an inverted image inverted back (`klgrade.uncertainty`).
 """
 
 from __future__ import annotations
@@ -61,10 +62,17 @@ def inference_device(name: str) -> torch.device:
 
 @dataclass
 class Outputs:
-    """What the network says about a batch: combined class probabilities (B, 5), penultimate features (B, D)."""
+    """What the network says about a batch: combined class probabilities (B, 5), penultimate features (B, D), and
+    which images it was given inverted back (B,) because they looked inverted."""
 
     probabilities: np.ndarray
     features: np.ndarray
+    inverted: np.ndarray
+
+
+def upright_images(images_uint8: np.ndarray, outputs: Outputs) -> np.ndarray:
+    """The images as the network graded them: those `outputs` marks as inverted, inverted back."""
+    return np.where(outputs.inverted[:, None, None], 255 - images_uint8, images_uint8)
 
 
 @dataclass
@@ -82,7 +90,8 @@ class Grading:
         heatmap: (H, W) Grad-CAM map in [0, 1] of the network input when explained, else None.
         warnings: what a reader must know about this answer (e.g. "explanation empty"); empty when all is well.
         name: the input's name (path or upload file name), when it had one.
-        image: the preprocessed uint8 image the network saw (for overlays).
+        image: the preprocessed uint8 image the network graded (for overlays; inverted back where it looked
+            inverted).
     """
 
     grade: int
@@ -161,6 +170,8 @@ class Predictor:
         """The training images' contrast-processing profile (`uncertainty.processing_shift`)."""
         self.framings = calibration.framings
         """The crop-share read-outs behind the framing warnings, tighter and wider, by kind of shift."""
+        self.polarity = calibration.polarity
+        """The read-out that tells an inverted image (bone dark); such an image is graded inverted back."""
 
     def _calibration(self) -> Calibration:
         """The stored calibration, checked field by field, when it belongs to this exact set-up: the same
@@ -206,13 +217,41 @@ class Predictor:
         """Grad-CAM needs gradients: torch models, or the safetensors checkpoints behind ONNX ones."""
         return self.backend == "torch" or all(p.suffix == ".safetensors" for p in self.paths)
 
-    @torch.inference_mode()
     def raw_outputs(self, images_uint8: np.ndarray) -> Outputs:
         """(B, H, W) uint8 images -> uncalibrated combined probabilities (ensemble mean, TTA mean) and features.
 
-        With TTA the image and its mirror go through the network as one batch of 2B. Features are the first
-        member's, averaged over the views (the gradability check fits one model's feature space).
+        An image the polarity read-out takes for inverted, and whose inversion it takes for upright, is graded
+        inverted back (`Outputs.inverted`): the second pass runs on those images only.
         """
+        outputs = self._network_outputs(images_uint8)
+        self._check_feature_width(outputs.features.shape[1])
+        if self.polarity is None:
+            return outputs
+        suspects = np.flatnonzero(self.polarity.inverted(outputs.features))
+        if len(suspects):
+            again = self._network_outputs(255 - images_uint8[suspects])
+            confirmed = ~self.polarity.inverted(again.features)
+            rows = suspects[confirmed]
+            outputs.probabilities[rows] = again.probabilities[confirmed]
+            outputs.features[rows] = again.features[confirmed]
+            outputs.inverted[rows] = True
+        return outputs
+
+    def _check_feature_width(self, width: int) -> None:
+        """CheckpointError unless every stored read-out of the features fits this model's `width` of them."""
+        widths = {"density": self.density.means.shape[1]} if self.density is not None else {}
+        widths.update({kind: len(probe.weights) for kind, probe in self.framings.items()})
+        if self.polarity is not None:
+            widths["polarity"] = len(self.polarity.weights)
+        for name, stored in widths.items():
+            if stored != width:
+                raise CheckpointError(f"{self.paths[0]}: calibration: {name}: {stored} features, but the model has "
+                                      f"{width}; run `klgrade calibrate` again")
+
+    @torch.inference_mode()
+    def _network_outputs(self, images_uint8: np.ndarray) -> Outputs:
+        """One pass of the network(s). With TTA the image and its mirror go through as one batch of 2B. Features
+        are the first member's, averaged over the views (the gradability check fits one model's feature space)."""
         x = normalize(torch.from_numpy(np.ascontiguousarray(images_uint8))).unsqueeze(1)
         views = torch.cat([x, torch.flip(x, dims=[3])]) if self.tta else x
         total, features = np.zeros((len(views), NUM_GRADES)), None
@@ -221,7 +260,8 @@ class Predictor:
             total += torch.softmax(logits, dim=1).numpy().astype(np.float64)
             features = member_features if features is None else features
         probabilities = total.reshape(-1, len(x), NUM_GRADES).mean(axis=0) / len(self.models)
-        return Outputs(probabilities, features.reshape(-1, len(x), features.shape[-1]).mean(axis=0))
+        return Outputs(probabilities, features.reshape(-1, len(x), features.shape[-1]).mean(axis=0),
+                       np.zeros(len(x), dtype=bool))
 
     def outputs(self, images_uint8: np.ndarray) -> Outputs:
         """Like `raw_outputs`, with the temperature applied to the combined log-probabilities."""
@@ -260,19 +300,14 @@ class Predictor:
             coverage = 1 - alpha
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
-        widths = {"density": self.density.means.shape[1]} if self.density is not None else {}
-        widths.update({kind: len(probe.weights) for kind, probe in self.framings.items()})
-        for name, width in widths.items():
-            if width != outputs.features.shape[1]:
-                raise CheckpointError(f"{self.paths[0]}: calibration: {name}: {width} features, but the model has "
-                                      f"{outputs.features.shape[1]}; run `klgrade calibrate` again")
         return sets, coverage, gradability(images_uint8, outputs.features, self.density)
 
     def shifts(self, images_uint8: np.ndarray, outputs: Outputs) -> dict[str, np.ndarray]:
         """Per kind of shift the calibration can see (`uncertainty.SHIFT_WARNINGS`; none uncalibrated), (N,) True
         where an image still gradable was processed ("processing") or framed tighter ("framing") or wider
-        ("framing_wide") than the training images: its grade may move with that."""
-        shifts = {}
+        ("framing_wide") than the training images: its grade may move with that; or where it looked inverted and
+        was graded inverted back ("polarity")."""
+        shifts = {"polarity": outputs.inverted} if self.polarity is not None else {}
         if self.processing is not None:
             shifts["processing"] = processing_shift(images_uint8, self.processing)
         for kind, probe in self.framings.items():
@@ -303,20 +338,21 @@ class Predictor:
         names = names or [None] * len(prepared)
         alpha = self.alpha if alpha is None else alpha
         outputs = self.outputs(prepared)
+        graded = upright_images(prepared, outputs)
         probabilities = outputs.probabilities
         grades = probabilities.argmax(axis=1)
-        sets, coverage, warnings = self.assess(prepared, outputs, alpha)
+        sets, coverage, warnings = self.assess(graded, outputs, alpha)
         gradable = [not reasons for reasons in warnings]
         uncertified = self.uncertified_grades(alpha)
         for notes in warnings if uncertified else []:
             notes.append(uncertified_warning(uncertified, alpha))
-        for kind, shifted in self.shifts(prepared, outputs).items():
+        for kind, shifted in self.shifts(graded, outputs).items():
             for notes, shown in zip(warnings, shifted):
                 if shown:
                     notes.append(SHIFT_WARNINGS[kind])
         maps = [None] * len(prepared)
         if explain and self.can_explain:
-            explanation = self.explain(prepared, grades)
+            explanation = self.explain(graded, grades)
             maps = list(explanation.maps)
             for notes, empty in zip(warnings, explanation.empty):
                 if empty:
@@ -326,7 +362,7 @@ class Predictor:
                 notes.append(EXPLANATION_UNAVAILABLE)
         return [Grading(int(g), [float(v) for v in p], float(p[g]), grade_set=s, coverage=coverage, gradable=ok,
                         heatmap=m, warnings=w, name=n, image=u8)
-                for g, p, s, ok, m, w, n, u8 in zip(grades, probabilities, sets, gradable, maps, warnings, names, prepared)]
+                for g, p, s, ok, m, w, n, u8 in zip(grades, probabilities, sets, gradable, maps, warnings, names, graded)]
 
     def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
                      explain: bool = False, names: list[str | None] | None = None) -> list[Grading]:
