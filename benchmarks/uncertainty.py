@@ -12,7 +12,9 @@ per true grade (and, for comparison, the same with one conformal threshold for a
 held-out half flagged not gradable, share warned that its contrast processing differs (processing profile on the
 `train` images, threshold on the fitting half), and, for a checkpoint calibrated by `klgrade calibrate`, shares
 warned that the knee is framed tighter or wider (its stored framing read-outs, fitted on train; their thresholds
-re-fitted on the fitting half at the stored warned shares); and the share of images that are not knee radiographs (blank,
+re-fitted on the fitting half at the stored warned shares); knees its stored polarity probe reads as inverted are
+graded inverted back, as shipped (and such train knees left out of the density); and the share of images that are
+not knee radiographs (blank,
 noise, gradients, text, photographs and scans shipped in installed packages: tests/helpers.py) flagged not
 gradable.
 """
@@ -86,6 +88,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     predictor = Predictor([args.checkpoint or shipped_checkpoint()], calibrated=False)
+    stored = read_info(predictor.paths[0]).get("calibration")
+    calibration = Calibration.from_dict(stored) if stored else Calibration()
+    predictor.polarity = calibration.polarity
     samples = find_samples(args.data)
     val, train = select_split(samples, "val"), select_split(samples, "train")
     if args.density_limit:
@@ -93,12 +98,12 @@ def main() -> None:
         train = [train[i] for i in sorted(keep)]
     val_predictions, _ = predict_samples(predictor, val, raw=True)
     train_predictions, _ = predict_samples(predictor, train, raw=True)
-    density = FeatureDensity.fit(train_predictions.outputs.features, np.array(train_predictions.labels))
+    upright = ~train_predictions.outputs.inverted
+    density = FeatureDensity.fit(train_predictions.outputs.features[upright],
+                                 np.array(train_predictions.labels)[upright])
     patients = [s.patient_id for s in val_predictions.samples]
     outputs, labels = val_predictions.outputs, np.array(val_predictions.labels)
-    processing = fit_processing_profile(train_predictions.images)
-    stored = read_info(predictor.paths[0]).get("calibration")
-    calibration = Calibration.from_dict(stored) if stored else Calibration()
+    processing = fit_processing_profile(train_predictions.images[upright])
     framings = {name: (probe, stored[f"{name}_warned_share"]) for name, probe in calibration.framings.items()}
     folds = []
     for split in range(args.splits):
@@ -120,13 +125,13 @@ def main() -> None:
               | per_grade_summary([f["one_threshold"] for f in folds]),
               "not_knee": {"n": len(odd), "flagged_fraction": float(np.mean(odd_flagged)),
                            "missed": [name for name, flagged in zip(odd, odd_flagged) if not flagged]},
-              "n_density": len(train)}
+              "n_density": int(upright.sum())}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"machine: {machine()}")
     print(f"model {predictor.name} (TTA {'on' if predictor.tta else 'off'}), alpha {args.alpha}, density from "
-          f"{len(train)} train images; {args.splits} halvings of val by patient (seeds {args.seed}+), each both ways")
+          f"{result['n_density']} train images; {args.splits} halvings of val by patient (seeds {args.seed}+), each both ways")
     print(f"{'thresholds':>14s} {'coverage':>9s} {'set size':>9s}  per grade: mean coverage | 5th percentile")
     for name, summary in (("one per grade", result["mean"]), ("one for all", result["one_threshold"])):
         print(f"{name:>14s} {summary['coverage']:9.3f} {summary['mean_set_size']:9.2f}  "

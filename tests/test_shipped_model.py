@@ -138,6 +138,9 @@ def test_an_inverted_radiograph_is_graded_inverted_back_and_says_so(kneekl224):
     assert np.mean([a.grade == b.grade for a, b in zip(inverted, as_stored)]) >= 0.97
     assert np.mean([r.gradable for r in inverted]) >= 0.97
     assert all(POLARITY_CORRECTED in r.warnings for r in grade_many(model, stored_inverted))
+    explained = next(grade_many(model, [255 - images[0]], explain=True))  # the map and overlay of the knee as graded
+    assert np.abs(explained.image.astype(int) - as_stored[0].image.astype(int)).max() <= 1
+    assert explained.heatmap.shape == explained.image.shape and explained.heatmap.max() > 0
 
 
 def test_a_knee_padded_into_a_larger_canvas_is_graded_as_the_knee_itself(kneekl224):

@@ -33,7 +33,7 @@ set on the calibration images, a warning. Two read-outs, one fitted on tighter f
 both ranges read tighter crops less well.
 
 Polarity: a radiograph saved with its grey levels inverted (bone dark, soft tissue bright, as a MONOCHROME1 image
-exported without its inversion; kneeKL224 itself holds 87 such knees, docs/results.md) moves grades and is mostly
+exported without its inversion; kneeKL224 itself holds 84 such knees, docs/results.md) moves grades and is mostly
 still called gradable. A linear read-out of the penultimate features, fitted on training images and their
 inversions, tells such an image; the predictor grades it inverted back (`Predictor.raw_outputs`) and says so.
 """

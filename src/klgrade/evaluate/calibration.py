@@ -5,8 +5,8 @@ Fitted on one combined output, the one the predictor then scales (ensemble mean 
 0. a polarity probe: a linear read-out of the penultimate features of `POLARITY_IMAGES` `density` images (the
    training data) as stored (upright) and inverted, refitted once with the stored images the first fit reads as
    inverted counted as such (kneeKL224 holds such images); from then on the predictor grades an image that looks
-   inverted inverted back, so every step below sees the calibration images so, and the training images that look
-   inverted are left out of the density and framing fits;
+   inverted inverted back, so every step below sees the calibration images so, and the training images it would
+   grade inverted back are left out of the density and framing fits;
 1. temperature (Guo et al., ICML 2017) of the combined log-probabilities, by NLL;
 2. conformal scores of the temperature-scaled probabilities and the grade of each (`klgrade.uncertainty`), so
    that grade sets hold the true grade with probability >= 1 - alpha for the knees of every grade, for any
@@ -79,7 +79,7 @@ def fit_calibration(predictor: Predictor, calibration: list[Sample], density: li
     their grades, feature density, processing profile, framing probes. Leaves the polarity probe on `predictor`."""
     _, density_features, density_images = raw_outputs(predictor, density, "density")
     predictor.polarity = fit_polarity(predictor, density_images, density_features)
-    upright = ~predictor.polarity.inverted(density_features)
+    upright = ~graded_inverted(predictor, density_images, density_features)
     density = [sample for sample, kept in zip(density, upright) if kept]
     density_features, density_images = density_features[upright], density_images[upright]
     labels = np.array([s.grade for s in calibration])
@@ -113,6 +113,15 @@ def fit_polarity(predictor: Predictor, images: np.ndarray, features: np.ndarray,
     first = PolarityProbe.fit(both, np.repeat([False, True], len(chosen)))
     found = first.inverted(stored) & ~first.inverted(inverted)
     return PolarityProbe.fit(both, np.concatenate([found, ~found]))
+
+
+def graded_inverted(predictor: Predictor, images: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """(N,) True where `predictor` grades an image inverted back, as at inference (its polarity probe's suspects,
+    whose inversion it reads as upright); `features` are the images' as they are."""
+    inverted = np.zeros(len(images), dtype=bool)
+    suspects = np.flatnonzero(predictor.polarity.inverted(features))
+    inverted[suspects] = batched_outputs(predictor, images[suspects], raw=True).inverted
+    return inverted
 
 
 def fit_framings(predictor: Predictor, samples: list[Sample], seed: int = 0) -> tuple[FramingProbe, FramingProbe]:
