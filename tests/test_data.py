@@ -93,8 +93,9 @@ def test_preprocess_shape_range_and_side_canonicalisation():
 
 
 def test_a_knee_padded_into_a_larger_canvas_is_preprocessed_as_the_knee_itself(kneekl224):
-    """Letterboxed in black, framed in white, or padded and saved as JPEG (a viewer's export): the margin is cut off
-    before the stretch, so the model sees the knee as stored (before: the knee smaller and the stretch skewed)."""
+    """Letterboxed in black, framed in white, padded in two colours or with a marker in the margin, or padded and
+    saved as JPEG (a viewer's export): the margin is cut off before the stretch, so the model sees the knee as stored
+    (before: the knee smaller and the stretch skewed)."""
     import cv2
 
     from klgrade.data.io import read_image
@@ -105,7 +106,12 @@ def test_a_knee_padded_into_a_larger_canvas_is_preprocessed_as_the_knee_itself(k
     letterboxed = cv2.copyMakeBorder(knee, 0, 0, 37, 37, cv2.BORDER_CONSTANT, value=0)
     framed = cv2.copyMakeBorder(knee, 20, 20, 20, 20, cv2.BORDER_CONSTANT, value=255)
     padded_on_one_side = np.concatenate([np.zeros((224, 37), np.float32), knee], axis=1)
-    for padded in (letterboxed, framed, padded_on_one_side, letterboxed.astype(np.uint16) * 257):  # also 16-bit
+    two_colours = cv2.copyMakeBorder(cv2.copyMakeBorder(knee, 28, 0, 0, 0, cv2.BORDER_CONSTANT, value=0),
+                                     0, 0, 28, 28, cv2.BORDER_CONSTANT, value=255)  # black above, white beside
+    labelled = cv2.copyMakeBorder(knee, 28, 28, 28, 28, cv2.BORDER_CONSTANT, value=0)
+    labelled[4:24, 4:18] = 255  # a burnt-in "R" marker in the margin
+    for padded in (letterboxed, framed, padded_on_one_side, letterboxed.astype(np.uint16) * 257,  # also 16-bit
+                   two_colours, labelled):
         np.testing.assert_array_equal(to_uint8(padded, config), to_uint8(knee, config))
     # A square radiograph with a uniform strip (air, say) on one side keeps its proportions: no stretch.
     strip = np.concatenate([np.zeros((224, 30), np.float32), knee[:, 30:]], axis=1)

@@ -144,9 +144,10 @@ def test_an_inverted_radiograph_is_graded_inverted_back_and_says_so(kneekl224):
 
 
 def test_a_knee_padded_into_a_larger_canvas_is_graded_as_the_knee_itself(kneekl224):
-    """Val knees letterboxed in black to 4:3, framed in a white border, or shrunk into a black margin and saved as
-    JPEG (a viewer's export): the margin is trimmed, so grades and flags are the stored knee's (before the trim:
-    15%, 24% and 18% of grades moved, and the black-margin knees were flagged not gradable, docs/results.md)."""
+    """Val knees letterboxed in black to 4:3, framed in a white border, padded black above and white beside, framed
+    in black with a side marker burnt into the margin, or shrunk into a black margin and saved as JPEG (a viewer's
+    export): the margin is trimmed, so grades and flags are the stored knee's (before the trim: 15%, 24%, 18%, 12%
+    and 18% of grades moved, and the black-margin knees were flagged not gradable, docs/results.md)."""
     import cv2
     import numpy as np
 
@@ -161,9 +162,18 @@ def test_a_knee_padded_into_a_larger_canvas_is_graded_as_the_knee_itself(kneekl2
         encoded = cv2.imencode(".jpg", shrunk, [cv2.IMWRITE_JPEG_QUALITY, 85])[1]
         return cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32)
 
+    def labelled(image):
+        bordered = cv2.copyMakeBorder(image.astype(np.uint8), 28, 28, 28, 28, cv2.BORDER_CONSTANT, value=0)
+        cv2.putText(bordered, "R", (4, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.8, 255, 2)  # a burnt-in side marker
+        return bordered.astype(np.float32)
+
     stored = list(grade_many(model, images))
     for name, pad in {"letterboxed": lambda i: cv2.copyMakeBorder(i, 0, 0, 37, 37, cv2.BORDER_CONSTANT, value=0),
                       "white border": lambda i: cv2.copyMakeBorder(i, 20, 20, 20, 20, cv2.BORDER_CONSTANT, value=255),
+                      "black above, white beside": lambda i: cv2.copyMakeBorder(
+                          cv2.copyMakeBorder(i, 28, 0, 0, 0, cv2.BORDER_CONSTANT, value=0), 0, 0, 28, 28,
+                          cv2.BORDER_CONSTANT, value=255),
+                      "black border with a marker": labelled,
                       "black margin, JPEG": exported}.items():
         padded = list(grade_many(model, [pad(i) for i in images]))
         same = np.mean([a.grade == b.grade for a, b in zip(padded, stored)])

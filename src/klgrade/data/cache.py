@@ -23,8 +23,9 @@ from klgrade.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2
-"""Raised whenever `to_uint8` changes what it makes of a file (2: uniform margins trimmed)."""
+CACHE_FORMAT = 3
+"""Raised whenever `to_uint8` changes what it makes of a file (2: uniform margins trimmed; 3: also margins of two
+colours or holding a label)."""
 
 
 def default_cache_dir() -> Path:
