@@ -214,6 +214,7 @@ def test_onnx_export_of_the_shipped_model_agrees_with_torch(tmp_path):
 
     from klgrade.infer.onnx import export_onnx
     from klgrade.infer.grading import load_model
+    from klgrade.uncertainty import POLARITY_CORRECTED
 
     onnx_path = export_onnx(shipped_checkpoint(), tmp_path / "shipped.onnx")
     images = [np.asarray(Image.open(p), dtype=np.float32) for p in sorted(EXAMPLES.glob("*.jpg"))]
@@ -221,6 +222,9 @@ def test_onnx_export_of_the_shipped_model_agrees_with_torch(tmp_path):
     onnx_p = np.array([g.probabilities for g in load_model(onnx_path, tta=False, backend="onnx").grade_arrays(images)])
     assert (torch_p.argmax(1) == onnx_p.argmax(1)).all()
     assert np.abs(torch_p - onnx_p).max() < 1e-4
+    # The calibration travels with the export: an inverted knee is graded upright and says so.
+    inverted = load_model(onnx_path, backend="onnx").grade_arrays([255 - images[0]])[0]
+    assert POLARITY_CORRECTED in inverted.warnings and inverted.grade == load_model().grade_arrays(images[:1])[0].grade
 
 
 def test_every_example_gets_a_non_empty_map_that_points_at_evidence():

@@ -62,6 +62,7 @@ size more than the margin (docs/results.md, framing). Not a uniform one: preproc
 FRAMING_WIDE_WARNED_SHARE = 0.01
 """Share of calibration images as they are that get the wider-framing warning (docs/results.md, framing)."""
 POLARITY_IMAGES = 2400
+"""Training images the polarity probe is fitted on, each as stored and inverted."""
 
 
 def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
