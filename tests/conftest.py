@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,4 +49,5 @@ def calibrated(tiny_checkpoint, kneekl224, tmp_path_factory):
     # n knees per grade certify sets down to alpha = 1 / (n + 1).
     assert "KL 0-4: 10 / 10 / 10 / 10 / 10; grade sets certified for every grade at alpha >= 0.091" in result.stdout
     assert "too few" not in result.stderr and "framing warnings below crop share" in result.stdout
+    assert re.search(r"feature density from \d+ images \(\d+ more looked inverted: left out\)", result.stdout)
     return out

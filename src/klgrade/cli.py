@@ -336,8 +336,9 @@ def calibrate(
     lowest = smallest_alpha(result["conformal_grades"])
     typer.echo(f"temperature {result['temperature']:.3f}, {result['n_calibration']} calibration images "
                f"(KL 0-4: {' / '.join(map(str, counts))}; grade sets certified for every grade at alpha >= "
-               f"{lowest:.3f}), feature density from {result['n_density']} images, framing warnings below crop share "
-               f"{result['framing']['threshold']:.3f} and above {result['framing_wide']['threshold']:.3f} -> {out}")
+               f"{lowest:.3f}), feature density from {result['n_density']} images ({result['n_density_inverted']} more "
+               f"looked inverted: left out), framing warnings below crop share {result['framing']['threshold']:.3f} "
+               f"and above {result['framing_wide']['threshold']:.3f} -> {out}")
     short = uncertified_grades(result["conformal_grades"], DEFAULT_ALPHA)
     if short:
         typer.echo(f"warning: {uncertified_warning(short, DEFAULT_ALPHA)}", err=True)
