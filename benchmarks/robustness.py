@@ -161,8 +161,8 @@ def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> G
     prepared = np.stack([predictor.prepare(image, side) for image, side in zip(images, sides)])
     outputs = batched_outputs(predictor, prepared)
     graded = upright_images(prepared, outputs)
-    sets, _, reasons = predictor.assess(graded, outputs)
-    return Graded(outputs.probabilities, sets, np.array([bool(r) for r in reasons]), predictor.shifts(graded, outputs))
+    assessment = predictor.assess(graded, outputs)
+    return Graded(outputs.probabilities, assessment.sets, ~np.array(assessment.gradable), assessment.shifts)
 
 
 def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: bool) -> dict:

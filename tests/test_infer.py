@@ -214,7 +214,8 @@ def test_evaluate_writes_reports_and_can_calibrate(tiny_checkpoint, kneekl224, t
                 "mcc", "qwk", "mae", "confusion_matrix", "adjacent_error_rate", "extreme_errors", "ci95"):
         assert key in metrics
     rows = list(csv.DictReader((out / "predictions.csv").open()))
-    assert len(rows) == 10 and {"path", "patient_id", "true", "predicted", "prob_4"} <= set(rows[0])
+    assert len(rows) == 10
+    assert {"path", "patient_id", "true", "predicted", "prob_4", "gradable", "warnings"} <= set(rows[0])
     for name in ("confusion.png", "reliability.png", "metrics.json"):
         assert (out / name).stat().st_size > 100
 

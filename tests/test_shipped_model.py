@@ -1,6 +1,7 @@
 """The model shipped inside the package: quality on kneeKL224 val, its card, and the README's demo."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +142,28 @@ def test_an_inverted_radiograph_is_graded_inverted_back_and_says_so(kneekl224):
     explained = next(grade_many(model, [255 - images[0]], explain=True))  # the map and overlay of the knee as graded
     assert np.abs(explained.image.astype(int) - as_stored[0].image.astype(int)).max() <= 1
     assert explained.heatmap.shape == explained.image.shape and explained.heatmap.max() > 0
+
+
+def test_evaluate_lists_for_each_knee_what_predict_would_say(kneekl224, tmp_path):
+    """`evaluate --out`: predictions.csv carries each knee's gradable flag and warnings, so a researcher finds the
+    knees graded inverted back (val's stored inverted ones) among the others."""
+    import csv
+    import shutil
+
+    from klgrade.uncertainty import POLARITY_CORRECTED
+
+    stored_inverted = {kneekl224 / "val" / f"{name}.jpg" for name in STORED_INVERTED}
+    others = [p for p in sorted((kneekl224 / "val").rglob("*.jpg"))[::40] if p not in stored_inverted]
+    for path in [*stored_inverted, *others]:
+        (tmp_path / "knees" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, tmp_path / "knees" / path.parent.name / path.name)
+    result = run_cli("evaluate", "--data", str(tmp_path / "knees"), "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "report" / "predictions.csv").open()))
+    assert len(rows) == len(stored_inverted) + len(others)
+    graded_inverted = {Path(row["path"]).name for row in rows if POLARITY_CORRECTED in row["warnings"]}
+    assert graded_inverted == {path.name for path in stored_inverted}
+    assert {row["gradable"] for row in rows} <= {"True", "False"}
 
 
 def test_a_knee_padded_into_a_larger_canvas_is_graded_as_the_knee_itself(kneekl224):

@@ -42,6 +42,10 @@ def write_json_atomic(path: str | Path, value) -> Path:
     return write_text_atomic(path, json.dumps(value, indent=2))
 
 
+WARNING_SEPARATOR = "; "
+"""Joins an answer's warnings in one CSV cell."""
+
+
 def rows_to_csv(rows: list[dict], columns: list[str]) -> str:
     """CSV text of `rows` with exactly `columns` (other keys ignored, missing ones empty)."""
     buffer = io.StringIO()

@@ -12,7 +12,7 @@ from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
-from klgrade.infer.predictor import Outputs, Predictor
+from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
 from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
 from klgrade.uncertainty import apply_temperature, conformal_scores, log_probabilities
 
@@ -29,6 +29,8 @@ class Evaluation:
     samples: list[Sample]
     probabilities: np.ndarray
     failures: list[ImageReadError]
+    assessment: Assessment
+    """Per scored image: grade set, gradable, shifts and warnings, as `klgrade predict` would answer."""
 
 
 def pick_split(samples: list[Sample], split: str | None) -> list[Sample]:
@@ -131,16 +133,16 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     probabilities = predictions.outputs.probabilities
     metrics = compute_metrics(predictions.labels, probabilities, groups=[s.patient_id for s in predictions.samples],
                               n_boot=n_boot, seed=seed)
-    sets, coverage, reasons = predictor.assess(predictions.images, predictions.outputs, alpha)
-    flagged = [bool(r) for r in reasons]
+    assessment = predictor.assess(upright_images(predictions.images, predictions.outputs), predictions.outputs, alpha)
+    flagged = [not gradable for gradable in assessment.gradable]
     metrics["ungradable_fraction"] = float(np.mean(flagged))
     metrics["ungradable_per_grade"] = share_per_grade(predictions.labels, flagged)
-    for kind, shifted in predictor.shifts(predictions.images, predictions.outputs).items():
+    for kind, shifted in assessment.shifts.items():
         metrics[f"{kind}_shift_fraction"] = float(shifted.mean())
-    if coverage is not None:
-        metrics.update(set_metrics(predictions.labels, sets))
-        metrics["nominal_coverage"] = coverage
+    if assessment.coverage is not None:
+        metrics.update(set_metrics(predictions.labels, assessment.sets))
+        metrics["nominal_coverage"] = assessment.coverage
     metrics["model"] = predictor.name
     metrics["tta"] = predictor.tta
     metrics["temperature"] = predictor.temperature
-    return Evaluation(metrics, predictions.samples, probabilities, failures)
+    return Evaluation(metrics, predictions.samples, probabilities, failures, assessment)

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from klgrade.constants import NUM_GRADES  # noqa: E402
-from klgrade.files import atomic_path, rows_to_csv, write_json_atomic, write_text_atomic  # noqa: E402
+from klgrade.files import (WARNING_SEPARATOR, atomic_path, rows_to_csv, write_json_atomic,  # noqa: E402
+                           write_text_atomic)
 from klgrade.metrics import ECE_BINS, calibration_bins  # noqa: E402
 
 
@@ -52,13 +53,18 @@ def plot_reliability(y_true, probabilities, path: Path, bins: int = ECE_BINS) ->
 
 
 def write_evaluation(result, out: Path) -> None:
-    """metrics.json, predictions.csv (path, patient, true, predicted, probabilities), confusion.png, reliability.png."""
+    """metrics.json, predictions.csv (path, patient, true, predicted, probabilities, gradable, warnings as `klgrade
+    predict` gives them), confusion.png, reliability.png."""
     out = Path(out)
     write_json_atomic(out / "metrics.json", result.metrics)
+    assessment = result.assessment
     rows = [{"path": s.path, "patient_id": s.patient_id, "true": s.grade, "predicted": int(p.argmax()),
-             **{f"prob_{k}": round(float(v), 6) for k, v in enumerate(p)}}
-            for s, p in zip(result.samples, result.probabilities)]
-    columns = ["path", "patient_id", "true", "predicted", *(f"prob_{k}" for k in range(NUM_GRADES))]
+             **{f"prob_{k}": round(float(v), 6) for k, v in enumerate(p)},
+             "gradable": gradable, "warnings": WARNING_SEPARATOR.join(warnings)}
+            for s, p, gradable, warnings in zip(result.samples, result.probabilities, assessment.gradable,
+                                                assessment.warnings)]
+    columns = ["path", "patient_id", "true", "predicted", *(f"prob_{k}" for k in range(NUM_GRADES)), "gradable",
+               "warnings"]
     write_text_atomic(out / "predictions.csv", rows_to_csv(rows, columns))
     plot_confusion(result.metrics["confusion_matrix"], f"{result.metrics.get('model', '')} (n={result.metrics['n']})",
                    out / "confusion.png")

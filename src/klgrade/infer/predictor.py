@@ -70,6 +70,21 @@ class Outputs:
     inverted: np.ndarray
 
 
+@dataclass
+class Assessment:
+    """How sure the answers for a batch are (`Predictor.assess`)."""
+
+    sets: list[list[int]]
+    """Each image's grade set (just its grade when the model is not calibrated)."""
+    coverage: float | None
+    """1 - alpha of the sets; None uncalibrated."""
+    gradable: list[bool]
+    shifts: dict[str, np.ndarray]
+    """(N,) per kind of shift seen (`Predictor.shifts`)."""
+    warnings: list[list[str]]
+    """Per image, what a reader must know (`Grading.warnings`, before any about its explanation)."""
+
+
 def upright_images(images_uint8: np.ndarray, outputs: Outputs) -> np.ndarray:
     """The images as the network graded them: those `outputs` marks as inverted, inverted back."""
     return np.where(outputs.inverted[:, None, None], 255 - images_uint8, images_uint8)
@@ -291,16 +306,27 @@ class Predictor:
         """Grades every set includes because the calibration holds too few of them for 1 - alpha."""
         return uncertified_grades(self.conformal_grades, alpha) if self.has_grade_thresholds else []
 
-    def assess(self, images_uint8: np.ndarray, outputs: Outputs,
-               alpha: float | None = None) -> tuple[list[list[int]], float | None, list[list[str]]]:
-        """Grade sets (and their coverage) and per-image reasons for not being gradable."""
+    def assess(self, images_uint8: np.ndarray, outputs: Outputs, alpha: float | None = None) -> Assessment:
+        """How sure each answer is: its grade set, whether it is gradable, the shifts seen, and every warning it
+        carries (not gradable, uncertified grades, shifts), in that order. `images_uint8`: as graded
+        (`upright_images`)."""
         alpha = self.alpha if alpha is None else alpha
         if self.is_calibrated:
             sets = grade_sets(outputs.probabilities, self.set_thresholds(alpha))
             coverage = 1 - alpha
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
-        return sets, coverage, gradability(images_uint8, outputs.features, self.density)
+        warnings = gradability(images_uint8, outputs.features, self.density)
+        gradable = [not reasons for reasons in warnings]
+        uncertified = self.uncertified_grades(alpha)
+        for notes in warnings if uncertified else []:
+            notes.append(uncertified_warning(uncertified, alpha))
+        shifts = self.shifts(images_uint8, outputs)
+        for kind, shifted in shifts.items():
+            for notes, shown in zip(warnings, shifted):
+                if shown:
+                    notes.append(SHIFT_WARNINGS[kind])
+        return Assessment(sets, coverage, gradable, shifts, warnings)
 
     def shifts(self, images_uint8: np.ndarray, outputs: Outputs) -> dict[str, np.ndarray]:
         """Per kind of shift the calibration can see (`uncertainty.SHIFT_WARNINGS`; none uncalibrated), (N,) True
@@ -341,15 +367,8 @@ class Predictor:
         graded = upright_images(prepared, outputs)
         probabilities = outputs.probabilities
         grades = probabilities.argmax(axis=1)
-        sets, coverage, warnings = self.assess(graded, outputs, alpha)
-        gradable = [not reasons for reasons in warnings]
-        uncertified = self.uncertified_grades(alpha)
-        for notes in warnings if uncertified else []:
-            notes.append(uncertified_warning(uncertified, alpha))
-        for kind, shifted in self.shifts(graded, outputs).items():
-            for notes, shown in zip(warnings, shifted):
-                if shown:
-                    notes.append(SHIFT_WARNINGS[kind])
+        assessment = self.assess(graded, outputs, alpha)
+        warnings = assessment.warnings
         maps = [None] * len(prepared)
         if explain and self.can_explain:
             explanation = self.explain(graded, grades)
@@ -360,9 +379,10 @@ class Predictor:
         elif explain:
             for notes in warnings:
                 notes.append(EXPLANATION_UNAVAILABLE)
-        return [Grading(int(g), [float(v) for v in p], float(p[g]), grade_set=s, coverage=coverage, gradable=ok,
-                        heatmap=m, warnings=w, name=n, image=u8)
-                for g, p, s, ok, m, w, n, u8 in zip(grades, probabilities, sets, gradable, maps, warnings, names, graded)]
+        return [Grading(int(g), [float(v) for v in p], float(p[g]), grade_set=s, coverage=assessment.coverage,
+                        gradable=ok, heatmap=m, warnings=w, name=n, image=u8)
+                for g, p, s, ok, m, w, n, u8 in zip(grades, probabilities, assessment.sets, assessment.gradable, maps,
+                                                    warnings, names, graded)]
 
     def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
                      explain: bool = False, names: list[str | None] | None = None) -> list[Grading]:
