@@ -27,6 +27,40 @@ def test_16bit_png_keeps_its_range(tmp_path):
     np.testing.assert_array_equal(array, deep.astype(np.float32))
 
 
+STORED_FOR_ORIENTATION = {
+    1: lambda upright: upright,
+    2: lambda upright: upright[:, ::-1],
+    3: lambda upright: upright[::-1, ::-1],
+    4: lambda upright: upright[::-1],
+    5: lambda upright: upright.T,
+    6: lambda upright: np.rot90(upright, 1),
+    7: lambda upright: np.rot90(upright[:, ::-1], -1),
+    8: lambda upright: np.rot90(upright, -1),
+}
+"""How a camera or an export stores an upright image under each EXIF orientation (the tag says how to turn it back:
+6 = rotate 90 degrees clockwise to display)."""
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_exif_orientation_is_applied_so_the_image_reads_as_viewers_show_it(tmp_path, suffix):
+    upright = np.random.default_rng(0).integers(0, 256, (40, 64)).astype(np.uint8)
+    upright[:8] = 255  # asymmetric and non-square: every wrong turn or mirror shows
+    for orientation, stored in STORED_FOR_ORIENTATION.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = save(Image.fromarray(np.ascontiguousarray(stored(upright))), tmp_path / f"o{orientation}.{suffix}",
+                    exif=exif, **({"quality": 100} if suffix == "jpg" else {}))
+        array = read_image(path)
+        assert array.shape == upright.shape, orientation
+        assert np.abs(array - upright).mean() < (0.5 if suffix == "png" else 12), orientation
+
+
+def test_a_broken_exif_block_leaves_the_pixels_as_stored(tmp_path):
+    grey = knee_image()
+    array = read_image(save(Image.fromarray(grey), tmp_path / "broken.png", exif=b"Exif\x00\x00not an EXIF block"))
+    np.testing.assert_array_equal(array, grey)
+
+
 def test_rgb_rgba_and_palette_become_single_channel(tmp_path):
     grey = knee_image()
     rgb = np.stack([grey] * 3, axis=-1)

@@ -23,9 +23,9 @@ from klgrade.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3
-"""Raised whenever `to_uint8` changes what it makes of a file (2: uniform margins trimmed; 3: also margins of two
-colours or holding a label)."""
+CACHE_FORMAT = 4
+"""Raised whenever decoding or `to_uint8` changes what they make of a file (2: uniform margins trimmed; 3: also
+margins of two colours or holding a label; 4: EXIF orientation applied; no kneeKL224 file carries one)."""
 
 
 def default_cache_dir() -> Path:
