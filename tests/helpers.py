@@ -89,6 +89,25 @@ def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None
     return path
 
 
+def compress_dicom(source: Path, target: Path, syntax: str) -> Path:
+    """`source` re-encoded by GDCM in the transfer syntax `gdcm.TransferSyntax.<syntax>` (as a PACS exports it)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read(), source
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), syntax
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write(), target
+    return target
+
+
 def not_knee_images() -> dict[str, np.ndarray]:
     """Images no one here labelled and that are not knee radiographs: synthetic ones, and real photographs and
     scans that ship inside installed packages (matplotlib's and scikit-learn's sample data; no downloads)."""

@@ -7,7 +7,7 @@ from PIL import Image
 from klgrade.data.io import read_image
 from klgrade.errors import ImageReadError
 
-from helpers import knee_image, save, write_dicom
+from helpers import compress_dicom, knee_image, save, write_dicom
 
 
 def test_8bit_formats_decode_to_the_same_grey_values(tmp_path):
@@ -91,6 +91,17 @@ def test_dicom_window_is_applied(tmp_path):
     assert windowed.max() - windowed.min() <= 65535
     plain = read_image(write_dicom(tmp_path / "p.dcm", pixels, "MONOCHROME2"))
     assert not np.allclose(windowed, plain)
+
+
+@pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14_1", "JPEGLosslessProcess14", "JPEGLSLossless",
+                                    "JPEG2000Lossless", "RLELossless"])
+def test_compressed_dicom_from_a_pacs_decodes_to_the_same_pixels(tmp_path, syntax):
+    """PACS exports of CR/DX radiographs are mostly compressed; JPEG lossless and JPEG-LS need GDCM."""
+    pixels = knee_image(size=96).astype(np.uint16) * 13 + 100
+    plain = write_dicom(tmp_path / "plain.dcm", pixels, "MONOCHROME2")
+    compressed = compress_dicom(plain, tmp_path / f"{syntax}.dcm", syntax)
+    assert compressed.read_bytes() != plain.read_bytes()
+    np.testing.assert_array_equal(read_image(compressed), pixels.astype(np.float32))
 
 
 def test_dicom_without_extension_is_detected_by_magic(tmp_path):

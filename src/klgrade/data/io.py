@@ -3,7 +3,8 @@
 PNG/JPEG/BMP/TIFF in 8 or 16 bits (grey, RGB, RGBA, palette) via Pillow, opened with an explicit format
 allow-list (no other Pillow plugin ever runs, e.g. EPS through Ghostscript) and turned as their EXIF orientation
 says, so the model sees the knee the way every viewer shows it (a knee stored sideways with orientation 6 was
-otherwise graded KL 4 and flagged not gradable, 21 of 21 val knees tried); DICOM via pydicom with the
+otherwise graded KL 4 and flagged not gradable, 21 of 21 val knees tried); DICOM via pydicom (compressed
+pixel data through GDCM: JPEG lossless and JPEG-LS, which PACS exports of CR/DX often use, need it) with the
 modality LUT (rescale slope/intercept), the VOI LUT or window (a broken window is ignored), and MONOCHROME1
 inverted so that bone is always bright. Files are read only when they are regular files, and never past
 `MAX_FILE_BYTES` (a FIFO, a device or a symlink loop is an error, not a hang). Every failure raises
