@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from klgrade.data.io import read_image
+from klgrade.data.io import read_array, read_image
 from klgrade.errors import ImageReadError
 
 from helpers import compress_dicom, knee_image, save, write_dicom
@@ -161,3 +161,24 @@ def test_corrupt_dicom_is_reported(tmp_path):
     with pytest.raises(ImageReadError) as caught:
         read_image(path)
     assert caught.value.path == str(path)
+
+
+def test_arrays_in_memory_are_read_as_files_are():
+    """The Python API's arrays: colour and extra axes of length 1 as a decoded file's would be, every other
+    mistake one ImageReadError naming the array (an empty, complex or object array used to raise numpy's own
+    errors, and a float64 beyond float32's range was graded as a blank image)."""
+    grey = knee_image()
+    for array in (grey, grey[None], grey[..., None], grey[None, None], np.stack([grey] * 3, -1),
+                  np.dstack([grey] * 3 + [np.full_like(grey, 255)]), grey.astype(np.int64), grey.astype(np.uint16)):
+        np.testing.assert_allclose(read_array(array), grey.astype(np.float32), atol=1e-4)
+    bgr = np.stack([grey, grey // 2, grey // 4], -1)
+    np.testing.assert_allclose(read_array(bgr), read_array(bgr[..., ::-1]))  # channel order does not matter
+    for array, reason in [(np.zeros((0, 0)), "too small"), (np.zeros((8, 300)), "too small"),
+                          (grey.ravel(), "expected a 2-D"), (np.stack([grey] * 5, -1), "expected a 2-D"),
+                          (grey.astype(np.complex64), "complex64"), (grey.astype(object), "object"),
+                          (np.where(grey > 100, np.nan, grey), "NaN"), (grey * 1e300, "beyond float32")]:
+        with pytest.raises(ImageReadError, match=reason) as caught:
+            read_array(array, name="scan.npy")
+        assert str(caught.value).startswith("scan.npy: ")
+    with pytest.raises(ImageReadError, match="exceeds the 0.001 MP limit"):
+        read_array(grey, max_pixels=1000)

@@ -67,11 +67,39 @@ def read_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
     except Exception as exc:  # decoders raise many types; the user needs one line, the log the detail
         log.debug("decode failure for %s", label, exc_info=True)
         raise ImageReadError(label, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+    return _checked(array, label, "image")
+
+
+def read_array(array: np.ndarray, name: str = "<array>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A radiograph already in memory, checked as a decoded file is: (H, W) grey levels, or (H, W, 3 or 4)
+    colour with the channels averaged (Pillow and matplotlib give RGB, OpenCV BGR: the average is the same for
+    both; an alpha channel is dropped); axes of length 1 (a batch or channel axis) are dropped first.
+
+    Raises:
+        ImageReadError: values that are not real numbers, another shape, an image under `MIN_SIDE` or over
+            `max_pixels`, NaN or infinite values.
+    """
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf":
+        raise ImageReadError(name, f"array of {array.dtype} values, expected real numbers")
+    grey = array.squeeze() if array.size else array
+    if grey.ndim == 3 and grey.shape[-1] in (3, 4):
+        grey = grey[..., :3].mean(axis=-1, dtype=np.float32)
+    if grey.ndim != 2:
+        raise ImageReadError(name, f"expected a 2-D grey-level array (or H x W x 3 colour), got shape {array.shape}")
+    _check_size(grey.shape[1], grey.shape[0], name, max_pixels)
+    return _checked(grey, name, "array")
+
+
+def _checked(array: np.ndarray, label: str, what: str) -> np.ndarray:
+    """`array` as float32 once it is large enough and every value is finite in float32 (a float64 beyond its
+    range would become infinite)."""
     if array.ndim != 2 or min(array.shape) < MIN_SIDE:
-        raise ImageReadError(label, f"image of shape {array.shape} is too small (min side {MIN_SIDE} px)")
+        raise ImageReadError(label, f"{what} of shape {array.shape} is too small (min side {MIN_SIDE} px)")
+    array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
-        raise ImageReadError(label, "image holds NaN or infinite values")
-    return array.astype(np.float32, copy=False)
+        raise ImageReadError(label, f"{what} holds NaN or infinite values (or values beyond float32's range)")
+    return array
 
 
 def _read_bytes(source: str | Path | bytes, label: str) -> bytes:

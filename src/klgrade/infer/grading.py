@@ -15,7 +15,7 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from klgrade.data.io import MAX_PIXELS, read_image
+from klgrade.data.io import MAX_PIXELS, read_array, read_image
 from klgrade.data.sources import parse_knee_name
 from klgrade.errors import ImageReadError
 from klgrade.infer.predictor import Grading, Predictor
@@ -32,7 +32,7 @@ class NamedBytes:
 
 
 Source = Union[str, Path, NamedBytes, np.ndarray]
-"""What can be graded: a path, a file's bytes with its name, or a (H, W) grey-level array."""
+"""What can be graded: a path, a file's bytes with its name, or an array (`data.io.read_array`)."""
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,11 @@ def decode(source: Source, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, st
     """Grey levels and knee side (from the name) of one input.
 
     Raises:
-        ImageReadError: unreadable file or bytes, an image over `max_pixels`, or an array that is not 2-D.
+        ImageReadError: unreadable file or bytes, an image over `max_pixels`, or an unusable array.
     """
     name = source_name(source)
     if isinstance(source, np.ndarray):
-        if source.ndim != 2:
-            raise ImageReadError(name, f"expected a 2-D grey-level array, got shape {source.shape}")
-        if not np.isfinite(source).all():
-            raise ImageReadError(name, "array holds NaN or infinite values")
-        return source.astype(np.float32), None
+        return read_array(source, name, max_pixels), None
     data = source.data if isinstance(source, NamedBytes) else source
     return read_image(data, name=name, max_pixels=max_pixels), parse_knee_name(name)[1]
 
