@@ -132,7 +132,7 @@ def grade(image: Source | bytes, *, name: str | None = None, explain: bool = Fal
     """Grade one radiograph.
 
     Args:
-        image: a file path, a file's raw bytes, `NamedBytes`, or a (H, W) grey-level array.
+        image: a file path, a file's raw bytes, `NamedBytes`, or an array (`data.io.read_array`: grey or colour).
         name: the file name of raw bytes (gives the knee side and marks `.dcm` files); ignored otherwise.
         explain: add a Grad-CAM heatmap of the predicted grade (`Grading.heatmap`, (H, W) in [0, 1]).
         model: a `Predictor` from `load_model`; None = the shipped model (loaded once, then reused).
