@@ -15,24 +15,31 @@ from klgrade.data.io import read_image
 from klgrade.errors import ImageReadError
 from klgrade.serve.local import local_server
 
-from helpers import EXAMPLES, knee_image, write_dicom
+from helpers import EXAMPLES, compress_dicom, knee_image, write_dicom
 
 FUZZ_EXAMPLES = 300
 API_EXAMPLES = 60
 
 
 def _seed_files(tmp_dir) -> list[bytes]:
-    """Real files of every decoder klgrade runs: JPEG and PNG radiographs, 16-bit PNG, TIFF, DICOM."""
+    """Real files of every decoder klgrade runs: JPEG and PNG radiographs (one with an EXIF orientation), 16-bit
+    PNG, TIFF, DICOM uncompressed and compressed through GDCM (JPEG lossless, JPEG-LS)."""
     radiograph = sorted(EXAMPLES.glob("*.jpg"))[0].read_bytes()
     grey = np.asarray(Image.open(io.BytesIO(radiograph)))[::2, ::2]
     encoded = []
-    for image, image_format in ((Image.fromarray(grey), "PNG"), (Image.fromarray(grey.astype(np.uint16) * 250), "PNG"),
-                                (Image.fromarray(grey), "TIFF"), (Image.fromarray(grey), "BMP")):
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    for image, image_format, options in ((Image.fromarray(grey), "PNG", {}),
+                                         (Image.fromarray(grey.astype(np.uint16) * 250), "PNG", {}),
+                                         (Image.fromarray(grey), "TIFF", {}), (Image.fromarray(grey), "BMP", {}),
+                                         (Image.fromarray(grey), "JPEG", {"exif": turned})):
         buffer = io.BytesIO()
-        image.save(buffer, format=image_format)
+        image.save(buffer, format=image_format, **options)
         encoded.append(buffer.getvalue())
     dicom = write_dicom(tmp_dir / "seed.dcm", knee_image().astype(np.uint16) * 16, "MONOCHROME2", window=(1000, 800))
-    return [radiograph, *encoded, dicom.read_bytes()]
+    compressed = [compress_dicom(dicom, tmp_dir / f"{syntax}.dcm", syntax).read_bytes()
+                  for syntax in ("JPEGLosslessProcess14_1", "JPEGLSLossless")]
+    return [radiograph, *encoded, dicom.read_bytes(), *compressed]
 
 
 @st.composite
