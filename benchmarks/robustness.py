@@ -6,8 +6,9 @@
 Each perturbation is applied to the decoded image as a radiograph viewer or PACS would, with OpenCV (not the
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
 copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
-downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise, and the grey levels inverted (a
-MONOCHROME1 radiograph saved without its inversion). Per perturbation: accuracy, QWK, and agreement of the grade
+downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise (sigma 8 and 20 grey levels of 255),
+Gaussian blur (sigma 2 px at 224 px), and the grey levels inverted (a MONOCHROME1 radiograph saved without its
+inversion). Per perturbation: accuracy, QWK, and agreement of the grade
 with the clean image's grade; `warned`, the share of images that get the processing-shift warning,
 `framing_warned` and `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or
 wider, than in training), `inverted_back`, the share graded inverted back because it looked inverted, and
@@ -18,7 +19,8 @@ calibration may have seen these very knees (the shipped one: kneeKL224 val), `cr
 `cross_fitted_coverage_per_grade`: grade sets calibrated afresh on the clean images of half the patients and
 scored on the other half's processed images, both ways, over `--cross-fit` random halvings. The same scores for
 `framings`, another site's framing of the same knee (rotated 7 degrees, cropped 15% and 25% tighter, shrunk 20%
-inside a margin of repeated edge pixels or a black one), kept apart: they are not contrast processing. `--json`
+inside a margin of repeated edge pixels or a black one, cropped to a non-square 4:5 or 5:4 at the same scale, which
+preprocessing stretches to square), kept apart: they are not contrast processing. `--json`
 prints `{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "framing_warned",
 "framing_wide_warned", "inverted_back", "not_gradable", ...}}, "framings": {...}}`.
 """
@@ -89,8 +91,12 @@ def _sixteen_bit(image: np.ndarray) -> np.ndarray:
     return read_image(buffer.getvalue(), name="reencoded.png")
 
 
-def _noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return np.clip(image + rng.normal(0, 8.0, image.shape), 0, 255).astype(np.float32)
+def _noise(sigma: float, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda image: np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.float32)
+
+
+def _blur(sigma: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda image: cv2.GaussianBlur(image, (0, 0), sigma)
 
 
 def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
@@ -99,7 +105,7 @@ def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], 
         "gamma_0.7": _gamma(0.7), "gamma_1.4": _gamma(1.4),
         "equalize": lambda image: cv2.equalizeHist(_uint8(image)).astype(np.float32),
         "jpeg_q30": _jpeg, "downsample_112": _resample, "png_16bit": _sixteen_bit,
-        "gaussian_noise": lambda image: _noise(image, rng),
+        "gaussian_noise": _noise(8.0, rng), "gaussian_noise_20": _noise(20.0, rng), "blur_2": _blur(2.0),
         "inverted": lambda image: image.max() + image.min() - image,
     }
 
@@ -135,11 +141,23 @@ def _shrink(share: float, border: int) -> Callable[[np.ndarray], np.ndarray]:
     return shrink
 
 
+def _non_square(rows: float, columns: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The central `rows` x `columns` shares of the image, at its scale: another site's non-square crop."""
+    def crop(image: np.ndarray) -> np.ndarray:
+        height, width = image.shape
+        kept_height, kept_width = round(height * rows), round(width * columns)
+        top, left = (height - kept_height) // 2, (width - kept_width) // 2
+        return image[top:top + kept_height, left:left + kept_width]
+    return crop
+
+
 def framings() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """Another site's framing of the same knee: tilted, cropped tighter around the joint, or framed wider (shrunk
-    inside a margin of repeated edge pixels, or of black, which preprocessing trims off: a check that it does)."""
+    """Another site's framing of the same knee: tilted, cropped tighter around the joint, framed wider (shrunk
+    inside a margin of repeated edge pixels, or of black, which preprocessing trims off: a check that it does), or
+    cropped non-square (portrait: columns cut; landscape: rows cut)."""
     return {"rotate_7": _rotate(7.0), "crop_0.85": _crop(0.85), "crop_0.75": _crop(0.75),
-            "wide_1.2": _shrink(1.2, cv2.BORDER_REPLICATE), "black_margin_1.2": _shrink(1.2, cv2.BORDER_CONSTANT)}
+            "wide_1.2": _shrink(1.2, cv2.BORDER_REPLICATE), "black_margin_1.2": _shrink(1.2, cv2.BORDER_CONSTANT),
+            "portrait_4:5": _non_square(1.0, 0.8), "landscape_5:4": _non_square(0.8, 1.0)}
 
 
 SHIFT_KEYS = {"processing": "warned", "framing": "framing_warned", "framing_wide": "framing_wide_warned",

@@ -158,8 +158,8 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
               "coverage", "coverage_per_grade", "mean_set_size", "cross_fitted_coverage",
               "cross_fitted_coverage_per_grade"}
     assert report["n"] == 8 and set(report["clean"]) == scored
-    assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {"rotate_7", "crop_0.85", "crop_0.75", "wide_1.2",
-                                                                         "black_margin_1.2"}
+    assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {
+        "rotate_7", "crop_0.85", "crop_0.75", "wide_1.2", "black_margin_1.2", "portrait_4:5", "landscape_5:4"}
     for entry in [*report["perturbations"].values(), *report["framings"].values()]:
         assert set(entry) == scored | {"agreement"} and 0 <= entry["agreement"] <= 1
     for entry in [report["clean"], *report["perturbations"].values(), *report["framings"].values()]:
