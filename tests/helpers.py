@@ -68,8 +68,9 @@ def save(image: Image.Image, path: Path, **kwargs) -> Path:
     return path
 
 
-def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None):
-    """A 16-bit DICOM radiograph with patient fields (which klgrade must never return or log)."""
+def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None, view=None):
+    """A 16-bit DICOM radiograph with patient fields (which klgrade must never return or log); `view`: its
+    ViewPosition."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -84,6 +85,8 @@ def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
+    if view is not None:
+        ds.ViewPosition = view
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from klgrade.data.io import read_array, read_image
+from klgrade.data.io import read_array, read_image, read_radiograph
 from klgrade.errors import ImageReadError
 
 from helpers import compress_dicom, knee_image, save, write_dicom
@@ -102,6 +102,15 @@ def test_compressed_dicom_from_a_pacs_decodes_to_the_same_pixels(tmp_path, synta
     compressed = compress_dicom(plain, tmp_path / f"{syntax}.dcm", syntax)
     assert compressed.read_bytes() != plain.read_bytes()
     np.testing.assert_array_equal(read_image(compressed), pixels.astype(np.float32))
+
+
+def test_the_view_a_dicom_header_names_is_read(tmp_path):
+    pixels = knee_image().astype(np.uint16) * 16
+    lateral = read_radiograph(write_dicom(tmp_path / "lat.dcm", pixels, "MONOCHROME2", view="ll "))
+    assert lateral.view == "LL"
+    np.testing.assert_array_equal(lateral.grey, pixels.astype(np.float32))
+    assert read_radiograph(write_dicom(tmp_path / "plain.dcm", pixels, "MONOCHROME2")).view is None
+    assert read_radiograph(save(Image.fromarray(knee_image()), tmp_path / "knee.png")).view is None
 
 
 def test_dicom_without_extension_is_detected_by_magic(tmp_path):

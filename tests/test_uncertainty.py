@@ -10,16 +10,16 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from klgrade.infer.grading import grade, load_model
+from klgrade.infer.grading import grade, grade_many, load_model
 from klgrade.metrics import set_metrics
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
 from klgrade.uncertainty import (BLANK, FeatureDensity, FramingProbe, PolarityProbe, apply_temperature,
                                  conformal_scores, conformal_threshold, fit_processing_profile, grade_sets,
                                  grade_thresholds, gradability, processing_shift, processing_statistics,
-                                 smallest_alpha, uncertified_grades, uncertified_warning)
+                                 smallest_alpha, uncertified_grades, uncertified_warning, view_reason)
 
-from helpers import EXAMPLES, REPO, copy_real_images, knee_image, run_cli
+from helpers import EXAMPLES, REPO, copy_real_images, knee_image, run_cli, write_dicom
 
 
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -271,6 +271,30 @@ def test_a_calibrated_checkpoint_answers_alike_through_predict_serve_and_onnx(ca
     low, high = body["grade_set"][0], body["grade_set"][-1]
     assert row["grade_set"] == (str(low) if low == high else f"{low}-{high}")
     assert from_onnx.grade_set == body["grade_set"] and body["gradable"] == row["gradable"] == from_onnx.gradable
+
+
+def test_a_dicom_header_naming_a_lateral_oblique_or_axial_view_makes_the_answer_not_gradable(tiny_checkpoint,
+                                                                                          tmp_path):
+    """A knee series holds laterals and skylines beside the frontal view; graded as frontal they get a KL grade
+    that means nothing. The same pixels under a frontal or unnamed view stay gradable."""
+    from PIL import Image
+
+    knee = np.asarray(Image.open(sorted(EXAMPLES.glob("KL2_*.jpg"))[0]), dtype=np.uint16) * 16
+    views = {"LL": "lateral", "rl": "lateral", "RLO": "oblique", "SKYLINE": "axial (patellar)", "PA": None,
+             "BILATERAL PA": None, "AP": None, None: None}
+    paths = [write_dicom(tmp_path / f"{index}.dcm", knee, "MONOCHROME2", view=view) for index, view in enumerate(views)]
+    model = load_model(tiny_checkpoint)
+    results = list(grade_many(model, paths))
+    for (view, kind), result in zip(views.items(), results):
+        np.testing.assert_allclose(result.probabilities, results[-1].probabilities, atol=1e-6)
+        if kind is None:
+            assert result.gradable and not any("ViewPosition" in w for w in result.warnings), view
+        else:
+            assert not result.gradable and result.warnings[0] == view_reason(view.upper()), view
+            assert result.warnings[0].startswith(f"not gradable: the DICOM header names a {kind} view"), view
+    with TestClient(create_app(Settings(checkpoints=[str(tiny_checkpoint)]))) as client:
+        body = client.post("/v1/grade", files={"file": ("knee.dcm", paths[0].read_bytes(), "application/dicom")}).json()
+    assert body["gradable"] is False and body["warnings"][0] == view_reason("LL")
 
 
 def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(calibrated, kneekl224, tmp_path):

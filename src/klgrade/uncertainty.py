@@ -41,6 +41,7 @@ inversions, tells such an image; the predictor grades it inverted back (`Predict
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import cv2
@@ -54,6 +55,15 @@ BLANK_STD = 2.0
 """A preprocessed uint8 image with less spread than this (grey levels) holds nothing to grade."""
 NOT_A_KNEE = "not gradable: the image does not look like the knee radiographs the model was trained on"
 BLANK = "not gradable: the image is blank or nearly constant"
+NOT_FRONTAL = ("not gradable: the DICOM header names a {kind} view (ViewPosition {view}); Kellgren-Lawrence grades "
+               "are read on frontal (AP/PA) knee radiographs")
+NON_FRONTAL_VIEWS = {
+    "lateral": {"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"},
+    "oblique": {"LLO", "RLO", "OBL", "OBLIQUE"},
+    "axial (patellar)": {"AXIAL", "SKYLINE", "SUNRISE", "MERCHANT", "TANGENTIAL"},
+}
+"""Words of a DICOM `ViewPosition` (its defined terms LL, RL, LLD, RLD, LLO, RLO, and what vendors write) that name
+a view other than the frontal one the model was trained on (a knee series holds laterals and skylines beside it)."""
 FRAMING_ADVICE = "crop as the training images are, the joint centred and the knee filling the square"
 FRAMING_SHIFT = ("the knee fills more of the image than in the training images (cropped tighter around the "
                  f"joint?): the grade may change with the framing; {FRAMING_ADVICE}")
@@ -359,6 +369,16 @@ class Calibration:
         """The framing read-outs stored, by the kind of shift they warn of (`SHIFT_WARNINGS`)."""
         probes = {"framing": self.framing, "framing_wide": self.framing_wide}
         return {kind: probe for kind, probe in probes.items() if probe is not None}
+
+
+def view_reason(view: str | None) -> str | None:
+    """Why a radiograph whose DICOM header names `view` is not gradable; None for a frontal or unnamed view (a
+    whole word must match: "BILATERAL PA" is frontal)."""
+    words = set(re.split(r"[^A-Z]+", (view or "").upper()))
+    for kind, names in NON_FRONTAL_VIEWS.items():
+        if words & names:
+            return NOT_FRONTAL.format(kind=kind, view=view)
+    return None
 
 
 def gradability(images_uint8: np.ndarray, features: np.ndarray | None,

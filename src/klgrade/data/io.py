@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,21 @@ MIN_SIDE = 16
 _DICOM_MAGIC_OFFSET = 128
 
 
+@dataclass(frozen=True)
+class Radiograph:
+    """A decoded radiograph: its grey levels, and the view its DICOM header names (`ViewPosition`, upper case;
+    None for other files or where the header is silent)."""
+
+    grey: np.ndarray
+    view: str | None = None
+
+
 def read_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The grey levels of `read_radiograph` (all that training, evaluation and the benchmarks need)."""
+    return read_radiograph(source, name, max_pixels).grey
+
+
+def read_radiograph(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Radiograph:
     """Decode an image file (or its bytes) into a 2-D float32 array of grey levels (native scale).
 
     Args:
@@ -48,7 +63,7 @@ def read_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
         max_pixels: refuse larger images before decoding them (the service sets a smaller limit).
 
     Returns:
-        (H, W) float32 array; bright = dense (bone), whatever the photometric interpretation.
+        (H, W) float32 grey levels, bright = dense (bone) whatever the photometric interpretation, and the view.
 
     Raises:
         ImageReadError: empty, truncated, unsupported, absurdly large or undecodable input.
@@ -59,15 +74,15 @@ def read_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
         raise ImageReadError(label, "empty file (0 bytes)")
     try:
         if _is_dicom(data, label):
-            array = _decode_dicom(data, label, max_pixels)
+            array, view = _decode_dicom(data, label, max_pixels)
         else:
-            array = _decode_pillow(data, label, max_pixels)
+            array, view = _decode_pillow(data, label, max_pixels), None
     except ImageReadError:
         raise
     except Exception as exc:  # decoders raise many types; the user needs one line, the log the detail
         log.debug("decode failure for %s", label, exc_info=True)
         raise ImageReadError(label, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
-    return _checked(array, label, "image")
+    return Radiograph(_checked(array, label, "image"), view)
 
 
 def read_array(array: np.ndarray, name: str = "<array>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -207,13 +222,15 @@ def _to_grey(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
-def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
+def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray, str | None]:
+    """Grey levels and the header's view."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, columns, frames = int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), int(ds.get("NumberOfFrames", 1) or 1)
+        view = str(ds.get("ViewPosition", "") or "").strip().upper() or None
     except Exception:  # pydicom raises many types for broken headers; the log keeps the detail
         log.debug("DICOM header failure for %s", label, exc_info=True)
         raise ImageReadError(label, "not a valid DICOM file (unreadable header)") from None
@@ -232,15 +249,15 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if pixels.ndim == 3:  # colour DICOM (secondary capture): luma
         if photometric.startswith("YBR"):
-            return pixels[..., 0].astype(np.float32)
-        return (pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+            return pixels[..., 0].astype(np.float32), view
+        return (pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)), view
     array = apply_modality_lut(pixels, ds)
     if "VOILUTSequence" in ds or ("WindowCenter" in ds and _window_is_valid(ds)):
         array = apply_voi_lut(array, ds)
     array = np.asarray(array, dtype=np.float32)
     if photometric == "MONOCHROME1":
         array = array.max() + array.min() - array
-    return array
+    return array, view
 
 
 def _window_is_valid(ds) -> bool:

@@ -9,16 +9,17 @@ does not stop the others.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from klgrade.data.io import MAX_PIXELS, read_array, read_image
+from klgrade.data.io import MAX_PIXELS, Radiograph, read_array, read_radiograph
 from klgrade.data.sources import parse_knee_name
 from klgrade.errors import ImageReadError
 from klgrade.infer.predictor import Grading, Predictor
+from klgrade.uncertainty import view_reason
 
 ARRAY_NAME = "<array>"
 
@@ -37,10 +38,12 @@ Source = Union[str, Path, NamedBytes, np.ndarray]
 
 @dataclass(frozen=True)
 class PreparedInput:
-    """One input as the network sees it: the (size, size) uint8 image, and the input's name."""
+    """One input as the network sees it: the (size, size) uint8 image, the input's name, and why its file says it
+    is not gradable (a DICOM header naming a lateral view), if it does."""
 
     image: np.ndarray
     name: str
+    not_gradable: str | None = None
 
 
 def source_name(source: Source) -> str:
@@ -51,17 +54,17 @@ def source_name(source: Source) -> str:
     return str(source)
 
 
-def decode(source: Source, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
-    """Grey levels and knee side (from the name) of one input.
+def decode(source: Source, max_pixels: int = MAX_PIXELS) -> tuple[Radiograph, str | None]:
+    """The radiograph (grey levels, DICOM view) and knee side (from the name) of one input.
 
     Raises:
         ImageReadError: unreadable file or bytes, an image over `max_pixels`, or an unusable array.
     """
     name = source_name(source)
     if isinstance(source, np.ndarray):
-        return read_array(source, name, max_pixels), None
+        return Radiograph(read_array(source, name, max_pixels)), None
     data = source.data if isinstance(source, NamedBytes) else source
-    return read_image(data, name=name, max_pixels=max_pixels), parse_knee_name(name)[1]
+    return read_radiograph(data, name=name, max_pixels=max_pixels), parse_knee_name(name)[1]
 
 
 def prepare_input(model: Predictor, source: Source, max_pixels: int = MAX_PIXELS) -> PreparedInput:
@@ -70,14 +73,17 @@ def prepare_input(model: Predictor, source: Source, max_pixels: int = MAX_PIXELS
     Raises:
         ImageReadError: as `decode`.
     """
-    image, side = decode(source, max_pixels)
-    return PreparedInput(model.prepare(image, side), source_name(source))
+    radiograph, side = decode(source, max_pixels)
+    return PreparedInput(model.prepare(radiograph.grey, side), source_name(source), view_reason(radiograph.view))
 
 
 def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: bool = False,
                    alpha: float | None = None) -> list[Grading]:
-    """Grade prepared inputs as one batch (`alpha`: miss rate of the grade sets; None = the model's)."""
-    return model.grade_prepared(np.stack([i.image for i in inputs]), [i.name for i in inputs], explain, alpha)
+    """Grade prepared inputs as one batch (`alpha`: miss rate of the grade sets; None = the model's); an input its
+    file calls not gradable is not, whatever the image looks like, and says why first."""
+    gradings = model.grade_prepared(np.stack([i.image for i in inputs]), [i.name for i in inputs], explain, alpha)
+    return [replace(g, gradable=False, warnings=[i.not_gradable, *g.warnings]) if i.not_gradable else g
+            for g, i in zip(gradings, inputs)]
 
 
 def grade_many(model: Predictor, sources: Sequence[Source], explain: bool = False, batch_size: int = 16,

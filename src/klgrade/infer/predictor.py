@@ -100,8 +100,9 @@ class Grading:
         confidence: probability of `grade`.
         grade_set: contiguous grades that hold the true grade with probability `coverage`, whatever the true
             grade (calibrated models); just `[grade]` when the model is not calibrated (then `coverage` is None).
-        gradable: False when the input is not a knee radiograph like the training data (blank, or far from
-            it in feature space); the probabilities are still given, the grade is not to be trusted.
+        gradable: False when the input is not a knee radiograph like the training data (blank, far from it in
+            feature space, or a DICOM header naming a lateral, oblique or axial view); the probabilities are still
+            given, the grade is not to be trusted.
         heatmap: (H, W) Grad-CAM map in [0, 1] of the network input when explained, else None.
         warnings: what a reader must know about this answer (e.g. "explanation empty"); empty when all is well.
         name: the input's name (path or upload file name), when it had one.
