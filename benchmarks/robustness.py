@@ -7,7 +7,8 @@ Each perturbation is applied to the decoded image as a radiograph viewer or PACS
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
 copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
 downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise (sigma 8 and 20 grey levels of 255),
-Gaussian blur (sigma 2 px at 224 px), and the grey levels inverted (a MONOCHROME1 radiograph saved without its
+Gaussian blur (sigma 2 px at 224 px), edge enhancement (unsharp masking, sigma 2 px, amount 1, as CR/DX
+processing sharpens), and the grey levels inverted (a MONOCHROME1 radiograph saved without its
 inversion). Per perturbation: accuracy, QWK, and agreement of the grade
 with the clean image's grade; `warned`, the share of images that get the processing-shift warning,
 `framing_warned` and `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or
@@ -99,6 +100,10 @@ def _blur(sigma: float) -> Callable[[np.ndarray], np.ndarray]:
     return lambda image: cv2.GaussianBlur(image, (0, 0), sigma)
 
 
+def _unsharp(sigma: float, amount: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda image: np.clip(image + amount * (image - cv2.GaussianBlur(image, (0, 0), sigma)), 0, 255)
+
+
 def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     return {
         "clahe_2": _clahe(2.0), "clahe_4": _clahe(4.0), "contrast_reduced": _soften,
@@ -106,6 +111,7 @@ def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], 
         "equalize": lambda image: cv2.equalizeHist(_uint8(image)).astype(np.float32),
         "jpeg_q30": _jpeg, "downsample_112": _resample, "png_16bit": _sixteen_bit,
         "gaussian_noise": _noise(8.0, rng), "gaussian_noise_20": _noise(20.0, rng), "blur_2": _blur(2.0),
+        "unsharp_2": _unsharp(2.0, 1.0),
         "inverted": lambda image: image.max() + image.min() - image,
     }
 

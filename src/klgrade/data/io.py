@@ -2,11 +2,11 @@
 
 PNG/JPEG/BMP/TIFF in 8 or 16 bits (grey, RGB, RGBA, palette) via Pillow, opened with an explicit format
 allow-list (no other Pillow plugin ever runs, e.g. EPS through Ghostscript) and turned as their EXIF orientation
-says, so the model sees the knee the way every viewer shows it (a knee stored sideways with orientation 6 was
-otherwise graded KL 4 and flagged not gradable, 21 of 21 val knees tried); DICOM via pydicom (compressed
-pixel data through GDCM: JPEG lossless and JPEG-LS, which PACS exports of CR/DX often use, need it) with the
-modality LUT (rescale slope/intercept), the VOI LUT or window (a broken window is ignored), and MONOCHROME1
-inverted so that bone is always bright. Files are read only when they are regular files, and never past
+says, so the model sees the knee the way every viewer shows it (of 21 val knees stored sideways with orientation
+6, read as stored, 20 were graded KL 4 and all 21 flagged not gradable); DICOM via pydicom (compressed pixel data
+through GDCM: JPEG lossless and JPEG-LS, which PACS exports of CR/DX often use, need it) with the modality LUT
+(rescale slope/intercept), the VOI LUT or window (a broken window is ignored), and MONOCHROME1 inverted so that
+bone is always bright; its header's `ViewPosition` comes along (`Radiograph.view`). Files are read only when they are regular files, and never past
 `MAX_FILE_BYTES` (a FIFO, a device or a symlink loop is an error, not a hang). Every failure raises
 `ImageReadError(path, reason)`.
 """
@@ -54,7 +54,8 @@ def read_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
 
 
 def read_radiograph(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Radiograph:
-    """Decode an image file (or its bytes) into a 2-D float32 array of grey levels (native scale).
+    """Decode an image file (or its bytes) into a 2-D float32 array of grey levels (native scale), and the view a
+    DICOM header names.
 
     Args:
         source: a path, or the raw bytes of an upload.
