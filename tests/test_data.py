@@ -11,11 +11,17 @@ from klgrade.data.sources import find_samples, parse_knee_name
 from klgrade.data.splits import check_no_leak, patient_folds, shared_patients
 from klgrade.errors import DataLayoutError, KLGradeError
 
-from helpers import knee_image, run_cli, save
+from helpers import knee_image, run_cli, save, write_dicom
 
 
 def _write(path, seed=0):
     return save(Image.fromarray(knee_image(seed)), path)
+
+
+def _parent(path):
+    """`path`, its folder made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -188,7 +194,7 @@ def test_summary_of_real_data(kneekl224):
     assert summary["splits"]["train"]["counts"] == [2286, 1046, 1516, 757, 173]
     assert summary["splits"]["val"]["counts"] == [328, 153, 212, 106, 27]
     assert summary["patient_overlap"] == {"train/val": 0}
-    assert summary["unreadable"] == []
+    assert summary["unreadable"] == [] and summary["not_frontal"] == []
 
 
 def test_summary_lists_bad_files_and_still_counts_the_rest(tmp_path):
@@ -206,6 +212,22 @@ def test_summary_lists_bad_files_and_still_counts_the_rest(tmp_path):
     assert summary["patient_overlap"] == {"train/val": 1}
     assert {item["path"].rsplit("/", 1)[1] for item in summary["unreadable"]} == {"9000009L.png", "9000008L.png"}
     assert "9000009L.png: empty file" in result.stderr
+
+
+def test_summary_names_the_dicom_files_of_a_lateral_view_and_still_counts_them(tmp_path):
+    """A PACS export of knee series holds laterals beside the frontal views; training and evaluate would take them as
+    frontal, so the summary says which they are (a warning: they are readable)."""
+    pixels = knee_image().astype(np.uint16) * 16
+    write_dicom(_parent(tmp_path / "train" / "1" / "9000001L.dcm"), pixels, "MONOCHROME2", view="PA")
+    write_dicom(_parent(tmp_path / "train" / "1" / "9000001R.dcm"), pixels, "MONOCHROME2", view="RL")
+    result = run_cli("data", "summary", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["splits"]["train"]["counts"] == [0, 2, 0, 0, 0] and summary["unreadable"] == []
+    assert [item["path"].rsplit("/", 1)[1] for item in summary["not_frontal"]] == ["9000001R.dcm"]
+    assert "warning: " in result.stderr and "9000001R.dcm: not gradable: the DICOM header names a lateral view" in result.stderr
+    table = run_cli("data", "summary", str(tmp_path))
+    assert "lateral, oblique or axial view: 1" in table.stdout
 
 
 def test_summary_of_a_bad_layout_is_one_line(tmp_path):

@@ -190,7 +190,8 @@ def data_summary(
     data: Annotated[str, typer.Argument(help="Dataset folder or CSV manifest.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Counts per split x grade, patients per split, cross-split patient overlap, unreadable files."""
+    """Counts per split x grade, patients per split, cross-split patient overlap, unreadable files, DICOM files of
+    a lateral, oblique or axial view."""
     from klgrade.data.summary import summarize
     from klgrade.console import print_summary
 
@@ -201,6 +202,8 @@ def data_summary(
         print_summary(summary)
     for item in summary["unreadable"]:
         typer.echo(f"error: {item['path']}: {item['reason']}", err=True)
+    for item in summary["not_frontal"]:
+        typer.echo(f"warning: {item['path']}: {item['reason']}", err=True)
     if summary["unreadable"]:
         raise typer.Exit(1)
 
