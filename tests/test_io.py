@@ -113,6 +113,28 @@ def test_the_view_a_dicom_header_names_is_read(tmp_path):
     assert read_radiograph(save(Image.fromarray(knee_image()), tmp_path / "knee.png")).view is None
 
 
+def test_colour_dicom_is_read_as_luma_whatever_its_colour_space(tmp_path):
+    """pydicom hands YBR pixel data over as RGB: its first channel is red, not luma (was read as the grey level).
+    A palette DICOM stores indices into its colour table, which must be looked up first."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ybr = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")  # shipped with pydicom: JPEG baseline, YBR_FULL, red top band
+    assert pydicom.dcmread(ybr).PhotometricInterpretation == "YBR_FULL"
+    assert read_image(ybr)[0, 0] == pytest.approx(0.299 * 254, abs=1)
+    indices = knee_image().astype(np.uint8)
+    palette = write_dicom(tmp_path / "palette.dcm", indices, "MONOCHROME2")
+    ds = pydicom.dcmread(palette)
+    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = "PALETTE COLOR", 8, 8, 7
+    ds.PixelData = indices.tobytes()
+    table = (65535 - 257 * np.arange(256)).astype("<u2").tobytes()  # a grey ramp that runs backwards
+    for colour in ("Red", "Green", "Blue"):
+        ds.add_new(f"{colour}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+        ds.add_new(f"{colour}PaletteColorLookupTableData", "OW", table)
+    ds.save_as(palette)
+    np.testing.assert_allclose(read_image(palette), 65535 - 257 * indices.astype(np.float32), rtol=1e-5)
+
+
 def test_dicom_without_extension_is_detected_by_magic(tmp_path):
     path = write_dicom(tmp_path / "x.dcm", knee_image().astype(np.uint16), "MONOCHROME2")
     renamed = path.rename(tmp_path / "IMG0001")

@@ -226,7 +226,7 @@ def _to_grey(image: Image.Image) -> np.ndarray:
 def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray, str | None]:
     """Grey levels and the header's view."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -248,9 +248,9 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray,
         detail = f"transfer syntax {syntax.name}" if syntax is not None else "unknown transfer syntax"
         raise ImageReadError(label, f"DICOM pixel data cannot be decoded ({detail}; truncated or unsupported)") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if pixels.ndim == 3:  # colour DICOM (secondary capture): luma
-        if photometric.startswith("YBR"):
-            return pixels[..., 0].astype(np.float32), view
+    if photometric == "PALETTE COLOR":  # the stored values are indices into the palette, not grey levels
+        pixels = apply_color_lut(pixels, ds)
+    if pixels.ndim == 3:  # colour DICOM (secondary capture): pydicom gives RGB, YBR converted; luma
         return (pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)), view
     array = apply_modality_lut(pixels, ds)
     if "VOILUTSequence" in ds or ("WindowCenter" in ds and _window_is_valid(ds)):
