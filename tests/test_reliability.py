@@ -128,10 +128,10 @@ def test_concurrent_requests_are_graded_in_batches_not_one_at_a_time(tiny_checkp
         predictor = app.state.predictor
         plain = predictor.grade_prepared
 
-        def slow_grade(prepared, names=None, explain=False, alpha=None):
+        def slow_grade(prepared, *args):
             batch_sizes.append(len(prepared))
             time.sleep(0.5)  # while this batch runs, the other requests queue up
-            return plain(prepared, names, explain, alpha)
+            return plain(prepared, *args)
 
         predictor.grade_prepared = slow_grade
 

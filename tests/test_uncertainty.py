@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -295,6 +296,17 @@ def test_a_dicom_header_naming_a_lateral_oblique_or_axial_view_makes_the_answer_
     with TestClient(create_app(Settings(checkpoints=[str(tiny_checkpoint)]))) as client:
         body = client.post("/v1/grade", files={"file": ("knee.dcm", paths[0].read_bytes(), "application/dicom")}).json()
     assert body["gradable"] is False and body["warnings"][0] == view_reason("LL")
+    labelled = tmp_path / "labelled" / "2"  # evaluate says the same of each knee, and counts it not gradable
+    labelled.mkdir(parents=True)
+    for index, path in enumerate(paths[2:6]):  # RLO, SKYLINE, PA, BILATERAL PA
+        path.rename(labelled / f"900000{index}R.dcm")
+    result = run_cli("evaluate", "--data", str(labelled.parent), "--checkpoint", str(tiny_checkpoint), "--json",
+                     "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ungradable_fraction"] == 0.5
+    rows = {row["path"].rsplit("/", 1)[1]: row for row in csv.DictReader((tmp_path / "report" / "predictions.csv").open())}
+    assert [rows[f"900000{index}R.dcm"]["gradable"] for index in range(4)] == ["False", "False", "True", "True"]
+    assert rows["9000000R.dcm"]["warnings"].startswith(view_reason("RLO"))
 
 
 def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(calibrated, kneekl224, tmp_path):

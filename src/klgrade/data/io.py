@@ -86,6 +86,24 @@ def read_radiograph(source: str | Path | bytes, name: str | None = None, max_pix
     return Radiograph(_checked(array, label, "image"), view)
 
 
+def read_view(path: str | Path) -> str | None:
+    """The view a DICOM file's header names (as `Radiograph.view`), reading the header only; None for other files
+    and for any file that cannot be read (decoding it reports that)."""
+    if regular_file_problem(Path(path)) is not None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(_DICOM_MAGIC_OFFSET + 4)
+        if start[_DICOM_MAGIC_OFFSET:] != b"DICM" and Path(path).suffix.lower() not in {".dcm", ".dicom"}:
+            return None
+        import pydicom
+
+        return _view_position(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"]))
+    except Exception:  # unreadable here means unreadable when decoded too, where it is reported
+        log.debug("no view read from %s", path, exc_info=True)
+        return None
+
+
 def read_array(array: np.ndarray, name: str = "<array>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A radiograph already in memory, checked as a decoded file is: (H, W) grey levels, or (H, W, 3 or 4)
     colour with the channels averaged (Pillow and matplotlib give RGB, OpenCV BGR: the average is the same for
@@ -231,7 +249,7 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray,
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, columns, frames = int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), int(ds.get("NumberOfFrames", 1) or 1)
-        view = str(ds.get("ViewPosition", "") or "").strip().upper() or None
+        view = _view_position(ds)
     except Exception:  # pydicom raises many types for broken headers; the log keeps the detail
         log.debug("DICOM header failure for %s", label, exc_info=True)
         raise ImageReadError(label, "not a valid DICOM file (unreadable header)") from None
@@ -259,6 +277,10 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray,
     if photometric == "MONOCHROME1":
         array = array.max() + array.min() - array
     return array, view
+
+
+def _view_position(ds) -> str | None:
+    return str(ds.get("ViewPosition", "") or "").strip().upper() or None
 
 
 def _window_is_valid(ds) -> bool:

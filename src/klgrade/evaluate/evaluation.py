@@ -10,11 +10,12 @@ import numpy as np
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
+from klgrade.data.io import read_view
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
 from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
-from klgrade.uncertainty import apply_temperature, conformal_scores, log_probabilities
+from klgrade.uncertainty import apply_temperature, conformal_scores, log_probabilities, view_reason
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,9 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     probabilities = predictions.outputs.probabilities
     metrics = compute_metrics(predictions.labels, probabilities, groups=[s.patient_id for s in predictions.samples],
                               n_boot=n_boot, seed=seed)
-    assessment = predictor.assess(upright_images(predictions.images, predictions.outputs), predictions.outputs, alpha)
+    file_reasons = [view_reason(read_view(s.path)) for s in predictions.samples]  # as predict and the service see
+    assessment = predictor.assess(upright_images(predictions.images, predictions.outputs), predictions.outputs, alpha,
+                                  file_reasons)
     flagged = [not gradable for gradable in assessment.gradable]
     metrics["ungradable_fraction"] = float(np.mean(flagged))
     metrics["ungradable_per_grade"] = share_per_grade(predictions.labels, flagged)

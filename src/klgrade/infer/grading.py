@@ -9,7 +9,7 @@ does not stop the others.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
@@ -81,9 +81,8 @@ def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: b
                    alpha: float | None = None) -> list[Grading]:
     """Grade prepared inputs as one batch (`alpha`: miss rate of the grade sets; None = the model's); an input its
     file calls not gradable is not, whatever the image looks like, and says why first."""
-    gradings = model.grade_prepared(np.stack([i.image for i in inputs]), [i.name for i in inputs], explain, alpha)
-    return [replace(g, gradable=False, warnings=[i.not_gradable, *g.warnings]) if i.not_gradable else g
-            for g, i in zip(gradings, inputs)]
+    return model.grade_prepared(np.stack([i.image for i in inputs]), [i.name for i in inputs], explain, alpha,
+                                [i.not_gradable for i in inputs])
 
 
 def grade_many(model: Predictor, sources: Sequence[Source], explain: bool = False, batch_size: int = 16,

@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -307,10 +308,12 @@ class Predictor:
         """Grades every set includes because the calibration holds too few of them for 1 - alpha."""
         return uncertified_grades(self.conformal_grades, alpha) if self.has_grade_thresholds else []
 
-    def assess(self, images_uint8: np.ndarray, outputs: Outputs, alpha: float | None = None) -> Assessment:
+    def assess(self, images_uint8: np.ndarray, outputs: Outputs, alpha: float | None = None,
+               file_reasons: Sequence[str | None] | None = None) -> Assessment:
         """How sure each answer is: its grade set, whether it is gradable, the shifts seen, and every warning it
         carries (not gradable, uncertified grades, shifts), in that order. `images_uint8`: as graded
-        (`upright_images`)."""
+        (`upright_images`); `file_reasons`: per image, why its file says it is not gradable (a DICOM header
+        naming a lateral view, `uncertainty.view_reason`) or None; first among its reasons."""
         alpha = self.alpha if alpha is None else alpha
         if self.is_calibrated:
             sets = grade_sets(outputs.probabilities, self.set_thresholds(alpha))
@@ -318,6 +321,9 @@ class Predictor:
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
         warnings = gradability(images_uint8, outputs.features, self.density)
+        for notes, reason in zip(warnings, file_reasons or []):
+            if reason:
+                notes.insert(0, reason)
         gradable = [not reasons for reasons in warnings]
         uncertified = self.uncertified_grades(alpha)
         for notes in warnings if uncertified else []:
@@ -360,15 +366,17 @@ class Predictor:
         return Explanation(maps, np.all([m.empty for m in members], axis=0))
 
     def grade_prepared(self, prepared: np.ndarray, names: list[str | None] | None = None,
-                       explain: bool = False, alpha: float | None = None) -> list[Grading]:
-        """Grade (B, H, W) uint8 images from `prepare`; Grad-CAM of the predicted grade when `explain`."""
+                       explain: bool = False, alpha: float | None = None,
+                       file_reasons: Sequence[str | None] | None = None) -> list[Grading]:
+        """Grade (B, H, W) uint8 images from `prepare`; Grad-CAM of the predicted grade when `explain`;
+        `file_reasons` as for `assess`."""
         names = names or [None] * len(prepared)
         alpha = self.alpha if alpha is None else alpha
         outputs = self.outputs(prepared)
         graded = upright_images(prepared, outputs)
         probabilities = outputs.probabilities
         grades = probabilities.argmax(axis=1)
-        assessment = self.assess(graded, outputs, alpha)
+        assessment = self.assess(graded, outputs, alpha, file_reasons)
         warnings = assessment.warnings
         maps = [None] * len(prepared)
         if explain and self.can_explain:
