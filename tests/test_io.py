@@ -141,6 +141,23 @@ def test_dicom_without_extension_is_detected_by_magic(tmp_path):
     assert read_image(renamed).shape == (64, 64)
 
 
+def test_a_file_of_several_images_is_refused_but_a_thumbnail_page_is_not(tmp_path):
+    """Only the first image of a multi-page TIFF or an animated PNG was graded, the rest dropped unseen."""
+    from PIL import TiffImagePlugin
+
+    first, second = Image.fromarray(knee_image(0)), Image.fromarray(knee_image(1))
+    for suffix in ("tiff", "png"):
+        path = save(first, tmp_path / f"two.{suffix}", save_all=True, append_images=[second])
+        with pytest.raises(ImageReadError, match=f"more than one image in this {suffix.upper()[:4]} file"):
+            read_image(path)
+    thumbnail = Image.fromarray(knee_image(0)[::4, ::4])
+    reduced = TiffImagePlugin.ImageFileDirectory_v2()
+    reduced[254] = 1  # NewSubfileType: reduced-resolution version of another page
+    thumbnail.encoderinfo = {"tiffinfo": reduced}
+    path = save(first, tmp_path / "with_thumbnail.tiff", save_all=True, append_images=[thumbnail])
+    np.testing.assert_array_equal(read_image(path), knee_image(0))
+
+
 @pytest.mark.parametrize("content, reason", [
     (b"", "empty file"),
     (b"this is text, not an image\n" * 5, "not a recognised image"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import logging
 import os
 import stat
@@ -34,6 +35,8 @@ MAX_PIXELS = 64_000_000
 MAX_FILE_BYTES = 256 * 1024 * 1024
 PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 """The only Pillow decoders klgrade runs."""
+TIFF_NEW_SUBFILE_TYPE = 254
+"""The TIFF tag whose bit 0 marks a reduced-resolution page (a thumbnail of another)."""
 MIN_SIDE = 16
 """Smallest side (pixels) that still holds a knee joint worth grading."""
 _DICOM_MAGIC_OFFSET = 128
@@ -206,6 +209,7 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
             _check_size(*image.size, label, max_pixels)
+            _check_one_image(image, label)
             image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         reason = "not a recognised image (PNG/JPEG/BMP/TIFF/DICOM)"
@@ -215,6 +219,25 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     except OSError as exc:
         raise ImageReadError(label, f"truncated or corrupt image ({exc})") from None
     return _to_grey(_as_displayed(image, label))
+
+
+def _check_one_image(image: Image.Image, label: str) -> None:
+    """A multi-page TIFF or an animated PNG would have its first image graded and the others dropped unseen: refused,
+    as multi-frame DICOM is. Reduced-resolution TIFF pages (thumbnails, NewSubfileType bit 0) do not count; nor
+    does a JPEG's second picture (a phone's depth or gain map). Pages are read only until a second full one."""
+    if image.format not in ("TIFF", "PNG") or not getattr(image, "is_animated", False):
+        return
+    full_pages = 0
+    for page in itertools.count():
+        try:
+            image.seek(page)
+        except EOFError:
+            break
+        full_pages += image.format != "TIFF" or not image.tag_v2.get(TIFF_NEW_SUBFILE_TYPE, 0) & 1
+        if full_pages > 1:
+            raise ImageReadError(label, f"more than one image in this {image.format} file (expected one radiograph "
+                                        "per file)")
+    image.seek(0)
 
 
 def _as_displayed(image: Image.Image, label: str) -> Image.Image:
