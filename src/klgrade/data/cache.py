@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 4
 """Raised whenever decoding or `to_uint8` changes what they make of a file (2: uniform margins trimmed; 3: also
-margins of two colours or holding a label; 4: EXIF orientation applied; no kneeKL224 file carries one)."""
+margins of two colours or holding a label; 4: EXIF orientation applied, several-image files refused; no kneeKL224
+file carries an orientation or holds several images)."""
 
 
 def default_cache_dir() -> Path:
