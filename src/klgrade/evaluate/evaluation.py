@@ -134,7 +134,7 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     probabilities = predictions.outputs.probabilities
     metrics = compute_metrics(predictions.labels, probabilities, groups=[s.patient_id for s in predictions.samples],
                               n_boot=n_boot, seed=seed)
-    file_reasons = [view_reason(read_view(s.path)) for s in predictions.samples]  # as predict and the service see
+    file_reasons = [view_reason(read_view(s.path)) for s in predictions.samples]  # the view check predict makes
     assessment = predictor.assess(upright_images(predictions.images, predictions.outputs), predictions.outputs, alpha,
                                   file_reasons)
     flagged = [not gradable for gradable in assessment.gradable]
