@@ -97,7 +97,7 @@ def read_view(path: str | Path) -> str | None:
     try:
         with open(path, "rb") as handle:
             start = handle.read(_DICOM_MAGIC_OFFSET + 4)
-        if start[_DICOM_MAGIC_OFFSET:] != b"DICM" and Path(path).suffix.lower() not in {".dcm", ".dicom"}:
+        if not _is_dicom(start, str(path)):  # the decision decoding makes, on the file's first bytes
             return None
         import pydicom
 
