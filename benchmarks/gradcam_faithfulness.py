@@ -107,10 +107,10 @@ def main() -> None:
     if args.layer:
         use_layer(predictor, args.layer)
     samples = choose_samples(args.data, args.limit_per_grade, args.seed)
-    images, failures = decode_all(samples, predictor.preprocess)
-    if failures:
-        raise SystemExit(f"error: {len(failures)} unreadable images, e.g. {failures[0]}")
-    rows = measure(predictor, images, [s.grade for s in samples], args.seed)
+    decoded = decode_all(samples, predictor.preprocess)
+    if decoded.failures:
+        raise SystemExit(f"error: {len(decoded.failures)} unreadable images, e.g. {decoded.failures[0]}")
+    rows = measure(predictor, decoded.images, [s.grade for s in samples], args.seed)
     result = {"per_grade": [summarize([r for r in rows if r["grade"] == g]) for g in range(NUM_GRADES)],
               "overall": summarize(rows)}
     if args.json:

@@ -38,7 +38,7 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     fold0 = [r for r in rows if r["fold"] == "0"]
     scored = load_model(out / "fold0" / "last.safetensors", tta=False)
     expected = scored.probabilities(decode_all([Sample(r["path"], int(r["true"]), r["patient_id"]) for r in fold0],
-                                               scored.preprocess)[0])
+                                               scored.preprocess).images)
     np.testing.assert_allclose([[float(r[f"prob_{k}"]) for k in range(5)] for r in fold0], expected, atol=2e-6)
     refused = run_cli("cv", "--data", str(kneekl224), "--model", "msa_net", "--folds", "3", "--out",
                       str(tmp_path / "early"), "--patience", "2", *TINY_CV)

@@ -17,8 +17,9 @@ from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
 from klgrade.uncertainty import (BLANK, FeatureDensity, FramingProbe, PolarityProbe, apply_temperature,
                                  conformal_scores, conformal_threshold, fit_processing_profile, grade_sets,
-                                 grade_thresholds, gradability, processing_shift, processing_statistics,
-                                 smallest_alpha, uncertified_grades, uncertified_warning, view_reason)
+                                 grade_thresholds, gradability, input_reasons, processing_shift,
+                                 processing_statistics, smallest_alpha, uncertified_grades, uncertified_warning,
+                                 view_reason)
 
 from helpers import EXAMPLES, REPO, copy_real_images, knee_image, run_cli, write_dicom
 
@@ -152,6 +153,35 @@ def test_feature_density_flags_far_points_and_blank_images():
     assert (density.distances(rng.normal(6, 1, (100, 8))) > density.threshold).all()
     images = np.stack([knee_image(1), np.full((64, 64), 7, np.uint8)])
     assert gradability(images, None, None) == [[], [BLANK]]
+
+
+def test_an_input_with_too_few_pixels_or_grey_levels_or_a_lateral_view_is_not_gradable_whatever_it_shows():
+    assert input_reasons(None, (64, 64), 10) == [] and input_reasons("PA", (3000, 2500), 256) == []
+    assert input_reasons(None, (63, 400), 10) == ["not gradable: the image is only 63 x 400 pixels (uniform margins "
+                                                  "trimmed); grades hold from 64 pixels a side"]
+    assert input_reasons(None, (64, 64), 9) == ["not gradable: the image holds only 9 grey levels (binarised or "
+                                                "posterised?); grades hold from 10"]
+    assert input_reasons(None, (64, 64), 1) == []  # blank: `gradability` says so, once
+    reasons = input_reasons("LL", (40, 40), 2)
+    assert reasons[0] == view_reason("LL") and len(reasons) == 3
+
+
+def test_calibrate_leaves_out_inputs_that_are_not_gradable(tiny_checkpoint, kneekl224, tmp_path):
+    """A lateral view or a thumbnail among the calibration images would enter the grade sets' scores and the
+    gradability threshold although no answer for such an input is gradable."""
+    from PIL import Image
+
+    copy_real_images(kneekl224, tmp_path / "val", 4, split="val")
+    copy_real_images(kneekl224, tmp_path / "train", 4, split="train")
+    knee = np.asarray(Image.open(next((tmp_path / "val" / "0").iterdir())), dtype=np.uint16) * 16
+    write_dicom(tmp_path / "val" / "0" / "9000000R.dcm", knee, "MONOCHROME2", view="LL")
+    Image.fromarray((knee[::4, ::4] // 16).astype(np.uint8)).save(tmp_path / "val" / "1" / "9000001R.png")
+    result = run_cli("calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--out",
+                     str(tmp_path / "calibrated.safetensors"))
+    assert result.returncode == 0, result.stderr
+    assert "KL 0-4: 4 / 4 / 4 / 4 / 4;" in result.stdout
+    assert "left out 2 of 22 images that are not gradable as inputs" in result.stderr
+    assert read_info(tmp_path / "calibrated.safetensors")["calibration"]["n_calibration"] == 20
 
 
 def test_framing_probes_read_the_crop_share_and_warn_only_beyond_the_training_framing():

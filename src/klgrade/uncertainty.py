@@ -15,7 +15,9 @@ contiguous.)
 Gradability: the Mahalanobis distance of the penultimate features to the nearest grade's mean under a shared
 covariance (Lee, Lee, Lee and Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
 Adversarial Attacks", NeurIPS 2018), fitted on training images and thresholded at a quantile of the
-calibration images' distances; plus a check for blank, near-constant images.
+calibration images' distances; plus a check for blank, near-constant images, and checks of the input itself that
+no network output can overrule (`input_reasons`: a DICOM view other than the frontal one, too few pixels, too few
+grey levels).
 
 Processing shift: a knee radiograph whose contrast was processed unlike the training images (enhanced again,
 equalised) is still gradable, but its grade may move with the processing (docs/results.md, robustness). Three
@@ -57,6 +59,17 @@ NOT_A_KNEE = "not gradable: the image does not look like the knee radiographs th
 BLANK = "not gradable: the image is blank or nearly constant"
 NOT_FRONTAL = ("not gradable: the DICOM header names a {kind} view (ViewPosition {view}); Kellgren-Lawrence grades "
                "are read on frontal (AP/PA) knee radiographs")
+MIN_KNEE_PIXELS = 64
+"""Fewer pixels a side (once uniform margins are trimmed) and the grade does not hold: val knees shrunk to 64 px
+keep 88% of their grades and 89% set coverage, at 48 px 81% / 86%, at 32 px 60% / 79%, mostly unflagged
+(docs/results.md, inputs)."""
+MIN_GREY_LEVELS = 10
+"""Fewer distinct grey levels (binarised or posterised) and the grade does not hold: at 10 levels val knees keep
+90% of their grades, at 8 85%, at 7 73% with the mean grade 0.4 higher, mostly unflagged (docs/results.md, inputs)."""
+TOO_SMALL = ("not gradable: the image is only {rows} x {columns} pixels (uniform margins trimmed); grades hold from "
+             f"{MIN_KNEE_PIXELS} pixels a side")
+TOO_FEW_GREY_LEVELS = ("not gradable: the image holds only {levels} grey levels (binarised or posterised?); grades "
+                       f"hold from {MIN_GREY_LEVELS}")
 NON_FRONTAL_VIEWS = {
     "lateral": {"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"},
     "oblique": {"LLO", "RLO", "OBL", "OBLIQUE"},
@@ -379,6 +392,18 @@ def view_reason(view: str | None) -> str | None:
         if words & names:
             return NOT_FRONTAL.format(kind=kind, view=view)
     return None
+
+
+def input_reasons(view: str | None, trimmed_shape: tuple[int, int], grey_levels: int) -> list[str]:
+    """Why an input is not gradable whatever the network makes of it: its DICOM header names a view other than the
+    frontal one (`view_reason`), it has too few pixels or too few grey levels to grade (`data.preprocess.
+    PreparedImage` measures both before resizing hides them)."""
+    reasons = [view_reason(view)] if view_reason(view) else []
+    if min(trimmed_shape) < MIN_KNEE_PIXELS:
+        reasons.append(TOO_SMALL.format(rows=trimmed_shape[0], columns=trimmed_shape[1]))
+    if 1 < grey_levels < MIN_GREY_LEVELS:  # one level is a blank image, which `gradability` names
+        reasons.append(TOO_FEW_GREY_LEVELS.format(levels=grey_levels))
+    return reasons
 
 
 def gradability(images_uint8: np.ndarray, features: np.ndarray | None,

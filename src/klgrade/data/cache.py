@@ -11,15 +11,17 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from klgrade.data.io import read_image
-from klgrade.data.preprocess import PreprocessConfig, to_uint8
+from klgrade.data.io import read_radiograph
+from klgrade.data.preprocess import PreprocessConfig, prepare_image
 from klgrade.data.sources import Sample
 from klgrade.errors import ImageReadError, KLGradeError
 from klgrade.files import atomic_path
+from klgrade.uncertainty import input_reasons
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +48,36 @@ def cache_key(samples: list[Sample], config: PreprocessConfig) -> str:
     return digest.hexdigest()[:20]
 
 
-def decode_all(samples: list[Sample], config: PreprocessConfig, workers: int | None = None
-               ) -> tuple[np.ndarray, list[ImageReadError]]:
+@dataclass
+class Decoded:
+    """A file list decoded and preprocessed: the images (zeros where unreadable), the read failures, and per file why
+    it is not gradable whatever a network makes of it (`uncertainty.input_reasons`; empty where it is gradable)."""
+
+    images: np.ndarray
+    failures: list[ImageReadError]
+    reasons: list[list[str]]
+
+
+def decode_all(samples: list[Sample], config: PreprocessConfig, workers: int | None = None) -> Decoded:
     """Decode + preprocess every sample (threads); unreadable files become zero images and are reported."""
     images = np.zeros((len(samples), config.size, config.size), dtype=np.uint8)
     failures: list[ImageReadError] = []
+    reasons: list[list[str]] = [[] for _ in samples]
 
     def load(index: int) -> None:
         sample = samples[index]
         try:
-            images[index] = to_uint8(read_image(sample.path), config, sample.side)
+            radiograph = read_radiograph(sample.path)
         except ImageReadError as exc:
             failures.append(exc)
+            return
+        prepared = prepare_image(radiograph.grey, config, sample.side)
+        images[index] = prepared.pixels
+        reasons[index] = input_reasons(radiograph.view, prepared.trimmed_shape, prepared.grey_levels)
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         list(pool.map(load, range(len(samples))))
-    return images, failures
+    return Decoded(images, failures, reasons)
 
 
 def load_cached(samples: list[Sample], config: PreprocessConfig, cache_dir: str | Path | None = None) -> np.ndarray:
@@ -76,10 +92,10 @@ def load_cached(samples: list[Sample], config: PreprocessConfig, cache_dir: str 
         log.info("reading image cache %s", path)
         return np.load(path, mmap_mode="r")
     log.info("building image cache of %d images at %s", len(samples), path)
-    images, failures = decode_all(samples, config)
-    if failures:
-        listed = "; ".join(str(f) for f in failures[:10])
-        raise KLGradeError(f"{len(failures)} unreadable training image(s): {listed}")
+    decoded = decode_all(samples, config)
+    if decoded.failures:
+        listed = "; ".join(str(f) for f in decoded.failures[:10])
+        raise KLGradeError(f"{len(decoded.failures)} unreadable training image(s): {listed}")
     with atomic_path(path) as temporary:
-        np.save(temporary, images)
+        np.save(temporary, decoded.images)
     return np.load(path, mmap_mode="r")

@@ -89,24 +89,6 @@ def read_radiograph(source: str | Path | bytes, name: str | None = None, max_pix
     return Radiograph(_checked(array, label, "image"), view)
 
 
-def read_view(path: str | Path) -> str | None:
-    """The view a DICOM file's header names (as `Radiograph.view`), reading the header only; None for other files
-    and for any file that cannot be read (decoding it reports that)."""
-    if regular_file_problem(Path(path)) is not None:
-        return None
-    try:
-        with open(path, "rb") as handle:
-            start = handle.read(_DICOM_MAGIC_OFFSET + 4)
-        if not _is_dicom(start, str(path)):  # the decision decoding makes, on the file's first bytes
-            return None
-        import pydicom
-
-        return _view_position(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"]))
-    except Exception:  # unreadable here means unreadable when decoded too, where it is reported
-        log.debug("no view read from %s", path, exc_info=True)
-        return None
-
-
 def read_array(array: np.ndarray, name: str = "<array>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A radiograph already in memory, checked as a decoded file is: (H, W) grey levels, or (H, W, 3 or 4)
     colour with the channels averaged (Pillow and matplotlib give RGB, OpenCV BGR: the average is the same for

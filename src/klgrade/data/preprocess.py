@@ -114,22 +114,41 @@ def _grown(span: tuple[int, int], length: int, limit: int) -> slice:
     return slice(start, start + length)
 
 
-def to_uint8(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class PreparedImage:
+    """A grey-level image as the network sees it, with what only the image before resizing shows: how many pixels
+    the knee had and how many grey levels (too few of either and the grade does not hold, `uncertainty.input_reasons`)."""
+
+    pixels: np.ndarray
+    """(size, size) uint8."""
+    trimmed_shape: tuple[int, int]
+    """Rows and columns once the uniform margins are trimmed."""
+    grey_levels: int
+    """Distinct grey levels after the stretch to 0-255, before resizing blends them."""
+
+
+def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> PreparedImage:
     """Trim uniform margins, stretch, optionally enhance, resize and mirror a grey-level image into a (size, size)
     uint8 array."""
     image = trim_uniform_margins(image)
     low, high = np.percentile(image, config.clip_percentiles)
     scale = 255.0 / (high - low) if high > low else 0.0
     grey = np.clip((image - low) * scale, 0, 255).astype(np.uint8)
+    grey_levels = int(np.count_nonzero(np.bincount(grey.ravel(), minlength=256)))
     if config.clahe:
         grey = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(grey)
     height, width = grey.shape
     shrinking = height > config.size or width > config.size
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    grey = cv2.resize(grey, (config.size, config.size), interpolation=interpolation)
+    pixels = cv2.resize(grey, (config.size, config.size), interpolation=interpolation)
     if config.canonical_side and side == "L":
-        grey = np.ascontiguousarray(grey[:, ::-1])
-    return grey
+        pixels = np.ascontiguousarray(pixels[:, ::-1])
+    return PreparedImage(pixels, (height, width), grey_levels)
+
+
+def to_uint8(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> np.ndarray:
+    """`prepare_image`'s pixels: what training caches."""
+    return prepare_image(image, config, side).pixels
 
 
 def normalize(batch_uint8: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:

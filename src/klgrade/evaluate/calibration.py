@@ -38,7 +38,7 @@ from klgrade.data.augment import reframe
 from klgrade.data.io import read_image
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
-from klgrade.evaluate.evaluation import batched_outputs, fit_grade_sets, predict_samples
+from klgrade.evaluate.evaluation import Predictions, batched_outputs, fit_grade_sets, predict_samples
 from klgrade.infer.predictor import Predictor
 from klgrade.models import load_checkpoint, save_checkpoint
 from klgrade.models.weights import stored_dtype
@@ -65,27 +65,30 @@ POLARITY_IMAGES = 2400
 """Training images the polarity probe is fitted on, each as stored and inverted."""
 
 
-def raw_outputs(predictor: Predictor, samples: list[Sample], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Uncalibrated combined probabilities, penultimate features and the preprocessed uint8 images of every
-    sample (all must be readable)."""
+def raw_predictions(predictor: Predictor, samples: list[Sample], what: str) -> Predictions:
+    """Uncalibrated combined probabilities, penultimate features and preprocessed uint8 images of the samples whose
+    inputs are gradable (all must be readable)."""
     predictions, failures = predict_samples(predictor, samples, raw=True)
     if failures:
         listed = "; ".join(str(f) for f in failures[:5])
         raise DataLayoutError(f"{len(failures)} unreadable {what} image(s): {listed}")
-    return predictions.outputs.probabilities, predictions.outputs.features, predictions.images
+    return predictions.gradable_inputs()
 
 
 def fit_calibration(predictor: Predictor, calibration: list[Sample], density: list[Sample]) -> dict:
     """The calibration of `predictor` (JSON-ready): polarity probe, temperature, conformal scores (ascending) with
-    their grades, feature density, processing profile, framing probes. Leaves the polarity probe on `predictor`."""
-    _, density_features, density_images = raw_outputs(predictor, density, "density")
+    their grades, feature density, processing profile, framing probes. Leaves the polarity probe on `predictor`.
+    Inputs that are not gradable whatever the network makes of them (a lateral view, a thumbnail) are left out."""
+    trained = raw_predictions(predictor, density, "density")
+    density_features, density_images = trained.outputs.features, trained.images
     predictor.polarity = fit_polarity(predictor, density_images, density_features)
     upright = ~graded_inverted(predictor, density_images, density_features)
-    density = [sample for sample, kept in zip(density, upright) if kept]
+    density = [sample for sample, kept in zip(trained.samples, upright) if kept]
     density_features, density_images = density_features[upright], density_images[upright]
-    labels = np.array([s.grade for s in calibration])
-    probabilities, features, images = raw_outputs(predictor, calibration, "calibration")
-    temperature, scores = fit_grade_sets(probabilities, labels)
+    calibrating = raw_predictions(predictor, calibration, "calibration")
+    labels = np.array(calibrating.labels)
+    features, images = calibrating.outputs.features, calibrating.images
+    temperature, scores = fit_grade_sets(calibrating.outputs.probabilities, labels)
     order = np.argsort(scores, kind="stable")
     fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))
     fitted = fitted.with_threshold(features, FLAGGED_SHARE)
@@ -98,7 +101,7 @@ def fit_calibration(predictor: Predictor, calibration: list[Sample], density: li
             "processing": processing.to_dict(), "framing": framing.to_dict(),
             "framing_warned_share": FRAMING_WARNED_SHARE, "framing_wide": framing_wide.to_dict(),
             "framing_wide_warned_share": FRAMING_WIDE_WARNED_SHARE, "polarity": predictor.polarity.to_dict(),
-            "n_density_inverted": int((~upright).sum()), "n_calibration": len(calibration),
+            "n_density_inverted": int((~upright).sum()), "n_calibration": len(labels),
             "n_density": len(density), "date": date.today().isoformat()}
 
 

@@ -10,12 +10,11 @@ import numpy as np
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
-from klgrade.data.io import read_view
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
 from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
-from klgrade.uncertainty import apply_temperature, conformal_scores, log_probabilities, view_reason
+from klgrade.uncertainty import apply_temperature, conformal_scores, log_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +47,41 @@ def pick_split(samples: list[Sample], split: str | None) -> list[Sample]:
 
 @dataclass
 class Predictions:
-    """The model's outputs for the readable samples of a set, with the images it saw."""
+    """The model's outputs for the readable samples of a set, with the images it saw and why an input is not
+    gradable whatever the model makes of it (`uncertainty.input_reasons`, as `klgrade predict` finds them)."""
 
     samples: list[Sample]
     images: np.ndarray
     outputs: Outputs
+    reasons: list[list[str]]
 
     @property
     def labels(self) -> list[int]:
         return [s.grade for s in self.samples]
 
+    def gradable_inputs(self) -> "Predictions":
+        """Only the samples whose inputs are gradable (no `reasons`): a calibration fitted on laterals or thumbnails
+        would speak for knees that get no grade to trust."""
+        kept = np.array([not reasons for reasons in self.reasons], dtype=bool)
+        if not kept.all():
+            log.warning("left out %d of %d images that are not gradable as inputs, e.g. %s: %s", (~kept).sum(),
+                        len(kept), *next((s.path, r[0]) for s, r in zip(self.samples, self.reasons) if r))
+        outputs = Outputs(*(getattr(self.outputs, name)[kept] for name in ("probabilities", "features", "inverted")))
+        return Predictions([s for s, ok in zip(self.samples, kept) if ok], self.images[kept], outputs,
+                           [r for r, ok in zip(self.reasons, kept) if ok])
+
 
 def predict_samples(predictor: Predictor, samples: list[Sample], raw: bool = False
                     ) -> tuple[Predictions, list[ImageReadError]]:
     """Outputs for every readable sample (calibrated, or `raw`), and the read failures of the others."""
-    images, failures = decode_all(samples, predictor.preprocess)
-    failed = {f.path for f in failures}
+    decoded = decode_all(samples, predictor.preprocess)
+    failed = {f.path for f in decoded.failures}
     readable = np.array([s.path not in failed for s in samples], dtype=bool)
-    images = images[readable]
+    images = decoded.images[readable]
     outputs = batched_outputs(predictor, images, raw)
-    return Predictions([s for s, ok in zip(samples, readable) if ok], images, outputs), failures
+    kept = [index for index, ok in enumerate(readable) if ok]
+    return (Predictions([samples[i] for i in kept], images, outputs, [decoded.reasons[i] for i in kept]),
+            decoded.failures)
 
 
 def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False) -> Outputs:
@@ -105,7 +119,7 @@ def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], spli
     found = find_samples(data)
     samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
     check_disjoint(samples, scored, f"--calibrate-on {data}")
-    predictions, _ = predict_samples(predictor, samples, raw=True)
+    predictions = predict_samples(predictor, samples, raw=True)[0].gradable_inputs()
     predictor.temperature, predictor.conformal_scores = fit_grade_sets(predictions.outputs.probabilities,
                                                                        predictions.labels)
     predictor.conformal_grades = np.array(predictions.labels)
@@ -134,9 +148,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     probabilities = predictions.outputs.probabilities
     metrics = compute_metrics(predictions.labels, probabilities, groups=[s.patient_id for s in predictions.samples],
                               n_boot=n_boot, seed=seed)
-    file_reasons = [view_reason(read_view(s.path)) for s in predictions.samples]  # the view check predict makes
     assessment = predictor.assess(upright_images(predictions.images, predictions.outputs), predictions.outputs, alpha,
-                                  file_reasons)
+                                  predictions.reasons)
     flagged = [not gradable for gradable in assessment.gradable]
     metrics["ungradable_fraction"] = float(np.mean(flagged))
     metrics["ungradable_per_grade"] = share_per_grade(predictions.labels, flagged)

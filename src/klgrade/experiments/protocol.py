@@ -86,12 +86,12 @@ def validate_fold_models(run: Path, folds: int, data: str, limit: int | None, sp
     labels = [s.grade for s in samples]
     groups = [s.patient_id for s in samples]
     predictors = [Predictor([fold_model(run, fold)], tta=False) for fold in range(folds)]
-    images, failures = decode_all(samples, predictors[0].preprocess)  # once: every fold model shares the profile
-    if failures:
+    decoded = decode_all(samples, predictors[0].preprocess)  # once: every fold model shares the profile
+    if decoded.failures:
         raise DataLayoutError(f"{data}: unreadable images in the validation set; check it with klgrade data summary")
     per_fold, all_probabilities = [], []
     for predictor in predictors:
-        probabilities = batched_outputs(predictor, images).probabilities
+        probabilities = batched_outputs(predictor, decoded.images).probabilities
         per_fold.append(compute_metrics(labels, probabilities, groups=groups, n_boot=0))
         all_probabilities.append(probabilities)
     ensemble = compute_metrics(labels, np.mean(all_probabilities, axis=0), groups=groups, n_boot=500)

@@ -16,10 +16,11 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from klgrade.data.io import MAX_PIXELS, Radiograph, read_array, read_radiograph
+from klgrade.data.preprocess import prepare_image
 from klgrade.data.sources import parse_knee_name
 from klgrade.errors import ImageReadError
 from klgrade.infer.predictor import Grading, Predictor
-from klgrade.uncertainty import view_reason
+from klgrade.uncertainty import input_reasons
 
 ARRAY_NAME = "<array>"
 
@@ -38,12 +39,12 @@ Source = Union[str, Path, NamedBytes, np.ndarray]
 
 @dataclass(frozen=True)
 class PreparedInput:
-    """One input as the network sees it: the (size, size) uint8 image, the input's name, and why its file says it
-    is not gradable (a DICOM header naming a lateral view), if it does."""
+    """One input as the network sees it: the (size, size) uint8 image, the input's name, and why the input itself
+    is not gradable whatever the network makes of it (`uncertainty.input_reasons`), if it is not."""
 
     image: np.ndarray
     name: str
-    not_gradable: str | None = None
+    not_gradable: tuple[str, ...] = ()
 
 
 def source_name(source: Source) -> str:
@@ -74,13 +75,15 @@ def prepare_input(model: Predictor, source: Source, max_pixels: int = MAX_PIXELS
         ImageReadError: as `decode`.
     """
     radiograph, side = decode(source, max_pixels)
-    return PreparedInput(model.prepare(radiograph.grey, side), source_name(source), view_reason(radiograph.view))
+    prepared = prepare_image(radiograph.grey, model.preprocess, side)
+    reasons = input_reasons(radiograph.view, prepared.trimmed_shape, prepared.grey_levels)
+    return PreparedInput(prepared.pixels, source_name(source), tuple(reasons))
 
 
 def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: bool = False,
                    alpha: float | None = None) -> list[Grading]:
     """Grade prepared inputs as one batch (`alpha`: miss rate of the grade sets; None = the model's); an input its
-    file calls not gradable is not, whatever the image looks like, and says why first."""
+    reasons make not gradable is not, whatever the network makes of it, and says why first."""
     return model.grade_prepared(np.stack([i.image for i in inputs]), [i.name for i in inputs], explain, alpha,
                                 [i.not_gradable for i in inputs])
 

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from klgrade.constants import NUM_GRADES
-from klgrade.data.preprocess import PreprocessConfig, normalize, to_uint8
+from klgrade.data.preprocess import PreprocessConfig, normalize, prepare_image, to_uint8
 from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
 from klgrade.uncertainty import (DEFAULT_ALPHA, SHIFT_WARNINGS, Calibration, apply_temperature, conformal_threshold,
-                                 grade_sets, grade_thresholds, gradability, processing_shift, uncertified_grades,
-                                 uncertified_warning)
+                                 grade_sets, grade_thresholds, gradability, input_reasons, processing_shift,
+                                 uncertified_grades, uncertified_warning)
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ class Grading:
         grade_set: contiguous grades that hold the true grade with probability `coverage`, whatever the true
             grade (calibrated models); just `[grade]` when the model is not calibrated (then `coverage` is None).
         gradable: False when the input is not a knee radiograph like the training data (blank, far from it in
-            feature space, or a DICOM header naming a lateral, oblique or axial view); the probabilities are still
-            given, the grade is not to be trusted.
+            feature space, a DICOM header naming a lateral, oblique or axial view, too few pixels or grey levels);
+            the probabilities are still given, the grade is not to be trusted.
         heatmap: (H, W) Grad-CAM map in [0, 1] of the network input when explained, else None.
         warnings: what a reader must know about this answer (e.g. "explanation empty"); empty when all is well.
         name: the input's name (path or upload file name), when it had one.
@@ -309,11 +309,11 @@ class Predictor:
         return uncertified_grades(self.conformal_grades, alpha) if self.has_grade_thresholds else []
 
     def assess(self, images_uint8: np.ndarray, outputs: Outputs, alpha: float | None = None,
-               file_reasons: Sequence[str | None] | None = None) -> Assessment:
+               input_reasons: Sequence[Sequence[str]] | None = None) -> Assessment:
         """How sure each answer is: its grade set, whether it is gradable, the shifts seen, and every warning it
         carries (not gradable, uncertified grades, shifts), in that order. `images_uint8`: as graded
-        (`upright_images`); `file_reasons`: per image, why its file says it is not gradable (a DICOM header
-        naming a lateral view, `uncertainty.view_reason`) or None; first among its reasons."""
+        (`upright_images`); `input_reasons`: per image, why the input itself is not gradable (a DICOM header naming
+        a lateral view, too few pixels or grey levels: `uncertainty.input_reasons`), first among its reasons."""
         alpha = self.alpha if alpha is None else alpha
         if self.is_calibrated:
             sets = grade_sets(outputs.probabilities, self.set_thresholds(alpha))
@@ -321,9 +321,8 @@ class Predictor:
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
         warnings = gradability(images_uint8, outputs.features, self.density)
-        for notes, reason in zip(warnings, file_reasons or []):
-            if reason:
-                notes.insert(0, reason)
+        for notes, reasons in zip(warnings, input_reasons or []):
+            notes[:0] = reasons
         gradable = [not reasons for reasons in warnings]
         uncertified = self.uncertified_grades(alpha)
         for notes in warnings if uncertified else []:
@@ -367,16 +366,16 @@ class Predictor:
 
     def grade_prepared(self, prepared: np.ndarray, names: list[str | None] | None = None,
                        explain: bool = False, alpha: float | None = None,
-                       file_reasons: Sequence[str | None] | None = None) -> list[Grading]:
+                       input_reasons: Sequence[Sequence[str]] | None = None) -> list[Grading]:
         """Grade (B, H, W) uint8 images from `prepare`; Grad-CAM of the predicted grade when `explain`;
-        `file_reasons` as for `assess`."""
+        `input_reasons` as for `assess`."""
         names = names or [None] * len(prepared)
         alpha = self.alpha if alpha is None else alpha
         outputs = self.outputs(prepared)
         graded = upright_images(prepared, outputs)
         probabilities = outputs.probabilities
         grades = probabilities.argmax(axis=1)
-        assessment = self.assess(graded, outputs, alpha, file_reasons)
+        assessment = self.assess(graded, outputs, alpha, input_reasons)
         warnings = assessment.warnings
         maps = [None] * len(prepared)
         if explain and self.can_explain:
@@ -395,7 +394,9 @@ class Predictor:
 
     def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
                      explain: bool = False, names: list[str | None] | None = None) -> list[Grading]:
-        """Grade decoded grey-level images (any size): `prepare` each, then `grade_prepared`."""
+        """Grade decoded grey-level images (any size), each checked as a decoded file is (too few pixels or grey
+        levels: `uncertainty.input_reasons`), then `grade_prepared`."""
         sides = sides or [None] * len(images)
-        prepared = np.stack([self.prepare(image, side) for image, side in zip(images, sides)])
-        return self.grade_prepared(prepared, names, explain)
+        prepared = [prepare_image(image, self.preprocess, side) for image, side in zip(images, sides)]
+        reasons = [input_reasons(None, p.trimmed_shape, p.grey_levels) for p in prepared]
+        return self.grade_prepared(np.stack([p.pixels for p in prepared]), names, explain, input_reasons=reasons)
