@@ -1,4 +1,6 @@
-"""CPU inference: torch eager vs ONNX Runtime, batch 1 and 16 (the service's load test is `load.py`).
+"""CPU inference: torch eager vs ONNX Runtime, batch 1 and 16 (the service's load test is `load.py`), and what
+reading and preprocessing one radiograph costs at the sizes clinics store them (a 16-bit PNG of an example knee
+resized up, with a black margin on two sides: decode, then `prepare_image` into the model's square).
 
     python benchmarks/inference.py [--checkpoint CKPT] [--threads 2]
 
@@ -8,19 +10,28 @@ Defaults: the shipped model at its own resolution.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import tempfile
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import latency_ms, machine, per_second  # noqa: E402
 
-from klgrade.data.preprocess import normalize  # noqa: E402
+from klgrade.data.io import read_image  # noqa: E402
+from klgrade.data.preprocess import PreprocessConfig, normalize, prepare_image  # noqa: E402
 from klgrade.infer.onnx import OnnxModel, export_onnx  # noqa: E402
 from klgrade.infer.predictor import shipped_checkpoint  # noqa: E402
 from klgrade.models import load_checkpoint  # noqa: E402
+
+RADIOGRAPH_SIZES = ((224, 224), (1024, 1024), (3000, 2500), (4280, 3520))
+"""Rows x columns: kneeKL224's crops, a downsized export, and two detector formats (a 35 x 43 cm CR/DX plate
+at about 0.1 and 0.14 mm pixels)."""
 
 
 
@@ -46,6 +57,32 @@ def backend_table(checkpoint: Path, threads: int) -> None:
         print(f"{batch:5d} {eager:12.1f} {eager_ms:9.1f} {ort:13.1f} {ort_ms:10.1f} {ort / eager:8.2f}x")
 
 
+def radiograph(rows: int, columns: int) -> bytes:
+    """A 12-bit PNG (stored in 16 bits) of the first bundled example knee at this size, a tenth of it black margin
+    at the top and left (a collimator edge), so that the margin trim has work to do."""
+    knee = read_image(sorted((Path(__file__).parents[1] / "examples").glob("*.jpg"))[0])
+    image = np.zeros((rows, columns), np.uint16)
+    inner = cv2.resize(knee, (columns - columns // 10, rows - rows // 10), interpolation=cv2.INTER_CUBIC)
+    image[rows // 10:, columns // 10:] = np.clip(inner * 16, 0, 4095).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def preprocessing_table(checkpoint: Path) -> None:
+    config = PreprocessConfig.from_dict(load_checkpoint(checkpoint)[1]["preprocess"])
+    print(f"\none radiograph, 16-bit PNG -> {config.size}x{config.size} uint8, one thread (the service decodes "
+          "each upload in a thread of its own)")
+    print(f"{'rows x columns':>15s} {'MP':>5s} {'decode ms':>10s} {'prepare ms':>11s}")
+    cv2.setNumThreads(1)
+    for rows, columns in RADIOGRAPH_SIZES:
+        data = radiograph(rows, columns)
+        image = read_image(data, name="radiograph.png")
+        decode = latency_ms(lambda: read_image(data, name="radiograph.png"), repeats=5, warmup=1)
+        prepare = latency_ms(lambda: prepare_image(image, config), repeats=5, warmup=1)
+        print(f"{rows:>7d} x {columns:<5d} {rows * columns / 1e6:5.1f} {decode:10.1f} {prepare:11.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=None)
@@ -53,6 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}")
     backend_table(args.checkpoint or shipped_checkpoint(), args.threads)
+    preprocessing_table(args.checkpoint or shipped_checkpoint())
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ training augmentation's code): CLAHE again at two strengths, local contrast redu
 copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
 downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise (sigma 8 and 20 grey levels of 255),
 Gaussian blur (sigma 2 px at 224 px), edge enhancement (unsharp masking, sigma 2 px, amount 1, as CR/DX
-processing sharpens), and the grey levels inverted (a MONOCHROME1 radiograph saved without its
-inversion). Per perturbation: accuracy, QWK, and agreement of the grade
+processing sharpens), the grey levels inverted (a MONOCHROME1 radiograph saved without its
+inversion), and a lead side marker burnt in, in the upper corner or at the edge beside the joint line. Per perturbation: accuracy, QWK, and agreement of the grade
 with the clean image's grade; `warned`, the share of images that get the processing-shift warning,
 `framing_warned` and `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or
 wider, than in training), `inverted_back`, the share graded inverted back because it looked inverted, and
@@ -104,6 +104,19 @@ def _unsharp(sigma: float, amount: float) -> Callable[[np.ndarray], np.ndarray]:
     return lambda image: np.clip(image + amount * (image - cv2.GaussianBlur(image, (0, 0), sigma)), 0, 255)
 
 
+def _marker(x: float, y: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A side marker burnt in as a radiographer's lead letter shows: a white "R" an eighth of the image high, its
+    baseline starting at (`x`, `y`) shares of the width and height."""
+    def mark(image: np.ndarray) -> np.ndarray:
+        height, width = image.shape
+        scale = height / 8 / 22  # FONT_HERSHEY_SIMPLEX capitals are about 22 px high at scale 1
+        letter = np.zeros(image.shape, np.uint8)
+        cv2.putText(letter, "R", (int(x * width), int(y * height)), cv2.FONT_HERSHEY_SIMPLEX, scale, 255,
+                    max(1, round(3 * scale)), cv2.LINE_AA)
+        return np.where(letter > 0, np.maximum(image, image.max() * letter / 255.0), image).astype(np.float32)
+    return mark
+
+
 def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     return {
         "clahe_2": _clahe(2.0), "clahe_4": _clahe(4.0), "contrast_reduced": _soften,
@@ -113,6 +126,7 @@ def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], 
         "gaussian_noise": _noise(8.0, rng), "gaussian_noise_20": _noise(20.0, rng), "blur_2": _blur(2.0),
         "unsharp_2": _unsharp(2.0, 1.0),
         "inverted": lambda image: image.max() + image.min() - image,
+        "marker_corner": _marker(0.06, 0.14), "marker_joint": _marker(0.02, 0.55),
     }
 
 

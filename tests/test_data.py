@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from klgrade.data.cache import load_cached
-from klgrade.data.preprocess import PreprocessConfig, preprocess, to_uint8, trim_uniform_margins
+from klgrade.data.preprocess import PreprocessConfig, prepare_image, preprocess, to_uint8, trim_uniform_margins
 from klgrade.data.sources import find_samples, parse_knee_name
 from klgrade.data.splits import check_no_leak, patient_folds, shared_patients
 from klgrade.errors import DataLayoutError, KLGradeError
@@ -128,6 +128,27 @@ def test_a_knee_padded_into_a_larger_canvas_is_preprocessed_as_the_knee_itself(k
     exported = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32)
     trimmed = trim_uniform_margins(exported).shape  # of 262 x 262; JPEG ringing keeps a few pixels of margin
     assert all(side <= knee_side + 8 for side, knee_side in zip(trimmed, knee.shape)), trimmed
+
+
+def test_a_detector_size_radiograph_is_prepared_from_sampled_statistics_as_from_every_pixel(kneekl224, monkeypatch):
+    """A 7.5 MP radiograph's margin test, percentiles and grey levels are read on every 4th pixel (4x faster,
+    benchmarks/inference.py); the knee comes out as from every pixel: the same trim, grey levels within 2."""
+    import cv2
+
+    from klgrade.data import preprocess as module
+    from klgrade.data.io import read_image
+
+    knee = read_image(sorted((kneekl224 / "val" / "3").glob("*.jpg"))[0])
+    radiograph = np.zeros((3000, 2500), np.float32)
+    radiograph[310:, 240:2440] = cv2.resize(knee, (2200, 2690), interpolation=cv2.INTER_CUBIC) * 16  # 12-bit
+    radiograph[2900:2980, 30:90] = 4095  # a lead marker in the margin
+    config = PreprocessConfig(size=160)
+    sampled = prepare_image(radiograph, config)
+    monkeypatch.setattr(module, "SAMPLED_SIDE", 10**6)
+    whole = prepare_image(radiograph, config)
+    assert sampled.trimmed_shape == whole.trimmed_shape == (2690, 2500)  # grown towards square, as far as it goes
+    assert np.abs(sampled.pixels.astype(int) - whole.pixels).max() <= 2
+    assert abs(sampled.grey_levels - whole.grey_levels) <= 0.1 * whole.grey_levels
 
 
 @pytest.mark.parametrize("image", [np.zeros((50, 50)), np.full((1, 40), 7.0), np.eye(40) * 0,
