@@ -9,7 +9,8 @@ copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisati
 downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise (sigma 8 and 20 grey levels of 255),
 Gaussian blur (sigma 2 px at 224 px), edge enhancement (unsharp masking, sigma 2 px, amount 1, as CR/DX
 processing sharpens), the grey levels inverted (a MONOCHROME1 radiograph saved without its
-inversion), and a lead side marker burnt in, in the upper corner or at the edge beside the joint line. Per perturbation: accuracy, QWK, and agreement of the grade
+inversion), and a lead side marker burnt in, in the upper corner or at the edge beside the joint line. Per
+perturbation: accuracy, QWK, and agreement of the grade
 with the clean image's grade; `warned`, the share of images that get the processing-shift warning,
 `framing_warned` and `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or
 wider, than in training), `inverted_back`, the share graded inverted back because it looked inverted, and
@@ -195,10 +196,10 @@ class Graded:
 
 
 def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> Graded:
-    prepared = np.stack([predictor.prepare(image, side) for image, side in zip(images, sides)])
+    prepared, reasons = predictor.prepare_arrays(images, sides)
     outputs = batched_outputs(predictor, prepared)
     graded = upright_images(prepared, outputs)
-    assessment = predictor.assess(graded, outputs)
+    assessment = predictor.assess(graded, outputs, input_reasons=reasons)
     return Graded(outputs.probabilities, assessment.sets, ~np.array(assessment.gradable), assessment.shifts)
 
 

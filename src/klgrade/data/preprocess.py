@@ -128,7 +128,8 @@ def _grown(span: tuple[int, int], length: int, limit: int) -> slice:
 @dataclass(frozen=True)
 class PreparedImage:
     """A grey-level image as the network sees it, with what only the image before resizing shows: how many pixels
-    the knee had and how many grey levels (too few of either and the grade does not hold, `uncertainty.input_reasons`)."""
+    the knee had and how many grey levels (too few of either and the grade does not hold:
+    `uncertainty.input_reasons`)."""
 
     pixels: np.ndarray
     """(size, size) uint8."""

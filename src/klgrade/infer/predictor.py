@@ -392,11 +392,17 @@ class Predictor:
                 for g, p, s, ok, m, w, n, u8 in zip(grades, probabilities, assessment.sets, assessment.gradable, maps,
                                                     warnings, names, graded)]
 
-    def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
-                     explain: bool = False, names: list[str | None] | None = None) -> list[Grading]:
-        """Grade decoded grey-level images (any size), each checked as a decoded file is (too few pixels or grey
-        levels: `uncertainty.input_reasons`), then `grade_prepared`."""
+    def prepare_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None
+                       ) -> tuple[np.ndarray, list[list[str]]]:
+        """Decoded grey-level images (any size) -> the (B, size, size) uint8 squares the network sees and, per image,
+        why the input itself is not gradable (too few pixels or grey levels: `uncertainty.input_reasons`)."""
         sides = sides or [None] * len(images)
         prepared = [prepare_image(image, self.preprocess, side) for image, side in zip(images, sides)]
-        reasons = [input_reasons(None, p.trimmed_shape, p.grey_levels) for p in prepared]
-        return self.grade_prepared(np.stack([p.pixels for p in prepared]), names, explain, input_reasons=reasons)
+        return (np.stack([p.pixels for p in prepared]),
+                [input_reasons(None, p.trimmed_shape, p.grey_levels) for p in prepared])
+
+    def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
+                     explain: bool = False, names: list[str | None] | None = None) -> list[Grading]:
+        """Grade decoded grey-level images (any size): `prepare_arrays`, then `grade_prepared`."""
+        prepared, reasons = self.prepare_arrays(images, sides)
+        return self.grade_prepared(prepared, names, explain, input_reasons=reasons)
