@@ -63,7 +63,8 @@ def main() -> None:
     shipped = evaluate(Predictor([target]), args.data, split="val").metrics
     plot_confusion(shipped["confusion_matrix"], "shipped model on kneeKL224 val", WEIGHTS / "confusion_val.png")
     robustness = [json.loads(path.read_text()) if path else None for path in (args.robustness, args.robustness_before)]
-    limits = gradability_limit(shipped) + processing_limit(robustness[0]) + framing_limit(robustness[0])
+    limits = (gradability_limit(shipped) + processing_limit(robustness[0]) + framing_limit(robustness[0])
+              + marker_limit(robustness[0]))
     card = model_card(info, results, shipped, use_tta, args.notes, limits) + calibration_section(calibration, shipped)
     (WEIGHTS / "MODEL_CARD.md").write_text(card + robustness_section(*robustness))
     print(json.dumps({k: shipped[k] for k in ("accuracy", "qwk", "mcc", "f1_macro", "mae")}, indent=2))
@@ -244,6 +245,16 @@ def processing_limit(robustness: dict | None) -> str:
             text += f", for {lowest:.0%} or more of the knees of every grade (lowest: KL{grade} under {name})"
         text += "."
     return text + "\n"
+
+
+def marker_limit(robustness: dict | None) -> str:
+    """A limits bullet for a lead side marker burnt in beside the joint line (the benchmark's `marker_joint`)."""
+    entry = (robustness or {}).get("perturbations", {}).get("marker_joint")
+    if entry is None:
+        return ""
+    return (f"- A lead side marker (R/L) burnt in beside the joint line changes {1 - entry['agreement']:.0%} of grades "
+            f"(-{100 * (robustness['clean']['accuracy'] - entry['accuracy']):.1f} accuracy points), and no check warns "
+            "of it; crop so that markers stay off the joint (docs/results.md).\n")
 
 
 def framing_limit(robustness: dict | None) -> str:
