@@ -44,7 +44,7 @@ class PreparedInput:
 
     image: np.ndarray
     name: str
-    not_gradable: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
 
 
 def source_name(source: Source) -> str:
@@ -85,7 +85,7 @@ def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: b
     """Grade prepared inputs as one batch (`alpha`: miss rate of the grade sets; None = the model's); an input its
     reasons make not gradable is not, whatever the network makes of it, and says why first."""
     return model.grade_prepared(np.stack([i.image for i in inputs]), [i.name for i in inputs], explain, alpha,
-                                [i.not_gradable for i in inputs])
+                                [i.reasons for i in inputs])
 
 
 def grade_many(model: Predictor, sources: Sequence[Source], explain: bool = False, batch_size: int = 16,
