@@ -398,7 +398,7 @@ def input_reasons(view: str | None, trimmed_shape: tuple[int, int], grey_levels:
     """Why an input is not gradable whatever the network makes of it: its DICOM header names a view other than the
     frontal one (`view_reason`), it has too few pixels or too few grey levels to grade (`data.preprocess.
     PreparedImage` measures both before resizing hides them)."""
-    reasons = [view_reason(view)] if view_reason(view) else []
+    reasons = [reason for reason in [view_reason(view)] if reason]
     if min(trimmed_shape) < MIN_KNEE_PIXELS:
         reasons.append(TOO_SMALL.format(rows=trimmed_shape[0], columns=trimmed_shape[1]))
     if 1 < grey_levels < MIN_GREY_LEVELS:  # one level is a blank image, which `gradability` names

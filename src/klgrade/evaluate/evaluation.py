@@ -66,8 +66,7 @@ class Predictions:
         if not kept.all():
             log.warning("left out %d of %d images that are not gradable as inputs, e.g. %s: %s", (~kept).sum(),
                         len(kept), *next((s.path, r[0]) for s, r in zip(self.samples, self.reasons) if r))
-        outputs = Outputs(*(getattr(self.outputs, name)[kept] for name in ("probabilities", "features", "inverted")))
-        return Predictions([s for s, ok in zip(self.samples, kept) if ok], self.images[kept], outputs,
+        return Predictions([s for s, ok in zip(self.samples, kept) if ok], self.images[kept], self.outputs.select(kept),
                            [r for r, ok in zip(self.reasons, kept) if ok])
 
 
@@ -76,12 +75,10 @@ def predict_samples(predictor: Predictor, samples: list[Sample], raw: bool = Fal
     """Outputs for every readable sample (calibrated, or `raw`), and the read failures of the others."""
     decoded = decode_all(samples, predictor.preprocess)
     failed = {f.path for f in decoded.failures}
-    readable = np.array([s.path not in failed for s in samples], dtype=bool)
-    images = decoded.images[readable]
-    outputs = batched_outputs(predictor, images, raw)
-    kept = [index for index, ok in enumerate(readable) if ok]
-    return (Predictions([samples[i] for i in kept], images, outputs, [decoded.reasons[i] for i in kept]),
-            decoded.failures)
+    kept = [index for index, sample in enumerate(samples) if sample.path not in failed]
+    images = decoded.images[kept]
+    return (Predictions([samples[i] for i in kept], images, batched_outputs(predictor, images, raw),
+                        [decoded.reasons[i] for i in kept]), decoded.failures)
 
 
 def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False) -> Outputs:
@@ -90,8 +87,7 @@ def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False)
     parts = [run(images[i:i + BATCH]) for i in range(0, len(images), BATCH)]
     if not parts:
         return Outputs(np.zeros((0, NUM_GRADES)), np.zeros((0, 0)), np.zeros(0, dtype=bool))
-    return Outputs(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("probabilities", "features",
-                                                                                     "inverted")))
+    return Outputs.concatenate(parts)
 
 
 def check_disjoint(first: list[Sample], second: list[Sample], what: str) -> None:

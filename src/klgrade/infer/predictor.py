@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -69,6 +69,15 @@ class Outputs:
     probabilities: np.ndarray
     features: np.ndarray
     inverted: np.ndarray
+
+    def select(self, rows) -> "Outputs":
+        """The outputs of these images only (an index or a boolean mask)."""
+        return Outputs(*(getattr(self, part.name)[rows] for part in fields(self)))
+
+    @classmethod
+    def concatenate(cls, parts: list["Outputs"]) -> "Outputs":
+        """The outputs of consecutive batches as one."""
+        return cls(*(np.concatenate([getattr(p, part.name) for p in parts]) for part in fields(cls)))
 
 
 @dataclass
