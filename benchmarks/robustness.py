@@ -8,9 +8,8 @@ training augmentation's code): CLAHE again at two strengths, local contrast redu
 copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
 downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise (sigma 8 and 20 grey levels of 255),
 Gaussian blur (sigma 2 px at 224 px), edge enhancement (unsharp masking, sigma 2 px, amount 1, as CR/DX
-processing sharpens), the grey levels inverted (a MONOCHROME1 radiograph saved without its
-inversion), and a lead side marker burnt in, in the upper corner or at the edge beside the joint line. Per
-perturbation: accuracy, QWK, and agreement of the grade
+processing sharpens), and the grey levels inverted (a MONOCHROME1 radiograph saved without its
+inversion). Per perturbation: accuracy, QWK, and agreement of the grade
 with the clean image's grade; `warned`, the share of images that get the processing-shift warning,
 `framing_warned` and `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or
 wider, than in training), `inverted_back`, the share graded inverted back because it looked inverted, and
@@ -22,9 +21,10 @@ calibration may have seen these very knees (the shipped one: kneeKL224 val), `cr
 scored on the other half's processed images, both ways, over `--cross-fit` random halvings. The same scores for
 `framings`, another site's framing of the same knee (rotated 7 degrees, cropped 15% and 25% tighter, shrunk 20%
 inside a margin of repeated edge pixels or a black one, cropped to a non-square 4:5 or 5:4 at the same scale, which
-preprocessing stretches to square), kept apart: they are not contrast processing. `--json`
-prints `{"clean": {...}, "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "framing_warned",
-"framing_wide_warned", "inverted_back", "not_gradable", ...}}, "framings": {...}}`.
+preprocessing stretches to square), and for `markers`, a lead side marker burnt in, in the upper corner or at the
+edge beside the joint line; both kept apart: they are not contrast processing. `--json` prints `{"clean": {...},
+"perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "framing_warned", "framing_wide_warned",
+"inverted_back", "not_gradable", ...}}, "framings": {...}, "markers": {...}}`.
 """
 
 from __future__ import annotations
@@ -127,8 +127,12 @@ def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], 
         "gaussian_noise": _noise(8.0, rng), "gaussian_noise_20": _noise(20.0, rng), "blur_2": _blur(2.0),
         "unsharp_2": _unsharp(2.0, 1.0),
         "inverted": lambda image: image.max() + image.min() - image,
-        "marker_corner": _marker(0.06, 0.14), "marker_joint": _marker(0.02, 0.55),
     }
+
+
+def markers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """A lead side marker burnt in: in the upper corner, where radiographers put it, and beside the joint line."""
+    return {"marker_corner": _marker(0.06, 0.14), "marker_joint": _marker(0.02, 0.55)}
 
 
 def _rotate(degrees: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -199,7 +203,7 @@ def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> G
     prepared, reasons = predictor.prepare_arrays(images, sides)
     outputs = batched_outputs(predictor, prepared)
     graded = upright_images(prepared, outputs)
-    assessment = predictor.assess(graded, outputs, input_reasons=reasons)
+    assessment = predictor.assess(graded, outputs, reasons=reasons)
     return Graded(outputs.probabilities, assessment.sets, ~np.array(assessment.gradable), assessment.shifts)
 
 
@@ -282,8 +286,9 @@ def main() -> None:
             entry.update(cross_fitted(np.array(labels), fits, graded, predictor.temperature))
         return entry
 
-    result = {"n": len(samples), "clean": scored(clean, None), "perturbations": {}, "framings": {}}
-    for group, changes in (("perturbations", perturbations(np.random.default_rng(SEED))), ("framings", framings())):
+    groups = {"perturbations": perturbations(np.random.default_rng(SEED)), "framings": framings(), "markers": markers()}
+    result = {"n": len(samples), "clean": scored(clean, None), **{group: {} for group in groups}}
+    for group, changes in groups.items():
         for name, change in changes.items():
             result[group][name] = scored(grades_of(predictor, [change(image) for image in images], sides), clean)
     if args.json:
@@ -295,7 +300,8 @@ def main() -> None:
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
           f"{'framing':>7s} {'wider':>6s} {'inv.':>5s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
-    for name, entry in {"clean": result["clean"], **result["perturbations"], **result["framings"]}.items():
+    rows = {"clean": result["clean"], **{name: entry for group in groups for name, entry in result[group].items()}}
+    for name, entry in rows.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
               f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['framing_warned']:7.3f} "
               f"{entry['framing_wide_warned']:6.3f} {entry['inverted_back']:5.3f} "

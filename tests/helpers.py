@@ -25,13 +25,19 @@ def knee_image(seed: int = 0, size: int = 64) -> np.ndarray:
     return (128 + 60 * np.sin(x / 5.0 + seed) + rng.normal(0, 10, (size, size))).clip(0, 255).astype(np.uint8)
 
 
-def benchmark_framings() -> dict:
-    """`benchmarks/robustness.py`'s framings (name -> function of a grey image): tests grade exactly what it grades."""
-    spec = importlib.util.spec_from_file_location("robustness_benchmark", REPO / "benchmarks" / "robustness.py")
+def script_module(relative_path: str):
+    """A script of the repository (benchmarks/, tools/) imported as a module, so tests use exactly its functions."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module.framings()
+    return module
+
+
+def benchmark_framings() -> dict:
+    """`benchmarks/robustness.py`'s framings (name -> function of a grey image): tests grade exactly what it grades."""
+    return script_module("benchmarks/robustness.py").framings()
 
 
 def copy_real_images(source: Path, target: Path, per_grade: int, split: str = "val") -> list[Path]:

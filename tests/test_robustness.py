@@ -20,7 +20,7 @@ from klgrade.models import create_model
 from klgrade.train.config import TrainConfig
 from klgrade.train.module import GradingModule, js_divergence
 
-from helpers import REPO, benchmark_framings, copy_real_images, knee_image
+from helpers import REPO, benchmark_framings, copy_real_images, knee_image, script_module
 
 ALWAYS = DomainConfig(**{k: (1.0 if k.endswith("_prob") else v) for k, v in DomainConfig().to_dict().items()})
 NOTHING = DomainConfig(**{k: (0.0 if k.endswith("_prob") else v) for k, v in DomainConfig().to_dict().items()})
@@ -160,12 +160,21 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     assert report["n"] == 8 and set(report["clean"]) == scored
     assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {
         "rotate_7", "crop_0.85", "crop_0.75", "wide_1.2", "black_margin_1.2", "portrait_4:5", "landscape_5:4"}
-    for entry in [*report["perturbations"].values(), *report["framings"].values()]:
+    assert set(report["markers"]) == {"marker_corner", "marker_joint"}
+    processed = [entry for group in ("perturbations", "framings", "markers") for entry in report[group].values()]
+    for entry in processed:
         assert set(entry) == scored | {"agreement"} and 0 <= entry["agreement"] <= 1
-    for entry in [report["clean"], *report["perturbations"].values(), *report["framings"].values()]:
+    for entry in [report["clean"], *processed]:
         assert 0 <= entry["coverage"] <= 1 and 1 <= entry["mean_set_size"] <= 5 and 0 <= entry["not_gradable"] <= 1
         assert 0 <= entry["framing_warned"] <= 1 and 0 <= entry["framing_wide_warned"] <= 1
         assert 0 <= entry["inverted_back"] <= 1
         # A set holds at least its own arg-max grade, so it covers the truth at least as often as the grade is right.
         assert entry["coverage"] >= entry["accuracy"] and len(entry["coverage_per_grade"]) == 5
         assert 0 <= entry["cross_fitted_coverage"] <= 1 and len(entry["cross_fitted_coverage_per_grade"]) == 5
+    # The model card: markers have their own bullet, and the processing bullet names contrast processing only.
+    card = script_module("tools/ship_model.py")
+    report["markers"]["marker_joint"].update(accuracy=0.0, agreement=0.0)  # the worst row of all
+    processing = card.processing_limit(report)
+    assert processing and "marker" not in processing
+    assert "beside the joint line changes" in card.marker_limit(report)
+    assert "| marker_joint |" in card.robustness_section(report, None)

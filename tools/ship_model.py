@@ -192,10 +192,8 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
              "| perturbation | " + " | ".join(columns) + " |" + "".join(f" before: {c} |" for c in before_columns),
              "|---|" + "---|" * (len(columns) + len(before_columns))]
     rows = [("clean", {**new["clean"], "agreement": 1.0}, {**before["clean"], "agreement": 1.0} if before else None)]
-    rows += [(name, entry, before["perturbations"].get(name) if before else None)
-             for name, entry in new["perturbations"].items()]
-    rows += [(f"{name} (framing)", entry, before.get("framings", {}).get(name) if before else None)
-             for name, entry in new.get("framings", {}).items()]
+    for group, suffix in (("perturbations", ""), ("framings", " (framing)"), ("markers", "")):
+        rows += [(name + suffix, entry, _row(before, name)) for name, entry in new.get(group, {}).items()]
     for name, entry, old in rows:
         cells = [f"{entry[c]:.3f}" for c in columns] + [f"{old[c]:.3f}" if old else "" for c in before_columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -204,6 +202,12 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
               "calibration is fitted on val); cross_fitted_coverage: the same for sets calibrated afresh on the clean "
               "knees of half the patients and scored on the other half, over 20 random halvings."]
     return "\n".join(lines) + "\n"
+
+
+def _row(robustness: dict | None, name: str) -> dict | None:
+    """The benchmark's row `name` in whichever group it sits (older tables kept the markers among perturbations)."""
+    groups = [(robustness or {}).get(group, {}) for group in ("perturbations", "framings", "markers")]
+    return next((group[name] for group in groups if name in group), None)
 
 
 def gradability_limit(shipped: dict) -> str:
@@ -249,7 +253,7 @@ def processing_limit(robustness: dict | None) -> str:
 
 def marker_limit(robustness: dict | None) -> str:
     """A limits bullet for a lead side marker burnt in beside the joint line (the benchmark's `marker_joint`)."""
-    entry = (robustness or {}).get("perturbations", {}).get("marker_joint")
+    entry = (robustness or {}).get("markers", {}).get("marker_joint")
     if entry is None:
         return ""
     return (f"- A lead side marker (R/L) burnt in beside the joint line changes {1 - entry['agreement']:.0%} of grades "

@@ -21,7 +21,6 @@ from klgrade.data.preprocess import PreprocessConfig, prepare_image
 from klgrade.data.sources import Sample
 from klgrade.errors import ImageReadError, KLGradeError
 from klgrade.files import atomic_path
-from klgrade.uncertainty import input_reasons
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ def decode_all(samples: list[Sample], config: PreprocessConfig, workers: int | N
             return
         prepared = prepare_image(radiograph.grey, config, sample.side)
         images[index] = prepared.pixels
-        reasons[index] = input_reasons(radiograph.view, prepared.trimmed_shape, prepared.grey_levels)
+        reasons[index] = prepared.reasons(radiograph.view)
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         list(pool.map(load, range(len(samples))))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from klgrade.constants import IMAGE_SIZE
+from klgrade.uncertainty import input_reasons
 
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
@@ -137,6 +138,11 @@ class PreparedImage:
     """Rows and columns once the uniform margins are trimmed."""
     grey_levels: int
     """Distinct grey levels after the stretch to 0-255, before resizing blends them."""
+
+    def reasons(self, view: str | None = None) -> list[str]:
+        """Why the input is not gradable whatever the network makes of it (`uncertainty.input_reasons`; `view`: the
+        DICOM header's view, if any)."""
+        return input_reasons(view, self.trimmed_shape, self.grey_levels)
 
 
 def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> PreparedImage:

@@ -20,7 +20,6 @@ from klgrade.data.preprocess import prepare_image
 from klgrade.data.sources import parse_knee_name
 from klgrade.errors import ImageReadError
 from klgrade.infer.predictor import Grading, Predictor
-from klgrade.uncertainty import input_reasons
 
 ARRAY_NAME = "<array>"
 
@@ -76,8 +75,7 @@ def prepare_input(model: Predictor, source: Source, max_pixels: int = MAX_PIXELS
     """
     radiograph, side = decode(source, max_pixels)
     prepared = prepare_image(radiograph.grey, model.preprocess, side)
-    reasons = input_reasons(radiograph.view, prepared.trimmed_shape, prepared.grey_levels)
-    return PreparedInput(prepared.pixels, source_name(source), tuple(reasons))
+    return PreparedInput(prepared.pixels, source_name(source), tuple(prepared.reasons(radiograph.view)))
 
 
 def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: bool = False,

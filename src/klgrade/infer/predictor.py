@@ -29,7 +29,7 @@ from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
 from klgrade.uncertainty import (DEFAULT_ALPHA, SHIFT_WARNINGS, Calibration, apply_temperature, conformal_threshold,
-                                 grade_sets, grade_thresholds, gradability, input_reasons, processing_shift,
+                                 grade_sets, grade_thresholds, gradability, processing_shift,
                                  uncertified_grades, uncertified_warning)
 
 log = logging.getLogger(__name__)
@@ -318,10 +318,10 @@ class Predictor:
         return uncertified_grades(self.conformal_grades, alpha) if self.has_grade_thresholds else []
 
     def assess(self, images_uint8: np.ndarray, outputs: Outputs, alpha: float | None = None,
-               input_reasons: Sequence[Sequence[str]] | None = None) -> Assessment:
+               reasons: Sequence[Sequence[str]] | None = None) -> Assessment:
         """How sure each answer is: its grade set, whether it is gradable, the shifts seen, and every warning it
         carries (not gradable, uncertified grades, shifts), in that order. `images_uint8`: as graded
-        (`upright_images`); `input_reasons`: per image, why the input itself is not gradable (a DICOM header naming
+        (`upright_images`); `reasons`: per image, why the input itself is not gradable (a DICOM header naming
         a lateral view, too few pixels or grey levels: `uncertainty.input_reasons`), first among its reasons."""
         alpha = self.alpha if alpha is None else alpha
         if self.is_calibrated:
@@ -330,8 +330,8 @@ class Predictor:
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
         warnings = gradability(images_uint8, outputs.features, self.density)
-        for notes, reasons in zip(warnings, input_reasons or []):
-            notes[:0] = reasons
+        for notes, given in zip(warnings, reasons or []):
+            notes[:0] = given
         gradable = [not reasons for reasons in warnings]
         uncertified = self.uncertified_grades(alpha)
         for notes in warnings if uncertified else []:
@@ -375,16 +375,16 @@ class Predictor:
 
     def grade_prepared(self, prepared: np.ndarray, names: list[str | None] | None = None,
                        explain: bool = False, alpha: float | None = None,
-                       input_reasons: Sequence[Sequence[str]] | None = None) -> list[Grading]:
+                       reasons: Sequence[Sequence[str]] | None = None) -> list[Grading]:
         """Grade (B, H, W) uint8 images from `prepare`; Grad-CAM of the predicted grade when `explain`;
-        `input_reasons` as for `assess`."""
+        `reasons` as for `assess`."""
         names = names or [None] * len(prepared)
         alpha = self.alpha if alpha is None else alpha
         outputs = self.outputs(prepared)
         graded = upright_images(prepared, outputs)
         probabilities = outputs.probabilities
         grades = probabilities.argmax(axis=1)
-        assessment = self.assess(graded, outputs, alpha, input_reasons)
+        assessment = self.assess(graded, outputs, alpha, reasons)
         warnings = assessment.warnings
         maps = [None] * len(prepared)
         if explain and self.can_explain:
@@ -408,10 +408,10 @@ class Predictor:
         sides = sides or [None] * len(images)
         prepared = [prepare_image(image, self.preprocess, side) for image, side in zip(images, sides)]
         return (np.stack([p.pixels for p in prepared]),
-                [input_reasons(None, p.trimmed_shape, p.grey_levels) for p in prepared])
+                [p.reasons() for p in prepared])
 
     def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
                      explain: bool = False, names: list[str | None] | None = None) -> list[Grading]:
         """Grade decoded grey-level images (any size): `prepare_arrays`, then `grade_prepared`."""
         prepared, reasons = self.prepare_arrays(images, sides)
-        return self.grade_prepared(prepared, names, explain, input_reasons=reasons)
+        return self.grade_prepared(prepared, names, explain, reasons=reasons)
