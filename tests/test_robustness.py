@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from klgrade.data.augment import DomainConfig, domain_augment, reframe
+from klgrade.data.augment import DomainConfig, burn_markers, domain_augment, marker_bank, reframe
 from klgrade.data.preprocess import normalize
 from klgrade.errors import KLGradeError
 from klgrade.models import create_model
@@ -44,13 +44,30 @@ def test_domain_augmentation_is_seeded_changes_images_and_keeps_shape_and_range(
 
 
 @pytest.mark.parametrize("step", ["clahe_prob", "soften_prob", "gamma_prob", "equalize_prob", "jpeg_prob",
-                                  "resample_prob", "blur_prob", "noise_prob", "reframe_prob"])
+                                  "resample_prob", "blur_prob", "noise_prob", "reframe_prob", "marker_prob"])
 def test_each_domain_change_alone_changes_the_image(step):
     only = DomainConfig(**{k: (1.0 if k == step else 0.0 if k.endswith("_prob") else v)
                            for k, v in DomainConfig().to_dict().items()})
     x = batch(4)
     changed = domain_augment(x, only, torch.Generator().manual_seed(1))
     assert (changed - x).abs().mean() > 1e-3, step
+
+
+def test_burnt_in_markers_are_letters_at_the_brightest_level_some_on_a_black_box():
+    bank = marker_bank(160, (0.06, 0.18), "cpu")  # the training resolution
+    assert marker_bank(160, (0.06, 0.18), "cpu") is bank  # drawn once per side and device
+    letters, boxes = bank[:, 0].flatten(1), bank[:, 1].flatten(1)
+    assert (letters == 255).any(1).all()  # every marker holds a solid letter
+    assert 0.2 < (boxes > 0).any(1).float().mean() < 0.5
+    letter_pixels = (letters > 0).sum(1).float() / 160**2  # 6-18% of the side high: a few per mille of the frame
+    assert 0.001 < letter_pixels.min() and letter_pixels.max() < 0.03
+    x = batch(8, 160)
+    burnt = burn_markers(x, bank[:8])
+    for image, marked, (letter, box) in zip(x, burnt, bank[:8]):
+        assert torch.equal(marked[0][letter == 255], image.max().expand(int((letter == 255).sum())))
+        assert (marked[0][(box > 0) & (letter == 0)] == 0).all()
+        plain = (box == 0) & (letter == 0)
+        assert torch.equal(marked[0][plain], image[0][plain])
 
 
 def test_reframing_is_another_sites_tighter_crop_of_the_same_knee(kneekl224):

@@ -4,8 +4,9 @@ change per image.
 Domain augmentation (`DomainConfig`, one switch in the training config) imitates what happens to a
 radiograph before klgrade sees it: local contrast enhanced again (CLAHE with a random clip limit and tile
 grid) or reduced (blended with a large-scale smoothed copy, towards an unenhanced radiograph), gamma,
-histogram equalisation, JPEG compression, down-then-up sampling, blur and noise; and, when asked
-(`reframe_prob`), another site's framing of the same knee: cropped tighter around the joint and tilted.
+histogram equalisation, JPEG compression, down-then-up sampling, blur and noise; and, when asked,
+another site's framing of the same knee (`reframe_prob`: cropped tighter around the joint and tilted) and a lead
+side marker burnt in (`marker_prob`: an R or L anywhere in the frame, some on a dark box).
 The filters are kornia's, batched on the training device; on a CPU, CLAHE and JPEG run through OpenCV instead
 (kornia's take 50 and 110 ms per 160-px image there, OpenCV's well under 1 ms), the rest stays kornia's. Random
 parameters come from a seeded CPU generator (the same on every device); the warp runs as a single `grid_sample`
@@ -14,6 +15,7 @@ over the batch, so there is no per-image Python work in the training loop.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -92,6 +94,8 @@ class DomainConfig:
             `reframe_share`, tilted by up to `reframe_rotate_deg`, resized back (reflected at the border). Off by
             default, so that recipes written before it draw the same random numbers. Only tighter: a wider field of
             view cannot be made from a crop.
+        marker_prob, marker_height: a lead side marker burnt in (`marker_bank`), its letter `marker_height` shares
+            of the side high. Off by default, as reframing.
     """
 
     clahe_prob: float = 0.4
@@ -114,6 +118,8 @@ class DomainConfig:
     reframe_prob: float = 0.0
     reframe_share: tuple[float, float] = (0.7, 0.95)
     reframe_rotate_deg: float = 8.0
+    marker_prob: float = 0.0
+    marker_height: tuple[float, float] = (0.06, 0.18)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -200,7 +206,48 @@ def domain_augment(images: torch.Tensor, config: DomainConfig, generator: torch.
         share = _between(len(index), config.reframe_share, generator)
         tilt = (torch.rand(len(index), generator=generator) * 2 - 1) * math.radians(config.reframe_rotate_deg)
         update(index, lambda v: reframe(v, share.to(v.device), tilt.to(v.device)))
+    if config.marker_prob > 0:
+        index = _chosen(n, config.marker_prob, generator)
+        drawn = torch.randint(MARKER_BANK_SIZE, (len(index),), generator=generator)
+        update(index, lambda v: burn_markers(v, marker_bank(side, config.marker_height, str(v.device))[drawn.to(v.device)]))
     return x
+
+
+MARKER_BANK_SIZE = 256
+MARKER_FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_TRIPLEX)
+
+
+@functools.lru_cache(maxsize=4)
+def marker_bank(side: int, height: tuple[float, float], device: str) -> torch.Tensor:
+    """(MARKER_BANK_SIZE, 2, side, side) uint8 lead side markers, drawn once with OpenCV from a fixed seed and kept
+    on the device, so that burning them in is one indexing per batch: channel 0 the letter's coverage (0-255,
+    anti-aliased), channel 1 the dark box a third of them sit on (0/1). An R or L in one of three fonts, mirrored or
+    not (a left knee is mirrored to the canonical side), anywhere in the frame: radiographers put them in a corner,
+    but a tight crop brings them beside the joint (`benchmarks/robustness.py`'s `marker_joint` costs most)."""
+    rng = np.random.default_rng(0)
+    bank = np.zeros((MARKER_BANK_SIZE, 2, side, side), np.uint8)
+    for letter_layer, box_layer in bank:
+        letter, font = str(rng.choice(["R", "L"])), int(rng.choice(MARKER_FONTS))
+        scale = rng.uniform(*height) * side / 22  # Hershey capitals are about 22 px high at scale 1
+        thickness = max(1, round(rng.uniform(2.0, 4.0) * scale))
+        (width, letter_height), _ = cv2.getTextSize(letter, font, scale, thickness)
+        x = int(rng.integers(0, max(1, side - width)))
+        y = int(rng.integers(min(letter_height, side - 1), side))
+        cv2.putText(letter_layer, letter, (x, y), font, scale, 255, thickness, cv2.LINE_AA)
+        if rng.random() < 1 / 3:
+            pad = max(1, letter_height // 4)
+            box_layer[max(0, y - letter_height - pad):y + pad, max(0, x - pad):x + width + pad] = 1
+    mirrored = rng.random(MARKER_BANK_SIZE) < 0.5
+    bank[mirrored] = bank[mirrored, :, :, ::-1]
+    return torch.from_numpy(bank).to(device)
+
+
+def burn_markers(images: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) images with `marker_bank` markers burnt in: the letter at each image's brightest level (lead
+    stops the beam) over its box, black."""
+    letter = markers[:, :1].to(images.dtype) / 255
+    boxed = torch.where(markers[:, 1:] > 0, torch.zeros_like(images), images)
+    return torch.maximum(boxed, letter * images.amax(dim=(2, 3), keepdim=True))
 
 
 def reframe(images: torch.Tensor, share: torch.Tensor, tilt: torch.Tensor,
