@@ -10,6 +10,7 @@ from klgrade.data.preprocess import PreprocessConfig, prepare_image, preprocess,
 from klgrade.data.sources import find_samples, parse_knee_name
 from klgrade.data.splits import check_no_leak, patient_folds, shared_patients
 from klgrade.errors import DataLayoutError, KLGradeError
+from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
 
 from helpers import knee_image, run_cli, save, write_dicom
 
@@ -215,7 +216,7 @@ def test_summary_of_real_data(kneekl224):
     assert summary["splits"]["train"]["counts"] == [2286, 1046, 1516, 757, 173]
     assert summary["splits"]["val"]["counts"] == [328, 153, 212, 106, 27]
     assert summary["patient_overlap"] == {"train/val": 0}
-    assert summary["unreadable"] == [] and summary["not_frontal"] == []
+    assert summary["unreadable"] == [] and summary["not_gradable"] == []
 
 
 def test_summary_lists_bad_files_and_still_counts_the_rest(tmp_path):
@@ -235,20 +236,28 @@ def test_summary_lists_bad_files_and_still_counts_the_rest(tmp_path):
     assert "9000009L.png: empty file" in result.stderr
 
 
-def test_summary_names_the_dicom_files_of_a_lateral_view_and_still_counts_them(tmp_path):
-    """A PACS export of knee series holds laterals beside the frontal views; training and evaluate would take them as
-    frontal, so the summary says which they are (a warning: they are readable)."""
+def test_summary_names_the_files_not_gradable_as_they_are_and_still_counts_them(tmp_path):
+    """A PACS export of knee series holds laterals beside the frontal views, a folder of images may hold thumbnails
+    or posterised copies; training and evaluate would take them as any other, so the summary says which they are and
+    why, with the reasons `klgrade predict` gives (a warning: they are readable)."""
     pixels = knee_image().astype(np.uint16) * 16
     write_dicom(_parent(tmp_path / "train" / "1" / "9000001L.dcm"), pixels, "MONOCHROME2", view="PA")
     write_dicom(_parent(tmp_path / "train" / "1" / "9000001R.dcm"), pixels, "MONOCHROME2", view="RL")
+    save(Image.fromarray(knee_image(1, size=48)), tmp_path / "train" / "2" / "9000002L.png")
+    save(Image.fromarray(knee_image(2, size=96) // 64 * 64), tmp_path / "train" / "2" / "9000002R.png")  # 4 levels
     result = run_cli("data", "summary", str(tmp_path), "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["splits"]["train"]["counts"] == [0, 2, 0, 0, 0] and summary["unreadable"] == []
-    assert [item["path"].rsplit("/", 1)[1] for item in summary["not_frontal"]] == ["9000001R.dcm"]
-    assert "warning: " in result.stderr and "9000001R.dcm: not gradable: the DICOM header names a lateral view" in result.stderr
+    assert summary["splits"]["train"]["counts"] == [0, 2, 2, 0, 0] and summary["unreadable"] == []
+    reasons = {item["path"].rsplit("/", 1)[1]: item["reasons"] for item in summary["not_gradable"]}
+    assert set(reasons) == {"9000001R.dcm", "9000002L.png", "9000002R.png"}
+    assert reasons["9000001R.dcm"] == [NOT_FRONTAL.format(kind="lateral", view="RL")]
+    assert reasons["9000002L.png"] == [TOO_SMALL.format(rows=48, columns=48)]
+    assert reasons["9000002R.png"] == [TOO_FEW_GREY_LEVELS.format(levels=4)]
+    assert "9000001R.dcm: not gradable: the DICOM header names a lateral view" in result.stderr
+    assert result.stderr.count("warning: ") == 3
     table = run_cli("data", "summary", str(tmp_path))
-    assert "lateral, oblique or axial view: 1" in table.stdout
+    assert "files not gradable as they are (view, pixels, grey levels): 3" in table.stdout
 
 
 def test_summary_of_a_bad_layout_is_one_line(tmp_path):

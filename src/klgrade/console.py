@@ -83,5 +83,5 @@ def print_summary(summary: dict) -> None:
     for pair, shared in summary["patient_overlap"].items():
         console.print(f"patients shared {pair}: {shared}", style="red" if shared else None)
     console.print(f"unreadable files: {len(summary['unreadable'])}")
-    console.print(f"DICOM headers naming a lateral, oblique or axial view: {len(summary['not_frontal'])}",
-                  style="red" if summary["not_frontal"] else None)
+    console.print(f"files not gradable as they are (view, pixels, grey levels): {len(summary['not_gradable'])}",
+                  style="red" if summary["not_gradable"] else None)

@@ -1,5 +1,6 @@
 """`klgrade data summary`: what a dataset holds, whether patients leak across splits, which files are unreadable,
-and which DICOM headers name a view other than the frontal one KL grades are read on."""
+and which are not gradable as they are (a DICOM header naming a view other than the frontal one KL grades are read
+on, too few pixels or grey levels): training and `evaluate` would take them as any other."""
 
 from __future__ import annotations
 
@@ -10,24 +11,26 @@ from pathlib import Path
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.io import read_radiograph
+from klgrade.data.preprocess import PreprocessConfig, prepare_image
 from klgrade.data.sources import find_samples
 from klgrade.errors import ImageReadError
-from klgrade.uncertainty import view_reason
 
 UNSPLIT = "all"
 
 
-def _problems(path: str) -> tuple[str | None, str | None]:
-    """Why the file is unreadable, and why its view is not gradable (None where it is fine)."""
+def _problems(path: str) -> tuple[str | None, list[str]]:
+    """Why the file is unreadable (None where it is not), and why it is not gradable as it is (`PreparedImage.
+    reasons`: the same checks `klgrade predict` makes; empty where it is)."""
     try:
-        return None, view_reason(read_radiograph(path).view)
+        radiograph = read_radiograph(path)
     except ImageReadError as exc:
-        return exc.reason, None
+        return exc.reason, []
+    return None, prepare_image(radiograph.grey, PreprocessConfig()).reasons(radiograph.view)
 
 
 def summarize(data: str | Path, check_images: bool = True) -> dict:
-    """Counts per split x grade, patients per split, patients shared between splits, unreadable files, files whose
-    DICOM header names a lateral, oblique or axial view (training and `evaluate` would take them as frontal)."""
+    """Counts per split x grade, patients per split, patients shared between splits, unreadable files, and files not
+    gradable as they are, with their reasons (a lateral, oblique or axial view, too few pixels or grey levels)."""
     problems: list[ImageReadError] = []
     samples = find_samples(data, problems)
     by_split = defaultdict(list)
@@ -44,11 +47,11 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
         shared = {s.patient_id for s in by_split[first]} & {s.patient_id for s in by_split[second]}
         overlap[f"{first}/{second}"] = len(shared)
     unreadable = [{"path": p.path, "reason": p.reason} for p in problems]
-    not_frontal = []
+    not_gradable = []
     if check_images:
         with ThreadPoolExecutor() as pool:
             found = list(pool.map(_problems, [s.path for s in samples]))
         unreadable += [{"path": s.path, "reason": bad} for s, (bad, _) in zip(samples, found) if bad is not None]
-        not_frontal = [{"path": s.path, "reason": view} for s, (_, view) in zip(samples, found) if view is not None]
+        not_gradable = [{"path": s.path, "reasons": reasons} for s, (_, reasons) in zip(samples, found) if reasons]
     return {"data": str(data), "images": len(samples), "splits": splits, "patient_overlap": overlap,
-            "unreadable": unreadable, "not_frontal": not_frontal}
+            "unreadable": unreadable, "not_gradable": not_gradable}
