@@ -1,5 +1,5 @@
 """Training images/s of klgrade's Lightning step versus a bare PyTorch loop (same model, batch, augmentation,
-precision), per model, on the current device; with `--concurrency`, the images/s of N such trainings run at
+precision: bf16 autocast where the device computes in bf16, else fp32), per model, on the current device; with `--concurrency`, the images/s of N such trainings run at
 once in separate processes on the same device (what `reproduce --jobs N` does), summed.
 
     python benchmarks/train_throughput.py [--models msa_net resnet18 ...] [--batch 64] [--size 224] [--steps 30]
@@ -32,8 +32,11 @@ from klgrade.data.preprocess import normalize  # noqa: E402
 from klgrade.experiments.jobs import threads_per_job  # noqa: E402
 from klgrade.models import create_model  # noqa: E402
 from klgrade.train.batches import make_loader  # noqa: E402
-from klgrade.train.config import TrainConfig  # noqa: E402
+from klgrade.train.config import TrainConfig, resolve_precision  # noqa: E402
 from klgrade.train.module import GradingModule  # noqa: E402
+
+PRECISION = resolve_precision("auto", "auto")
+"""As `klgrade train` picks it: bf16 autocast where the device computes in bf16, fp32 elsewhere."""
 
 
 # Lightning's banners and warnings about the benchmark's own loader would bury the table (also in spawned workers).
@@ -73,7 +76,7 @@ def klgrade_rate(name: str, images: np.ndarray, labels: np.ndarray, batch: int, 
     module = GradingModule(create_model(name), config, len(loader.batch_sampler))
     timer = StepTimer(batch, warmup)
     with tempfile.TemporaryDirectory() as out:
-        trainer = L.Trainer(max_epochs=1, precision="bf16-mixed", callbacks=[timer], logger=False,
+        trainer = L.Trainer(max_epochs=1, precision=PRECISION, callbacks=[timer], logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, default_root_dir=out, use_distributed_sampler=False)
         trainer.fit(module, loader)
@@ -95,7 +98,7 @@ def bare_rate(name: str, images: np.ndarray, labels: np.ndarray, batch: int, war
         index = torch.randint(0, len(data), (batch,), device=device)
         x = normalize(data[index].unsqueeze(1), lambda u: random_augment(u, augment, generator))
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=PRECISION == "bf16-mixed"):
             loss = F.cross_entropy(model(x).float(), targets[index])
         loss.backward()
         optimizer.step()
@@ -139,11 +142,11 @@ def main() -> None:
     args = parser.parse_args()
     images, labels = random_data(args.batch, args.steps + args.warmup, args.size)
     print(f"machine: {machine()}")
-    print(f"batch {args.batch}, {args.size}x{args.size}, bf16 autocast, channels_last, on-device augmentation, "
+    print(f"batch {args.batch}, {args.size}x{args.size}, precision {PRECISION}, channels_last, on-device augmentation, "
           f"{args.steps} timed steps")
     print(f"{'model':12s} {'klgrade img/s':>14s} {'bare loop img/s':>16s} {'ratio':>6s}"
           + "".join(f" {f'x{n} img/s':>10s} {'gain':>5s}" for n in args.concurrency))
-    results = {"machine": machine(), "batch": args.batch, "size": args.size, "models": {}}
+    results = {"machine": machine(), "batch": args.batch, "size": args.size, "precision": PRECISION, "models": {}}
     for name in args.models:
         ours = klgrade_rate(name, images, labels, args.batch, args.warmup)
         bare = bare_rate(name, images, labels, args.batch, args.warmup, args.steps)

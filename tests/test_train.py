@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from klgrade.data.sources import find_samples
 from klgrade.data.splits import fold_split
 from klgrade.models import create_model, load_checkpoint
-from klgrade.train.config import TrainConfig, load_config
+from klgrade.train.config import TrainConfig, load_config, resolve_precision
 from klgrade.train.fit import fit, select_data
 
-from helpers import run_cli
+from helpers import copy_real_images, run_cli
 
 TINY = {"model_options": {"width": 32, "heads": 2}, "image_size": 64, "batch_size": 8, "limit": 40,
         "quiet": True, "device": "cpu", "threads": 2}
@@ -38,7 +38,7 @@ class CrashMidEpoch(Callback):
 def test_train_cli_leaves_a_checkpoint_that_evaluate_reads(kneekl224, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", "--data", str(kneekl224), "--model", "msa_net", "--epochs", "1", "--limit", "64",
-                     "--device", "cpu", "--out", str(run))
+                     "--image-size", "96", "--device", "cpu", "--out", str(run))
     assert result.returncode == 0, result.stderr[-2000:]
     log = result.stderr + result.stdout
     assert log.count("GPU available") == 1 and "litlogger" not in log  # one line per message, no adverts
@@ -46,10 +46,12 @@ def test_train_cli_leaves_a_checkpoint_that_evaluate_reads(kneekl224, tmp_path):
     model, info = load_checkpoint(run / "best.safetensors")
     assert info["model"]["name"] == "msa_net" and len(info["data_fingerprint"]) == 20
     assert set(info["val_metrics"]) >= {"accuracy", "qwk", "mcc"}
-    evaluation = run_cli("evaluate", "--checkpoint", str(run / "best.safetensors"), "--data",
-                         str(kneekl224 / "val"), "--json")
+    assert info["train_config"]["precision"] == resolve_precision("auto", "cpu")  # what ran, not "auto"
+    copy_real_images(kneekl224, tmp_path / "val", 4)
+    evaluation = run_cli("evaluate", "--checkpoint", str(run / "best.safetensors"), "--data", str(tmp_path / "val"),
+                         "--json")
     assert evaluation.returncode == 0, evaluation.stderr
-    assert json.loads(evaluation.stdout)["n"] == 826
+    assert json.loads(evaluation.stdout)["n"] == 20
 
 
 def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(kneekl224, tmp_path):
@@ -177,10 +179,26 @@ def test_yaml_config_with_cli_overrides(tmp_path):
 
 
 def test_bad_training_options_are_one_line_errors(tmp_path, kneekl224):
-    result = run_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--balance", "magic")
-    assert result.returncode == 1 and "Traceback" not in result.stderr and "--balance" in result.stderr
+    for option, value in (("--balance", "magic"), ("--precision", "fp8")):
+        result = run_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), option, value)
+        assert result.returncode == 1 and "Traceback" not in result.stderr and option in result.stderr
     result = run_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
     assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_in_bf16(monkeypatch):
+    """A CPU without AVX512-BF16 or AMX emulates bf16 5-10x slower than fp32: auto must not pick it there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, expected in ((False, False, "32-true"), (True, False, "bf16-mixed"), (False, True, "bf16-mixed")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value)
+        assert resolve_precision("auto", "auto") == resolve_precision("auto", "cpu") == expected
+        assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed" and resolve_precision("32-true", "cpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda value=supported: value)
+        assert resolve_precision("auto", "auto") == resolve_precision("auto", "cuda") == expected
+    assert resolve_precision("auto", "cpu") == "bf16-mixed"  # the CPU's answer (AMX above), not the GPU's
 
 
 def test_epoch_batches_shard_across_ddp_processes_without_overlap():

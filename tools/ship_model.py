@@ -96,8 +96,8 @@ without). {_origin(info)}
 
 Recipe (CPU, 2 cores, {date.today()}): `{info['card']['recipe']}`
 Epochs {train['epochs']}, batch {train['batch_size']}, AdamW lr {train['lr']} ({train['warmup_epochs']}-epoch warm-up, cosine), weight
-decay {train['weight_decay']}, label smoothing {train['label_smoothing']}, EMA of weights {train['ema']}, bf16
-autocast, on-the-fly flips / rotation +/-{train['augment']['rotate_deg']} deg / scale +/-{train['augment']['scale']}
+decay {train['weight_decay']}, label smoothing {train['label_smoothing']}, EMA of weights {train['ema']}, precision
+{train['precision']}, on-the-fly flips / rotation +/-{train['augment']['rotate_deg']} deg / scale +/-{train['augment']['scale']}
 / shift / brightness / contrast{_domain(train)}{_consistency(train)}. {_choice(info)} {notes}
 
 ## Validation results (kneeKL224 val, n={shipped['n']}, 95% patient-level bootstrap intervals)

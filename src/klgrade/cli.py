@@ -103,7 +103,9 @@ def train_options(command):
         label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing [0].")] = None,
         balance: Annotated[Optional[str], typer.Option(help="Class imbalance: none, sampler or loss [none].")] = None,
         patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience on val QWK, 0 = off [0].")] = None,
-        precision: Annotated[Optional[str], typer.Option(help="Lightning precision [bf16-mixed].")] = None,
+        precision: Annotated[Optional[str], typer.Option(help=(
+            "Lightning precision: auto (bf16-mixed where the device computes in bf16, else 32-true), bf16-mixed, "
+            "16-mixed or 32-true [auto]."))] = None,
         devices: Annotated[Optional[int], typer.Option(help="Devices (GPUs, or CPU processes) per node; >1 = DDP [1].")] = None,
         num_nodes: Annotated[Optional[int], typer.Option(help="Nodes for multi-node DDP [1].")] = None,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch [torch's default].")] = None,

@@ -15,7 +15,7 @@ import csv
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -34,7 +34,7 @@ from klgrade.errors import KLGradeError
 from klgrade.files import atomic_path, write_json_atomic
 from klgrade.models import create_model, load_checkpoint, save_checkpoint
 from klgrade.train.batches import class_balanced_weights, inverse_frequency, make_loader
-from klgrade.train.config import TrainConfig
+from klgrade.train.config import TrainConfig, resolve_precision
 from klgrade.train.module import GradingModule
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     Raises:
         KLGradeError: bad data, options or teacher checkpoints.
     """
+    config = replace(config, precision=resolve_precision(config.precision, config.device))  # recorded as run
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.quiet:
