@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from klgrade.constants import NUM_GRADES
-from klgrade.data.splits import check_no_leak
+from klgrade.data.sources import find_samples
+from klgrade.data.splits import check_no_leak, patient_folds
 from klgrade.evaluate.evaluation import predict_samples
 from klgrade.errors import KLGradeError
 from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
 from klgrade.infer.predictor import Predictor
 from klgrade.metrics import REPORT_METRICS, compute_metrics
 from klgrade.train.config import TrainConfig
-from klgrade.train.fit import fit, select_data
+from klgrade.train.fit import fit, fold_pool, select_data
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def cv_markdown(summary: dict) -> str:
 
 def check_folds_disjoint(config: TrainConfig) -> None:
     """Raise if any two held-out folds share a patient (they never should)."""
-    held = [select_data(replace(config, fold=k, limit=None)).val for k in range(config.folds)]
+    pool = fold_pool(find_samples(config.data))
+    held = [[pool[i] for i in fold] for fold in patient_folds(pool, config.folds, config.seed)]
     for i in range(len(held)):
         for j in range(i + 1, len(held)):
             check_no_leak(held[i], held[j], f"folds {i} and {j}")

@@ -62,11 +62,16 @@ def limit_samples(samples: list[Sample], limit: int | None, seed: int) -> list[S
     return [samples[i] for i in keep]
 
 
+def fold_pool(samples: list[Sample]) -> list[Sample]:
+    """What folds are cut from: the train split, or every sample when the data has no splits."""
+    return select_split(samples, "train") if any(s.split for s in samples) else samples
+
+
 def select_data(config: TrainConfig) -> RunData:
     """Train and validation samples: a fold of the train split, or train vs val."""
     samples = find_samples(config.data)
     has_splits = any(s.split for s in samples)
-    train = select_split(samples, "train") if has_splits else samples
+    train = fold_pool(samples)
     if config.fold is not None:
         train, val = fold_split(train, config.fold, config.folds, config.seed)
     elif has_splits:
