@@ -1,7 +1,7 @@
 """Do grades hold whatever the upstream image processing? A fixed, seeded suite of perturbations on a labelled set.
 
     python benchmarks/robustness.py --data ../shared/data/kneeKL224/val [--checkpoint CKPT ...] [--limit N] [--tta]
-        [--cross-fit 20] [--json]
+        [--cross-fit 20] [--only ROW ...] [--json]
 
 Each perturbation is applied to the decoded image as a radiograph viewer or PACS would, with OpenCV (not the
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
@@ -264,8 +264,16 @@ def main() -> None:
                         help="Flip TTA on/off [as the checkpoint recommends].")
     parser.add_argument("--cross-fit", type=int, default=20,
                         help="Random patient halvings for the cross-fitted coverage of a calibrated model (0: none).")
+    parser.add_argument("--only", nargs="+", default=None, metavar="ROW",
+                        help="Only these rows besides clean (e.g. marker_corner marker_joint), for a quick check.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    groups = {"perturbations": perturbations(np.random.default_rng(SEED)), "framings": framings(), "markers": markers()}
+    unknown = set(args.only or []) - {name for changes in groups.values() for name in changes}
+    if unknown:
+        parser.error(f"--only: no row named {', '.join(sorted(unknown))}")
+    groups = {group: {name: change for name, change in changes.items() if not args.only or name in args.only}
+              for group, changes in groups.items()}
     torch.set_num_threads(2)
     predictor = load_model(args.checkpoint, tta=args.tta)
     samples = find_samples(args.data)
@@ -286,7 +294,6 @@ def main() -> None:
             entry.update(cross_fitted(np.array(labels), fits, graded, predictor.temperature))
         return entry
 
-    groups = {"perturbations": perturbations(np.random.default_rng(SEED)), "framings": framings(), "markers": markers()}
     result = {"n": len(samples), "clean": scored(clean, None), **{group: {} for group in groups}}
     for group, changes in groups.items():
         for name, change in changes.items():

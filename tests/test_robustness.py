@@ -195,3 +195,16 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     assert processing and "marker" not in processing
     assert "beside the joint line changes" in card.marker_limit(report)
     assert "| marker_joint |" in card.robustness_section(report, None)
+
+
+def test_robustness_benchmark_runs_only_the_rows_asked_for(calibrated, kneekl224, tmp_path):
+    copy_real_images(kneekl224, tmp_path, 1)
+    command = [sys.executable, str(REPO / "benchmarks" / "robustness.py"), "--data", str(tmp_path), "--checkpoint",
+               str(calibrated), "--cross-fit", "0", "--json", "--only"]
+    result = subprocess.run([*command, "marker_joint", "gamma_0.7"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert (set(report["perturbations"]), set(report["framings"]), set(report["markers"])) == (
+        {"gamma_0.7"}, set(), {"marker_joint"})
+    refused = subprocess.run([*command, "marker_knee"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "no row named marker_knee" in refused.stderr
