@@ -38,7 +38,7 @@ def test_gpu_protocol_script_writes_throughput_and_the_whole_report_to_few_files
     assert "2 fold training(s) at once" in (out / "report.md").read_text()
     with tarfile.open(out / "protocol.tar.gz") as archive:
         names = archive.getnames()
-    assert "figures/folds.png" in names and "runs/msa_net_kd/fold2/timing.json" in names
+    assert "figures/folds.png" in names and "runs/msa_net_kd/fold1/timing.json" in names
     assert not list((tmp_path / "tmp").iterdir())  # the work folder (checkpoints, image cache) is gone
 
 

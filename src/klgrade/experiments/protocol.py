@@ -58,7 +58,7 @@ VARIANTS = (
 
 PROFILES = {
     # Proves the pipeline on 2 CPU cores in minutes; its numbers mean nothing.
-    "quick": {"epochs": 1, "image_size": 64, "batch_size": 16, "limit": 60, "folds": 3, "val_limit": 40,
+    "quick": {"epochs": 1, "image_size": 64, "batch_size": 16, "limit": 60, "folds": 2, "val_limit": 40,
               "model_options": {"msa_net": {"width": 32, "heads": 2}}},
     # The full protocol, sized for one H100 in about ten minutes with `--jobs 4` (estimated from bare-loop speeds;
     # the first GPU run of tools/gpu_protocol.sh measures it): 45 fold trainings of 10 epochs at 160 px (the
