@@ -187,7 +187,7 @@ def test_bad_training_options_are_one_line_errors(tmp_path, kneekl224):
 
 
 def test_auto_precision_is_bf16_only_where_the_device_computes_in_bf16(monkeypatch):
-    """A CPU without AVX512-BF16 or AMX emulates bf16 5-10x slower than fp32: auto must not pick it there."""
+    """A CPU without AVX512-BF16 or AMX emulates bf16 5-14x slower than fp32: auto must not pick it there."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for avx512_bf16, amx, expected in ((False, False, "32-true"), (True, False, "bf16-mixed"), (False, True, "bf16-mixed")):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value)

@@ -118,8 +118,8 @@ class TrainConfig:
 
 def resolve_precision(precision: str, device: str) -> str:
     """`precision`, with "auto" made bf16-mixed where the device computes in bf16 (a CUDA GPU that supports it, a
-    CPU with AVX512-BF16 or AMX) and 32-true elsewhere: a CPU without them emulates bf16, 5-10x slower than fp32
-    (msa_net, 160 px, batch 32, 2 AVX2 cores: 31 s against 2.4 s a training step)."""
+    CPU with AVX512-BF16 or AMX) and 32-true elsewhere: a CPU without them emulates bf16, 5-14x slower than fp32
+    (msa_net, 160 px, batch 32, 2 AVX2 cores: 33 s against 2.4 s a training step)."""
     if precision != "auto":
         return precision
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
