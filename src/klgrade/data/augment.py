@@ -209,7 +209,8 @@ def domain_augment(images: torch.Tensor, config: DomainConfig, generator: torch.
     if config.marker_prob > 0:
         index = _chosen(n, config.marker_prob, generator)
         drawn = torch.randint(MARKER_BANK_SIZE, (len(index),), generator=generator)
-        update(index, lambda v: burn_markers(v, marker_bank(side, config.marker_height, str(v.device))[drawn.to(v.device)]))
+        bank = marker_bank(side, tuple(config.marker_height), str(x.device))
+        update(index, lambda v: burn_markers(v, bank[drawn.to(v.device)]))
     return x
 
 

@@ -332,7 +332,7 @@ class Predictor:
         warnings = gradability(images_uint8, outputs.features, self.density)
         for notes, given in zip(warnings, reasons or []):
             notes[:0] = given
-        gradable = [not reasons for reasons in warnings]
+        gradable = [not notes for notes in warnings]
         uncertified = self.uncertified_grades(alpha)
         for notes in warnings if uncertified else []:
             notes.append(uncertified_warning(uncertified, alpha))
