@@ -21,8 +21,9 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
+# One pytest-xdist worker per core, each computing on one thread (tests/conftest.py); `-n 0` runs in one process.
 test: install browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist worksteal
 
 benchmarks: install
 	$(PY) benchmarks/data_loading.py

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from helpers import DATA, copy_real_images, run_cli, save_msa_net
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker (and every CLI it starts) computes on one thread: two workers on two cores
+    keep both busy through the start-ups and file work between the computing, without fighting over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: paths, a synthetic image, copies of real data, and running the CLI as a user."""
+"""Helpers shared by the tests: paths, a synthetic image, copies of real data, and running the CLI as a user (or in
+the test process, for its error messages)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,19 @@ def save_msa_net(path: Path, model, options: dict, size: int) -> Path:
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed `klgrade` command as a user would."""
     return subprocess.run([sys.executable, "-m", "klgrade", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+    """The same `klgrade` command run inside the test process, for calls that check an option or an error message:
+    a new process spends ~10 s of CPU importing torch, timm and Lightning before the command's first line. The
+    argument expansion, the one-line errors and the exit codes are `klgrade.cli`'s own; an exception that escapes
+    the command fails the test with its traceback. Logged warnings are not captured: use `run_cli` for those."""
+    from typer.testing import CliRunner
+
+    from klgrade.cli import app, expand_multi_values
+
+    result = CliRunner().invoke(app, expand_multi_values(list(args)), prog_name="klgrade", catch_exceptions=False)
+    return subprocess.CompletedProcess(["klgrade", *args], result.exit_code, result.stdout, result.stderr)
 
 
 def save(image: Image.Image, path: Path, **kwargs) -> Path:

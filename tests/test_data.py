@@ -12,7 +12,7 @@ from klgrade.data.splits import check_no_leak, patient_folds, shared_patients
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
 
-from helpers import knee_image, run_cli, save, write_dicom
+from helpers import invoke_cli, knee_image, run_cli, save, write_dicom
 
 
 def _write(path, seed=0):
@@ -265,7 +265,7 @@ def test_summary_names_the_files_not_gradable_as_they_are_and_still_counts_them(
 
 def test_summary_of_a_bad_layout_is_one_line(tmp_path):
     _write(tmp_path / "nine" / "a.png")
-    result = run_cli("data", "summary", str(tmp_path))
+    result = invoke_cli("data", "summary", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "nine" in result.stderr and "Traceback" not in result.stderr
 

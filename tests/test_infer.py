@@ -16,7 +16,7 @@ from klgrade.infer.onnx import OnnxModel, export_onnx
 from klgrade.infer.grading import load_model
 from klgrade.models import create_model, load_checkpoint
 
-from helpers import EXAMPLES, copy_real_images, knee_image, run_cli, save_msa_net
+from helpers import EXAMPLES, copy_real_images, invoke_cli, knee_image, run_cli, save_msa_net
 
 
 def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp_path):
@@ -178,7 +178,7 @@ def test_export_cli_and_bad_checkpoints(tiny_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "x.onnx").stat().st_size > 100_000
     (tmp_path / "bad.safetensors").write_bytes(b"bad")
-    result = run_cli("predict", str(EXAMPLES), "--checkpoint", str(tmp_path / "bad.safetensors"))
+    result = invoke_cli("predict", str(EXAMPLES), "--checkpoint", str(tmp_path / "bad.safetensors"))
     assert result.returncode == 1 and "bad.safetensors" in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(CheckpointError, match="klgrade metadata"):
         (tmp_path / "plain.onnx").write_bytes((tmp_path / "x.onnx").read_bytes())

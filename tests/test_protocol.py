@@ -10,7 +10,7 @@ from klgrade.data.sources import Sample
 from klgrade.experiments.protocol import VARIANTS
 from klgrade.infer.grading import load_model
 
-from helpers import run_cli
+from helpers import invoke_cli, run_cli
 
 TINY_CV = ["--epochs", "1", "--limit", "40", "--image-size", "64", "--option", "width=32", "--option", "heads=2",
            "--device", "cpu", "--quiet"]
@@ -40,7 +40,7 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     expected = scored.probabilities(decode_all([Sample(r["path"], int(r["true"]), r["patient_id"]) for r in fold0],
                                                scored.preprocess).images)
     np.testing.assert_allclose([[float(r[f"prob_{k}"]) for k in range(5)] for r in fold0], expected, atol=2e-6)
-    refused = run_cli("cv", "--data", str(kneekl224), "--model", "msa_net", "--folds", "3", "--out",
+    refused = invoke_cli("cv", "--data", str(kneekl224), "--model", "msa_net", "--folds", "3", "--out",
                       str(tmp_path / "early"), "--patience", "2", *TINY_CV)
     assert refused.returncode == 1 and "--patience would stop each fold" in refused.stderr
     finished = (out / "fold1" / "oof.csv").stat().st_mtime_ns
@@ -69,11 +69,11 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     kd = json.loads((out / "runs" / "msa_net_kd" / "fold0" / "metrics.json").read_text())
     assert len(kd["config"]["teacher"]) == 4
     assert results["unfinished"] == [] and "time budget" not in report
-    again = run_cli("reproduce", "--data", str(kneekl224), "--out", str(out), "--profile", "quick", "--device", "cpu",
-                    "--time-budget", "0", timeout=900)  # every fold is done: a spent budget stops nothing
+    again = invoke_cli("reproduce", "--data", str(kneekl224), "--out", str(out), "--profile", "quick", "--device",
+                       "cpu", "--time-budget", "0")  # every fold is done: a spent budget stops nothing
     assert again.returncode == 0 and json.loads((out / "results.json").read_text())["unfinished"] == []
-    fresh = run_cli("reproduce", "--data", str(kneekl224), "--out", str(tmp_path / "fresh"), "--profile", "quick",
-                    "--device", "cpu", "--time-budget", "0", timeout=900)
+    fresh = invoke_cli("reproduce", "--data", str(kneekl224), "--out", str(tmp_path / "fresh"), "--profile", "quick",
+                       "--device", "cpu", "--time-budget", "0")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert "unfinished" in fresh.stdout
     stopped = json.loads((tmp_path / "fresh" / "results.json").read_text())

@@ -25,7 +25,7 @@ from klgrade.models.weights import METADATA_KEY
 from klgrade.serve.app import Settings, create_app
 from klgrade.serve.local import local_server
 
-from helpers import EXAMPLES, knee_image, run_cli, save, write_dicom
+from helpers import EXAMPLES, invoke_cli, knee_image, run_cli, save, write_dicom
 
 EXAMPLE = sorted(EXAMPLES.glob("KL3_*.jpg"))[0]
 CLI_SECONDS = 120  # a hang fails the test instead of the suite
@@ -163,8 +163,7 @@ def test_bad_manifest_rows_are_reported_and_the_rest_evaluated(tiny_checkpoint, 
     assert [p.path.rsplit(":", 1)[1] for p in problems] == ["4", "5", "6", "7", "8"]
     with pytest.raises(DataLayoutError, match="manifest.csv:4: grade '7'"):
         find_samples(manifest)
-    result = run_cli("evaluate", "--data", str(manifest), "--checkpoint", str(tiny_checkpoint), "--json",
-                     timeout=CLI_SECONDS)
+    result = invoke_cli("evaluate", "--data", str(manifest), "--checkpoint", str(tiny_checkpoint), "--json")
     one_line_error(result, "manifest.csv:7", "missing.png")
     assert json.loads(result.stdout)["n"] == 2
 
@@ -222,7 +221,7 @@ def test_an_unreadable_extensionless_file_is_listed_and_reported(tmp_path, monke
     (["serve", "--max-upload-mb", "-1"], "--max-upload-mb"),
 ])
 def test_out_of_range_numbers_are_usage_errors(args, needle):
-    result = run_cli(*[str(EXAMPLE) if a == "EXAMPLE" else a for a in args], timeout=CLI_SECONDS)
+    result = invoke_cli(*[str(EXAMPLE) if a == "EXAMPLE" else a for a in args])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert needle in result.stderr and "Invalid value" in result.stderr
 
@@ -231,16 +230,13 @@ def test_bad_devices_and_outputs_are_one_line_errors(tiny_checkpoint, tmp_path):
     existing = tmp_path / "file.txt"
     existing.write_text("x")
     checkpoint = ["--checkpoint", str(tiny_checkpoint)]
-    one_line_error(run_cli("predict", str(EXAMPLE), *checkpoint, "--out", str(existing), timeout=CLI_SECONDS),
+    one_line_error(invoke_cli("predict", str(EXAMPLE), *checkpoint, "--out", str(existing)),
                    "file.txt", "--out names an existing file")
-    one_line_error(run_cli("evaluate", "--data", str(tmp_path), "--out", str(existing), *checkpoint, timeout=CLI_SECONDS),
+    one_line_error(invoke_cli("evaluate", "--data", str(tmp_path), "--out", str(existing), *checkpoint),
                    "--out names an existing file")
-    one_line_error(run_cli("predict", str(EXAMPLE), *checkpoint, "--device", "banana", timeout=CLI_SECONDS),
-                   "banana", "not a device")
-    one_line_error(run_cli("predict", str(EXAMPLE), *checkpoint, "--device", "cuda", timeout=CLI_SECONDS),
-                   "no CUDA GPU")
-    exported = run_cli("export-onnx", *checkpoint, "--out", str(tmp_path / "new" / "folder" / "m.onnx"),
-                       timeout=CLI_SECONDS)
+    one_line_error(invoke_cli("predict", str(EXAMPLE), *checkpoint, "--device", "banana"), "banana", "not a device")
+    one_line_error(invoke_cli("predict", str(EXAMPLE), *checkpoint, "--device", "cuda"), "no CUDA GPU")
+    exported = invoke_cli("export-onnx", *checkpoint, "--out", str(tmp_path / "new" / "folder" / "m.onnx"))
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert (tmp_path / "new" / "folder" / "m.onnx").stat().st_size > 1000
 
@@ -260,8 +256,8 @@ def test_same_named_inputs_get_distinct_heatmaps(tiny_checkpoint, tmp_path):
 
 def test_an_empty_folder_is_an_error_not_an_empty_table(tiny_checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
-    one_line_error(run_cli("predict", str(tmp_path / "empty"), "--checkpoint", str(tiny_checkpoint),
-                           timeout=CLI_SECONDS), "no images found")
+    one_line_error(invoke_cli("predict", str(tmp_path / "empty"), "--checkpoint", str(tiny_checkpoint)),
+                   "no images found")
 
 
 @pytest.mark.parametrize("image_format", ["WEBP", "PPM", "GIF"])
@@ -391,9 +387,9 @@ def test_a_polarity_probe_of_another_model_is_refused_at_the_first_image(calibra
 
 def test_cli_reports_damaged_metadata_in_one_line(calibrated, tmp_path):
     bad_json = with_metadata(calibrated, tmp_path / "json.safetensors", raw="{not json")
-    one_line_error(predict_json(str(EXAMPLE), "--checkpoint", str(bad_json))[0], str(bad_json), "not valid JSON")
+    one_line_error(invoke_cli("predict", str(EXAMPLE), "--checkpoint", str(bad_json)), str(bad_json), "not valid JSON")
     negative = with_metadata(calibrated, tmp_path / "cold.safetensors", set_field("calibration", "temperature", -1.0))
-    one_line_error(predict_json(str(EXAMPLE), "--checkpoint", str(negative))[0], str(negative), "temperature")
+    one_line_error(invoke_cli("predict", str(EXAMPLE), "--checkpoint", str(negative)), str(negative), "temperature")
 
 
 def test_an_ensemble_of_differently_preprocessed_members_is_refused(tiny_checkpoint, tmp_path):

@@ -14,7 +14,7 @@ from klgrade.models import create_model, load_checkpoint
 from klgrade.train.config import TrainConfig, load_config, resolve_precision
 from klgrade.train.fit import fit, select_data
 
-from helpers import copy_real_images, run_cli
+from helpers import copy_real_images, invoke_cli, run_cli
 
 TINY = {"model_options": {"width": 32, "heads": 2}, "image_size": 64, "batch_size": 8, "limit": 40,
         "quiet": True, "device": "cpu", "threads": 2}
@@ -148,8 +148,8 @@ def test_init_from_an_unrelated_file_is_a_one_line_error(kneekl224, tmp_path):
     save_file(create_model("mobilenet_v2").state_dict(), str(tmp_path / "other.safetensors"))
     for init, message in ((tmp_path / "other.safetensors", "no tensor matches"),
                           (tmp_path / "missing.safetensors", "not found")):
-        result = run_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--limit", "16",
-                         "--device", "cpu", "--init", str(init), "--quiet")
+        result = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--limit", "16",
+                            "--device", "cpu", "--init", str(init), "--quiet")
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1000:]
         assert message in result.stderr and str(init) in result.stderr
 
@@ -180,9 +180,9 @@ def test_yaml_config_with_cli_overrides(tmp_path):
 
 def test_bad_training_options_are_one_line_errors(tmp_path, kneekl224):
     for option, value in (("--balance", "magic"), ("--precision", "fp8")):
-        result = run_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), option, value)
+        result = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), option, value)
         assert result.returncode == 1 and "Traceback" not in result.stderr and option in result.stderr
-    result = run_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
+    result = invoke_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
     assert result.returncode == 1 and "no such file" in result.stderr
 
 
@@ -316,7 +316,7 @@ def test_train_only_the_normaliser_leaves_the_grader_bit_identical(kneekl224, tm
 
 def test_train_only_names_a_part_with_parameters(kneekl224, tmp_path):
     for part, message in (("nowhere", "has no part 'nowhere'"), ("normaliser", "has nothing to train")):
-        result = run_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / part), "--limit", "16",
-                         "--device", "cpu", "--image-size", "64", "--train-only", part, "--quiet")
+        result = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / part), "--limit", "16",
+                            "--device", "cpu", "--image-size", "64", "--train-only", part, "--quiet")
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1000:]
         assert message in result.stderr

@@ -21,7 +21,7 @@ from klgrade.uncertainty import (BLANK, FeatureDensity, FramingProbe, PolarityPr
                                  processing_statistics, smallest_alpha, uncertified_grades, uncertified_warning,
                                  view_reason)
 
-from helpers import EXAMPLES, REPO, copy_real_images, knee_image, run_cli, write_dicom
+from helpers import EXAMPLES, REPO, copy_real_images, invoke_cli, knee_image, run_cli, write_dicom
 
 
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -349,7 +349,7 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
             "processing_shift_fraction", "framing_shift_fraction", "framing_wide_shift_fraction",
             "polarity_shift_fraction"} <= set(metrics)
     assert len(metrics["coverage_per_grade"]) == 5 and 1 <= metrics["mean_set_size"] <= 5
-    table = run_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated))
+    table = invoke_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated))
     assert table.returncode == 0, table.stderr
     assert " / ".join(f"{c:.2f}" for c in metrics["coverage_per_grade"]) in table.stdout
     framing_row = next(line for line in table.stdout.splitlines() if "framed tighter than training" in line)
@@ -358,7 +358,7 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     assert f"{metrics['framing_wide_shift_fraction']:.3f}" in wider_row
     inverted_row = next(line for line in table.stdout.splitlines() if "graded inverted back" in line)
     assert f"{metrics['polarity_shift_fraction']:.3f}" in inverted_row
-    same = run_cli("evaluate", "--data", str(data), "--calibrate-on", str(data), "--checkpoint", str(calibrated))
+    same = invoke_cli("evaluate", "--data", str(data), "--calibrate-on", str(data), "--checkpoint", str(calibrated))
     assert same.returncode == 1 and "Traceback" not in same.stderr
     assert "calibrate on data that is not scored" in same.stderr and len(same.stderr.strip().splitlines()) == 1
 

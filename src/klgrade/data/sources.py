@@ -15,6 +15,7 @@ Problems with single entries (a bad manifest row, an unlistable grade folder) ei
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ def parse_knee_name(path: str | Path) -> tuple[str, str | None]:
     `9003175L.png` -> ("9003175", "L"); `9001104_1.png` -> ("9001104", None). Names that do not start
     with the 7-digit OAI id fall back to the file stem as patient id, so each such file is its own group.
     """
-    stem = Path(path).stem
+    stem = os.path.splitext(os.path.basename(path))[0]  # Path(path).stem, without building a Path per file
     match = _KNEE_NAME.match(stem)
     if match is None:
         return stem, None
@@ -94,7 +95,7 @@ def _problem(problems: list[ImageReadError] | None, where: str | Path, reason: s
 
 def _list_folder(folder: Path, problems: list[ImageReadError] | None) -> list[Path]:
     try:
-        return sorted(folder.iterdir())
+        return sorted(folder.iterdir(), key=lambda path: path.name)
     except OSError as exc:
         _problem(problems, folder, f"cannot list folder ({exc.strerror or exc})")
         return []

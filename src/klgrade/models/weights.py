@@ -89,11 +89,14 @@ def load_checkpoint(path: str | Path, expect_model: str | None = None) -> tuple[
     spec = info["model"]
     if expect_model is not None and spec["name"] != expect_model:
         raise CheckpointError(f"{path}: checkpoint holds a '{spec['name']}' model, not '{expect_model}'")
-    model = create_model(spec["name"], num_classes=spec.get("num_classes", 5), in_chans=spec.get("in_chans", 1),
-                         ordinal=spec.get("ordinal", False), **spec.get("options", {}))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    with torch.device("meta"):  # shapes only: no random initialisation of weights the file replaces
+        model = create_model(spec["name"], num_classes=spec.get("num_classes", 5), in_chans=spec.get("in_chans", 1),
+                             ordinal=spec.get("ordinal", False), **spec.get("options", {}))
+    # Each tensor in memory of its own: views into the file's buffer compute some convolutions ~1e-7 differently.
+    state = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+             for k, v in load_file(str(path)).items()}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit the '{spec['name']}' architecture ({first})") from None
