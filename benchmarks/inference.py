@@ -1,6 +1,7 @@
-"""CPU inference: torch eager vs ONNX Runtime, batch 1 and 16 (the service's load test is `load.py`), and what
-reading and preprocessing one radiograph costs at the sizes clinics store them (a 16-bit PNG of an example knee
-resized up, with a black margin on two sides: decode, then `prepare_image` into the model's square).
+"""CPU inference: torch eager (channels_last, as `Predictor` runs it, and the default layout) vs ONNX Runtime,
+batch 1 and 16 (the service's load test is `load.py`), and what reading and preprocessing one radiograph costs at
+the sizes clinics store them (a 16-bit PNG of an example knee resized up, with a black margin on two sides: decode,
+then `prepare_image` into the model's square).
 
     python benchmarks/inference.py [--checkpoint CKPT] [--threads 2]
 
@@ -10,6 +11,7 @@ Defaults: the shipped model at its own resolution.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import sys
 import tempfile
@@ -36,25 +38,30 @@ at about 0.1 and 0.14 mm pixels)."""
 
 
 def backend_table(checkpoint: Path, threads: int) -> None:
+    """Torch eager as the predictor runs it (channels_last), the same in the default layout, and ONNX Runtime."""
     torch.set_num_threads(threads)
     model, info = load_checkpoint(checkpoint)
     side = info["preprocess"]["size"]
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     with tempfile.TemporaryDirectory() as folder:
         onnx_model = OnnxModel(export_onnx(checkpoint, Path(folder) / "m.onnx"), threads=threads)
         rows = []
         for batch in (1, 16):
             x = normalize(torch.randint(0, 255, (batch, side, side), dtype=torch.uint8)).unsqueeze(1)
+            x_last = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
-                eager = per_second(lambda: model(x), batch, repeats=5)
-                eager_ms = latency_ms(lambda: model(x), repeats=10)
+                eager = per_second(lambda: last(x_last), batch, repeats=5)
+                eager_ms = latency_ms(lambda: last(x_last), repeats=10)
+                default = per_second(lambda: model(x), batch, repeats=5)
             array = x.numpy()
             ort = per_second(lambda: onnx_model.run(array), batch, repeats=5)
             ort_ms = latency_ms(lambda: onnx_model.run(array), repeats=10)
-            rows.append((batch, eager, eager_ms, ort, ort_ms))
+            rows.append((batch, eager, eager_ms, default, ort, ort_ms))
     print(f"model {info['model']['name']} at {side}x{side}, {threads} threads, fp32")
-    print(f"{'batch':>5s} {'torch img/s':>12s} {'torch ms':>9s} {'onnxrt img/s':>13s} {'onnxrt ms':>10s} {'speed-up':>9s}")
-    for batch, eager, eager_ms, ort, ort_ms in rows:
-        print(f"{batch:5d} {eager:12.1f} {eager_ms:9.1f} {ort:13.1f} {ort_ms:10.1f} {ort / eager:8.2f}x")
+    print(f"{'batch':>5s} {'torch img/s':>12s} {'torch ms':>9s} {'default layout img/s':>21s} {'onnxrt img/s':>13s} "
+          f"{'onnxrt ms':>10s} {'onnxrt/torch':>13s}")
+    for batch, eager, eager_ms, default, ort, ort_ms in rows:
+        print(f"{batch:5d} {eager:12.1f} {eager_ms:9.1f} {default:21.1f} {ort:13.1f} {ort_ms:10.1f} {ort / eager:12.2f}x")
 
 
 def radiograph(rows: int, columns: int) -> bytes:
