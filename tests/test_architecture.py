@@ -53,3 +53,13 @@ def test_help_shows_the_signature_of_grade():
     assert result.returncode == 0, result.stderr
     assert "grade(image" in result.stdout and "explain: 'bool' = False" in result.stdout
     assert "-> 'Grading'" in result.stdout
+
+
+def test_grading_starts_without_the_explanation_and_statistics_libraries():
+    """captum (with matplotlib's pyplot) and scikit-learn (with scipy) cost ~2.5 s of every `klgrade predict`'s
+    start-up on a 2-core machine: grading imports them only when it explains or scores."""
+    code = ("import sys, klgrade.cli, klgrade.console, klgrade.infer.batch, klgrade.infer.grading, klgrade.serve.app; "
+            "print(sorted({name.split('.')[0] for name in sys.modules} & {'captum', 'sklearn', 'scipy', 'kornia'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -9,10 +9,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from klgrade.constants import NUM_GRADES
+from klgrade.constants import NUM_GRADES, REPORT_METRICS
 from klgrade.files import WARNING_SEPARATOR, rows_to_csv, write_json_atomic, write_text_atomic
 from klgrade.infer.batch import COLUMNS
-from klgrade.metrics import REPORT_METRICS
 
 
 def predictions_csv(rows: list[dict]) -> str:

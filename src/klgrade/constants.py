@@ -11,3 +11,6 @@ IMAGE_SIZE = 224
 
 MAIN_METRIC = "qwk"
 """Validation metric that selects checkpoints: quadratic weighted kappa, the field's standard for KL grading."""
+
+REPORT_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "mcc", "qwk", "mae")
+"""The metrics every table of klgrade shows (evaluate, cv, reproduce), in this order."""

@@ -19,10 +19,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from klgrade.constants import NUM_GRADES
-
-REPORT_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "mcc", "qwk", "mae")
-"""The metrics every table of klgrade shows (evaluate, cv, reproduce), in this order."""
+from klgrade.constants import NUM_GRADES, REPORT_METRICS
 CI_METRICS = ("accuracy", "f1_macro", "mcc", "qwk", "mae")
 """Metrics that get a bootstrap 95% interval."""
 ECE_BINS = 15

@@ -23,9 +23,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from captum.attr import LayerGradCam
-from kornia.filters import gaussian_blur2d
-from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 from klgrade.models import gradcam_layers, ordinal_head
@@ -79,6 +76,8 @@ def explained_scores(model: nn.Module):
 def signed_gradcam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                    layers: list[nn.Module]) -> torch.Tensor:
     """(B, H, W): the signed Grad-CAM maps of `layers`, upsampled to the input size and summed."""
+    from captum.attr import LayerGradCam  # here, not at the top: ~1.5 s of start-up that grading alone never needs
+
     scores = explained_scores(model)
     total = torch.zeros(inputs.shape[0], *inputs.shape[-2:])
     with torch.enable_grad():
@@ -96,6 +95,8 @@ def is_empty(signed: torch.Tensor) -> torch.Tensor:
 
 def smooth(signed: torch.Tensor, share: float = SMOOTHING) -> torch.Tensor:
     """(B, H, W) signed maps blurred by a Gaussian of `share` times the side (edges replicated)."""
+    from kornia.filters import gaussian_blur2d  # here, as captum above
+
     sigma = share * signed.shape[-1]
     kernel = 2 * math.ceil(3 * sigma) + 1
     return gaussian_blur2d(signed[:, None], kernel, (sigma, sigma), border_type="replicate")[:, 0]
@@ -137,6 +138,8 @@ def overlay(image_uint8: np.ndarray, heatmap: np.ndarray | None, caption: str) -
 
     An empty (all-zero) or missing heatmap leaves the radiograph as it is: the caption says why.
     """
+    from matplotlib import colormaps  # here, as captum above
+
     side = (OVERLAY_SIDE, OVERLAY_SIDE)
     grey = Image.fromarray(image_uint8).convert("RGB").resize(side, Image.BILINEAR)
     picture = grey
