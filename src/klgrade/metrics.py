@@ -19,7 +19,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from klgrade.constants import NUM_GRADES, REPORT_METRICS
+from klgrade.constants import NUM_GRADES
+
 CI_METRICS = ("accuracy", "f1_macro", "mcc", "qwk", "mae")
 """Metrics that get a bootstrap 95% interval."""
 ECE_BINS = 15

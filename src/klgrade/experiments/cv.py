@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from klgrade.constants import NUM_GRADES
+from klgrade.constants import NUM_GRADES, REPORT_METRICS
 from klgrade.data.sources import find_samples
 from klgrade.data.splits import check_no_leak, patient_folds
 from klgrade.evaluate.evaluation import predict_samples
 from klgrade.errors import KLGradeError
 from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
 from klgrade.infer.predictor import Predictor
-from klgrade.metrics import REPORT_METRICS, compute_metrics
+from klgrade.metrics import compute_metrics
 from klgrade.train.config import TrainConfig
 from klgrade.train.fit import fit, fold_pool, select_data
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from klgrade.constants import REPORT_METRICS
 from klgrade.evaluate.report import plot_confusion, save_figure
 from klgrade.experiments.cv import fold_dir, run_name
 from klgrade.explain.gradcam import overlay
 from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
 from klgrade.infer.predictor import Grading
-from klgrade.metrics import REPORT_METRICS
 
 SETS = ("cv", "internal", "external")
 
