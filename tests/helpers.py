@@ -70,10 +70,10 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def invoke_cli(*args: str) -> subprocess.CompletedProcess:
-    """The same `klgrade` command run inside the test process, for calls that check an option or an error message:
-    a new process spends ~10 s of CPU importing torch, timm and Lightning before the command's first line. The
-    argument expansion, the one-line errors and the exit codes are `klgrade.cli`'s own; an exception that escapes
-    the command fails the test with its traceback. Logged warnings are not captured: use `run_cli` for those."""
+    """The same `klgrade` command run inside the test process, for calls that check an option, an error message or
+    a printed table: a new process spends ~10 s of CPU importing torch, timm and Lightning before the command's
+    first line. The argument expansion, the one-line errors and the exit codes are `klgrade.cli`'s own; an exception
+    that escapes the command fails the test with its traceback. Logged warnings are not captured: use `run_cli`."""
     from typer.testing import CliRunner
 
     from klgrade.cli import app, expand_multi_values

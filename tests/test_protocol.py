@@ -41,7 +41,7 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
                                                scored.preprocess).images)
     np.testing.assert_allclose([[float(r[f"prob_{k}"]) for k in range(5)] for r in fold0], expected, atol=2e-6)
     refused = invoke_cli("cv", "--data", str(kneekl224), "--model", "msa_net", "--folds", "3", "--out",
-                      str(tmp_path / "early"), "--patience", "2", *TINY_CV)
+                         str(tmp_path / "early"), "--patience", "2", *TINY_CV)
     assert refused.returncode == 1 and "--patience would stop each fold" in refused.stderr
     finished = (out / "fold1" / "oof.csv").stat().st_mtime_ns
     again = run_cli("cv", "--data", str(kneekl224), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
