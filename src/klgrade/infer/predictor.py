@@ -168,8 +168,7 @@ class Predictor:
                 model = OnnxModel.from_path(path)
                 info = model.info
             else:
-                model, info = load_checkpoint(path)
-                model.to(self.device, memory_format=torch.channels_last)  # 1.2-1.5x faster convolutions on CPU
+                model, info = self._load_torch(path)
             self.models.append(model)
             self.infos.append(info)
         configs = [stored_preprocess(path, info) for path, info in zip(paths, self.infos)]
@@ -198,6 +197,11 @@ class Predictor:
         """The crop-share read-outs behind the framing warnings, tighter and wider, by kind of shift."""
         self.polarity = calibration.polarity
         """The read-out that tells an inverted image (bone dark); such an image is graded inverted back."""
+
+    def _load_torch(self, path: Path) -> tuple[torch.nn.Module, dict]:
+        """A checkpoint's model on the device, channels_last (1.2-1.5x faster convolutions on CPU), and its info."""
+        model, info = load_checkpoint(path)
+        return model.to(self.device, memory_format=torch.channels_last), info
 
     def _calibration(self) -> Calibration:
         """The stored calibration, checked field by field, when it belongs to this exact set-up: the same
@@ -366,8 +370,7 @@ class Predictor:
                 if self.backend == "torch":
                     self._explain_models = [copy.deepcopy(m) for m in self.models]
                 else:
-                    self._explain_models = [load_checkpoint(p)[0].to(self.device, memory_format=torch.channels_last)
-                                            for p in self.paths]
+                    self._explain_models = [self._load_torch(p)[0] for p in self.paths]
             x = normalize(torch.from_numpy(np.ascontiguousarray(images_uint8))).unsqueeze(1)
             x = x.to(self.device, memory_format=torch.channels_last)
             target = torch.as_tensor(targets)
