@@ -63,3 +63,27 @@ def test_grading_starts_without_the_explanation_and_statistics_libraries():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_every_default_written_in_an_options_help_is_shown_by_help():
+    """Help texts name their defaults in brackets (`[auto]`, `[shipped model]`); rich markup would read those as
+    style tags and drop them, so `klgrade train --help` said "auto, cpu or cuda ." instead of "[auto]"."""
+    import re
+
+    import typer
+
+    from klgrade.cli import app
+
+    from helpers import invoke_cli
+
+    root = typer.main.get_command(app)
+    commands = {(name,): command for name, command in root.commands.items()}
+    commands.update({("data", name): command for name, command in root.commands["data"].commands.items()})
+    checked = 0
+    for words, command in commands.items():
+        shown = " ".join(re.sub(r"[│╭╮╰╯─]", " ", invoke_cli(*words, "--help").stdout).split())
+        for param in command.params:
+            for default in re.findall(r"\[[^\]]*[a-z][^\]]*\]", getattr(param, "help", None) or ""):
+                assert default in shown, (words, param.name, default)
+                checked += 1
+    assert checked >= 20, checked

@@ -15,8 +15,8 @@ import yaml
 from klgrade.errors import KLGradeError
 
 app = typer.Typer(help="Kellgren-Lawrence grading of knee radiographs.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+                  pretty_exceptions_enable=False, add_completion=False, rich_markup_mode="markdown")
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(data_app, name="data")
 
 
