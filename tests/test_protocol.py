@@ -7,7 +7,7 @@ import numpy as np
 
 from klgrade.data.cache import decode_all
 from klgrade.data.sources import Sample
-from klgrade.experiments.protocol import VARIANTS
+from klgrade.experiments.protocol import BASELINES, VARIANTS, select_variants
 from klgrade.infer.grading import load_model
 
 from helpers import invoke_cli, run_cli
@@ -65,7 +65,7 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     for section in ("Cross-validation", "Internal validation", "External validation", "Misclassification", "Ablations"):
         assert section in report
     results = json.loads((out / "results.json").read_text())
-    assert set(results["variants"]) == {v.name for v in VARIANTS}
+    assert list(results["variants"]) == results["selected"] == [v.name for v in VARIANTS]
     kd = json.loads((out / "runs" / "msa_net_kd" / "fold0" / "metrics.json").read_text())
     assert len(kd["config"]["teacher"]) == 4
     assert results["unfinished"] == [] and "time budget" not in report
@@ -82,3 +82,13 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     assert not list((tmp_path / "fresh" / "runs").rglob("*.safetensors"))
     for figure in ("folds.png", "curves.png", "gradcam_panel.png", "confusion_msa_net.png"):
         assert (out / "figures" / figure).stat().st_size > 1000
+
+
+def test_variants_are_chosen_by_report_or_folder_name_and_a_student_brings_its_teachers(tmp_path):
+    assert select_variants(None) == select_variants([]) == VARIANTS
+    assert [v.name for v in select_variants(["msa_net_no_fpn", "resnet18"])] == ["resnet18", "msa_net -fpn"]
+    assert [v.name for v in select_variants(["msa_net+kd"])] == [*BASELINES, "msa_net+kd"]
+    assert [v.name for v in select_variants(["msa_net_kd", "resnet50"])] == [*BASELINES, "msa_net+kd"]
+    unknown = invoke_cli("reproduce", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--variant", "resnet19")
+    assert unknown.returncode == 1 and "'resnet19'" in unknown.stderr and "msa_net_no_attention" in unknown.stderr
+    assert not (tmp_path / "out" / "runs").exists()

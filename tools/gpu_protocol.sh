@@ -10,7 +10,8 @@
 # Run there:
 #   tools/gpu_protocol.sh OUT [MINUTES]       MINUTES: no fold starts after this many [6]
 # Settings (environment): PROTOCOL_DATA [carry/kneeKL224], PROTOCOL_PROFILE [paper], PROTOCOL_JOBS [4],
-#   PROTOCOL_DEVICE [cuda], THROUGHPUT_ARGS [--batch 128 --size 160 --steps 30 --concurrency 2 4], PYTHON [python3].
+#   PROTOCOL_DEVICE [cuda], PROTOCOL_VARIANTS (run folder names, e.g. "resnet18 msa_net") [all nine],
+#   THROUGHPUT_ARGS [--batch 128 --size 160 --steps 30 --concurrency 2 4], PYTHON [python3].
 # OUT gets: machine.txt, throughput.txt, throughput.json, protocol.log, report.md, results.json and
 # protocol.tar.gz (tables, figures, per-fold metrics and timings).
 set -euo pipefail
@@ -21,6 +22,8 @@ profile=${PROTOCOL_PROFILE:-paper}
 jobs=${PROTOCOL_JOBS:-4}
 device=${PROTOCOL_DEVICE:-cuda}
 throughput_args=${THROUGHPUT_ARGS:---batch 128 --size 160 --steps 30 --concurrency 2 4}
+variant_args=()
+for variant in ${PROTOCOL_VARIANTS:-}; do variant_args+=(--variant "$variant"); done
 python=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -32,7 +35,8 @@ if ! "$python" -c "import kornia, captum" 2>/dev/null && compgen -G "carry/wheel
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" carry/wheels/*.whl
     export PYTHONPATH="$work/site"
 fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 KLGRADE_CACHE_DIR="$work/cache"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 KLGRADE_CACHE_DIR="$work/cache" \
+    TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$work/inductor}"  # torch makes it on importing timm
 [ -d "$data" ] || { echo "gpu_protocol: $data: no such data folder (see the preparation above)" >&2; exit 2; }
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU";
@@ -45,7 +49,7 @@ cat "$out/machine.txt"
 
 start=$(date +%s)
 "$python" -m klgrade reproduce --data "$data" --out "$work/protocol" --profile "$profile" --device "$device" \
-    --jobs "$jobs" --time-budget "$minutes" 2>&1 | tee "$out/protocol.log"
+    --jobs "$jobs" --time-budget "$minutes" ${variant_args[@]+"${variant_args[@]}"} 2>&1 | tee "$out/protocol.log"
 echo "reproduce wall time: $(( $(date +%s) - start )) s" | tee -a "$out/protocol.log"
 
 cp "$work/protocol/report.md" "$work/protocol/results.json" "$out/"

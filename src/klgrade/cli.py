@@ -163,6 +163,9 @@ def reproduce(
     time_budget: Annotated[Optional[float], typer.Option(min=0, help="Minutes after which no fold starts; the "
                                                          "report covers what finished [no limit].")] = None,
     jobs: Annotated[int, typer.Option(min=1, help="Fold trainings at once on the device (processes) [1].")] = 1,
+    variant: Annotated[Optional[list[str]], typer.Option(help="Run only this variant (repeatable), e.g. resnet18, "
+                                                         "msa_net, msa_net_kd (adds its four teachers), "
+                                                         "msa_net_no_fpn [all nine].")] = None,
 ) -> None:
     """The paper's protocol: 5 models + distilled msa_net + ablations, CV, internal/external validation, report."""
     from klgrade.experiments.protocol import PROFILES
@@ -173,7 +176,8 @@ def reproduce(
     if profile not in PROFILES:
         raise KLGradeError(f"--profile must be one of {sorted(PROFILES)}, not '{profile}'")
     results = run_protocol(data, out, profile=profile, external=external, device=device, seed=seed,
-                           time_budget_s=time_budget * 60 if time_budget is not None else None, jobs=jobs)
+                           time_budget_s=time_budget * 60 if time_budget is not None else None, jobs=jobs,
+                           variants=variant)
     if results["unfinished"]:
         typer.echo(f"time budget spent; unfinished: {', '.join(results['unfinished'])} (rerun to continue)")
     typer.echo(f"report: {out / 'report.md'}")

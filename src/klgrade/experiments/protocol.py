@@ -24,7 +24,7 @@ from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.io import read_image
 from klgrade.data.sources import find_samples
-from klgrade.errors import DataLayoutError
+from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.evaluate.evaluation import batched_outputs
 from klgrade.experiments.cv import cross_validate, fold_dir, fold_model, mean_sd, run_name
 from klgrade.experiments.jobs import FoldJob, run_fold_jobs
@@ -69,6 +69,26 @@ PROFILES = {
 }
 
 
+def select_variants(names: list[str] | None = None) -> tuple[Variant, ...]:
+    """The variants named (as in the report, `msa_net -fpn`, or as their run folder, `msa_net_no_fpn`), in the
+    protocol's order, with the four baselines when msa_net+kd is among them (its teachers); all when none is named.
+
+    Raises:
+        KLGradeError: a name that is no variant of the protocol.
+    """
+    if not names:
+        return VARIANTS
+    by_name = {key: variant for variant in VARIANTS for key in (variant.name, run_name(variant.name))}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise KLGradeError(f"unknown variant(s) {', '.join(map(repr, unknown))}: choose from "
+                           f"{', '.join(run_name(v.name) for v in VARIANTS)}")
+    chosen = {by_name[name].name for name in names}
+    if any(by_name[name].distilled for name in names):
+        chosen |= set(BASELINES)
+    return tuple(variant for variant in VARIANTS if variant.name in chosen)
+
+
 def profile_config(profile: str, data: str, out: Path, device: str, seed: int) -> tuple[TrainConfig, dict]:
     settings = dict(PROFILES[profile])
     extra = {"val_limit": settings.pop("val_limit"), "model_options": settings.pop("model_options")}
@@ -99,27 +119,31 @@ def validate_fold_models(run: Path, folds: int, data: str, limit: int | None, sp
 
 
 def reproduce(data: str, out: str | Path, profile: str = "quick", external: str | None = None,
-              device: str = "auto", seed: int = 0, time_budget_s: float | None = None, jobs: int = 1) -> dict:
+              device: str = "auto", seed: int = 0, time_budget_s: float | None = None, jobs: int = 1,
+              variants: list[str] | None = None) -> dict:
     """Run the whole protocol; returns the results also written to `out/results.json`.
 
     Args:
+        variants: run only these (see `select_variants`), e.g. to spend a GPU budget on two models.
         jobs: fold trainings run at once (separate processes on the same device); a distilled fold starts when
             its teachers' folds have finished.
         time_budget_s: no fold starts after the budget is spent: the report then covers the variants whose
             folds all finished and lists the others as unfinished; a rerun continues where this one stopped.
     """
     out = Path(out)
+    selected = select_variants(variants)
     started = time.monotonic()
     deadline = started + time_budget_s if time_budget_s is not None else None
     base, extra = profile_config(profile, data, out, device, seed)
     has_val = any(s.split == "val" for s in find_samples(data))
     results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {},
-               "unfinished": [], "device": device_name(device), "jobs": jobs}
-    configs = {variant.name: variant_config(variant, base, extra, out) for variant in VARIANTS}
+               "selected": [variant.name for variant in selected], "unfinished": [], "device": device_name(device),
+               "jobs": jobs}
+    configs = {variant.name: variant_config(variant, base, extra, out) for variant in selected}
     fold_jobs = [FoldJob(configs[variant.name], fold, teacher_folds(variant, out, fold))
-                 for variant in VARIANTS for fold in range(base.folds)]
+                 for variant in selected for fold in range(base.folds)]
     unfinished = {Path(job.config.out) for job in run_fold_jobs(fold_jobs, jobs, deadline)}
-    for variant in VARIANTS:
+    for variant in selected:
         config = configs[variant.name]
         run = Path(config.out)
         if run in unfinished:
@@ -135,7 +159,8 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
             entry["external"] = validate_fold_models(run, base.folds, external, extra["val_limit"], None)
         results["variants"][variant.name] = entry
     results["wall_s"] = time.monotonic() - started
-    write_report(results, out, gradcam_panel(data, fold_model(out / "runs" / run_name("msa_net"), 0)))
+    panel_model = fold_model(out / "runs" / run_name("msa_net"), 0)
+    write_report(results, out, gradcam_panel(data, panel_model) if "msa_net" in results["selected"] else [])
     return results
 
 

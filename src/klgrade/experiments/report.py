@@ -62,6 +62,7 @@ def _markdown(results: dict, panel: Path | None) -> str:
              "(mean of their softened probabilities).", ""]
     lines += [f"Trained on {results['device']}, {results['jobs']} fold training(s) at once; this invocation "
               f"took {results['wall_s']:.0f} s (training, validation and this report).", ""]
+    lines += [f"Variants run ({len(results['selected'])}; `--variant` chooses): {', '.join(results['selected'])}.", ""]
     if results.get("unfinished"):
         lines += [f"**Stopped by the time budget**; not finished (rerun the same command to continue): "
                   f"{', '.join(results['unfinished'])}.", ""]
