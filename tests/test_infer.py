@@ -52,6 +52,19 @@ def test_predict_accepts_globs_and_reports_missing_files(tiny_checkpoint, tmp_pa
     assert result.returncode == 1
 
 
+def test_tables_show_names_with_square_brackets_as_they_are(tiny_checkpoint, tmp_path):
+    """Rich reads `[left]` in `knee[left].jpg` as a style tag: the table named the file `knee.jpg`, and a folder
+    `a[/b]` (a closing tag) stopped `data summary` with a traceback."""
+    folder = tmp_path / "scans[/b]" / "2"
+    folder.mkdir(parents=True)
+    (folder / "knee[left].jpg").write_bytes(sorted(EXAMPLES.glob("KL2_*.jpg"))[0].read_bytes())
+    (folder / "bad[bold].png").write_bytes(b"not an image")
+    table = invoke_cli("predict", str(folder), "--checkpoint", str(tiny_checkpoint), "--format", "table")
+    assert table.returncode == 1 and "knee[left].jpg" in table.stdout and "bad[bold].png" in table.stdout
+    summary = invoke_cli("data", "summary", str(tmp_path / "scans[/b]"))
+    assert summary.returncode == 1 and "scans[/b]" in summary.stdout  # 1: the unreadable file
+
+
 def test_python_api_grades_paths_bytes_and_arrays(tiny_checkpoint):
     model = klgrade.load_model(tiny_checkpoint)
     path = sorted(EXAMPLES.glob("KL2_*.jpg"))[0]

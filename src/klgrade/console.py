@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from klgrade.constants import NUM_GRADES, REPORT_METRICS
 from klgrade.files import WARNING_SEPARATOR, rows_to_csv, write_json_atomic, write_text_atomic
@@ -34,19 +35,20 @@ def print_predictions(rows: list[dict], output_format: str) -> None:
     else:
         table = Table("image", "KL grade", "grade set", "confidence", *(f"p{k}" for k in range(NUM_GRADES)),
                       "warnings", "heatmap / error")
-        for row in rows:
+        for row in rows:  # file names and messages as Text: rich would read `knee[left].png` as markup
+            name = Text(Path(row["path"]).name)
             if row.get("error"):
-                table.add_row(Path(row["path"]).name, "-", "-", "-", *["-"] * NUM_GRADES, "", f"[red]{row['error']}[/red]")
+                table.add_row(name, "-", "-", "-", *["-"] * NUM_GRADES, "", Text(row["error"], style="red"))
             else:
-                grade = str(row["grade"]) if row["gradable"] else f"[yellow]{row['grade']}?[/yellow]"
-                table.add_row(Path(row["path"]).name, grade, row["grade_set"], f"{row['confidence']:.2f}",
+                grade = Text(str(row["grade"])) if row["gradable"] else Text(f"{row['grade']}?", style="yellow")
+                table.add_row(name, grade, row["grade_set"], f"{row['confidence']:.2f}",
                               *(f"{row[f'prob_{k}']:.2f}" for k in range(NUM_GRADES)),
-                              f"[yellow]{WARNING_SEPARATOR.join(row['warnings'])}[/yellow]", row.get("heatmap", ""))
+                              Text(WARNING_SEPARATOR.join(row["warnings"]), style="yellow"), Text(row.get("heatmap", "")))
         Console(width=160).print(table)
 
 
 def print_metrics(metrics: dict) -> None:
-    table = Table("metric", "value", "95% CI", title=f"{metrics.get('model', '')} on {metrics['n']} images")
+    table = Table("metric", "value", "95% CI", title=Text(f"{metrics.get('model', '')} on {metrics['n']} images"))
     intervals = metrics.get("ci95", {})
     for name in REPORT_METRICS:
         interval = intervals.get(name)
@@ -74,7 +76,7 @@ def print_metrics(metrics: dict) -> None:
 
 
 def print_summary(summary: dict) -> None:
-    table = Table("split", *(f"KL{k}" for k in range(NUM_GRADES)), "images", "patients", title=summary["data"])
+    table = Table("split", *(f"KL{k}" for k in range(NUM_GRADES)), "images", "patients", title=Text(summary["data"]))
     for name, split in summary["splits"].items():
         table.add_row(name, *(str(c) for c in split["counts"]), str(split["images"]), str(split["patients"]))
     console = Console()
