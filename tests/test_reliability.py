@@ -226,6 +226,19 @@ def test_out_of_range_numbers_are_usage_errors(args, needle):
     assert needle in result.stderr and "Invalid value" in result.stderr
 
 
+def test_serve_on_a_taken_port_or_a_foreign_address_is_one_line_before_the_model_loads(tmp_path):
+    absent = str(tmp_path / "absent.safetensors")  # were the model loaded first, this would be the error
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = invoke_cli("serve", "--port", str(port), "--checkpoint", absent)
+    assert busy.returncode == 1
+    assert busy.stderr == f"error: 127.0.0.1:{port}: cannot listen there (Address already in use)\n"
+    foreign = invoke_cli("serve", "--host", "192.0.2.1", "--port", "0", "--checkpoint", absent)  # TEST-NET-1
+    assert foreign.returncode == 1 and foreign.stderr.startswith("error: 192.0.2.1:0: cannot listen there (")
+
+
 def test_bad_devices_and_outputs_are_one_line_errors(tiny_checkpoint, tmp_path):
     existing = tmp_path / "file.txt"
     existing.write_text("x")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -392,8 +393,26 @@ def serve(
     settings = Settings(checkpoints=[str(p) for p in checkpoint] if checkpoint else None, backend=backend, tta=tta,
                         max_upload_bytes=max_upload_mb * 2**20, max_upload_pixels=int(max_upload_mp * 1e6),
                         body_timeout_s=body_timeout)
+    listener = _listening_socket(host, port)  # a taken port fails here, before the model loads
     predictor = load_model(settings.checkpoints, tta=tta, backend=backend)  # a bad checkpoint fails here, in one line
-    uvicorn.run(create_app(settings, predictor), host=host, port=port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, predictor), host=host, port=port, log_level="info"))
+    address = f"[{host}]" if ":" in host else host  # uvicorn says where only for the sockets it binds itself
+    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", address,
+                                            listener.getsockname()[1])
+    server.run(sockets=[listener])
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound as uvicorn binds it: a taken port or a foreign address is a one-line error (uvicorn
+    would report it among its start-up logs, after the model had loaded)."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise KLGradeError(f"{host}:{port}: cannot listen there ({exc.strerror or exc})") from None
+    return listener
 
 
 MULTI_VALUE_OPTIONS = ("--teacher", "--checkpoint")
