@@ -40,6 +40,29 @@ def test_metrics_equal_scikit_learn(seed):
     assert m["auc_ovr"]["per_grade"][2] == pytest.approx(roc_auc_score(y == 2, probabilities[:, 2]))
 
 
+def test_macro_averages_leave_out_grades_that_do_not_occur():
+    """An external set without KL 3 and KL 4 (none true, none predicted): the macro averages are those of the three
+    grades that occur, as scikit-learn's own default gives them, not pulled down by two grades of 0; the bootstrap's
+    formula agrees; a set of one grade gets MCC and QWK 0 without scikit-learn's warnings."""
+    import warnings
+
+    y, probabilities = _random_predictions(11, n=300)
+    probabilities[:, 3:] = 0
+    keep = y < 3
+    y, probabilities = y[keep], probabilities[keep] / probabilities[keep].sum(1, keepdims=True)
+    pred = probabilities.argmax(1)
+    assert set(y) | set(pred) == {0, 1, 2}
+    m = compute_metrics(y, probabilities, n_boot=0)
+    assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["precision_macro"] == pytest.approx(precision_score(y, pred, average="macro", zero_division=0))
+    assert m["recall_macro"] == pytest.approx(recall_score(y, pred, average="macro"))
+    assert confusion_metrics(confusion_matrix(y, pred, labels=range(5)))["f1_macro"] == pytest.approx(m["f1_macro"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        single = compute_metrics([2, 2, 2], np.tile([0.1, 0.1, 0.6, 0.1, 0.1], (3, 1)), n_boot=20)
+    assert single["f1_macro"] == single["accuracy"] == 1.0 and single["mcc"] == single["qwk"] == 0.0
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_confusion_matrix_formulas_equal_scikit_learn(seed):
     y, probabilities = _random_predictions(seed, n=300)

@@ -39,17 +39,20 @@ def compute_metrics(y_true, probabilities, groups=None, n_boot: int = 1000, seed
 
     Returns:
         dict with the keys of DESIGN.md (`n`, `accuracy`, ..., `confusion_matrix`, `adjacent_error_rate`,
-        `extreme_errors`, `ci95`) plus `per_grade`, `auc_ovr`, `ece`, error counts.
+        `extreme_errors`, `ci95`) plus `per_grade`, `auc_ovr`, `ece`, error counts. Macro averages run over the
+        grades that occur among the true or predicted grades (scikit-learn's default), so a set without KL 4 is
+        not marked down for it; `confusion_matrix` and `per_grade` always list all five.
     """
     y_true = np.asarray(y_true, dtype=int)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     y_pred = probabilities.argmax(axis=1)
     labels = list(range(num_classes))
+    occurring = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
     result: dict = {"n": int(len(y_true)), "accuracy": float(accuracy_score(y_true, y_pred))}
-    for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
+    for average in ("macro", "weighted"):  # macro: over the grades that occur (an external set may lack KL 4)
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=occurring, average=average, zero_division=0)
         result[f"precision_{average}"], result[f"recall_{average}"], result[f"f1_{average}"] = float(p), float(r), float(f)
-    result["mcc"] = float(matthews_corrcoef(y_true, y_pred))
+    result["mcc"] = float(matthews_corrcoef(y_true, y_pred)) if len(occurring) > 1 else 0.0
     result["qwk"] = _qwk(y_true, y_pred, labels)
     result["mae"] = float(mean_absolute_error(y_true, y_pred))
     cm = confusion_matrix(y_true, y_pred, labels=labels)
@@ -65,8 +68,9 @@ def compute_metrics(y_true, probabilities, groups=None, n_boot: int = 1000, seed
 
 
 def _qwk(y_true: np.ndarray, y_pred: np.ndarray, labels: list[int]) -> float:
-    value = cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")
-    return 0.0 if np.isnan(value) else float(value)  # nan when only one grade occurs: no agreement beyond chance
+    if len(set(y_true.tolist()) | set(y_pred.tolist())) < 2:
+        return 0.0  # one grade only: no agreement beyond chance (scikit-learn warns and gives nan)
+    return float(cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic"))
 
 
 def error_analysis(y_true, y_pred) -> dict:
@@ -122,6 +126,7 @@ def confusion_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
     diagonal = np.diagonal(cm, axis1=-2, axis2=-1)
     true_counts, pred_counts = cm.sum(axis=-1), cm.sum(axis=-2)
     accuracy = diagonal.sum(-1) / total
+    occurring = (true_counts + pred_counts) > 0
     with np.errstate(divide="ignore", invalid="ignore"):
         f1 = np.nan_to_num(2 * diagonal / (true_counts + pred_counts))
         covariance = diagonal.sum(-1) * total - (true_counts * pred_counts).sum(-1)
@@ -132,7 +137,8 @@ def confusion_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
         expected = true_counts[..., :, None] * pred_counts[..., None, :] / total[..., None, None]
         qwk = np.nan_to_num(1 - (weights * cm).sum((-2, -1)) / (weights * expected).sum((-2, -1)))
     mae = (np.abs(grades[:, None] - grades[None, :]) * cm).sum((-2, -1)) / total
-    return {"accuracy": accuracy, "f1_macro": f1.mean(-1), "mcc": mcc, "qwk": qwk, "mae": mae}
+    f1_macro = f1.sum(-1) / occurring.sum(-1)  # over the grades that occur, as compute_metrics
+    return {"accuracy": accuracy, "f1_macro": f1_macro, "mcc": mcc, "qwk": qwk, "mae": mae}
 
 
 def bootstrap_ci(y_true, y_pred, groups=None, n_boot: int = 1000, seed: int = 0,
