@@ -83,6 +83,19 @@ def test_bad_manifest_rows(tmp_path, row, message):
         find_samples(manifest)
 
 
+def test_a_search_that_keeps_nothing_names_what_it_refused(tmp_path):
+    """`evaluate` and `data summary` collect bad entries and go on; when nothing is left, the error says why."""
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,grade\nimg/none.png,1\nimg/other.png,7\n")
+    with pytest.raises(DataLayoutError, match=r"lists no images \(2 refused, the first: .*list.csv:2: file .*none.png "
+                                              r"does not exist\)"):
+        find_samples(manifest, problems=[])
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,grade\n")
+    with pytest.raises(DataLayoutError, match=r"lists no images$"):
+        find_samples(empty, problems=[])
+
+
 def test_missing_data_path(tmp_path):
     with pytest.raises(DataLayoutError, match="no such file"):
         find_samples(tmp_path / "absent")

@@ -151,8 +151,14 @@ def find_samples(data: str | Path, problems: list[ImageReadError] | None = None)
     return _from_grade_dirs(root, None, problems)
 
 
+def _found_nothing(where: Path, what: str, refused: list[ImageReadError]) -> DataLayoutError:
+    """The error for a search that found no sample, naming the first entry it refused (the likely reason)."""
+    detail = f" ({len(refused)} refused, the first: {refused[0]})" if refused else ""
+    return DataLayoutError(f"{where}: {what}{detail}")
+
+
 def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadError] | None) -> list[Sample]:
-    samples = []
+    samples, known_problems = [], len(problems or [])
     for sub in _subfolders(root):
         grade = grade_from_dir(sub.name)
         if grade is None:
@@ -164,7 +170,7 @@ def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadErro
                 patient, side = parse_knee_name(entry.name)
                 samples.append(Sample(entry.path, grade, patient, side, split))
     if not samples:
-        raise DataLayoutError(f"{root}: no images found in grade folders")
+        raise _found_nothing(root, "no images found in grade folders", (problems or [])[known_problems:])
     return samples
 
 
@@ -196,7 +202,7 @@ def parse_grade(text: str | None) -> int:
 
 
 def _from_manifest(csv_path: Path, problems: list[ImageReadError] | None) -> list[Sample]:
-    samples = []
+    samples, known_problems = [], len(problems or [])
     for line, row in enumerate(_manifest_rows(csv_path), start=2):
         where = f"{csv_path}:{line}"
         if not (row.get("path") or "").strip() or row.get("grade") is None:
@@ -218,7 +224,7 @@ def _from_manifest(csv_path: Path, problems: list[ImageReadError] | None) -> lis
         side = (row.get("side") or "").strip().upper() or parsed_side
         samples.append(Sample(str(path), grade, patient, side, (row.get("split") or "").strip() or None))
     if not samples:
-        raise DataLayoutError(f"{csv_path}: manifest lists no images")
+        raise _found_nothing(csv_path, "manifest lists no images", (problems or [])[known_problems:])
     return samples
 
 
