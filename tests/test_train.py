@@ -184,6 +184,9 @@ def test_bad_training_options_are_one_line_errors(tmp_path, kneekl224):
         assert result.returncode == 1 and "Traceback" not in result.stderr and option in result.stderr
     result = invoke_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
     assert result.returncode == 1 and "no such file" in result.stderr
+    one_fold = invoke_cli("cv", "--data", str(kneekl224), "--model", "resnet18", "--out", str(tmp_path / "cv"),
+                          "--folds", "1")  # scikit-learn's ValueError escaped as a traceback
+    assert one_fold.returncode == 1 and one_fold.stderr.startswith("error: --folds must be at least 2")
 
 
 def test_auto_precision_is_bf16_only_where_the_device_computes_in_bf16(monkeypatch):

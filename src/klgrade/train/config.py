@@ -92,9 +92,12 @@ class TrainConfig:
             raise KLGradeError(f"--device must be auto, cpu or cuda, not '{self.device}'")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise KLGradeError(f"--kd-alpha must lie in [0, 1], not {self.kd_alpha}")
-        for name in ("epochs", "batch_size", "devices", "num_nodes", "folds"):
+        for name in ("epochs", "batch_size", "devices", "num_nodes"):
             if getattr(self, name) < 1:
                 raise KLGradeError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.folds < 2:
+            raise KLGradeError(f"--folds must be at least 2 (each fold is scored by a model trained on the others), "
+                               f"not {self.folds}")
         if self.limit is not None and self.limit < 1:
             raise KLGradeError(f"--limit must be at least 1, not {self.limit}")
         if self.image_size < 32:
