@@ -92,3 +92,20 @@ def test_variants_are_chosen_by_report_or_folder_name_and_a_student_brings_its_t
     unknown = invoke_cli("reproduce", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--variant", "resnet19")
     assert unknown.returncode == 1 and "'resnet19'" in unknown.stderr and "msa_net_no_attention" in unknown.stderr
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_the_report_claims_internal_validation_only_where_there_was_a_val_split():
+    from klgrade.experiments.cv import mean_sd
+    from klgrade.experiments.report import _markdown
+    from klgrade.metrics import compute_metrics
+
+    metrics = compute_metrics([0, 1, 2, 3, 4], np.eye(5), n_boot=0)
+    entry = {"cv": {"mean_sd": mean_sd([metrics]), "per_fold": [metrics], "pooled_oof": metrics}, "train_s": 1.0,
+             "ablation": False, "distilled": False}
+    results = {"profile": "quick", "data": "knees", "external": None, "folds": 1, "variants": {"resnet18": entry},
+               "selected": ["resnet18"], "unfinished": [], "device": "CPU", "jobs": 1, "wall_s": 1.0}
+    without_val = _markdown(results, None)
+    assert "no `val` split to validate on" in without_val and "internal validation" not in without_val.lower()
+    entry["internal"] = {"mean_sd": mean_sd([metrics])}
+    with_val = _markdown(results, None)
+    assert "internal validation of every fold model on `val`" in with_val and "## Internal validation" in with_val

@@ -54,10 +54,11 @@ def write_report(results: dict, out: Path, panel: list[PanelImage]) -> None:
 def _markdown(results: dict, panel: Path | None) -> str:
     variants = results["variants"]
     k = results["folds"]
+    internal = any("internal" in entry for entry in variants.values())
     lines = [f"# klgrade reproduce: profile `{results['profile']}`", "",
-             f"Data: `{results['data']}`; {k}-fold patient-grouped stratified CV on the train split; internal "
-             "validation of every fold model on `val`" + (f"; external validation on `{results['external']}`"
-                                                          if results["external"] else "") + ".",
+             f"Data: `{results['data']}`; {k}-fold patient-grouped stratified CV on the train split"
+             + ("; internal validation of every fold model on `val`" if internal else "; no `val` split to validate on")
+             + (f"; external validation on `{results['external']}`" if results["external"] else "") + ".",
              "msa_net+kd is distilled from the ensemble of the four baselines trained on the same fold "
              "(mean of their softened probabilities).", ""]
     lines += [f"Trained on {results['device']}, {results['jobs']} fold training(s) at once; this invocation "
