@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from klgrade.data.cache import decode_all
-from klgrade.data.sources import Sample
+from klgrade.data.sources import Sample, parse_knee_name
 from klgrade.experiments.protocol import BASELINES, VARIANTS, select_variants
 from klgrade.infer.grading import load_model
 
@@ -109,3 +109,21 @@ def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(
     entry["internal"] = {"mean_sd": mean_sd([metrics])}
     with_val = _markdown(results, None)
     assert "internal validation of every fold model on `val`" in with_val and "## Internal validation" in with_val
+
+
+def test_validation_sets_sharing_patients_with_the_training_images_are_refused_before_training(kneekl224, tmp_path):
+    from helpers import copy_real_images
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    trained = copy_real_images(kneekl224, data / "train", 2, split="train")
+    copy_real_images(kneekl224, data / "val", 1, split="val")
+    seen = copy_real_images(kneekl224, tmp_path / "external", 1, split="train")  # knees the folds train on
+    patients = len({parse_knee_name(path)[0] for path in seen})
+    external = invoke_cli("reproduce", "--data", str(data), "--out", str(out), "--external", str(tmp_path / "external"),
+                          "--device", "cpu")
+    assert external.returncode == 1
+    assert f"the train split and --external {tmp_path / 'external'} share {patients} patient(s)" in external.stderr
+    (data / "val" / "0" / trained[0].name).write_bytes(trained[0].read_bytes())
+    val = invoke_cli("reproduce", "--data", str(data), "--out", str(out), "--device", "cpu")
+    assert val.returncode == 1 and "the train split and val share 1 patient(s)" in val.stderr
+    assert not (out / "runs").exists()

@@ -23,7 +23,8 @@ import torch
 from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.io import read_image
-from klgrade.data.sources import find_samples
+from klgrade.data.sources import Sample, find_samples
+from klgrade.data.splits import check_no_leak
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.evaluate.evaluation import batched_outputs
 from klgrade.experiments.cv import cross_validate, fold_dir, fold_model, mean_sd, run_name
@@ -32,6 +33,7 @@ from klgrade.experiments.report import PanelImage, write_report
 from klgrade.infer.predictor import Predictor
 from klgrade.metrics import compute_metrics
 from klgrade.train.config import TrainConfig
+from klgrade.train.fit import fold_pool
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,9 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     started = time.monotonic()
     deadline = started + time_budget_s if time_budget_s is not None else None
     base, extra = profile_config(profile, data, out, device, seed)
-    has_val = any(s.split == "val" for s in find_samples(data))
+    samples = find_samples(data)
+    has_val = any(s.split == "val" for s in samples)
+    check_validation_patients(samples, external)
     results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {},
                "selected": [variant.name for variant in selected], "unfinished": [], "device": device_name(device),
                "jobs": jobs}
@@ -162,6 +166,19 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     panel_model = fold_model(out / "runs" / run_name("msa_net"), 0)
     write_report(results, out, gradcam_panel(data, panel_model) if "msa_net" in results["selected"] else [])
     return results
+
+
+def check_validation_patients(samples: list[Sample], external: str | None) -> None:
+    """Refuse, before any training, validation sets that share patients with the images the folds train on: their
+    figures would score knees (or the other knee) of people the models have seen.
+
+    Raises:
+        DataLayoutError: `val` or `external` shares a patient with the train split.
+    """
+    pool = fold_pool(samples)
+    check_no_leak(pool, [s for s in samples if s.split == "val"], "the train split and val")
+    if external:
+        check_no_leak(pool, find_samples(external), f"the train split and --external {external}")
 
 
 def device_name(device: str) -> str:
