@@ -1,4 +1,5 @@
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -211,6 +212,19 @@ def test_corrupt_dicom_is_reported(tmp_path):
     assert caught.value.path == str(path)
 
 
+def test_a_truncated_compressed_dicom_is_one_line_on_the_command_line(tmp_path):
+    """pydicom warned and logged what it met (an unterminated pixel sequence) beside klgrade's own error line."""
+    from helpers import run_cli
+
+    source = write_dicom(tmp_path / "knee.dcm", knee_image(2).astype(np.uint16) * 16, "MONOCHROME2")
+    encoded = compress_dicom(source, tmp_path / "rle.dcm", "RLELossless").read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(encoded[:-200])
+    result = run_cli("predict", str(truncated), "--format", "json")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: {truncated}: DICOM file holds no image (no PixelData)"]
+
+
 def test_arrays_in_memory_are_read_as_files_are():
     """The Python API's arrays: colour and extra axes of length 1 as a decoded file's would be, every other
     mistake one ImageReadError naming the array (an empty, complex or object array used to raise numpy's own
@@ -225,7 +239,8 @@ def test_arrays_in_memory_are_read_as_files_are():
                           (grey.ravel(), "expected a 2-D"), (np.stack([grey] * 5, -1), "expected a 2-D"),
                           (grey.astype(np.complex64), "complex64"), (grey.astype(object), "object"),
                           (np.where(grey > 100, np.nan, grey), "NaN"), (grey * 1e300, "beyond float32")]:
-        with pytest.raises(ImageReadError, match=reason) as caught:
+        with pytest.raises(ImageReadError, match=reason) as caught, warnings.catch_warnings():
+            warnings.simplefilter("error")  # the refusal is the answer: no numpy overflow warning beside it
             read_array(array, name="scan.npy")
         assert str(caught.value).startswith("scan.npy: ")
     with pytest.raises(ImageReadError, match="exceeds the 0.001 MP limit"):

@@ -94,9 +94,11 @@ def test_variants_are_chosen_by_report_or_folder_name_and_a_student_brings_its_t
     assert not (tmp_path / "out" / "runs").exists()
 
 
-def test_the_report_claims_internal_validation_only_where_there_was_a_val_split():
+def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(tmp_path):
+    import warnings
+
     from klgrade.experiments.cv import mean_sd
-    from klgrade.experiments.report import _markdown
+    from klgrade.experiments.report import _markdown, write_report
     from klgrade.metrics import compute_metrics
 
     metrics = compute_metrics([0, 1, 2, 3, 4], np.eye(5), n_boot=0)
@@ -106,6 +108,10 @@ def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(
                "selected": ["resnet18"], "unfinished": [], "device": "CPU", "jobs": 1, "wall_s": 1.0}
     without_val = _markdown(results, None)
     assert "no `val` split to validate on" in without_val and "internal validation" not in without_val.lower()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no training curve to draw (no fold 0 ran here): no empty legend either
+        write_report(results, tmp_path, [])
+    assert (tmp_path / "figures" / "curves.png").stat().st_size > 1000
     entry["internal"] = {"mean_sd": mean_sd([metrics])}
     with_val = _markdown(results, None)
     assert "internal validation of every fold model on `val`" in with_val and "## Internal validation" in with_val

@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -439,4 +440,8 @@ def expand_multi_values(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Console entry point (`klgrade`, `python -m klgrade`)."""
+    # pydicom warns and logs, per file, what it met reading a damaged file (a truncated pixel sequence, a wrong VR):
+    # the file's answer or its one-line error is what a user needs, not two more lines of pydicom's.
+    warnings.filterwarnings("ignore", module="pydicom")
+    logging.getLogger("pydicom").addFilter(lambda record: record.levelno >= logging.ERROR)  # its import resets levels
     sys.exit(app(args=expand_multi_values(sys.argv[1:]), prog_name="klgrade"))

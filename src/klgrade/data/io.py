@@ -115,7 +115,8 @@ def _checked(array: np.ndarray, label: str, what: str) -> np.ndarray:
     range would become infinite)."""
     if array.ndim != 2 or min(array.shape) < MIN_SIDE:
         raise ImageReadError(label, f"{what} of shape {array.shape} is too small (min side {MIN_SIDE} px)")
-    array = array.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # a value beyond float32's range becomes infinite: refused just below
+        array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         raise ImageReadError(label, f"{what} holds NaN or infinite values (or values beyond float32's range)")
     return array

@@ -129,7 +129,8 @@ def _plot_curves(results: dict, out: Path, path: Path) -> None:
             axis.plot([h["epoch"] for h in history], [h["qwk"] for h in history], marker="o", label=name)
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation QWK")
-    axis.legend(fontsize=7)
+    if axis.lines:  # none when no fold 0 has finished (a spent time budget)
+        axis.legend(fontsize=7)
     save_figure(figure, path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
     model, info = load_checkpoint(checkpoint)
     side = info["preprocess"]["size"]
     example = torch.zeros(1, 1, side, side)
-    with atomic_path(out) as temporary:
+    with atomic_path(out) as temporary, warnings.catch_warnings():
+        # The TorchScript exporter (dynamo=False) warns that it is legacy, and tracing warns about a shape assert
+        # in timm's positional encoding that holds for every input of the fixed side: noise on a clean export.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(LogitsAndFeatures(model), (example,), str(temporary), input_names=[INPUT_NAME],
                           output_names=list(OUTPUTS), dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUTS)},
                           opset_version=OPSET, dynamo=False)
