@@ -126,11 +126,15 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     """Run the whole protocol; returns the results also written to `out/results.json`.
 
     Args:
-        variants: run only these (see `select_variants`), e.g. to spend a GPU budget on two models.
-        jobs: fold trainings run at once (separate processes on the same device); a distilled fold starts when
-            its teachers' folds have finished.
         time_budget_s: no fold starts after the budget is spent: the report then covers the variants whose
             folds all finished and lists the others as unfinished; a rerun continues where this one stopped.
+        jobs: fold trainings run at once (separate processes on the same device); a distilled fold starts when
+            its teachers' folds have finished.
+        variants: run only these (see `select_variants`), e.g. to spend a GPU budget on two models.
+
+    Raises:
+        KLGradeError: an unknown variant, or (DataLayoutError) a val or external set sharing patients with the
+            train split: both before any training.
     """
     out = Path(out)
     selected = select_variants(variants)
