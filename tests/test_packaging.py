@@ -26,8 +26,9 @@ def test_the_wheel_grades_with_its_shipped_model_and_holds_the_page_and_the_lice
                                 str(wheel)], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr[-2000:]
     example = sorted(EXAMPLES.glob("KL2_*.jpg"))[0]
-    graded = subprocess.run([sys.executable, "-c", "import json, sys, klgrade; result = klgrade.grade(sys.argv[1]); "
-                             "print(json.dumps({'module': klgrade.__file__, 'probabilities': list(result.probabilities)}))", str(example)],
+    script = ("import json, sys, klgrade; result = klgrade.grade(sys.argv[1]); "
+              "print(json.dumps({'module': klgrade.__file__, 'probabilities': list(result.probabilities)}))")
+    graded = subprocess.run([sys.executable, "-c", script, str(example)],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path,
                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
     assert graded.returncode == 0, graded.stderr[-2000:]

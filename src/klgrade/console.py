@@ -43,7 +43,8 @@ def print_predictions(rows: list[dict], output_format: str) -> None:
                 grade = Text(str(row["grade"])) if row["gradable"] else Text(f"{row['grade']}?", style="yellow")
                 table.add_row(name, grade, row["grade_set"], f"{row['confidence']:.2f}",
                               *(f"{row[f'prob_{k}']:.2f}" for k in range(NUM_GRADES)),
-                              Text(WARNING_SEPARATOR.join(row["warnings"]), style="yellow"), Text(row.get("heatmap", "")))
+                              Text(WARNING_SEPARATOR.join(row["warnings"]), style="yellow"),
+                              Text(row.get("heatmap", "")))
         Console(width=160).print(table)
 
 
