@@ -66,17 +66,19 @@ def grade_from_dir(name: str) -> int | None:
     return grade
 
 
-def is_image_file(path: Path) -> bool:
+def is_image_file(path: Path | os.DirEntry) -> bool:
     """An image by its suffix, or an extension-less DICOM file (as PACS exports name them, e.g. IMG0001).
 
     Entries with an image suffix count even when they are not regular files (a pipe, a broken link): reading
     them then reports the problem instead of skipping them in silence. An extension-less file that cannot
-    be opened counts too, for the same reason.
+    be opened counts too, for the same reason. An entry of a folder listing (`os.DirEntry`) says whether it is a
+    folder without a stat per file, which made listing kneeKL224 take twice as long.
     """
-    if path.name.startswith(".") or path.is_dir():
+    if path.name.startswith(".") or _is_folder(path):
         return False
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if os.path.splitext(path.name)[1].lower() in IMAGE_SUFFIXES:
         return True
+    path = Path(path)
     if path.suffix or regular_file_problem(path) is not None:
         return False
     try:
@@ -86,17 +88,11 @@ def is_image_file(path: Path) -> bool:
         return True
 
 
-def _is_listed_image(entry: os.DirEntry) -> bool:
-    """`is_image_file` for an entry of a folder listing: an image suffix is decided from the listing (no stat per
-    file, which made listing kneeKL224 take twice as long); anything else goes through `is_image_file`."""
-    if entry.name.startswith("."):
-        return False
-    if os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
-        return is_image_file(Path(entry.path))
+def _is_folder(path: Path | os.DirEntry) -> bool:
     try:
-        return not entry.is_dir()
-    except OSError:
-        return True
+        return path.is_dir()
+    except OSError:  # an entry that cannot be looked at is not a folder to skip: reading it reports why
+        return False
 
 
 def _problem(problems: list[ImageReadError] | None, where: str | Path, reason: str) -> None:
@@ -166,7 +162,7 @@ def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadErro
                 f"{sub}: folder name is not a KL grade (expected 0-{NUM_GRADES - 1}, e.g. '2' or '2Minimal')"
             )
         for entry in _list_folder(sub, problems):
-            if _is_listed_image(entry):
+            if is_image_file(entry):
                 patient, side = parse_knee_name(entry.name)
                 samples.append(Sample(entry.path, grade, patient, side, split))
     if not samples:
