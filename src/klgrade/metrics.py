@@ -52,8 +52,10 @@ def compute_metrics(y_true, probabilities, groups=None, n_boot: int = 1000, seed
     for average in ("macro", "weighted"):  # macro: over the grades that occur (an external set may lack KL 4)
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=occurring, average=average, zero_division=0)
         result[f"precision_{average}"], result[f"recall_{average}"], result[f"f1_{average}"] = float(p), float(r), float(f)
-    result["mcc"] = float(matthews_corrcoef(y_true, y_pred)) if len(occurring) > 1 else 0.0
-    result["qwk"] = _qwk(y_true, y_pred, labels)
+    # One grade only: no agreement beyond chance (scikit-learn warns, and gives nan for the kappa).
+    several = len(occurring) > 1
+    result["mcc"] = float(matthews_corrcoef(y_true, y_pred)) if several else 0.0
+    result["qwk"] = float(cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")) if several else 0.0
     result["mae"] = float(mean_absolute_error(y_true, y_pred))
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     result["confusion_matrix"] = cm.tolist()
@@ -65,12 +67,6 @@ def compute_metrics(y_true, probabilities, groups=None, n_boot: int = 1000, seed
     if n_boot > 0:
         result["ci95"] = bootstrap_ci(y_true, y_pred, groups, n_boot=n_boot, seed=seed, num_classes=num_classes)
     return result
-
-
-def _qwk(y_true: np.ndarray, y_pred: np.ndarray, labels: list[int]) -> float:
-    if len(set(y_true.tolist()) | set(y_pred.tolist())) < 2:
-        return 0.0  # one grade only: no agreement beyond chance (scikit-learn warns and gives nan)
-    return float(cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic"))
 
 
 def error_analysis(y_true, y_pred) -> dict:
