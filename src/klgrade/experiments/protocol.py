@@ -98,11 +98,9 @@ def profile_config(profile: str, data: str, out: Path, device: str, seed: int) -
     return config, extra
 
 
-def validate_fold_models(run: Path, folds: int, data: str, limit: int | None, split: str | None) -> dict:
-    """Every fold model on an independent labelled set: per-fold metrics, mean +/- sd, and the fold ensemble."""
-    samples = find_samples(data)
-    if split is not None:
-        samples = [s for s in samples if s.split == split]
+def validate_fold_models(run: Path, folds: int, samples: list[Sample], limit: int | None, where: str) -> dict:
+    """Every fold model on an independent labelled set (`samples`, found in `where`): per-fold metrics, mean +/- sd,
+    and the fold ensemble."""
     if limit is not None:
         samples = samples[:: max(1, len(samples) // limit)][:limit]
     labels = [s.grade for s in samples]
@@ -110,7 +108,7 @@ def validate_fold_models(run: Path, folds: int, data: str, limit: int | None, sp
     predictors = [Predictor([fold_model(run, fold)], tta=False) for fold in range(folds)]
     decoded = decode_all(samples, predictors[0].preprocess)  # once: every fold model shares the profile
     if decoded.failures:
-        raise DataLayoutError(f"{data}: unreadable images in the validation set; check it with klgrade data summary")
+        raise DataLayoutError(f"{where}: unreadable images in the validation set; check it with klgrade data summary")
     per_fold, all_probabilities = [], []
     for predictor in predictors:
         probabilities = batched_outputs(predictor, decoded.images).probabilities
@@ -141,9 +139,10 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     started = time.monotonic()
     deadline = started + time_budget_s if time_budget_s is not None else None
     base, extra = profile_config(profile, data, out, device, seed)
-    samples = find_samples(data)
-    has_val = any(s.split == "val" for s in samples)
-    check_validation_patients(samples, external)
+    samples = find_samples(data)  # listed once: the folds, the validation sets and the Grad-CAM panel come from it
+    val = [s for s in samples if s.split == "val"]
+    external_samples = find_samples(external) if external else []
+    check_validation_patients(fold_pool(samples), {"val": val, f"--external {external}": external_samples})
     results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {},
                "selected": [variant.name for variant in selected], "unfinished": [], "device": device_name(device),
                "jobs": jobs}
@@ -161,28 +160,26 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
         entry = {"model": variant.model, "options": config.model_options, "distilled": variant.distilled,
                  "ablation": variant.ablation, "train_s": training_seconds(run, base.folds),
                  "cv": {"mean_sd": cv["mean_sd"], "per_fold": cv["per_fold"], "pooled_oof": cv["pooled_oof"]}}
-        if has_val:
-            entry["internal"] = validate_fold_models(run, base.folds, data, extra["val_limit"], "val")
+        if val:
+            entry["internal"] = validate_fold_models(run, base.folds, val, extra["val_limit"], data)
         if external:
-            entry["external"] = validate_fold_models(run, base.folds, external, extra["val_limit"], None)
+            entry["external"] = validate_fold_models(run, base.folds, external_samples, extra["val_limit"], external)
         results["variants"][variant.name] = entry
     results["wall_s"] = time.monotonic() - started
     panel_model = fold_model(out / "runs" / run_name("msa_net"), 0)
-    write_report(results, out, gradcam_panel(data, panel_model) if "msa_net" in results["selected"] else [])
+    write_report(results, out, gradcam_panel(val or samples, panel_model) if "msa_net" in results["selected"] else [])
     return results
 
 
-def check_validation_patients(samples: list[Sample], external: str | None) -> None:
+def check_validation_patients(train: list[Sample], validation_sets: dict[str, list[Sample]]) -> None:
     """Refuse, before any training, validation sets that share patients with the images the folds train on: their
     figures would score knees (or the other knee) of people the models have seen.
 
     Raises:
-        DataLayoutError: `val` or `external` shares a patient with the train split.
+        DataLayoutError: a validation set (named by its key) shares a patient with `train`.
     """
-    pool = fold_pool(samples)
-    check_no_leak(pool, [s for s in samples if s.split == "val"], "the train split and val")
-    if external:
-        check_no_leak(pool, find_samples(external), f"the train split and --external {external}")
+    for name, validation in validation_sets.items():
+        check_no_leak(train, validation, f"the train split and {name}")
 
 
 def device_name(device: str) -> str:
@@ -210,12 +207,11 @@ def teacher_folds(variant: Variant, out: Path, fold: int) -> tuple[tuple[str, in
     return tuple((str(out / "runs" / run_name(name)), fold) for name in BASELINES)
 
 
-def gradcam_panel(data: str, checkpoint: Path) -> list[PanelImage]:
-    """One validation image per grade (or training image when there is no val), explained by `checkpoint`."""
+def gradcam_panel(pool: list[Sample], checkpoint: Path) -> list[PanelImage]:
+    """One image of `pool` per grade (the validation images, or all when there is no val), explained by
+    `checkpoint`."""
     if not checkpoint.exists():
         return []
-    samples = find_samples(data)
-    pool = [s for s in samples if s.split == "val"] or samples
     chosen = [s for s in (next((s for s in pool if s.grade == g), None) for g in range(NUM_GRADES)) if s is not None]
     predictor = Predictor([checkpoint], tta=False)
     gradings = predictor.grade_arrays([read_image(s.path) for s in chosen], [s.side for s in chosen], explain=True)
