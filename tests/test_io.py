@@ -8,7 +8,7 @@ from PIL import Image
 from klgrade.data.io import read_array, read_image, read_radiograph
 from klgrade.errors import ImageReadError
 
-from helpers import compress_dicom, knee_image, save, write_dicom
+from helpers import compress_dicom, knee_image, run_cli, save, write_dicom
 
 
 def test_8bit_formats_decode_to_the_same_grey_values(tmp_path):
@@ -214,8 +214,6 @@ def test_corrupt_dicom_is_reported(tmp_path):
 
 def test_a_truncated_compressed_dicom_is_one_line_on_the_command_line(tmp_path):
     """pydicom warned and logged what it met (an unterminated pixel sequence) beside klgrade's own error line."""
-    from helpers import run_cli
-
     source = write_dicom(tmp_path / "knee.dcm", knee_image(2).astype(np.uint16) * 16, "MONOCHROME2")
     encoded = compress_dicom(source, tmp_path / "rle.dcm", "RLELossless").read_bytes()
     truncated = tmp_path / "truncated.dcm"

@@ -10,7 +10,7 @@ from klgrade.data.sources import Sample, parse_knee_name
 from klgrade.experiments.protocol import BASELINES, VARIANTS, select_variants
 from klgrade.infer.grading import load_model
 
-from helpers import invoke_cli, run_cli
+from helpers import copy_real_images, invoke_cli, run_cli
 
 TINY_CV = ["--epochs", "1", "--limit", "40", "--image-size", "64", "--option", "width=32", "--option", "heads=2",
            "--device", "cpu", "--quiet"]
@@ -118,8 +118,6 @@ def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(
 
 
 def test_validation_sets_sharing_patients_with_the_training_images_are_refused_before_training(kneekl224, tmp_path):
-    from helpers import copy_real_images
-
     data, out = tmp_path / "data", tmp_path / "out"
     trained = copy_real_images(kneekl224, data / "train", 2, split="train")
     copy_real_images(kneekl224, data / "val", 1, split="val")
