@@ -9,7 +9,7 @@ import klgrade
 from klgrade.infer.predictor import shipped_checkpoint
 from klgrade.models.weights import read_info
 
-from helpers import EXAMPLES, REPO, benchmark_framings, run_cli
+from helpers import EXAMPLES, REPO, benchmark_framings, copy_real_images, invoke_cli, run_cli
 
 BAR = {"accuracy": 0.65, "qwk": 0.76, "mcc": 0.50}
 """Floor for the shipped model on kneeKL224 val: issue #6's accuracy and MCC; for QWK the from-scratch reference
@@ -28,6 +28,9 @@ def test_shipped_model_meets_the_bar_on_val_and_its_card_says_so(kneekl224):
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["n"] == 826
+    # val chose the shipped model (its recipe, its TTA setting) and fitted its grade sets: said, not hidden.
+    assert metrics["seen_chosen"] == metrics["seen_calibrated"] == 826
+    assert result.stderr.count("warning: the model was") == 2 and metrics["warnings"][0] in result.stderr
     for name, minimum in BAR.items():
         assert metrics[name] >= minimum, (name, metrics[name])
         low, high = metrics["ci95"][name]
@@ -283,6 +286,16 @@ def test_shipped_weights_describe_themselves():
     assert info["model"]["name"] == "msa_net"
     assert set(info["val_metrics"]) >= set(BAR)
     assert "tta" in info["inference"] and info["card"]["recipe"].startswith("klgrade train")
+
+
+def test_the_shipped_model_refuses_scores_on_the_knees_it_was_trained_on(kneekl224, tmp_path):
+    copy_real_images(kneekl224, tmp_path / "trained", 1, split="train")
+    renamed = tmp_path / "trained" / "2" / "knee.jpg"
+    next((tmp_path / "trained" / "2").glob("9*.jpg")).rename(renamed)
+    result = invoke_cli("evaluate", "--data", str(tmp_path / "trained"))
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert result.stderr.startswith(f"error: {tmp_path / 'trained'}: 5 of 5 knees are in the training data of msa_net")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_demo_grades_the_examples_with_heatmaps(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file, save_file
 
+from klgrade.data.provenance import knee_record, merge_records
 from klgrade.data.sources import find_samples
 from klgrade.data.splits import fold_split
 from klgrade.models import create_model, load_checkpoint
@@ -136,9 +137,16 @@ def test_init_starts_fine_tuning_from_the_given_weights(kneekl224, tmp_path):
     first = tmp_path / "first" / "last.safetensors"
     # At learning rate 0 the parameters must stay exactly the loaded ones, at another resolution too.
     fit(TrainConfig(**{**base, "image_size": 96}, lr=0.0, seed=3, init=str(first), out=str(tmp_path / "tuned")))
-    model, _ = load_checkpoint(first)
+    model, first_info = load_checkpoint(first)
     tuned, info = load_checkpoint(tmp_path / "tuned" / "last.safetensors")
     assert info["preprocess"]["size"] == 96
+    # Each run records the knees it trained and chose on; the tuned weights have seen the first run's too.
+    data = select_data(TrainConfig(**base, out=str(tmp_path / "first")))
+    assert first_info["seen"] == {"trained": knee_record(data.train), "chosen": knee_record(data.val)}
+    tuned_data = select_data(TrainConfig(**base, seed=3, out=str(tmp_path / "tuned")))
+    for role, samples in (("trained", tuned_data.train), ("chosen", tuned_data.val)):
+        assert info["seen"][role] == merge_records([first_info["seen"][role], knee_record(samples)])
+        assert len(info["seen"][role]["files"]) > len(first_info["seen"][role]["files"])
     expected = dict(model.named_parameters())
     for name, parameter in tuned.named_parameters():
         assert torch.equal(parameter, expected[name]), name

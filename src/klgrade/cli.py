@@ -259,6 +259,8 @@ def evaluate(
         typer.echo(json.dumps(result.metrics))
     else:
         print_metrics(result.metrics)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     for failure in result.failures:
         typer.echo(f"error: {failure}", err=True)
     if result.failures:

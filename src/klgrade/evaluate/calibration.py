@@ -36,9 +36,11 @@ import torch
 
 from klgrade.data.augment import reframe
 from klgrade.data.io import read_image
+from klgrade.data.provenance import knee_record
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
-from klgrade.evaluate.evaluation import Predictions, batched_outputs, fit_grade_sets, predict_samples
+from klgrade.evaluate.evaluation import (CALIBRATING_ON_TRAINED, Predictions, batched_outputs, fit_grade_sets,
+                                        predict_samples, refuse_trained_on)
 from klgrade.infer.predictor import Predictor
 from klgrade.models import load_checkpoint, save_checkpoint
 from klgrade.models.weights import stored_dtype
@@ -102,7 +104,7 @@ def fit_calibration(predictor: Predictor, calibration: list[Sample], density: li
             "framing_warned_share": FRAMING_WARNED_SHARE, "framing_wide": framing_wide.to_dict(),
             "framing_wide_warned_share": FRAMING_WIDE_WARNED_SHARE, "polarity": predictor.polarity.to_dict(),
             "n_density_inverted": int((~upright).sum()), "n_calibration": len(labels),
-            "n_density": len(density), "date": date.today().isoformat()}
+            "n_density": len(density), "date": date.today().isoformat(), "seen": knee_record(calibration)}
 
 
 def fit_polarity(predictor: Predictor, images: np.ndarray, features: np.ndarray, seed: int = 0) -> PolarityProbe:
@@ -164,6 +166,7 @@ def calibrate_checkpoint(checkpoints: str | Path | list[str | Path], calibration
     """
     paths = [Path(p) for p in (checkpoints if isinstance(checkpoints, list) else [checkpoints])]
     predictor = Predictor(paths, tta=tta, calibrated=False)
+    refuse_trained_on(predictor, calibration, "calibration data", CALIBRATING_ON_TRAINED)
     result = fit_calibration(predictor, calibration, density)
     if len(paths) > 1:
         result = {**result, "members": [p.name for p in paths], "ensemble_id": uuid.uuid4().hex}

@@ -10,6 +10,7 @@ import numpy as np
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
+from klgrade.data.provenance import knee_record, seen_knees
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 EVAL_SPLIT_ORDER = ("test", "val", "auto_test")
 """With a split root, the split evaluated when none is named: the held-out test set first."""
 BATCH = 64
+CALIBRATING_ON_TRAINED = ("grade sets fitted on knees the model was trained on would be too narrow: calibrate on "
+                          "knees it was not trained on")
 
 
 @dataclass
@@ -31,6 +34,11 @@ class Evaluation:
     failures: list[ImageReadError]
     assessment: Assessment
     """Per scored image: grade set, gradable, shifts and warnings, as `klgrade predict` would answer."""
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a reader of the metrics must know: the model was chosen or calibrated on some of these knees."""
+        return self.metrics["warnings"]
 
 
 def pick_split(samples: list[Sample], split: str | None) -> list[Sample]:
@@ -100,6 +108,25 @@ def check_disjoint(first: list[Sample], second: list[Sample], what: str) -> None
                               f"patient(s) (e.g. {example}); calibrate on data that is not scored")
 
 
+def refuse_trained_on(predictor: Predictor, samples: list[Sample], what: str, why: str) -> None:
+    """Refuse knees the model's weights were trained on (their patient or their file is in its records)."""
+    trained = seen_knees(predictor.seen["trained"], samples)
+    if trained.any():
+        first = samples[int(np.flatnonzero(trained)[0])].path
+        raise DataLayoutError(f"{what}: {trained.sum()} of {len(samples)} knees are in the training data of "
+                              f"{predictor.name} (the same patient or the same file, e.g. {first}); {why}")
+
+
+def seen_warnings(predictor: Predictor, samples: list[Sample]) -> tuple[dict[str, int], list[str]]:
+    """How many of `samples` the model was chosen on and its grade sets calibrated on, and what that means."""
+    counts = {role: int(seen_knees(predictor.seen.get(role, {}), samples).sum()) for role in ("chosen", "calibrated")}
+    meaning = {"chosen": "its scores on them are optimistic (selection bias)",
+               "calibrated": "the coverage of its grade sets on them is not a test"}
+    warnings = [f"the model was {role} on {count} of these {len(samples)} knees: {meaning[role]}"
+                for role, count in counts.items() if count]
+    return counts, warnings
+
+
 def fit_grade_sets(probabilities: np.ndarray, labels) -> tuple[float, np.ndarray]:
     """The temperature of uncalibrated combined probabilities of labelled images (Guo et al. 2017, by NLL) and the
     conformal scores of the scaled ones: what a grade set's thresholds are cut from (`uncertainty.grade_thresholds`)."""
@@ -115,10 +142,12 @@ def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], spli
     found = find_samples(data)
     samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
     check_disjoint(samples, scored, f"--calibrate-on {data}")
+    refuse_trained_on(predictor, samples, f"--calibrate-on {data}", CALIBRATING_ON_TRAINED)
     predictions = predict_samples(predictor, samples, raw=True)[0].gradable_inputs()
     predictor.temperature, predictor.conformal_scores = fit_grade_sets(predictions.outputs.probabilities,
                                                                        predictions.labels)
     predictor.conformal_grades = np.array(predictions.labels)
+    predictor.seen["calibrated"] = knee_record(samples)
     return predictor.temperature
 
 
@@ -135,6 +164,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     """
     problems: list[ImageReadError] = []
     samples = pick_split(find_samples(data, problems), split)
+    refuse_trained_on(predictor, samples, str(data), "scores on them are not a test: evaluate knees it was not "
+                      "trained on")
     if calibrate_on is not None:
         calibrate(predictor, calibrate_on, samples)
     predictions, failures = predict_samples(predictor, samples)
@@ -154,6 +185,9 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     if assessment.coverage is not None:
         metrics.update(set_metrics(predictions.labels, assessment.sets))
         metrics["nominal_coverage"] = assessment.coverage
+    seen, warnings = seen_warnings(predictor, predictions.samples)
+    metrics["seen_chosen"], metrics["seen_calibrated"] = seen["chosen"], seen["calibrated"]
+    metrics["warnings"] = warnings
     metrics["model"] = predictor.name
     metrics["tta"] = predictor.tta
     metrics["temperature"] = predictor.temperature

@@ -25,6 +25,7 @@ import torch
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.preprocess import PreprocessConfig, normalize, prepare_image, to_uint8
+from klgrade.data.provenance import merge_records
 from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
@@ -197,6 +198,9 @@ class Predictor:
         """The crop-share read-outs behind the framing warnings, tighter and wider, by kind of shift."""
         self.polarity = calibration.polarity
         """The read-out that tells an inverted image (bone dark); such an image is graded inverted back."""
+        self.seen = self._seen(calibrated and self.is_calibrated)
+        """Records of the knees the weights were trained and chosen on, and the grade sets calibrated on, by role
+        (`data.provenance`): what no score should be taken on unknowingly."""
 
     def _load_torch(self, path: Path) -> tuple[torch.nn.Module, dict]:
         """A checkpoint's model on the device, channels_last (1.2-1.5x faster convolutions on CPU), and its info."""
@@ -224,6 +228,15 @@ class Predictor:
             return Calibration.from_dict(stored[0])
         except ValueError as exc:
             raise CheckpointError(f"{self.paths[0]}: calibration: {exc}; run `klgrade calibrate` again") from None
+
+    def _seen(self, calibrated: bool) -> dict[str, dict[str, list[str]]]:
+        """Every member's training records merged (an ensemble has seen what any member saw), and the records of
+        the calibration in use."""
+        seen = {role: merge_records([info.get("seen", {}).get(role, {}) for info in self.infos])
+                for role in ("trained", "chosen")}
+        if calibrated:
+            seen["calibrated"] = self.infos[0]["calibration"].get("seen", {})
+        return seen
 
     @property
     def is_calibrated(self) -> bool:

@@ -28,11 +28,13 @@ from lightning.pytorch.loggers import CSVLogger
 from klgrade.constants import MAIN_METRIC, NUM_GRADES
 from klgrade.data.cache import cache_key, load_cached
 from klgrade.data.preprocess import PreprocessConfig
+from klgrade.data.provenance import knee_record, merge_records
 from klgrade.data.sources import Sample, find_samples, select_split
 from klgrade.data.splits import check_no_leak, fold_split
-from klgrade.errors import KLGradeError
+from klgrade.errors import CheckpointError, KLGradeError
 from klgrade.files import atomic_path, write_json_atomic
 from klgrade.models import create_model, load_checkpoint, save_checkpoint
+from klgrade.models.weights import read_info
 from klgrade.train.batches import class_balanced_weights, inverse_frequency, make_loader
 from klgrade.train.config import TrainConfig, resolve_precision
 from klgrade.train.module import GradingModule
@@ -82,6 +84,19 @@ def select_data(config: TrainConfig) -> RunData:
     preprocess = PreprocessConfig(size=config.image_size, clahe=config.clahe, canonical_side=config.canonical_side)
     return RunData(limit_samples(train, config.limit, config.seed), limit_samples(val, config.limit, config.seed + 1),
                    preprocess)
+
+
+def seen_records(data: RunData, init: str | None) -> dict[str, dict[str, list[str]]]:
+    """The knees the weights are fitted on and their epoch is chosen on (`data.provenance`), with those a klgrade
+    checkpoint they start from (`--init`) was."""
+    inherited = {}
+    if init is not None and init.endswith(".safetensors"):
+        try:
+            inherited = read_info(init).get("seen", {})
+        except CheckpointError:  # weights of another library: nothing recorded
+            pass
+    return {role: merge_records([knee_record(samples), inherited.get(role, {})])
+            for role, samples in (("trained", data.train), ("chosen", data.val))}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -221,7 +236,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     class_weights = inverse_frequency(train_labels, NUM_GRADES) if config.balance == "loss" else None
     info = {"model": spec, "preprocess": data.preprocess.to_dict(), "train_config": config.to_dict(),
             "data_fingerprint": cache_key(data.train + data.val, data.preprocess),
-            "n_train": len(data.train), "n_val": len(data.val)}
+            "n_train": len(data.train), "n_val": len(data.val), "seen": seen_records(data, config.init)}
     sample_weights = class_balanced_weights(train_labels, NUM_GRADES) if config.balance == "sampler" else None
     # The loaders ask the trainer for the epoch and the DDP rank when they start iterating.
     train_loader = make_loader(train_images, train_labels, config.batch_size, shuffle=True, seed=config.seed,

@@ -1,0 +1,72 @@
+"""Which knees a checkpoint has seen, so that no score is taken on them unknowingly.
+
+A checkpoint records, per role, keyed 64-bit digests of the patients and of the file contents of the knees it saw:
+`trained` (its weights were fitted on them), `chosen` (its epoch was picked on them), `calibrated` (its grade sets
+were fitted on them). `klgrade evaluate` and `klgrade calibrate` compare the knees they are given with these
+records: a knee counts as seen when its patient or its file's bytes are recorded (another copy or another name of
+the same file included). A patient id counts only where it names a person (a kneeKL224/OAI file name, a manifest's
+`patient_id`), not where a file stem stands in for one: `img001.png` of two hospitals are not one patient.
+
+The digests let anyone who knows a patient id test whether that patient is in a checkpoint's records (short ids can
+be tried one by one); they do not list the ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from klgrade.data.sources import Sample
+
+ROLES = ("trained", "chosen", "calibrated")
+_KEY = b"klgrade-seen-1"
+_CHUNK = 1 << 20
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8, key=_KEY).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Digest of a file's bytes (read in chunks: a DICOM may be large)."""
+    hasher = hashlib.blake2b(digest_size=8, key=_KEY)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def patient_digest(sample: Sample) -> str | None:
+    """Digest of the sample's patient, or None where its patient id is only its file stem."""
+    stem = os.path.splitext(os.path.basename(sample.path))[0]
+    if sample.patient_id == stem:
+        return None
+    return _digest(b"patient:" + sample.patient_id.encode("utf-8"))
+
+
+def knee_record(samples: list[Sample]) -> dict[str, list[str]]:
+    """The record of a set of knees (JSON-ready, sorted, so equal sets give equal records)."""
+    patients = {patient_digest(s) for s in samples} - {None}
+    return {"patients": sorted(patients), "files": sorted({file_digest(s.path) for s in samples})}
+
+
+def merge_records(records: list[dict[str, list[str]]]) -> dict[str, list[str]]:
+    """One record of the knees any of `records` holds (an ensemble has seen what any member has)."""
+    return {kind: sorted(set().union(*(r.get(kind, ()) for r in records))) for kind in ("patients", "files")}
+
+
+def seen_knees(record: dict[str, list[str]], samples: list[Sample]) -> np.ndarray:
+    """(N,) True for each sample whose patient or file `record` holds. An unreadable file counts as unseen."""
+    patients, files = set(record.get("patients", ())), set(record.get("files", ()))
+    seen = np.zeros(len(samples), dtype=bool)
+    for index, sample in enumerate(samples):
+        if patient_digest(sample) in patients:
+            seen[index] = True
+        elif files:
+            try:
+                seen[index] = file_digest(sample.path) in files
+            except OSError:
+                pass
+    return seen

@@ -1,0 +1,103 @@
+"""No score is taken unknowingly on knees a checkpoint has seen: trained on (refused), chosen or calibrated on
+(counted and said)."""
+
+import json
+import shutil
+
+import pytest
+
+from klgrade.data.provenance import knee_record, merge_records, seen_knees
+from klgrade.data.sources import Sample, find_samples
+from klgrade.models import load_checkpoint, save_checkpoint
+
+from helpers import invoke_cli
+
+
+def _knee(root, grade, name):
+    return root / "train" / str(grade) / name
+
+
+def _folder(root, files: dict) -> str:
+    """A grade/image folder holding `files` (name -> source)."""
+    for name, source in files.items():
+        (root / "0").mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, root / "0" / name)
+    return str(root)
+
+
+@pytest.fixture
+def seen_checkpoint(tiny_checkpoint, kneekl224, tmp_path):
+    """The tiny checkpoint, recorded as trained on two train knees (the left ones of two patients) and a third
+    stored as img001.jpg, and chosen on one val knee; with that val knee."""
+    names = {"9003126L.jpg": "9003126L.jpg", "9003658L.jpg": "9003658L.jpg", "img001.jpg": "9004315L.jpg"}
+    trained = _folder(tmp_path / "trained", {name: _knee(kneekl224, 0, source) for name, source in names.items()})
+    chosen = sorted((kneekl224 / "val" / "1").iterdir())[0]
+    model, info = load_checkpoint(tiny_checkpoint)
+    info["seen"] = {"trained": knee_record(find_samples(trained)),
+                    "chosen": knee_record([Sample(str(chosen), 1, chosen.stem[:7])])}
+    return save_checkpoint(tmp_path / "seen.safetensors", model, info), chosen
+
+
+def test_evaluate_refuses_a_trained_knee_by_its_patient_or_its_bytes_and_not_by_a_shared_file_name(
+        seen_checkpoint, tiny_checkpoint, kneekl224, tmp_path):
+    checkpoint, _ = seen_checkpoint
+    unseen = sorted((kneekl224 / "val" / "0").iterdir())
+    cases = {
+        "renamed copy": {"knee.jpg": _knee(kneekl224, 0, "9003126L.jpg"), "other.jpg": unseen[0]},
+        "other knee of a trained patient": {"9003658R.jpg": _knee(kneekl224, 0, "9003658R.jpg")},
+    }
+    for what, files in cases.items():
+        data = _folder(tmp_path / what.replace(" ", "_"), files)
+        for checkpoints in ([str(checkpoint)], [str(tiny_checkpoint), str(checkpoint)]):  # alone, in an ensemble
+            result = invoke_cli("evaluate", "--data", data, "--checkpoint", *checkpoints, "--json")
+            assert result.returncode == 1 and result.stdout == "", what
+            assert f"error: {data}: 1 of {len(files)} knees are in the training data of" in result.stderr, what
+            assert "evaluate knees it was not trained on" in result.stderr and len(result.stderr.splitlines()) == 1
+    # img001.jpg of another collection is another knee: its name alone makes no patient.
+    other = _folder(tmp_path / "other_site", {"img001.jpg": unseen[1], "img002.jpg": unseen[2]})
+    result = invoke_cli("evaluate", "--data", other, "--checkpoint", str(checkpoint), "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["n"] == 2 and metrics["seen_chosen"] == 0 and metrics["warnings"] == [] and result.stderr == ""
+
+
+def test_evaluate_counts_and_says_the_knees_the_model_was_chosen_on(seen_checkpoint, kneekl224, tmp_path):
+    checkpoint, chosen = seen_checkpoint
+    unseen = sorted((kneekl224 / "val" / "0").iterdir())[:2]
+    data = _folder(tmp_path / "scored", {chosen.name: chosen, unseen[0].name: unseen[0], unseen[1].name: unseen[1]})
+    result = invoke_cli("evaluate", "--data", data, "--checkpoint", str(checkpoint), "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["seen_chosen"] == 1 and metrics["seen_calibrated"] == 0
+    expected = "the model was chosen on 1 of these 3 knees: its scores on them are optimistic (selection bias)"
+    assert metrics["warnings"] == [expected] and result.stderr == f"warning: {expected}\n"
+
+
+def test_calibrate_refuses_knees_the_model_was_trained_on(seen_checkpoint, kneekl224, tmp_path):
+    checkpoint, _ = seen_checkpoint
+    root = tmp_path / "root"
+    _folder(root / "val", {"9003126L.jpg": _knee(kneekl224, 0, "9003126L.jpg")})
+    _folder(root / "train", {"9001695L.jpg": _knee(kneekl224, 0, "9001695L.jpg")})
+    result = invoke_cli("calibrate", "--checkpoint", str(checkpoint), "--data", str(root), "--out",
+                        str(tmp_path / "out.safetensors"))
+    assert result.returncode == 1 and not (tmp_path / "out.safetensors").exists()
+    assert result.stderr.startswith("error: calibration data: 1 of 1 knees are in the training data of msa_net")
+    assert "calibrate on knees it was not trained on" in result.stderr
+    scored = _folder(tmp_path / "scored", {"a.jpg": sorted((kneekl224 / "val" / "0").iterdir())[0]})
+    result = invoke_cli("evaluate", "--data", scored, "--checkpoint", str(checkpoint), "--calibrate-on",
+                        str(root / "val"))
+    assert result.returncode == 1 and result.stderr.startswith(f"error: --calibrate-on {root / 'val'}: 1 of 1 knees")
+
+
+def test_records_merge_and_match_by_patient_or_content(kneekl224, tmp_path):
+    left, right = _knee(kneekl224, 0, "9003126L.jpg"), _knee(kneekl224, 0, "9003126R.jpg")
+    copy = tmp_path / "copy.jpg"
+    shutil.copy(left, copy)
+    record = knee_record([Sample(str(left), 0, "9003126", "L")])
+    assert record == knee_record([Sample(str(copy), 0, "9003126", "L")])  # no path in a record: bytes and patient
+    probes = [Sample(str(right), 0, "9003126", "R"), Sample(str(copy), 0, "copy"), Sample(str(right), 0, "9003126R"),
+              Sample(str(tmp_path / "missing.jpg"), 0, "missing")]
+    assert seen_knees(record, probes).tolist() == [True, True, False, False]
+    assert seen_knees({}, probes).tolist() == [False] * 4
+    merged = merge_records([record, knee_record([Sample(str(right), 0, "9003126R")]), {}])
+    assert len(merged["files"]) == 2 and merged["patients"] == record["patients"]
