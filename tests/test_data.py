@@ -247,7 +247,7 @@ def test_summary_lists_bad_files_and_still_counts_the_rest(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["splits"]["train"]["counts"] == [1, 1, 1, 1, 1]
     assert summary["splits"]["val"]["counts"] == [0, 0, 3, 0, 0]
-    assert summary["patient_overlap"] == {"train/val": 1}
+    assert summary["patient_overlap"] == {"train/val": 1} and summary["file_overlap"] == {"train/val": 1}
     assert {item["path"].rsplit("/", 1)[1] for item in summary["unreadable"]} == {"9000009L.png", "9000008L.png"}
     assert "9000009L.png: empty file" in result.stderr
 

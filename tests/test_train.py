@@ -2,20 +2,23 @@
 
 import csv
 import json
+import re
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from klgrade.data.provenance import knee_record, merge_records
 from klgrade.data.sources import find_samples
 from klgrade.data.splits import fold_split
+from klgrade.errors import DataLayoutError
 from klgrade.models import create_model, load_checkpoint
 from klgrade.train.config import TrainConfig, load_config, resolve_precision
 from klgrade.train.fit import fit, select_data
 
-from helpers import copy_real_images, invoke_cli, run_cli
+from helpers import copy_real_images, invoke_cli, knee_image, run_cli, save
 
 TINY = {"model_options": {"width": 32, "heads": 2}, "image_size": 64, "batch_size": 8, "limit": 40,
         "quiet": True, "device": "cpu", "threads": 2}
@@ -173,6 +176,26 @@ def test_validation_fold_never_shares_a_patient_with_training(kneekl224):
         for j in range(i + 1, 5):
             assert patients[i].isdisjoint(patients[j])
     assert sum(len(f) for f in held) == len(train)
+
+
+def test_a_split_root_of_numbered_files_trains_and_a_file_copied_across_its_splits_is_refused(tmp_path):
+    """Names such as `1.png` in train and in val are other knees (only an OAI name or a manifest's patient_id names
+    a patient); the same bytes under another name are the same knee."""
+    for split, seed in (("train", 0), ("val", 10)):
+        for grade in range(5):
+            for number in range(2):
+                image = Image.fromarray(knee_image(seed + 2 * grade + number))
+                save(image, tmp_path / split / str(grade) / f"{number}.png")
+    summary = json.loads(invoke_cli("data", "summary", str(tmp_path), "--json").stdout)
+    assert summary["patient_overlap"] == summary["file_overlap"] == {"train/val": 0}
+    data = select_data(TrainConfig(data=str(tmp_path)))
+    assert len(data.train) == len(data.val) == 10
+    copied = tmp_path / "val" / "3" / "copy.png"
+    copied.write_bytes((tmp_path / "train" / "1" / "0.png").read_bytes())
+    assert json.loads(invoke_cli("data", "summary", str(tmp_path), "--json").stdout)["file_overlap"] == {"train/val": 1}
+    expected = f"training and validation data share 1 knee(s) (the same patient or the same file), e.g. {copied}"
+    with pytest.raises(DataLayoutError, match=f"^{re.escape(expected)}$"):
+        select_data(TrainConfig(data=str(tmp_path)))
 
 
 def test_yaml_config_with_cli_overrides(tmp_path):

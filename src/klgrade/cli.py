@@ -328,7 +328,8 @@ def calibrate(
     from klgrade.constants import NUM_GRADES
     from klgrade.data.sources import find_samples, select_split
     from klgrade.evaluate.calibration import calibrate_checkpoint
-    from klgrade.evaluate.evaluation import check_disjoint, pick_split
+    from klgrade.data.provenance import check_unshared
+    from klgrade.evaluate.evaluation import pick_split
     from klgrade.uncertainty import DEFAULT_ALPHA, smallest_alpha, uncertified_grades, uncertified_warning
 
     _setup_logging(quiet=True)
@@ -344,7 +345,7 @@ def calibrate(
     density = select_split(samples, "train") if density_data is None else find_samples(density_data)
     if any(s.split for s in density):
         density = select_split(density, "train")
-    check_disjoint(calibration, density, "calibration and density data")
+    check_unshared(density, calibration, "the calibration and density data")
     result = calibrate_checkpoint(checkpoint, calibration, density, out, tta=tta)
     counts = np.bincount(result["conformal_grades"], minlength=NUM_GRADES)
     lowest = smallest_alpha(result["conformal_grades"])

@@ -84,6 +84,8 @@ def print_summary(summary: dict) -> None:
     console.print(table)
     for pair, shared in summary["patient_overlap"].items():
         console.print(f"patients shared {pair}: {shared}", style="red" if shared else None)
+    for pair, shared in summary["file_overlap"].items():
+        console.print(f"identical files shared {pair}: {shared}", style="red" if shared else None)
     console.print(f"unreadable files: {len(summary['unreadable'])}")
     console.print(f"files not gradable as they are (view, pixels, grey levels): {len(summary['not_gradable'])}",
                   style="red" if summary["not_gradable"] else None)

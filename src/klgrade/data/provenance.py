@@ -13,12 +13,14 @@ be tried one by one); they do not list the ids.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
 import numpy as np
 
 from klgrade.data.sources import Sample
+from klgrade.errors import DataLayoutError
 
 ROLES = ("trained", "chosen", "calibrated")
 _KEY = b"klgrade-seen-1"
@@ -30,7 +32,15 @@ def _digest(data: bytes) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """Digest of a file's bytes (read in chunks: a DICOM may be large)."""
+    """Digest of a file's bytes, kept while the file keeps its size and modification time (a leak check and the
+    records of a training run read the same files)."""
+    stat = os.stat(path)
+    return _file_digest(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """The digest itself (read in chunks: a DICOM may be large); `size` and `mtime_ns` only key the cache."""
     hasher = hashlib.blake2b(digest_size=8, key=_KEY)
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
@@ -49,7 +59,15 @@ def patient_digest(sample: Sample) -> str | None:
 def knee_record(samples: list[Sample]) -> dict[str, list[str]]:
     """The record of a set of knees (JSON-ready, sorted, so equal sets give equal records)."""
     patients = {patient_digest(s) for s in samples} - {None}
-    return {"patients": sorted(patients), "files": sorted({file_digest(s.path) for s in samples})}
+    return {"patients": sorted(patients), "files": sorted({_readable_digest(s.path) for s in samples} - {None})}
+
+
+def _readable_digest(path: str) -> str | None:
+    """The file's digest, or None where it cannot be read (such a file shows nothing to anyone)."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
 
 
 def merge_records(records: list[dict[str, list[str]]]) -> dict[str, list[str]]:
@@ -62,11 +80,24 @@ def seen_knees(record: dict[str, list[str]], samples: list[Sample]) -> np.ndarra
     patients, files = set(record.get("patients", ())), set(record.get("files", ()))
     seen = np.zeros(len(samples), dtype=bool)
     for index, sample in enumerate(samples):
-        if patient_digest(sample) in patients:
-            seen[index] = True
-        elif files:
-            try:
-                seen[index] = file_digest(sample.path) in files
-            except OSError:
-                pass
+        seen[index] = patient_digest(sample) in patients or (bool(files) and _readable_digest(sample.path) in files)
     return seen
+
+
+def shared_knees(first: list[Sample], second: list[Sample]) -> list[Sample]:
+    """The samples of `second` that are knees of `first` too: the same patient, or the same file's bytes."""
+    return [sample for sample, seen in zip(second, seen_knees(knee_record(first), second)) if seen]
+
+
+def check_unshared(first: list[Sample], second: list[Sample], what: str, advice: str = "") -> None:
+    """Refuse two sets of knees that share a patient or a file (a leak: a figure on the second would score knees,
+    or the other knee, of people the first has shown).
+
+    Raises:
+        DataLayoutError: naming `what`, the count and up to three of the shared files of `second`, then `advice`.
+    """
+    shared = shared_knees(first, second)
+    if shared:
+        examples = ", ".join(s.path for s in shared[:3])
+        raise DataLayoutError(f"{what} share {len(shared)} knee(s) (the same patient or the same file), e.g. "
+                              f"{examples}{'; ' + advice if advice else ''}")

@@ -48,7 +48,8 @@ def shared_patients(first: list[Sample], second: list[Sample]) -> set[str]:
 
 
 def check_no_leak(first: list[Sample], second: list[Sample], what: str = "splits") -> None:
-    """Raise when two sample lists share a patient."""
+    """Raise when two folds share a patient (the groups folds are cut by; sets of other origins are compared by
+    `data.provenance.check_unshared`, which tells a patient id from a file stem standing in for one)."""
     shared = shared_patients(first, second)
     if shared:
         examples = ", ".join(sorted(shared)[:5])

@@ -12,6 +12,7 @@ from pathlib import Path
 from klgrade.constants import NUM_GRADES
 from klgrade.data.io import read_radiograph
 from klgrade.data.preprocess import PreprocessConfig, prepare_image
+from klgrade.data.provenance import knee_record
 from klgrade.data.sources import find_samples
 from klgrade.errors import ImageReadError
 
@@ -29,8 +30,9 @@ def _problems(path: str) -> tuple[str | None, list[str]]:
 
 
 def summarize(data: str | Path, check_images: bool = True) -> dict:
-    """Counts per split x grade, patients per split, patients shared between splits, unreadable files, and files not
-    gradable as they are, with their reasons (a lateral, oblique or axial view, too few pixels or grey levels)."""
+    """Counts per split x grade, patients per split, patients and identical files shared between splits (a patient
+    id counts where it names a person: `data.provenance`), unreadable files, and files not gradable as they are,
+    with their reasons (a lateral, oblique or axial view, too few pixels or grey levels)."""
     problems: list[ImageReadError] = []
     samples = find_samples(data, problems)
     by_split = defaultdict(list)
@@ -42,10 +44,11 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
         for sample in members:
             counts[sample.grade] += 1
         splits[name] = {"counts": counts, "images": len(members), "patients": len({s.patient_id for s in members})}
-    overlap = {}
+    records = {name: knee_record(members) for name, members in by_split.items()}
+    overlap, file_overlap = {}, {}
     for first, second in combinations(sorted(by_split), 2):
-        shared = {s.patient_id for s in by_split[first]} & {s.patient_id for s in by_split[second]}
-        overlap[f"{first}/{second}"] = len(shared)
+        for counts, kind in ((overlap, "patients"), (file_overlap, "files")):
+            counts[f"{first}/{second}"] = len(set(records[first][kind]) & set(records[second][kind]))
     unreadable = [{"path": p.path, "reason": p.reason} for p in problems]
     not_gradable = []
     if check_images:
@@ -54,4 +57,4 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
         unreadable += [{"path": s.path, "reason": bad} for s, (bad, _) in zip(samples, found) if bad is not None]
         not_gradable = [{"path": s.path, "reasons": reasons} for s, (_, reasons) in zip(samples, found) if reasons]
     return {"data": str(data), "images": len(samples), "splits": splits, "patient_overlap": overlap,
-            "unreadable": unreadable, "not_gradable": not_gradable}
+            "file_overlap": file_overlap, "unreadable": unreadable, "not_gradable": not_gradable}

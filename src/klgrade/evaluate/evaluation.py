@@ -10,7 +10,7 @@ import numpy as np
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
-from klgrade.data.provenance import knee_record, seen_knees
+from klgrade.data.provenance import check_unshared, knee_record, seen_knees
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
@@ -98,16 +98,6 @@ def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False)
     return Outputs.concatenate(parts)
 
 
-def check_disjoint(first: list[Sample], second: list[Sample], what: str) -> None:
-    """Refuse two sets that share a file or a patient (calibrating on scored data would flatter the scores)."""
-    shared_files = {Path(s.path).resolve() for s in first} & {Path(s.path).resolve() for s in second}
-    shared_patients = {s.patient_id for s in first} & {s.patient_id for s in second}
-    if shared_files or shared_patients:
-        example = next(iter(shared_files), None) or next(iter(shared_patients))
-        raise DataLayoutError(f"{what}: the sets share {len(shared_files)} file(s) and {len(shared_patients)} "
-                              f"patient(s) (e.g. {example}); calibrate on data that is not scored")
-
-
 def refuse_trained_on(predictor: Predictor, samples: list[Sample], what: str, why: str) -> None:
     """Refuse knees the model's weights were trained on (their patient or their file is in its records)."""
     trained = seen_knees(predictor.seen["trained"], samples)
@@ -141,7 +131,7 @@ def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], spli
     calibration's sets are replaced too: their scores belong to its own temperature."""
     found = find_samples(data)
     samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
-    check_disjoint(samples, scored, f"--calibrate-on {data}")
+    check_unshared(samples, scored, f"--calibrate-on {data} and --data", "calibrate on data that is not scored")
     refuse_trained_on(predictor, samples, f"--calibrate-on {data}", CALIBRATING_ON_TRAINED)
     predictions = predict_samples(predictor, samples, raw=True)[0].gradable_inputs()
     predictor.temperature, predictor.conformal_scores = fit_grade_sets(predictions.outputs.probabilities,

@@ -24,7 +24,7 @@ from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.io import read_image
 from klgrade.data.sources import Sample, find_samples
-from klgrade.data.splits import check_no_leak
+from klgrade.data.provenance import check_unshared
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.evaluate.evaluation import batched_outputs
 from klgrade.experiments.cv import cross_validate, fold_dir, fold_model, mean_sd, run_name
@@ -172,14 +172,14 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
 
 
 def check_validation_patients(train: list[Sample], validation_sets: dict[str, list[Sample]]) -> None:
-    """Refuse, before any training, validation sets that share patients with the images the folds train on: their
-    figures would score knees (or the other knee) of people the models have seen.
+    """Refuse, before any training, validation sets that share patients or files with the images the folds train
+    on: their figures would score knees (or the other knee) of people the models have seen.
 
     Raises:
-        DataLayoutError: a validation set (named by its key) shares a patient with `train`.
+        DataLayoutError: a validation set (named by its key) shares a patient or a file with `train`.
     """
     for name, validation in validation_sets.items():
-        check_no_leak(train, validation, f"the train split and {name}")
+        check_unshared(train, validation, f"the train split and {name}")
 
 
 def device_name(device: str) -> str:

@@ -28,9 +28,9 @@ from lightning.pytorch.loggers import CSVLogger
 from klgrade.constants import MAIN_METRIC, NUM_GRADES
 from klgrade.data.cache import cache_key, load_cached
 from klgrade.data.preprocess import PreprocessConfig
-from klgrade.data.provenance import knee_record, merge_records
+from klgrade.data.provenance import check_unshared, knee_record, merge_records
 from klgrade.data.sources import Sample, find_samples, select_split
-from klgrade.data.splits import check_no_leak, fold_split
+from klgrade.data.splits import fold_split
 from klgrade.errors import CheckpointError, KLGradeError
 from klgrade.files import atomic_path, write_json_atomic
 from klgrade.models import create_model, load_checkpoint, save_checkpoint
@@ -80,7 +80,7 @@ def select_data(config: TrainConfig) -> RunData:
         val = select_split(samples, "val")
     else:
         raise KLGradeError(f"{config.data}: no 'val' split; give --fold K to validate on a fold of this data")
-    check_no_leak(train, val, "training and validation data")
+    check_unshared(train, val, "training and validation data")
     preprocess = PreprocessConfig(size=config.image_size, clahe=config.clahe, canonical_side=config.canonical_side)
     return RunData(limit_samples(train, config.limit, config.seed), limit_samples(val, config.limit, config.seed + 1),
                    preprocess)
