@@ -288,7 +288,7 @@ def test_shipped_weights_describe_themselves():
     assert "tta" in info["inference"] and info["card"]["recipe"].startswith("klgrade train")
 
 
-def test_the_shipped_model_refuses_scores_on_the_knees_it_was_trained_on(kneekl224, tmp_path):
+def test_the_shipped_model_scores_no_knee_it_was_trained_on(kneekl224, tmp_path):
     copy_real_images(kneekl224, tmp_path / "trained", 1, split="train")
     renamed = tmp_path / "trained" / "2" / "knee.jpg"
     next((tmp_path / "trained" / "2").glob("9*.jpg")).rename(renamed)

@@ -121,7 +121,7 @@ Confusion matrix (rows = true grade, columns = predicted):
 
 Note: val chose the TTA setting{' and the epoch' if info['card']['checkpoint'] == 'best' else ''} and fits the calibration, so these
 figures are somewhat optimistic for new data; the kneeKL224 test split was not used. The weights record these knees
-(train: trained on; val: chosen and calibrated on), so `klgrade evaluate` refuses train knees and warns on val ones.
+(train: trained on; val: chosen and calibrated on), so `klgrade evaluate` leaves train knees out and warns on val ones.
 
 ## Intended use and limits
 {info['card']['intended_use']}

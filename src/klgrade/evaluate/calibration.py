@@ -39,8 +39,8 @@ from klgrade.data.io import read_image
 from klgrade.data.provenance import knee_record
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
-from klgrade.evaluate.evaluation import (CALIBRATING_ON_TRAINED, Predictions, batched_outputs, fit_grade_sets,
-                                        predict_samples, refuse_trained_on)
+from klgrade.evaluate.evaluation import (Predictions, batched_outputs, fit_grade_sets, predict_samples,
+                                        untrained_knees)
 from klgrade.infer.predictor import Predictor
 from klgrade.models import load_checkpoint, save_checkpoint
 from klgrade.models.weights import stored_dtype
@@ -166,7 +166,9 @@ def calibrate_checkpoint(checkpoints: str | Path | list[str | Path], calibration
     """
     paths = [Path(p) for p in (checkpoints if isinstance(checkpoints, list) else [checkpoints])]
     predictor = Predictor(paths, tta=tta, calibrated=False)
-    refuse_trained_on(predictor, calibration, "calibration data", CALIBRATING_ON_TRAINED)
+    calibration, warnings = untrained_knees(predictor, calibration, "calibration data", "calibrate on")
+    for warning in warnings:  # grade sets fitted on trained knees would be too narrow
+        log.warning(warning)
     result = fit_calibration(predictor, calibration, density)
     if len(paths) > 1:
         result = {**result, "members": [p.name for p in paths], "ensemble_id": uuid.uuid4().hex}

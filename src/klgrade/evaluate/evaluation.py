@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 EVAL_SPLIT_ORDER = ("test", "val", "auto_test")
 """With a split root, the split evaluated when none is named: the held-out test set first."""
 BATCH = 64
-CALIBRATING_ON_TRAINED = ("grade sets fitted on knees the model was trained on would be too narrow: calibrate on "
-                          "knees it was not trained on")
 
 
 @dataclass
@@ -98,13 +96,19 @@ def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False)
     return Outputs.concatenate(parts)
 
 
-def refuse_trained_on(predictor: Predictor, samples: list[Sample], what: str, why: str) -> None:
-    """Refuse knees the model's weights were trained on (their patient or their file is in its records)."""
+def untrained_knees(predictor: Predictor, samples: list[Sample], what: str, purpose: str
+                    ) -> tuple[list[Sample], list[str]]:
+    """The samples whose knees the model's weights were not trained on (neither their patient nor their file is in
+    its records), and a warning saying how many were left out; no knee left is an error naming `what`."""
     trained = seen_knees(predictor.seen["trained"], samples)
-    if trained.any():
-        first = samples[int(np.flatnonzero(trained)[0])].path
-        raise DataLayoutError(f"{what}: {trained.sum()} of {len(samples)} knees are in the training data of "
-                              f"{predictor.name} (the same patient or the same file, e.g. {first}); {why}")
+    if not trained.any():
+        return samples, []
+    found = (f"{trained.sum()} of {len(samples)} knees are in the training data of {predictor.name} (the same patient "
+             f"or the same file, e.g. {samples[int(np.flatnonzero(trained)[0])].path})")
+    if trained.all():
+        raise DataLayoutError(f"{what}: {found}: no knee left to {purpose} that it was not trained on")
+    kept = [sample for sample, seen in zip(samples, trained) if not seen]
+    return kept, [f"{what}: {found}: left out, the other {len(kept)} kept"]
 
 
 def seen_warnings(predictor: Predictor, samples: list[Sample]) -> tuple[dict[str, int], list[str]]:
@@ -125,20 +129,21 @@ def fit_grade_sets(probabilities: np.ndarray, labels) -> tuple[float, np.ndarray
     return temperature, conformal_scores(apply_temperature(probabilities, temperature), labels)
 
 
-def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], split: str | None = None) -> float:
+def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], split: str | None = None) -> list[str]:
     """Fit the predictor's temperature (Guo et al. 2017) and its grade sets (conformal scores with their grades,
-    as `klgrade calibrate`) on a labelled set disjoint from `scored`; returns the temperature. A stored
-    calibration's sets are replaced too: their scores belong to its own temperature."""
+    as `klgrade calibrate`) on a labelled set disjoint from `scored`, leaving out knees the model was trained on
+    (returns the warning that says so, if any). A stored calibration's sets are replaced too: their scores belong to
+    its own temperature."""
     found = find_samples(data)
     samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
     check_unshared(samples, scored, f"--calibrate-on {data} and --data", "calibrate on data that is not scored")
-    refuse_trained_on(predictor, samples, f"--calibrate-on {data}", CALIBRATING_ON_TRAINED)
+    samples, warnings = untrained_knees(predictor, samples, f"--calibrate-on {data}", "calibrate on")
     predictions = predict_samples(predictor, samples, raw=True)[0].gradable_inputs()
     predictor.temperature, predictor.conformal_scores = fit_grade_sets(predictions.outputs.probabilities,
                                                                        predictions.labels)
     predictor.conformal_grades = np.array(predictions.labels)
     predictor.seen["calibrated"] = knee_record(samples)
-    return predictor.temperature
+    return warnings
 
 
 def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n_boot: int = 1000,
@@ -151,13 +156,15 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     share of images whose contrast processing differs from the training images', and `framing_shift_fraction`
     and `framing_wide_shift_fraction`, the shares that look framed tighter or wider (an external set cropped
     otherwise shows here), and `polarity_shift_fraction`, the share graded inverted back.
+
+    Knees the model was trained on are left out (`seen_trained` counts them); `seen_chosen` and `seen_calibrated`
+    count the scored knees it was chosen and calibrated on; `warnings` says what each means.
     """
     problems: list[ImageReadError] = []
-    samples = pick_split(find_samples(data, problems), split)
-    refuse_trained_on(predictor, samples, str(data), "scores on them are not a test: evaluate knees it was not "
-                      "trained on")
+    listed = pick_split(find_samples(data, problems), split)
+    samples, warnings = untrained_knees(predictor, listed, str(data), "score")
     if calibrate_on is not None:
-        calibrate(predictor, calibrate_on, samples)
+        warnings += calibrate(predictor, calibrate_on, samples)
     predictions, failures = predict_samples(predictor, samples)
     failures = problems + failures
     if not predictions.samples:
@@ -175,9 +182,10 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     if assessment.coverage is not None:
         metrics.update(set_metrics(predictions.labels, assessment.sets))
         metrics["nominal_coverage"] = assessment.coverage
-    seen, warnings = seen_warnings(predictor, predictions.samples)
+    seen, seen_on = seen_warnings(predictor, predictions.samples)
+    metrics["seen_trained"] = len(listed) - len(samples)
     metrics["seen_chosen"], metrics["seen_calibrated"] = seen["chosen"], seen["calibrated"]
-    metrics["warnings"] = warnings
+    metrics["warnings"] = warnings + seen_on
     metrics["model"] = predictor.name
     metrics["tta"] = predictor.tta
     metrics["temperature"] = predictor.temperature
