@@ -1,5 +1,6 @@
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from PIL import Image
 
 from klgrade.data.cache import load_cached
 from klgrade.data.preprocess import PreprocessConfig, prepare_image, preprocess, to_uint8, trim_uniform_margins
-from klgrade.data.sources import find_samples, parse_knee_name
+from klgrade.data.sources import Sample, find_samples, parse_knee_name
 from klgrade.data.splits import check_no_leak, patient_folds, shared_patients
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
@@ -171,6 +172,16 @@ def test_a_detector_size_radiograph_is_prepared_from_sampled_statistics_as_from_
 def test_what_is_mostly_margin_is_left_as_it_is(image):
     """Under a quarter of a side would remain (or nothing is busy): the image stays whole, for the blank check."""
     assert trim_uniform_margins(image).shape == image.shape
+
+
+def test_a_grade_rarer_than_the_folds_is_said_in_klgrade_words_not_as_a_library_warning(caplog):
+    samples = [Sample(f"{9100000 + i}L.png", i % 4, str(9100000 + i)) for i in range(24)]
+    samples.append(Sample("9200000L.png", 4, "9200000"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scikit-learn's "least populated class" warning would fail here
+        folds = patient_folds(samples, folds=3)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(25))
+    assert "KL 4: fewer knees than the 3 folds (1): some folds hold none of them" in caplog.text
 
 
 def test_real_five_fold_split_groups_patients_and_keeps_grade_proportions(kneekl224):

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
+import logging
+import warnings
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from klgrade.constants import NUM_GRADES
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
+
+log = logging.getLogger(__name__)
 
 
 def patient_folds(samples: list[Sample], folds: int = 5, seed: int = 0) -> list[np.ndarray]:
@@ -28,9 +33,16 @@ def _held_out_indices(groups: tuple[str, ...], grades: tuple[int, ...], folds: i
                       seed: int) -> tuple[tuple[int, ...], ...]:
     """StratifiedGroupKFold's held-out indices, kept: it takes about a second on kneeKL224's train split, and a
     protocol asks for the same folds for every training, its held-out predictions and its leak check."""
+    counts = np.bincount(grades, minlength=NUM_GRADES)
+    scarce = [grade for grade in range(NUM_GRADES) if 0 < counts[grade] < folds]
+    if scarce:
+        log.warning("KL %s: fewer knees than the %d folds (%s): some folds hold none of them",
+                    ", ".join(map(str, scarce)), folds, ", ".join(str(counts[grade]) for grade in scarce))
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return tuple(tuple(held_out.tolist())
-                 for _, held_out in splitter.split(np.zeros(len(groups)), np.array(grades), np.array(groups)))
+    with warnings.catch_warnings():  # said above, in klgrade's words
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        return tuple(tuple(held_out.tolist())
+                     for _, held_out in splitter.split(np.zeros(len(groups)), np.array(grades), np.array(groups)))
 
 
 def fold_split(samples: list[Sample], fold: int, folds: int = 5, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
