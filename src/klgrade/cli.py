@@ -326,9 +326,9 @@ def calibrate(
     import numpy as np
 
     from klgrade.constants import NUM_GRADES
+    from klgrade.data.provenance import check_unshared
     from klgrade.data.sources import find_samples, select_split
     from klgrade.evaluate.calibration import calibrate_checkpoint
-    from klgrade.data.provenance import check_unshared
     from klgrade.evaluate.evaluation import pick_split
     from klgrade.uncertainty import DEFAULT_ALPHA, smallest_alpha, uncertified_grades, uncertified_warning
 

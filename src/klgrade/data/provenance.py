@@ -22,7 +22,6 @@ import numpy as np
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
 
-ROLES = ("trained", "chosen", "calibrated")
 _KEY = b"klgrade-seen-1"
 _CHUNK = 1 << 20
 

@@ -35,7 +35,8 @@ class Evaluation:
 
     @property
     def warnings(self) -> list[str]:
-        """What a reader of the metrics must know: the model was chosen or calibrated on some of these knees."""
+        """What a reader of the metrics must know: knees left out because the model was trained on them, knees it
+        was chosen or calibrated on among the scored ones."""
         return self.metrics["warnings"]
 
 
