@@ -108,6 +108,8 @@ def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(
                "selected": ["resnet18"], "unfinished": [], "device": "CPU", "jobs": 1, "wall_s": 1.0}
     without_val = _markdown(results, None)
     assert "no `val` split to validate on" in without_val and "internal validation" not in without_val.lower()
+    # Only what ran: no distillation sentence, no ablation table without msa_net and a variant of it.
+    assert "distilled" not in without_val and "Ablations" not in without_val
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no training curve to draw (no fold 0 ran here): no empty legend either
         write_report(results, tmp_path, [])

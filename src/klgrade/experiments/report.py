@@ -58,9 +58,11 @@ def _markdown(results: dict, panel: Path | None) -> str:
     lines = [f"# klgrade reproduce: profile `{results['profile']}`", "",
              f"Data: `{results['data']}`; {k}-fold patient-grouped stratified CV on the train split"
              + ("; internal validation of every fold model on `val`" if internal else "; no `val` split to validate on")
-             + (f"; external validation on `{results['external']}`" if results["external"] else "") + ".",
-             "msa_net+kd is distilled from the ensemble of the four baselines trained on the same fold "
-             "(mean of their softened probabilities).", ""]
+             + (f"; external validation on `{results['external']}`" if results["external"] else "") + "."]
+    if "msa_net+kd" in results["selected"]:
+        lines += ["msa_net+kd is distilled from the ensemble of the four baselines trained on the same fold "
+                  "(mean of their softened probabilities)."]
+    lines += [""]
     lines += [f"Trained on {results['device']}, {results['jobs']} fold training(s) at once; this invocation "
               f"took {results['wall_s']:.0f} s (training, validation and this report).", ""]
     lines += [f"Variants run ({len(results['selected'])}; `--variant` chooses): {', '.join(results['selected'])}.", ""]
@@ -87,12 +89,13 @@ def _markdown(results: dict, panel: Path | None) -> str:
     lines += ["", "## Training time (sum over folds of each fold's wall time; folds run at once overlap)", "",
               "| model | seconds |", "|---|---|"]
     lines += [f"| {name} | {entry['train_s']:.0f} |" for name, entry in variants.items()]
-    lines += ["", "## Ablations of msa_net (CV mean; difference to the full model)", "",
-              "| variant | accuracy | delta | qwk | delta | mcc | delta |", "|---|---|---|---|---|---|---|"]
     full = variants.get("msa_net", {}).get("cv", {}).get("mean_sd")
-    for name, entry in variants.items():
-        if full and (entry["ablation"] or entry["distilled"] or name == "msa_net"):
-            cv = entry["cv"]["mean_sd"]
+    compared = [name for name, entry in variants.items() if entry["ablation"] or entry["distilled"]]
+    if full and compared:  # the full model and at least one variant to hold against it
+        lines += ["", "## Ablations of msa_net (CV mean; difference to the full model)", "",
+                  "| variant | accuracy | delta | qwk | delta | mcc | delta |", "|---|---|---|---|---|---|---|"]
+        for name in ["msa_net", *compared]:
+            cv = variants[name]["cv"]["mean_sd"]
             cells = [f"{cv[m]['mean']:.3f} | {cv[m]['mean'] - full[m]['mean']:+.3f}" for m in ("accuracy", "qwk", "mcc")]
             label = "msa_net (full, no distillation)" if name == "msa_net" else name
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
