@@ -2,6 +2,7 @@
 calibrated on (counted and said)."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ from klgrade.data.provenance import knee_record, merge_records, seen_knees
 from klgrade.data.sources import Sample, find_samples
 from klgrade.models import load_checkpoint, save_checkpoint
 
-from helpers import invoke_cli
+from helpers import invoke_cli, run_cli
 
 
 def _knee(root, grade, name):
@@ -98,6 +99,15 @@ def test_calibration_leaves_out_knees_the_model_was_trained_on(seen_checkpoint, 
                                    f"(the same patient or the same file, e.g. {root}/val/0/9003126L.jpg): left out, "
                                    "the other 2 kept"]
     assert metrics["seen_trained"] == metrics["seen_calibrated"] == 0  # the fresh calibration is not on the scored
+
+
+def test_a_named_pipe_among_the_knees_is_neither_read_nor_waited_on(seen_checkpoint, kneekl224, tmp_path):
+    checkpoint, _ = seen_checkpoint
+    data = _folder(tmp_path / "data", {"a.jpg": sorted((kneekl224 / "val" / "0").iterdir())[0]})
+    os.mkfifo(tmp_path / "data" / "0" / "pipe.jpg")  # opening it to hash it would block for ever
+    result = run_cli("evaluate", "--data", data, "--checkpoint", str(checkpoint), "--json", timeout=120)
+    assert result.returncode == 1 and json.loads(result.stdout)["n"] == 1
+    assert "pipe.jpg" in result.stderr and "not a regular file" in result.stderr
 
 
 def test_records_merge_and_match_by_patient_or_content(kneekl224, tmp_path):

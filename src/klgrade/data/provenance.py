@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import stat
 
 import numpy as np
 
@@ -32,9 +33,15 @@ def _digest(data: bytes) -> str:
 
 def file_digest(path: str | os.PathLike) -> str:
     """Digest of a file's bytes, kept while the file keeps its size and modification time (a leak check and the
-    records of a training run read the same files)."""
-    stat = os.stat(path)
-    return _file_digest(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+    records of a training run read the same files).
+
+    Raises:
+        OSError: the file cannot be read, or is not a regular file.
+    """
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):  # a named pipe would block the read for ever
+        raise OSError(f"{path}: not a regular file")
+    return _file_digest(os.fspath(path), status.st_size, status.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=1 << 17)
