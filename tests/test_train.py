@@ -15,8 +15,9 @@ from klgrade.data.sources import find_samples
 from klgrade.data.splits import fold_split
 from klgrade.errors import DataLayoutError
 from klgrade.models import create_model, load_checkpoint
+from klgrade.models.weights import read_info
 from klgrade.train.config import TrainConfig, load_config, resolve_precision
-from klgrade.train.fit import fit, select_data
+from klgrade.train.fit import fit, seen_records, select_data
 
 from helpers import copy_real_images, invoke_cli, knee_image, run_cli, save
 
@@ -143,13 +144,19 @@ def test_init_starts_fine_tuning_from_the_given_weights(kneekl224, tmp_path):
     model, first_info = load_checkpoint(first)
     tuned, info = load_checkpoint(tmp_path / "tuned" / "last.safetensors")
     assert info["preprocess"]["size"] == 96
-    # Each run records the knees it trained and chose on; the tuned weights have seen the first run's too.
+    # Each run records the knees it trained on, and for its best epoch the knees that chose it (the last epoch of
+    # a fixed schedule was chosen on none); the tuned weights have seen the first run's knees too.
     data = select_data(TrainConfig(**base, out=str(tmp_path / "first")))
-    assert first_info["seen"] == {"trained": knee_record(data.train), "chosen": knee_record(data.val)}
+    nothing = {"patients": [], "files": []}
+    assert first_info["seen"] == {"trained": knee_record(data.train), "chosen": nothing}
+    assert read_info(tmp_path / "first" / "best.safetensors")["seen"]["chosen"] == knee_record(data.val)
     tuned_data = select_data(TrainConfig(**base, seed=3, out=str(tmp_path / "tuned")))
-    for role, samples in (("trained", tuned_data.train), ("chosen", tuned_data.val)):
-        assert info["seen"][role] == merge_records([first_info["seen"][role], knee_record(samples)])
-        assert len(info["seen"][role]["files"]) > len(first_info["seen"][role]["files"])
+    assert info["seen"]["trained"] == merge_records([first_info["seen"]["trained"], knee_record(tuned_data.train)])
+    assert len(info["seen"]["trained"]["files"]) > len(first_info["seen"]["trained"]["files"])
+    assert info["seen"]["chosen"] == nothing
+    # Weights started from a best epoch carry the knees that chose it.
+    assert seen_records(tuned_data, str(tmp_path / "first" / "best.safetensors"), False)["chosen"] == \
+        knee_record(data.val)
     expected = dict(model.named_parameters())
     for name, parameter in tuned.named_parameters():
         assert torch.equal(parameter, expected[name]), name

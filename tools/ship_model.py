@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from klgrade.data.provenance import knee_record, merge_records
 from klgrade.data.sources import find_samples, select_split
 from klgrade.evaluate.calibration import calibrate_checkpoint
 from klgrade.evaluate.evaluation import evaluate
@@ -55,10 +56,12 @@ def main() -> None:
     chosen = results[use_tta]
     card = {"data": DATA, "intended_use": INTENDED_USE, "recipe": args.recipe, "date": str(date.today()),
             "checkpoint": args.checkpoint, **origin}
-    info = {**info, "inference": {"tta": use_tta}, "card": card,
+    samples = find_samples(args.data)
+    seen = info.get("seen", {})  # val chose the TTA setting: its knees join the ones that chose these weights
+    seen = {**seen, "chosen": merge_records([seen.get("chosen", {}), knee_record(select_split(samples, "val"))])}
+    info = {**info, "inference": {"tta": use_tta}, "card": card, "seen": seen,
             "val_metrics": {k: chosen[k] for k in ("accuracy", "precision_macro", "f1_macro", "mcc", "qwk", "mae")}}
     target = save_checkpoint(WEIGHTS / SHIPPED_WEIGHTS, model, info, dtype=torch.float16)
-    samples = find_samples(args.data)
     calibration = calibrate_checkpoint(target, select_split(samples, "val"), select_split(samples, "train"), target)
     shipped = evaluate(Predictor([target]), args.data, split="val").metrics
     plot_confusion(shipped["confusion_matrix"], "shipped model on kneeKL224 val", WEIGHTS / "confusion_val.png")

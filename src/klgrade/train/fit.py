@@ -86,17 +86,19 @@ def select_data(config: TrainConfig) -> RunData:
                    preprocess)
 
 
-def seen_records(data: RunData, init: str | None) -> dict[str, dict[str, list[str]]]:
-    """The knees the weights are fitted on and their epoch is chosen on (`data.provenance`), with those a klgrade
-    checkpoint they start from (`--init`) was."""
+def seen_records(data: RunData, init: str | None, chosen_on_val: bool) -> dict[str, dict[str, list[str]]]:
+    """The knees the weights are fitted on and, where the validation data picks their epoch (`best`, or any epoch
+    an early stop ends on), chosen on (`data.provenance`), with those a klgrade checkpoint they start from
+    (`--init`) was."""
     inherited = {}
     if init is not None and init.endswith(".safetensors"):
         try:
             inherited = read_info(init).get("seen", {})
         except CheckpointError:  # weights of another library: nothing recorded
             pass
-    return {role: merge_records([knee_record(samples), inherited.get(role, {})])
-            for role, samples in (("trained", data.train), ("chosen", data.val))}
+    chosen = [knee_record(data.val)] if chosen_on_val else []
+    return {"trained": merge_records([knee_record(data.train), inherited.get("trained", {})]),
+            "chosen": merge_records([*chosen, inherited.get("chosen", {})])}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -108,10 +110,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ExportWeights(Callback):
-    """After each validation: `last.safetensors`, and `best.safetensors` when the main metric improves."""
+    """After each validation: `last.safetensors`, and `best.safetensors` when the main metric improves; each with
+    the records of the knees it has seen (`seen`: for "last" and "best")."""
 
-    def __init__(self, out: Path, info: dict):
-        self.out, self.info = out, info
+    def __init__(self, out: Path, info: dict, seen: dict[str, dict]):
+        self.out, self.info, self.seen = out, info, seen
         self.best_score = -np.inf
         self.best_epoch = -1
 
@@ -120,10 +123,10 @@ class ExportWeights(Callback):
             return
         metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         info = {**self.info, "epoch": module.current_epoch, "val_metrics": metrics}
-        save_checkpoint(self.out / "last.safetensors", module.eval_model(), info)
+        save_checkpoint(self.out / "last.safetensors", module.eval_model(), {**info, "seen": self.seen["last"]})
         if metrics[MAIN_METRIC] > self.best_score:
             self.best_score, self.best_epoch = metrics[MAIN_METRIC], module.current_epoch
-            save_checkpoint(self.out / "best.safetensors", module.eval_model(), info)
+            save_checkpoint(self.out / "best.safetensors", module.eval_model(), {**info, "seen": self.seen["best"]})
 
     def state_dict(self) -> dict:
         return {"best_score": self.best_score, "best_epoch": self.best_epoch}
@@ -236,7 +239,9 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     class_weights = inverse_frequency(train_labels, NUM_GRADES) if config.balance == "loss" else None
     info = {"model": spec, "preprocess": data.preprocess.to_dict(), "train_config": config.to_dict(),
             "data_fingerprint": cache_key(data.train + data.val, data.preprocess),
-            "n_train": len(data.train), "n_val": len(data.val), "seen": seen_records(data, config.init)}
+            "n_train": len(data.train), "n_val": len(data.val)}
+    seen = {"last": seen_records(data, config.init, chosen_on_val=config.patience > 0),
+            "best": seen_records(data, config.init, chosen_on_val=True)}
     sample_weights = class_balanced_weights(train_labels, NUM_GRADES) if config.balance == "sampler" else None
     # The loaders ask the trainer for the epoch and the DDP rank when they start iterating.
     train_loader = make_loader(train_images, train_labels, config.batch_size, shuffle=True, seed=config.seed,
@@ -246,7 +251,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     val_loader = make_loader(val_images, val_labels, max(config.batch_size, 64), shuffle=False)
     steps_per_epoch = train_loader.batch_sampler.batches_per_process(config.devices * config.num_nodes)
     module = GradingModule(model, config, steps_per_epoch, class_weights, load_teachers(config.teacher, data.preprocess))
-    exporter = ExportWeights(out, info)
+    exporter = ExportWeights(out, info, seen)
     resume_from = out / "last.ckpt" if config.resume and (out / "last.ckpt").exists() else None
     if config.resume and resume_from is None:
         log.warning("--resume: no %s yet, starting from scratch", out / "last.ckpt")
