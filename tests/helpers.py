@@ -88,9 +88,9 @@ def save(image: Image.Image, path: Path, **kwargs) -> Path:
     return path
 
 
-def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None, view=None):
+def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None, view=None, patient="SECRET-42"):
     """A 16-bit DICOM radiograph with patient fields (which klgrade must never return or log); `view`: its
-    ViewPosition."""
+    ViewPosition; `patient`: its PatientID."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -98,7 +98,7 @@ def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.Modality = "Doe^Jane", "SECRET-42", "CR"
+    ds.PatientName, ds.PatientID, ds.Modality = "Doe^Jane", patient, "CR"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0

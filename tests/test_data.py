@@ -8,7 +8,8 @@ from PIL import Image
 
 from klgrade.data.cache import load_cached
 from klgrade.data.preprocess import PreprocessConfig, prepare_image, preprocess, to_uint8, trim_uniform_margins
-from klgrade.data.sources import Sample, find_samples, parse_knee_name
+from klgrade.data.provenance import shared_knees
+from klgrade.data.sources import PLACEHOLDER_FILES, Sample, find_samples, parse_knee_name
 from klgrade.data.splits import check_no_leak, patient_folds, shared_patients
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
@@ -172,6 +173,32 @@ def test_a_detector_size_radiograph_is_prepared_from_sampled_statistics_as_from_
 def test_what_is_mostly_margin_is_left_as_it_is(image):
     """Under a quarter of a side would remain (or nothing is busy): the image stays whole, for the blank check."""
     assert trim_uniform_margins(image).shape == image.shape
+
+
+def test_dicom_knees_are_grouped_by_their_pseudonymised_patient_id_unless_it_is_a_placeholder(tmp_path, caplog):
+    """A PACS export names files by UIDs: the header's PatientID groups a patient's knees (folds, leak checks, the
+    bootstrap), never shown as it is; an anonymiser's constant PatientID groups no one."""
+    pixels = knee_image().astype(np.uint16) * 16
+    names = ["IMG0000.dcm", "IMG0001.dcm", "IMG0002.dcm", "IMG0003"]  # an extension-less DICOM too
+    for number, (name, patient) in enumerate(zip(names, ["P-1", "P-1", "P-2", "P-2"])):
+        write_dicom(_parent(tmp_path / "pacs" / str(number % 2) / name), pixels, "MONOCHROME2", patient=patient)
+    samples = sorted(find_samples(tmp_path / "pacs"), key=lambda s: s.path.rsplit("/", 1)[1])
+    patients = [s.patient_id for s in samples]
+    assert patients[0] == patients[1] != patients[2] == patients[3] and all(p.startswith("dicom-") for p in patients)
+    assert not any("P-1" in p or "P-2" in p for p in patients)
+    assert sorted(len(fold) for fold in patient_folds(samples, folds=2)) == [2, 2]
+    assert [s.path for s in shared_knees(samples[:1], samples[1:])] == [samples[1].path]  # the other knee
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"path,grade,patient_id\n{samples[0].path},0,given\n{samples[2].path},0,\n")
+    assert [s.patient_id for s in find_samples(manifest)] == ["given", patients[2]]
+    for number in range(PLACEHOLDER_FILES + 1):
+        write_dicom(_parent(tmp_path / "anonymised" / "0" / f"IMG{number:04d}.dcm"), pixels, "MONOCHROME2",
+                    patient="ANONYMOUS")
+    with caplog.at_level("WARNING"):
+        anonymised = find_samples(tmp_path / "anonymised")
+    assert [s.patient_id for s in anonymised] == [f"IMG{number:04d}" for number in range(PLACEHOLDER_FILES + 1)]
+    assert f"shared by {PLACEHOLDER_FILES + 1} files each taken for an anonymiser's placeholder" in caplog.text
+    assert "ANONYMOUS" not in caplog.text
 
 
 def test_a_grade_rarer_than_the_folds_is_said_in_klgrade_words_not_as_a_library_warning(caplog):

@@ -20,7 +20,7 @@ import stat
 
 import numpy as np
 
-from klgrade.data.sources import Sample
+from klgrade.data.sources import Sample, file_stem
 from klgrade.errors import DataLayoutError
 
 _KEY = b"klgrade-seen-1"
@@ -56,8 +56,7 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 def patient_digest(sample: Sample) -> str | None:
     """Digest of the sample's patient, or None where its patient id is only its file stem."""
-    stem = os.path.splitext(os.path.basename(sample.path))[0]
-    if sample.patient_id == stem:
+    if sample.patient_id == file_stem(sample.path):
         return None
     return _digest(b"patient:" + sample.patient_id.encode("utf-8"))
 

@@ -7,6 +7,11 @@ Supported:
 - a CSV manifest with columns `path,grade[,patient_id,side]` (paths relative to the CSV; UTF-8, with or
   without the byte-order mark Excel writes).
 
+A sample's patient is the manifest's `patient_id`, else the OAI id of a kneeKL224 file name, else a DICOM file's
+PatientID (pseudonymised: `dicom-` and a keyed digest, so no output names the person), else the file stem (each
+such file its own patient). A PatientID that more than `PLACEHOLDER_FILES` files share is an anonymiser's
+placeholder, not a person: those files keep their stems (and a warning says so).
+
 Problems with single entries (a bad manifest row, an unlistable grade folder) either stop the search
 (`problems=None`, for training, which needs every label) or are collected and the rest is still found (for
 `evaluate` and `data summary`, which report them and exit non-zero).
@@ -15,14 +20,22 @@ Problems with single entries (a bad manifest row, an unlistable grade folder) ei
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
+import logging
 import os
 import re
-from dataclasses import dataclass
+import stat
+import warnings
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from klgrade.constants import GRADE_NAMES, NUM_GRADES
 from klgrade.data.io import regular_file_problem
 from klgrade.errors import DataLayoutError, ImageReadError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test", "auto_test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
@@ -47,12 +60,80 @@ def parse_knee_name(path: str | Path) -> tuple[str, str | None]:
     `9003175L.png` -> ("9003175", "L"); `9001104_1.png` -> ("9001104", None). Names that do not start
     with the 7-digit OAI id fall back to the file stem as patient id, so each such file is its own group.
     """
-    stem = os.path.splitext(os.path.basename(path))[0]  # Path(path).stem, without building a Path per file
+    stem = file_stem(path)
     match = _KNEE_NAME.match(stem)
     if match is None:
         return stem, None
     side = match.group(2)
     return match.group(1), side.upper() if side else None
+
+
+PLACEHOLDER_FILES = 24
+"""A DICOM PatientID shared by more files than this (both knees at 12 visits) stands for no one in particular."""
+
+
+def file_stem(path: str | Path) -> str:
+    """Path(path).stem, without building a Path per file."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _may_be_dicom(path: str) -> bool:
+    suffix = os.path.splitext(path)[1].lower()
+    return suffix in (".dcm", ".dicom") or not suffix
+
+
+def with_dicom_patients(samples: list[Sample]) -> list[Sample]:
+    """The samples, those whose patient id is only their file stem given their DICOM header's PatientID
+    (pseudonymised), unless it is a placeholder many files share."""
+    candidates = [i for i, s in enumerate(samples) if s.patient_id == file_stem(s.path) and _may_be_dicom(s.path)]
+    if not candidates:
+        return samples
+    found = {i: _dicom_patient(samples[i].path) for i in candidates}
+    shared = Counter(patient for patient in found.values() if patient)
+    placeholders = sorted(patient for patient, files in shared.items() if files > PLACEHOLDER_FILES)
+    if placeholders:
+        _warn_placeholders(tuple((patient, shared[patient]) for patient in placeholders))
+    samples = list(samples)
+    for index, patient in found.items():
+        if patient and patient not in placeholders:
+            samples[index] = replace(samples[index], patient_id=patient)
+    return samples
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_placeholders(placeholders: tuple[tuple[str, int], ...]) -> None:
+    """Said once per process for a set of placeholders (a protocol lists its data many times)."""
+    counts = ", ".join(str(files) for _, files in placeholders)
+    log.warning("DICOM PatientID(s) shared by %s files each taken for an anonymiser's placeholder, not a patient: "
+                "those files count as one patient each (give patient ids in a manifest's patient_id column)", counts)
+
+
+def _dicom_patient(path: str) -> str | None:
+    """`dicom-<digest of the PatientID>`, or None where the file is no readable DICOM or names no patient."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(status.st_mode):  # a named pipe would block the read for ever
+        return None
+    return _dicom_patient_of(path, status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _dicom_patient_of(path: str, size: int, mtime_ns: int) -> str | None:
+    """The header read (`size` and `mtime_ns` only key the cache: a protocol lists its data many times)."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():  # a malformed header is reported when the image is read
+            warnings.simplefilter("ignore")
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        patient = str(header.get("PatientID", "") or "").strip()
+    except Exception:  # not DICOM, or broken: decoding it reports why
+        return None
+    if not patient:
+        return None
+    return "dicom-" + hashlib.blake2b(patient.encode("utf-8"), digest_size=8, key=b"klgrade-patient").hexdigest()
 
 
 def grade_from_dir(name: str) -> int | None:
@@ -134,7 +215,7 @@ def find_samples(data: str | Path, problems: list[ImageReadError] | None = None)
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataLayoutError(f"{root}: expected a folder or a CSV manifest")
-        return _from_manifest(root, problems)
+        return with_dicom_patients(_from_manifest(root, problems))
     subdirs = _subfolders(root)
     if not subdirs:
         raise DataLayoutError(f"{root}: no grade or split folders inside")
@@ -143,8 +224,8 @@ def find_samples(data: str | Path, problems: list[ImageReadError] | None = None)
         others = [p.name for p in subdirs if p.name not in SPLITS]
         if others:
             raise DataLayoutError(f"{root}: unknown folder(s) {others} beside the splits {list(SPLITS)}")
-        return [s for d in split_dirs for s in _from_grade_dirs(d, d.name, problems)]
-    return _from_grade_dirs(root, None, problems)
+        return with_dicom_patients([s for d in split_dirs for s in _from_grade_dirs(d, d.name, problems)])
+    return with_dicom_patients(_from_grade_dirs(root, None, problems))
 
 
 def _found_nothing(where: Path, what: str, refused: list[ImageReadError]) -> DataLayoutError:
