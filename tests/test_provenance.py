@@ -53,17 +53,23 @@ def test_evaluate_leaves_out_a_trained_knee_by_its_patient_or_its_bytes_and_not_
                     f"same file, e.g. {mixed}/0/knee.jpg): left out, the other 1 kept")
         assert metrics["n"] == 1 and metrics["seen_trained"] == 1 and metrics["warnings"] == [expected]
         assert result.stderr == f"warning: {expected}\n"
+        written = invoke_cli("evaluate", "--data", mixed, "--checkpoint", *checkpoints, "--out", str(tmp_path / "out"))
+        assert written.returncode == 0, written.stderr
+        assert (tmp_path / "out" / "left_out.csv").read_text().splitlines() == [
+            "path,patient_id,true", f"{mixed}/0/knee.jpg,knee,0"]
         result = invoke_cli("evaluate", "--data", trained_patient, "--checkpoint", *checkpoints, "--json")
         assert result.returncode == 1 and result.stdout == "" and len(result.stderr.splitlines()) == 1
         assert result.stderr.startswith(f"error: {trained_patient}: 1 of 1 knees are in the training data of ")
         assert result.stderr.endswith("no knee left to score that it was not trained on\n")
     # img001.jpg of another collection is another knee: its name alone makes no patient.
     other = _folder(tmp_path / "other_site", {"img001.jpg": unseen[1], "img002.jpg": unseen[2]})
-    result = invoke_cli("evaluate", "--data", other, "--checkpoint", str(checkpoint), "--json")
+    result = invoke_cli("evaluate", "--data", other, "--checkpoint", str(checkpoint), "--json", "--out",
+                        str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["n"] == 2 and metrics["seen_trained"] == metrics["seen_chosen"] == 0 and metrics["warnings"] == []
     assert result.stderr == ""
+    assert (tmp_path / "out" / "left_out.csv").read_text().splitlines() == ["path,patient_id,true"]  # none now
 
 
 def test_evaluate_counts_and_says_the_knees_the_model_was_chosen_on(seen_checkpoint, kneekl224, tmp_path):

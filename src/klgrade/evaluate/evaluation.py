@@ -32,6 +32,8 @@ class Evaluation:
     failures: list[ImageReadError]
     assessment: Assessment
     """Per scored image: grade set, gradable, shifts and warnings, as `klgrade predict` would answer."""
+    left_out: list[Sample]
+    """The knees not scored because the model was trained on them."""
 
     @property
     def warnings(self) -> list[str]:
@@ -190,4 +192,6 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     metrics["model"] = predictor.name
     metrics["tta"] = predictor.tta
     metrics["temperature"] = predictor.temperature
-    return Evaluation(metrics, predictions.samples, probabilities, failures, assessment)
+    scored = set(samples)
+    return Evaluation(metrics, predictions.samples, probabilities, failures, assessment,
+                      [sample for sample in listed if sample not in scored])
