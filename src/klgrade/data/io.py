@@ -149,6 +149,19 @@ def regular_file_problem(path: Path) -> str | None:
     return None
 
 
+def file_version(path: str | os.PathLike) -> tuple[str, int, int]:
+    """(path, size, modification time) of a regular file no larger than an image may be: what keys a cache of what
+    its bytes say (their digest, a DICOM header).
+
+    Raises:
+        OSError: the file is missing, not a regular file (a pipe would block a read for ever) or too large.
+    """
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
+        raise OSError(f"{path}: not a regular file of at most {MAX_FILE_BYTES // 2**20} MiB")
+    return os.fspath(path), info.st_size, info.st_mtime_ns
+
+
 def read_file_bounded(path: Path, label: str) -> bytes:
     """The bytes of a regular file, at most `MAX_FILE_BYTES` of them (never blocks on a pipe or reads a device)."""
     problem = regular_file_problem(path)

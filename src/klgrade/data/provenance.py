@@ -16,10 +16,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import stat
 
 import numpy as np
 
+from klgrade.data.io import file_version
 from klgrade.data.sources import Sample, file_stem
 from klgrade.errors import DataLayoutError
 
@@ -36,12 +36,9 @@ def file_digest(path: str | os.PathLike) -> str:
     records of a training run read the same files).
 
     Raises:
-        OSError: the file cannot be read, or is not a regular file.
+        OSError: the file cannot be read, is not a regular file or is too large to be an image.
     """
-    status = os.stat(path)
-    if not stat.S_ISREG(status.st_mode):  # a named pipe would block the read for ever
-        raise OSError(f"{path}: not a regular file")
-    return _file_digest(os.fspath(path), status.st_size, status.st_mtime_ns)
+    return _file_digest(*file_version(path))
 
 
 @functools.lru_cache(maxsize=1 << 17)

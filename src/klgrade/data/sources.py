@@ -25,14 +25,13 @@ import hashlib
 import logging
 import os
 import re
-import stat
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from klgrade.constants import GRADE_NAMES, NUM_GRADES
-from klgrade.data.io import regular_file_problem
+from klgrade.data.io import file_version, regular_file_problem
 from klgrade.errors import DataLayoutError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ def with_dicom_patients(samples: list[Sample]) -> list[Sample]:
     shared = Counter(patient for patient in found.values() if patient)
     placeholders = sorted(patient for patient, files in shared.items() if files > PLACEHOLDER_FILES)
     if placeholders:
-        _warn_placeholders(tuple((patient, shared[patient]) for patient in placeholders))
+        _warn_placeholders(tuple(shared[patient] for patient in placeholders))
     samples = list(samples)
     for index, patient in found.items():
         if patient and patient not in placeholders:
@@ -101,22 +100,19 @@ def with_dicom_patients(samples: list[Sample]) -> list[Sample]:
 
 
 @functools.lru_cache(maxsize=64)
-def _warn_placeholders(placeholders: tuple[tuple[str, int], ...]) -> None:
-    """Said once per process for a set of placeholders (a protocol lists its data many times)."""
-    counts = ", ".join(str(files) for _, files in placeholders)
+def _warn_placeholders(files: tuple[int, ...]) -> None:
+    """Said once per process for the same placeholders (a protocol lists its data many times)."""
     log.warning("DICOM PatientID(s) shared by %s files each taken for an anonymiser's placeholder, not a patient: "
-                "those files count as one patient each (give patient ids in a manifest's patient_id column)", counts)
+                "those files count as one patient each (give patient ids in a manifest's patient_id column)",
+                ", ".join(map(str, files)))
 
 
 def _dicom_patient(path: str) -> str | None:
     """`dicom-<digest of the PatientID>`, or None where the file is no readable DICOM or names no patient."""
     try:
-        status = os.stat(path)
+        return _dicom_patient_of(*file_version(path))
     except OSError:
         return None
-    if not stat.S_ISREG(status.st_mode):  # a named pipe would block the read for ever
-        return None
-    return _dicom_patient_of(path, status.st_size, status.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=1 << 17)
