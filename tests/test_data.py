@@ -29,7 +29,7 @@ def _parent(path):
 
 @pytest.mark.parametrize("name, expected", [
     ("9003175L.png", ("9003175", "L")), ("9003175R.jpg", ("9003175", "R")),
-    ("9001104_1.png", ("9001104", None)), ("scan.png", ("scan", None)),
+    ("9001104_1.png", ("9001104", None)), ("scan.png", (None, None)),
 ])
 def test_knee_names(name, expected):
     assert parse_knee_name(name) == expected
@@ -196,7 +196,7 @@ def test_dicom_knees_are_grouped_by_their_pseudonymised_patient_id_unless_it_is_
                     patient="ANONYMOUS")
     with caplog.at_level("WARNING"):
         anonymised = find_samples(tmp_path / "anonymised")
-    assert [s.patient_id for s in anonymised] == [f"IMG{number:04d}" for number in range(PLACEHOLDER_FILES + 1)]
+    assert [s.patient_id for s in anonymised] == [f"file:0/IMG{number:04d}.dcm" for number in range(PLACEHOLDER_FILES + 1)]
     assert f"shared by {PLACEHOLDER_FILES + 1} files each taken for an anonymiser's placeholder" in caplog.text
     assert "ANONYMOUS" not in caplog.text
 

@@ -56,7 +56,7 @@ def test_evaluate_leaves_out_a_trained_knee_by_its_patient_or_its_bytes_and_not_
         written = invoke_cli("evaluate", "--data", mixed, "--checkpoint", *checkpoints, "--out", str(tmp_path / "out"))
         assert written.returncode == 0, written.stderr
         assert (tmp_path / "out" / "left_out.csv").read_text().splitlines() == [
-            "path,patient_id,true", f"{mixed}/0/knee.jpg,knee,0"]
+            "path,patient_id,true", f"{mixed}/0/knee.jpg,file:0/knee.jpg,0"]
         result = invoke_cli("evaluate", "--data", trained_patient, "--checkpoint", *checkpoints, "--json")
         assert result.returncode == 1 and result.stdout == "" and len(result.stderr.splitlines()) == 1
         assert result.stderr.startswith(f"error: {trained_patient}: 1 of 1 knees are in the training data of ")
@@ -122,9 +122,9 @@ def test_records_merge_and_match_by_patient_or_content(kneekl224, tmp_path):
     shutil.copy(left, copy)
     record = knee_record([Sample(str(left), 0, "9003126", "L")])
     assert record == knee_record([Sample(str(copy), 0, "9003126", "L")])  # no path in a record: bytes and patient
-    probes = [Sample(str(right), 0, "9003126", "R"), Sample(str(copy), 0, "copy"), Sample(str(right), 0, "9003126R"),
-              Sample(str(tmp_path / "missing.jpg"), 0, "missing")]
+    probes = [Sample(str(right), 0, "9003126", "R"), Sample(str(copy), 0, "file:copy.jpg"),
+              Sample(str(right), 0, "file:right.jpg"), Sample(str(tmp_path / "missing.jpg"), 0, "file:missing.jpg")]
     assert seen_knees(record, probes).tolist() == [True, True, False, False]
     assert seen_knees({}, probes).tolist() == [False] * 4
-    merged = merge_records([record, knee_record([Sample(str(right), 0, "9003126R")]), {}])
+    merged = merge_records([record, knee_record([Sample(str(right), 0, "file:right.jpg")]), {}])
     assert len(merged["files"]) == 2 and merged["patients"] == record["patients"]

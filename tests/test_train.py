@@ -195,6 +195,7 @@ def test_a_split_root_of_numbered_files_trains_and_a_file_copied_across_its_spli
                 save(image, tmp_path / split / str(grade) / f"{number}.png")
     summary = json.loads(invoke_cli("data", "summary", str(tmp_path), "--json").stdout)
     assert summary["patient_overlap"] == summary["file_overlap"] == {"train/val": 0}
+    assert summary["splits"]["train"]["patients"] == 10  # 0/0.png and 1/0.png are two knees, not one patient's
     data = select_data(TrainConfig(data=str(tmp_path)))
     assert len(data.train) == len(data.val) == 10
     copied = tmp_path / "val" / "3" / "copy.png"

@@ -5,7 +5,8 @@ A checkpoint records, per role, keyed 64-bit digests of the patients and of the 
 were fitted on them). `klgrade evaluate` and `klgrade calibrate` compare the knees they are given with these
 records: a knee counts as seen when its patient or its file's bytes are recorded (another copy or another name of
 the same file included). A patient id counts only where it names a person (a kneeKL224/OAI file name, a manifest's
-`patient_id`), not where a file stem stands in for one: `img001.png` of two hospitals are not one patient.
+`patient_id`, a DICOM PatientID), not where the file stands for its own patient: `img001.png` of two hospitals are
+not one patient.
 
 The digests let anyone who knows a patient id test whether that patient is in a checkpoint's records (short ids can
 be tried one by one); they do not list the ids.
@@ -20,7 +21,7 @@ import os
 import numpy as np
 
 from klgrade.data.io import file_version
-from klgrade.data.sources import Sample, file_stem
+from klgrade.data.sources import Sample, names_a_patient
 from klgrade.errors import DataLayoutError
 
 _KEY = b"klgrade-seen-1"
@@ -52,8 +53,8 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def patient_digest(sample: Sample) -> str | None:
-    """Digest of the sample's patient, or None where its patient id is only its file stem."""
-    if sample.patient_id == file_stem(sample.path):
+    """Digest of the sample's patient, or None where it names no patient (the file is its own)."""
+    if not names_a_patient(sample):
         return None
     return _digest(b"patient:" + sample.patient_id.encode("utf-8"))
 

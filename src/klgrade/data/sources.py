@@ -8,9 +8,9 @@ Supported:
   without the byte-order mark Excel writes).
 
 A sample's patient is the manifest's `patient_id`, else the OAI id of a kneeKL224 file name, else a DICOM file's
-PatientID (pseudonymised: `dicom-` and a keyed digest, so no output names the person), else the file stem (each
-such file its own patient). A PatientID that more than `PLACEHOLDER_FILES` files share is an anonymiser's
-placeholder, not a person: those files keep their stems (and a warning says so).
+PatientID (pseudonymised: `dicom-` and a keyed digest, so no output names the person), else the file itself
+(`file:<its path in the data>`). A PatientID that more than `PLACEHOLDER_FILES` files share is an anonymiser's
+placeholder, not a person: those files stay their own patients (and a warning says so).
 
 Problems with single entries (a bad manifest row, an unlistable grade folder) either stop the search
 (`problems=None`, for training, which needs every label) or are collected and the rest is still found (for
@@ -53,27 +53,36 @@ class Sample:
     split: str | None = None
 
 
-def parse_knee_name(path: str | Path) -> tuple[str, str | None]:
+def parse_knee_name(path: str | Path) -> tuple[str | None, str | None]:
     """Patient id and knee side from a kneeKL224 file name.
 
-    `9003175L.png` -> ("9003175", "L"); `9001104_1.png` -> ("9001104", None). Names that do not start
-    with the 7-digit OAI id fall back to the file stem as patient id, so each such file is its own group.
+    `9003175L.png` -> ("9003175", "L"); `9001104_1.png` -> ("9001104", None); a name that does not start with
+    the 7-digit OAI id names no patient: (None, None).
     """
-    stem = file_stem(path)
-    match = _KNEE_NAME.match(stem)
+    match = _KNEE_NAME.match(os.path.splitext(os.path.basename(path))[0])
     if match is None:
-        return stem, None
+        return None, None
     side = match.group(2)
     return match.group(1), side.upper() if side else None
 
 
+FILE_PATIENT = "file:"
+"""Prefix of the patient id of a file that names no patient: `file:<its path in the data>`, its own patient (not
+the stem, which `0/1.png` and `1/1.png` share)."""
+
+
+def own_patient(where: str) -> str:
+    """The patient id of a file that names no patient, from its path in the data."""
+    return FILE_PATIENT + where
+
+
+def names_a_patient(sample: Sample) -> bool:
+    """Whether the sample's patient id names a person (a manifest's, an OAI name's, a DICOM header's), not a file."""
+    return not sample.patient_id.startswith(FILE_PATIENT)
+
+
 PLACEHOLDER_FILES = 24
 """A DICOM PatientID shared by more files than this (both knees at 12 visits) stands for no one in particular."""
-
-
-def file_stem(path: str | Path) -> str:
-    """Path(path).stem, without building a Path per file."""
-    return os.path.splitext(os.path.basename(path))[0]
 
 
 def _may_be_dicom(path: str) -> bool:
@@ -82,9 +91,9 @@ def _may_be_dicom(path: str) -> bool:
 
 
 def with_dicom_patients(samples: list[Sample]) -> list[Sample]:
-    """The samples, those whose patient id is only their file stem given their DICOM header's PatientID
-    (pseudonymised), unless it is a placeholder many files share."""
-    candidates = [i for i, s in enumerate(samples) if s.patient_id == file_stem(s.path) and _may_be_dicom(s.path)]
+    """The samples, those that name no patient given their DICOM header's PatientID (pseudonymised), unless it is
+    a placeholder many files share."""
+    candidates = [i for i, s in enumerate(samples) if not names_a_patient(s) and _may_be_dicom(s.path)]
     if not candidates:
         return samples
     found = {i: _dicom_patient(samples[i].path) for i in candidates}
@@ -241,6 +250,8 @@ def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadErro
         for entry in _list_folder(sub, problems):
             if is_image_file(entry):
                 patient, side = parse_knee_name(entry.name)
+                patient = patient or own_patient(f"{split}/{sub.name}/{entry.name}" if split else
+                                                 f"{sub.name}/{entry.name}")
                 samples.append(Sample(entry.path, grade, patient, side, split))
     if not samples:
         raise _found_nothing(root, "no images found in grade folders", (problems or [])[known_problems:])
@@ -293,7 +304,7 @@ def _from_manifest(csv_path: Path, problems: list[ImageReadError] | None) -> lis
             _problem(problems, where, f"file {path} does not exist")
             continue
         parsed_patient, parsed_side = parse_knee_name(path)
-        patient = (row.get("patient_id") or "").strip() or parsed_patient
+        patient = (row.get("patient_id") or "").strip() or parsed_patient or own_patient(row["path"].strip())
         side = (row.get("side") or "").strip().upper() or parsed_side
         samples.append(Sample(str(path), grade, patient, side, (row.get("split") or "").strip() or None))
     if not samples:
