@@ -8,9 +8,9 @@ from PIL import Image
 
 from klgrade.data.cache import load_cached
 from klgrade.data.preprocess import PreprocessConfig, prepare_image, preprocess, to_uint8, trim_uniform_margins
-from klgrade.data.provenance import shared_knees
+from klgrade.data.provenance import check_unshared, shared_knees
 from klgrade.data.sources import PLACEHOLDER_FILES, Sample, find_samples, parse_knee_name
-from klgrade.data.splits import check_no_leak, patient_folds, shared_patients
+from klgrade.data.splits import knee_groups, patient_folds
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
 
@@ -230,10 +230,21 @@ def test_real_five_fold_split_groups_patients_and_keeps_grade_proportions(kneekl
     other = patient_folds(train, folds=5, seed=1)
     assert not all(np.array_equal(a, b) for a, b in zip(again, other))
     samples = [train[i] for i in folds[0]], [train[i] for i in folds[1]]
-    assert shared_patients(*samples) == set()
-    check_no_leak(*samples)
-    with pytest.raises(DataLayoutError, match="share"):
-        check_no_leak(samples[0], samples[0][:3])
+    check_unshared(*samples, "folds 0 and 1")
+    with pytest.raises(DataLayoutError, match="share 3 knee"):
+        check_unshared(samples[0], samples[0][:3], "a fold and itself")
+    assert knee_groups(train) == tuple(s.patient_id for s in train)  # no file of kneeKL224 train is a copy
+
+
+def test_copies_of_one_file_land_in_one_fold_whatever_their_names_and_grades(tmp_path):
+    for number in range(12):
+        _write(tmp_path / str(number % 5) / f"img{number}.png", seed=number)
+    (tmp_path / "3" / "copy.png").write_bytes((tmp_path / "0" / "img0.png").read_bytes())
+    samples = find_samples(tmp_path)
+    assert len(set(knee_groups(samples))) == len(samples) - 1
+    for seed in range(4):
+        fold_of = {samples[i].path: k for k, fold in enumerate(patient_folds(samples, 3, seed)) for i in fold}
+        assert fold_of[str(tmp_path / "0" / "img0.png")] == fold_of[str(tmp_path / "3" / "copy.png")]
 
 
 def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):

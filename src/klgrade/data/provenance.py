@@ -62,10 +62,10 @@ def patient_digest(sample: Sample) -> str | None:
 def knee_record(samples: list[Sample]) -> dict[str, list[str]]:
     """The record of a set of knees (JSON-ready, sorted, so equal sets give equal records)."""
     patients = {patient_digest(s) for s in samples} - {None}
-    return {"patients": sorted(patients), "files": sorted({_readable_digest(s.path) for s in samples} - {None})}
+    return {"patients": sorted(patients), "files": sorted({readable_digest(s.path) for s in samples} - {None})}
 
 
-def _readable_digest(path: str) -> str | None:
+def readable_digest(path: str) -> str | None:
     """The file's digest, or None where it cannot be read (such a file shows nothing to anyone)."""
     try:
         return file_digest(path)
@@ -83,7 +83,7 @@ def seen_knees(record: dict[str, list[str]], samples: list[Sample]) -> np.ndarra
     patients, files = set(record.get("patients", ())), set(record.get("files", ()))
     seen = np.zeros(len(samples), dtype=bool)
     for index, sample in enumerate(samples):
-        seen[index] = patient_digest(sample) in patients or (bool(files) and _readable_digest(sample.path) in files)
+        seen[index] = patient_digest(sample) in patients or (bool(files) and readable_digest(sample.path) in files)
     return seen
 
 

@@ -1,4 +1,5 @@
-"""Patient-grouped, grade-stratified k-fold splits: both knees of a person always land in one fold."""
+"""Patient-grouped, grade-stratified k-fold splits: both knees of a person, and every copy of a file, land in one
+fold."""
 
 from __future__ import annotations
 
@@ -10,19 +11,42 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from klgrade.constants import NUM_GRADES
+from klgrade.data.provenance import readable_digest
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
 
 log = logging.getLogger(__name__)
 
 
+def knee_groups(samples: list[Sample]) -> tuple[str, ...]:
+    """The group of each sample that folds keep together: its patient, joined with every patient holding a file of
+    the same bytes (a copy under another name, or under another grade, must not sit on both sides of a fold)."""
+    parent: dict[str, str] = {}
+
+    def root(patient: str) -> str:
+        while parent.get(patient, patient) != patient:
+            patient = parent[patient]
+        return patient
+
+    holder: dict[str, str] = {}
+    for sample in samples:
+        digest = readable_digest(sample.path)
+        if digest is None:
+            continue
+        if digest in holder:
+            parent[root(sample.patient_id)] = root(holder[digest])
+        else:
+            holder[digest] = sample.patient_id
+    return tuple(root(s.patient_id) for s in samples)
+
+
 def patient_folds(samples: list[Sample], folds: int = 5, seed: int = 0) -> list[np.ndarray]:
-    """Index arrays of the held-out samples of each fold (deterministic for a given seed).
+    """Index arrays of the held-out samples of each fold (deterministic for a given seed), cut by `knee_groups`.
 
     Raises:
         DataLayoutError: fewer patients than folds.
     """
-    groups = tuple(s.patient_id for s in samples)
+    groups = knee_groups(samples)
     if len(set(groups)) < folds:
         raise DataLayoutError(f"{len(set(groups))} patients cannot fill {folds} folds")
     return [np.array(held_out) for held_out in _held_out_indices(groups, tuple(s.grade for s in samples), folds, seed)]
@@ -52,17 +76,3 @@ def fold_split(samples: list[Sample], fold: int, folds: int = 5, seed: int = 0) 
     held_out = set(patient_folds(samples, folds, seed)[fold].tolist())
     train = [s for i, s in enumerate(samples) if i not in held_out]
     return train, [samples[i] for i in sorted(held_out)]
-
-
-def shared_patients(first: list[Sample], second: list[Sample]) -> set[str]:
-    """Patients present in both sample lists: empty for a leak-free pair."""
-    return {s.patient_id for s in first} & {s.patient_id for s in second}
-
-
-def check_no_leak(first: list[Sample], second: list[Sample], what: str = "splits") -> None:
-    """Raise when two folds share a patient (the groups folds are cut by; sets of other origins are compared by
-    `data.provenance.check_unshared`, which tells a patient id from a file stem standing in for one)."""
-    shared = shared_patients(first, second)
-    if shared:
-        examples = ", ".join(sorted(shared)[:5])
-        raise DataLayoutError(f"{what} share {len(shared)} patient(s), e.g. {examples}")

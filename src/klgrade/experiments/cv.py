@@ -24,7 +24,8 @@ import numpy as np
 
 from klgrade.constants import NUM_GRADES, REPORT_METRICS
 from klgrade.data.sources import find_samples
-from klgrade.data.splits import check_no_leak, patient_folds
+from klgrade.data.provenance import check_unshared
+from klgrade.data.splits import patient_folds
 from klgrade.evaluate.evaluation import predict_samples
 from klgrade.errors import KLGradeError
 from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
@@ -140,9 +141,9 @@ def cv_markdown(summary: dict) -> str:
 
 
 def check_folds_disjoint(config: TrainConfig) -> None:
-    """Raise if any two held-out folds share a patient (they never should)."""
+    """Raise if any two held-out folds share a patient or a file (they never should)."""
     pool = fold_pool(find_samples(config.data))
     held = [[pool[i] for i in fold] for fold in patient_folds(pool, config.folds, config.seed)]
     for i in range(len(held)):
         for j in range(i + 1, len(held)):
-            check_no_leak(held[i], held[j], f"folds {i} and {j}")
+            check_unshared(held[i], held[j], f"folds {i} and {j}")
