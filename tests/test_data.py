@@ -240,6 +240,8 @@ def test_copies_of_one_file_land_in_one_fold_whatever_their_names_and_grades(tmp
     for number in range(12):
         _write(tmp_path / str(number % 5) / f"img{number}.png", seed=number)
     (tmp_path / "3" / "copy.png").write_bytes((tmp_path / "0" / "img0.png").read_bytes())
+    summary = invoke_cli("data", "summary", str(tmp_path))
+    assert summary.returncode == 0 and "files in all that copy another of its files: 1" in summary.stdout
     samples = find_samples(tmp_path)
     assert len(set(knee_groups(samples))) == len(samples) - 1
     for seed in range(4):
@@ -280,7 +282,8 @@ def test_summary_of_real_data(kneekl224):
     summary = json.loads(result.stdout)
     assert summary["splits"]["train"]["counts"] == [2286, 1046, 1516, 757, 173]
     assert summary["splits"]["val"]["counts"] == [328, 153, 212, 106, 27]
-    assert summary["patient_overlap"] == {"train/val": 0}
+    assert summary["patient_overlap"] == summary["file_overlap"] == {"train/val": 0}
+    assert summary["splits"]["train"]["copies"] == summary["splits"]["val"]["copies"] == 0
     assert summary["unreadable"] == [] and summary["not_gradable"] == []
 
 

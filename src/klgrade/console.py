@@ -86,6 +86,9 @@ def print_summary(summary: dict) -> None:
         console.print(f"patients shared {pair}: {shared}", style="red" if shared else None)
     for pair, shared in summary["file_overlap"].items():
         console.print(f"identical files shared {pair}: {shared}", style="red" if shared else None)
+    for name, split in summary["splits"].items():
+        if split["copies"]:
+            console.print(f"files in {name} that copy another of its files: {split['copies']}", style="red")
     console.print(f"unreadable files: {len(summary['unreadable'])}")
     console.print(f"files not gradable as they are (view, pixels, grey levels): {len(summary['not_gradable'])}",
                   style="red" if summary["not_gradable"] else None)

@@ -12,7 +12,7 @@ from pathlib import Path
 from klgrade.constants import NUM_GRADES
 from klgrade.data.io import read_radiograph
 from klgrade.data.preprocess import PreprocessConfig, prepare_image
-from klgrade.data.provenance import knee_record
+from klgrade.data.provenance import knee_record, readable_digest
 from klgrade.data.sources import find_samples
 from klgrade.errors import ImageReadError
 
@@ -30,9 +30,10 @@ def _problems(path: str) -> tuple[str | None, list[str]]:
 
 
 def summarize(data: str | Path, check_images: bool = True) -> dict:
-    """Counts per split x grade, patients per split, patients and identical files shared between splits (a patient
-    id counts where it names a person: `data.provenance`), unreadable files, and files not gradable as they are,
-    with their reasons (a lateral, oblique or axial view, too few pixels or grey levels)."""
+    """Counts per split x grade, patients per split, files per split that copy another of its files (`copies`),
+    patients and identical files shared between splits (a patient id counts where it names a person:
+    `data.provenance`), unreadable files, and files not gradable as they are, with their reasons (a lateral,
+    oblique or axial view, too few pixels or grey levels)."""
     problems: list[ImageReadError] = []
     samples = find_samples(data, problems)
     by_split = defaultdict(list)
@@ -43,7 +44,9 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
         counts = [0] * NUM_GRADES
         for sample in members:
             counts[sample.grade] += 1
-        splits[name] = {"counts": counts, "images": len(members), "patients": len({s.patient_id for s in members})}
+        readable = [digest for digest in map(readable_digest, [s.path for s in members]) if digest]
+        splits[name] = {"counts": counts, "images": len(members), "patients": len({s.patient_id for s in members}),
+                        "copies": len(readable) - len(set(readable))}
     records = {name: knee_record(members) for name, members in by_split.items()}
     overlap, file_overlap = {}, {}
     for first, second in combinations(sorted(by_split), 2):
