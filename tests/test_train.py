@@ -155,7 +155,7 @@ def test_init_starts_fine_tuning_from_the_given_weights(kneekl224, tmp_path):
     assert len(info["seen"]["trained"]["files"]) > len(first_info["seen"]["trained"]["files"])
     assert info["seen"]["chosen"] == nothing
     # Weights started from a best epoch carry the knees that chose it.
-    assert seen_records(tuned_data, str(tmp_path / "first" / "best.safetensors"), False)["chosen"] == \
+    assert seen_records(tuned_data, str(tmp_path / "first" / "best.safetensors"), False)["last"]["chosen"] == \
         knee_record(data.val)
     expected = dict(model.named_parameters())
     for name, parameter in tuned.named_parameters():

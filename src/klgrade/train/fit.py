@@ -86,19 +86,21 @@ def select_data(config: TrainConfig) -> RunData:
                    preprocess)
 
 
-def seen_records(data: RunData, init: str | None, chosen_on_val: bool) -> dict[str, dict[str, list[str]]]:
-    """The knees the weights are fitted on and, where the validation data picks their epoch (`best`, or any epoch
-    an early stop ends on), chosen on (`data.provenance`), with those a klgrade checkpoint they start from
-    (`--init`) was."""
+def seen_records(data: RunData, init: str | None, early_stopping: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """The records of the knees `best.safetensors` and `last.safetensors` have seen (`data.provenance`): both were
+    fitted on the training data; the validation data chose the best epoch, and the last one only where an early stop
+    ends on it; a klgrade checkpoint they start from (`--init`) passes its records on."""
     inherited = {}
     if init is not None and init.endswith(".safetensors"):
         try:
             inherited = read_info(init).get("seen", {})
         except CheckpointError:  # weights of another library: nothing recorded
             pass
-    chosen = [knee_record(data.val)] if chosen_on_val else []
-    return {"trained": merge_records([knee_record(data.train), inherited.get("trained", {})]),
-            "chosen": merge_records([*chosen, inherited.get("chosen", {})])}
+    trained = merge_records([knee_record(data.train), inherited.get("trained", {})])
+    chosen_on_val = merge_records([knee_record(data.val), inherited.get("chosen", {})])
+    chosen_before = merge_records([inherited.get("chosen", {})])
+    return {"best": {"trained": trained, "chosen": chosen_on_val},
+            "last": {"trained": trained, "chosen": chosen_on_val if early_stopping else chosen_before}}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -240,8 +242,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     info = {"model": spec, "preprocess": data.preprocess.to_dict(), "train_config": config.to_dict(),
             "data_fingerprint": cache_key(data.train + data.val, data.preprocess),
             "n_train": len(data.train), "n_val": len(data.val)}
-    seen = {"last": seen_records(data, config.init, chosen_on_val=config.patience > 0),
-            "best": seen_records(data, config.init, chosen_on_val=True)}
+    seen = seen_records(data, config.init, early_stopping=config.patience > 0)
     sample_weights = class_balanced_weights(train_labels, NUM_GRADES) if config.balance == "sampler" else None
     # The loaders ask the trainer for the epoch and the DDP rank when they start iterating.
     train_loader = make_loader(train_images, train_labels, config.batch_size, shuffle=True, seed=config.seed,
