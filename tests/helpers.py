@@ -54,12 +54,14 @@ def copy_real_images(source: Path, target: Path, per_grade: int, split: str = "v
     return copied
 
 
-def save_msa_net(path: Path, model, options: dict, size: int) -> Path:
-    """Save `model` (an msa_net built with `options`) as a checkpoint fed `size`-px images."""
+def save_msa_net(path: Path, model, options: dict, size: int, canonical_side: bool = False) -> Path:
+    """Save `model` (an msa_net built with `options`) as a checkpoint fed `size`-px images (left knees mirrored with
+    `canonical_side`)."""
     from klgrade.models import save_checkpoint
 
     info = {"model": {"name": "msa_net", "num_classes": 5, "in_chans": 1, "ordinal": False, "options": options},
-            "preprocess": {"size": size, "clip_percentiles": [0.5, 99.5], "clahe": False, "canonical_side": False},
+            "preprocess": {"size": size, "clip_percentiles": [0.5, 99.5], "clahe": False,
+                           "canonical_side": canonical_side},
             "val_metrics": {"accuracy": 0.2}}
     return save_checkpoint(path, model, info)
 
@@ -88,9 +90,10 @@ def save(image: Image.Image, path: Path, **kwargs) -> Path:
     return path
 
 
-def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None, view=None, patient="SECRET-42"):
+def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None, view=None, patient="SECRET-42",
+                **header):
     """A 16-bit DICOM radiograph with patient fields (which klgrade must never return or log); `view`: its
-    ViewPosition; `patient`: its PatientID."""
+    ViewPosition; `patient`: its PatientID; `header`: more elements by keyword (e.g. ImageLaterality="L")."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -107,6 +110,8 @@ def write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None
         ds.WindowCenter, ds.WindowWidth = window
     if view is not None:
         ds.ViewPosition = view
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -201,6 +201,21 @@ def test_dicom_knees_are_grouped_by_their_pseudonymised_patient_id_unless_it_is_
     assert "ANONYMOUS" not in caplog.text
 
 
+def test_a_knee_side_comes_from_the_manifest_then_the_name_then_the_dicom_header(tmp_path):
+    """Training a model that mirrors left knees (canonical_side) on a PACS export: its files, named by UIDs, give
+    their side only in the header."""
+    pixels = knee_image().astype(np.uint16) * 16
+    write_dicom(_parent(tmp_path / "pacs" / "0" / "1.2.3.dcm"), pixels, "MONOCHROME2", ImageLaterality="L")
+    write_dicom(_parent(tmp_path / "pacs" / "0" / "1.2.4.dcm"), pixels, "MONOCHROME2", Laterality="R")
+    write_dicom(_parent(tmp_path / "pacs" / "1" / "1.2.5.dcm"), pixels, "MONOCHROME2")
+    write_dicom(_parent(tmp_path / "pacs" / "1" / "9000001R.dcm"), pixels, "MONOCHROME2", ImageLaterality="L")
+    sides = {os.path.basename(s.path): s.side for s in find_samples(tmp_path / "pacs")}
+    assert sides == {"1.2.3.dcm": "L", "1.2.4.dcm": "R", "1.2.5.dcm": None, "9000001R.dcm": "R"}
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,grade,side\npacs/0/1.2.3.dcm,0,R\npacs/0/1.2.4.dcm,0,\n")
+    assert [s.side for s in find_samples(manifest)] == ["R", "R"]
+
+
 def test_a_grade_rarer_than_the_folds_is_said_in_klgrade_words_not_as_a_library_warning(caplog):
     samples = [Sample(f"{9100000 + i}L.png", i % 4, str(9100000 + i)) for i in range(24)]
     samples.append(Sample("9200000L.png", 4, "9200000"))

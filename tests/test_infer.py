@@ -13,10 +13,10 @@ import klgrade
 from klgrade.errors import CheckpointError, ImageReadError
 from klgrade.explain.gradcam import gradcam, joint_fraction, overlay
 from klgrade.infer.onnx import OnnxModel, export_onnx
-from klgrade.infer.grading import load_model
+from klgrade.infer.grading import NamedBytes, load_model, prepare_input
 from klgrade.models import create_model, load_checkpoint
 
-from helpers import EXAMPLES, copy_real_images, invoke_cli, knee_image, run_cli, save_msa_net
+from helpers import EXAMPLES, copy_real_images, invoke_cli, knee_image, run_cli, save_msa_net, write_dicom
 
 
 def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp_path):
@@ -77,6 +77,22 @@ def test_python_api_grades_paths_bytes_and_arrays(tiny_checkpoint):
     assert from_path.heatmap.shape == (64, 64) and 0 <= from_path.heatmap.min() and from_path.heatmap.max() <= 1
     with pytest.raises(ImageReadError):
         klgrade.grade(b"nope", model=model)
+
+
+def test_a_dicom_named_by_uids_is_mirrored_by_the_side_its_header_names(tmp_path):
+    """A model that mirrors left knees (canonical_side) must know the side of a PACS export's file: its header's,
+    where the name gives none; the name's, where it does."""
+    options = {"width": 32, "heads": 2}
+    model = load_model(save_msa_net(tmp_path / "sided.safetensors", create_model("msa_net", **options), options,
+                                    size=64, canonical_side=True))
+    pixels = knee_image().astype(np.uint16) * 16
+    right = prepare_input(model, write_dicom(tmp_path / "1.2.3.dcm", pixels, "MONOCHROME2", ImageLaterality="R"))
+    left = prepare_input(model, write_dicom(tmp_path / "1.2.4.dcm", pixels, "MONOCHROME2", ImageLaterality="L"))
+    np.testing.assert_array_equal(left.image, right.image[:, ::-1])
+    named = prepare_input(model, write_dicom(tmp_path / "9000001R.dcm", pixels, "MONOCHROME2", ImageLaterality="L"))
+    np.testing.assert_array_equal(named.image, right.image)
+    upload = (tmp_path / "1.2.4.dcm").read_bytes()
+    np.testing.assert_array_equal(prepare_input(model, NamedBytes(upload, "upload")).image, left.image)
 
 
 def test_ensemble_averages_members_and_flip_tta_is_symmetric(tiny_checkpoint):

@@ -114,6 +114,18 @@ def test_the_view_a_dicom_header_names_is_read(tmp_path):
     assert read_radiograph(save(Image.fromarray(knee_image()), tmp_path / "knee.png")).view is None
 
 
+@pytest.mark.parametrize("elements, side", [({"ImageLaterality": "L"}, "L"), ({"ImageLaterality": "r "}, "R"),
+                                            ({"Laterality": "L"}, "L"), ({"ImageLaterality": "R", "Laterality": "L"}, "R"),
+                                            ({"ImageLaterality": "B", "Laterality": "L"}, None),
+                                            ({"ImageLaterality": "U"}, None), ({}, None)],
+                         ids=["image L", "image r", "series L", "image first", "both knees", "unpaired", "silent"])
+def test_the_knee_side_a_dicom_header_names_is_read(tmp_path, elements, side):
+    """PACS exports name files by UIDs: the side is in the header (the image's ImageLaterality, else the series'
+    Laterality); both knees in one image (B) or an unpaired part (U) name no side."""
+    path = write_dicom(tmp_path / "1.2.840.10008.dcm", knee_image().astype(np.uint16), "MONOCHROME2", **elements)
+    assert read_radiograph(path).side == side
+
+
 def test_colour_dicom_is_read_as_luma_whatever_its_colour_space(tmp_path):
     """pydicom hands YBR pixel data over as RGB: its first channel is red, not luma (was read as the grey level).
     A palette DICOM stores indices into its colour table, which must be looked up first."""

@@ -10,7 +10,8 @@ Supported:
 A sample's patient is the manifest's `patient_id`, else the OAI id of a kneeKL224 file name, else a DICOM file's
 PatientID (pseudonymised: `dicom-` and a keyed digest, so no output names the person), else the file itself
 (`file:<its path in the data>`). A PatientID that more than `PLACEHOLDER_FILES` files share is an anonymiser's
-placeholder, not a person: those files stay their own patients (and a warning says so).
+placeholder, not a person: those files stay their own patients (and a warning says so). A sample's knee side is the
+manifest's `side`, else the file name's (`9003175L`), else the DICOM header's (`data.io.dicom_side`).
 
 Problems with single entries (a bad manifest row, an unlistable grade folder) either stop the search
 (`problems=None`, for training, which needs every label) or are collected and the rest is still found (for
@@ -31,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from klgrade.constants import GRADE_NAMES, NUM_GRADES
-from klgrade.data.io import file_version, regular_file_problem
+from klgrade.data.io import dicom_side, file_version, regular_file_problem
 from klgrade.errors import DataLayoutError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -90,21 +91,25 @@ def _may_be_dicom(path: str) -> bool:
     return suffix in (".dcm", ".dicom") or not suffix
 
 
-def with_dicom_patients(samples: list[Sample]) -> list[Sample]:
-    """The samples, those that name no patient given their DICOM header's PatientID (pseudonymised), unless it is
-    a placeholder many files share."""
-    candidates = [i for i, s in enumerate(samples) if not names_a_patient(s) and _may_be_dicom(s.path)]
+def with_dicom_headers(samples: list[Sample]) -> list[Sample]:
+    """The samples, completed from their DICOM headers: a patient for those that name none (the PatientID,
+    pseudonymised, unless it is a placeholder many files share), a side for those without one (files named by
+    UIDs, as PACS exports them, name neither)."""
+    candidates = [i for i, s in enumerate(samples) if (not names_a_patient(s) or s.side is None)
+                  and _may_be_dicom(s.path)]
     if not candidates:
         return samples
-    found = {i: _dicom_patient(samples[i].path) for i in candidates}
-    shared = Counter(patient for patient in found.values() if patient)
+    headers = {i: _dicom_header(samples[i].path) for i in candidates}
+    patients = {i: patient for i, (patient, _) in headers.items() if patient and not names_a_patient(samples[i])}
+    shared = Counter(patients.values())
     placeholders = sorted(patient for patient, files in shared.items() if files > PLACEHOLDER_FILES)
     if placeholders:
         _warn_placeholders(tuple(shared[patient] for patient in placeholders))
+    named = {i: patient for i, patient in patients.items() if patient not in placeholders}
     samples = list(samples)
-    for index, patient in found.items():
-        if patient and patient not in placeholders:
-            samples[index] = replace(samples[index], patient_id=patient)
+    for index, (_, side) in headers.items():
+        sample = samples[index]
+        samples[index] = replace(sample, patient_id=named.get(index, sample.patient_id), side=sample.side or side)
     return samples
 
 
@@ -116,29 +121,32 @@ def _warn_placeholders(files: tuple[int, ...]) -> None:
                 ", ".join(map(str, files)))
 
 
-def _dicom_patient(path: str) -> str | None:
-    """`dicom-<digest of the PatientID>`, or None where the file is no readable DICOM or names no patient."""
+def _dicom_header(path: str) -> tuple[str | None, str | None]:
+    """(`dicom-<digest of the PatientID>`, knee side), each None where the file is no readable DICOM or its header
+    is silent."""
     try:
-        return _dicom_patient_of(*file_version(path))
+        return _dicom_header_of(*file_version(path))
     except OSError:
-        return None
+        return None, None
 
 
 @functools.lru_cache(maxsize=1 << 17)
-def _dicom_patient_of(path: str, size: int, mtime_ns: int) -> str | None:
+def _dicom_header_of(path: str, size: int, mtime_ns: int) -> tuple[str | None, str | None]:
     """The header read (`size` and `mtime_ns` only key the cache: a protocol lists its data many times)."""
     import pydicom
 
     try:
         with warnings.catch_warnings():  # a malformed header is reported when the image is read
             warnings.simplefilter("ignore")
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-        patient = str(header.get("PatientID", "") or "").strip()
+            header = pydicom.dcmread(path, stop_before_pixels=True,
+                                     specific_tags=["PatientID", "ImageLaterality", "Laterality"])
+        patient, side = str(header.get("PatientID", "") or "").strip(), dicom_side(header)
     except Exception:  # not DICOM, or broken: decoding it reports why
-        return None
+        return None, None
     if not patient:
-        return None
-    return "dicom-" + hashlib.blake2b(patient.encode("utf-8"), digest_size=8, key=b"klgrade-patient").hexdigest()
+        return None, side
+    digest = hashlib.blake2b(patient.encode("utf-8"), digest_size=8, key=b"klgrade-patient").hexdigest()
+    return "dicom-" + digest, side
 
 
 def grade_from_dir(name: str) -> int | None:
@@ -220,7 +228,7 @@ def find_samples(data: str | Path, problems: list[ImageReadError] | None = None)
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataLayoutError(f"{root}: expected a folder or a CSV manifest")
-        return with_dicom_patients(_from_manifest(root, problems))
+        return with_dicom_headers(_from_manifest(root, problems))
     subdirs = _subfolders(root)
     if not subdirs:
         raise DataLayoutError(f"{root}: no grade or split folders inside")
@@ -229,8 +237,8 @@ def find_samples(data: str | Path, problems: list[ImageReadError] | None = None)
         others = [p.name for p in subdirs if p.name not in SPLITS]
         if others:
             raise DataLayoutError(f"{root}: unknown folder(s) {others} beside the splits {list(SPLITS)}")
-        return with_dicom_patients([s for d in split_dirs for s in _from_grade_dirs(d, d.name, problems)])
-    return with_dicom_patients(_from_grade_dirs(root, None, problems))
+        return with_dicom_headers([s for d in split_dirs for s in _from_grade_dirs(d, d.name, problems)])
+    return with_dicom_headers(_from_grade_dirs(root, None, problems))
 
 
 def _found_nothing(where: Path, what: str, refused: list[ImageReadError]) -> DataLayoutError:

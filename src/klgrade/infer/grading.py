@@ -1,7 +1,8 @@
 """The one path from an input to a graded result, for the Python API, `klgrade predict` and the HTTP service.
 
 An input is a file path, the bytes of a file with its name (an upload), or a 2-D grey-level array. The name
-matters: it tells the knee side (`9003175L.png`) and marks a DICOM file without the DICM preamble (`.dcm`).
+matters: it tells the knee side (`9003175L.png`; else a DICOM header's laterality) and marks a DICOM file without
+the DICM preamble (`.dcm`).
 Many inputs are decoded ahead in threads and graded in batches; one unreadable input yields its error and
 does not stop the others.
 """
@@ -55,7 +56,7 @@ def source_name(source: Source) -> str:
 
 
 def decode(source: Source, max_pixels: int = MAX_PIXELS) -> tuple[Radiograph, str | None]:
-    """The radiograph (grey levels, DICOM view) and knee side (from the name) of one input.
+    """The radiograph (grey levels, DICOM view) and knee side (the name's, else the DICOM header's) of one input.
 
     Raises:
         ImageReadError: unreadable file or bytes, an image over `max_pixels`, or an unusable array.
@@ -64,7 +65,8 @@ def decode(source: Source, max_pixels: int = MAX_PIXELS) -> tuple[Radiograph, st
     if isinstance(source, np.ndarray):
         return Radiograph(read_array(source, name, max_pixels)), None
     data = source.data if isinstance(source, NamedBytes) else source
-    return read_radiograph(data, name=name, max_pixels=max_pixels), parse_knee_name(name)[1]
+    radiograph = read_radiograph(data, name=name, max_pixels=max_pixels)
+    return radiograph, parse_knee_name(name)[1] or radiograph.side
 
 
 def prepare_input(model: Predictor, source: Source, max_pixels: int = MAX_PIXELS) -> PreparedInput:
