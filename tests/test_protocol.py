@@ -50,10 +50,16 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
 
 
 def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl224, tmp_path):
-    out = tmp_path / "paper"
+    out, external = tmp_path / "paper", tmp_path / "external"
+    copy_real_images(kneekl224, external, 8, split="val")
+    trained = next((kneekl224 / "train" / "2").iterdir())
+    (external / "2" / "renamed.jpg").write_bytes(trained.read_bytes())  # a knee the folds train on, under a new name
     result = run_cli("reproduce", "--data", str(kneekl224), "--out", str(out), "--profile", "quick", "--device", "cpu",
-                     "--external", str(kneekl224 / "val"), timeout=900)
+                     "--external", str(external), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    left_out = (f"--external {external}: 1 of 41 knees are in the train split (the same patient or the same file, "
+                f"e.g. {external / '2' / 'renamed.jpg'}): left out, the other 40 kept")
+    assert left_out in result.stderr
     report = (out / "report.md").read_text()
     for variant in VARIANTS:
         assert f"| {variant.name} |" in report
@@ -66,6 +72,8 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
         assert section in report
     results = json.loads((out / "results.json").read_text())
     assert list(results["variants"]) == results["selected"] == [v.name for v in VARIANTS]
+    assert results["left_out"] == {"external": left_out} and f"Not scored: {left_out}." in report
+    assert all(entry["external"]["n"] == 40 for entry in results["variants"].values())
     kd = json.loads((out / "runs" / "msa_net_kd" / "fold0" / "metrics.json").read_text())
     assert len(kd["config"]["teacher"]) == 4
     assert results["unfinished"] == [] and "time budget" not in report
@@ -119,7 +127,10 @@ def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(
     assert "internal validation of every fold model on `val`" in with_val and "## Internal validation" in with_val
 
 
-def test_validation_sets_sharing_patients_with_the_training_images_are_refused_before_training(kneekl224, tmp_path):
+def test_a_validation_set_with_no_knee_outside_the_train_split_or_an_unreadable_image_stops_before_training(
+        kneekl224, tmp_path):
+    """Knees the folds train on are left out of a validation set (test_reproduce_quick_profile...); a set left with
+    none, or holding a file that cannot be read, is refused before the hours of training, not after them."""
     data, out = tmp_path / "data", tmp_path / "out"
     trained = copy_real_images(kneekl224, data / "train", 2, split="train")
     copy_real_images(kneekl224, data / "val", 1, split="val")
@@ -127,10 +138,16 @@ def test_validation_sets_sharing_patients_with_the_training_images_are_refused_b
     external = invoke_cli("reproduce", "--data", str(data), "--out", str(out), "--external", str(tmp_path / "external"),
                           "--device", "cpu")
     assert external.returncode == 1
-    assert (f"the train split and --external {tmp_path / 'external'} share {len(seen)} knee(s) (the same patient or "
-            f"the same file), e.g. {seen[0]}") in external.stderr
+    assert (f"--external {tmp_path / 'external'}: {len(seen)} of {len(seen)} knees are in the train split (the same "
+            f"patient or the same file, e.g. {seen[0]}): no knee left to validate the fold models on") in external.stderr
+    for path in (data / "val").rglob("*.jpg"):
+        path.unlink()
     (data / "val" / "0" / "renamed.jpg").write_bytes(trained[0].read_bytes())
     val = invoke_cli("reproduce", "--data", str(data), "--out", str(out), "--device", "cpu")
-    assert val.returncode == 1 and f"the train split and val share 1 knee(s) (the same patient or the same file), " \
-        f"e.g. {data / 'val' / '0' / 'renamed.jpg'}" in val.stderr
+    assert val.returncode == 1 and "val: 1 of 1 knees are in the train split" in val.stderr
+    copy_real_images(kneekl224, data / "val", 1, split="val")
+    (data / "val" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    broken = invoke_cli("reproduce", "--data", str(data), "--out", str(out), "--device", "cpu")
+    assert broken.returncode == 1
+    assert f"val: 1 unreadable image(s), e.g. {data / 'val' / '1' / 'broken.png'}: " in broken.stderr
     assert not (out / "runs").exists()

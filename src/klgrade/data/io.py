@@ -7,8 +7,8 @@ says, so the model sees the knee the way every viewer shows it (of 21 val knees 
 through GDCM: JPEG lossless and JPEG-LS, which PACS exports of CR/DX often use, need it) with the modality LUT
 (rescale slope/intercept), the VOI LUT or window (a broken window is ignored), and MONOCHROME1 inverted so that
 bone is always bright; its header's `ViewPosition` and knee side come along (`Radiograph.view`, `.side`). Files are
-read only when they are regular files, and never past `MAX_FILE_BYTES` (a FIFO, a device or a symlink loop is an error, not a hang). Every failure raises
-`ImageReadError(path, reason)`.
+read only when they are regular files, and never past `MAX_FILE_BYTES` (a FIFO, a device or a symlink loop is an
+error, not a hang). Every failure raises `ImageReadError(path, reason)`.
 """
 
 from __future__ import annotations

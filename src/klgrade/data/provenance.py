@@ -87,6 +87,29 @@ def seen_knees(record: dict[str, list[str]], samples: list[Sample]) -> np.ndarra
     return seen
 
 
+def unseen_knees(record: dict[str, list[str]], samples: list[Sample], what: str, holder: str, purpose: str
+                 ) -> tuple[list[Sample], list[str]]:
+    """The samples whose knees `record` does not hold, and a warning saying how many were left out, if any (a figure
+    on them would score knees, or the other knee, of people the model has been shown).
+
+    Args:
+        what: names the samples in messages (a path); holder: what `record` is the record of ("the train split");
+        purpose: what no knee would be left for ("score that it was not trained on").
+
+    Raises:
+        DataLayoutError: no knee left.
+    """
+    seen = seen_knees(record, samples)
+    if not seen.any():
+        return samples, []
+    found = (f"{seen.sum()} of {len(samples)} knees are in {holder} (the same patient or the same file, e.g. "
+             f"{samples[int(np.flatnonzero(seen)[0])].path})")
+    if seen.all():
+        raise DataLayoutError(f"{what}: {found}: no knee left to {purpose}")
+    kept = [sample for sample, was_seen in zip(samples, seen) if not was_seen]
+    return kept, [f"{what}: {found}: left out, the other {len(kept)} kept"]
+
+
 def shared_knees(first: list[Sample], second: list[Sample]) -> list[Sample]:
     """The samples of `second` that are knees of `first` too: the same patient, or the same file's bytes."""
     return [sample for sample, seen in zip(second, seen_knees(knee_record(first), second)) if seen]

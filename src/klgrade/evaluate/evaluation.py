@@ -10,7 +10,7 @@ import numpy as np
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
-from klgrade.data.provenance import check_unshared, knee_record, seen_knees
+from klgrade.data.provenance import check_unshared, knee_record, seen_knees, unseen_knees
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
@@ -101,17 +101,9 @@ def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False)
 
 def untrained_knees(predictor: Predictor, samples: list[Sample], what: str, purpose: str
                     ) -> tuple[list[Sample], list[str]]:
-    """The samples whose knees the model's weights were not trained on (neither their patient nor their file is in
-    its records), and a warning saying how many were left out; no knee left is an error naming `what`."""
-    trained = seen_knees(predictor.seen["trained"], samples)
-    if not trained.any():
-        return samples, []
-    found = (f"{trained.sum()} of {len(samples)} knees are in the training data of {predictor.name} (the same patient "
-             f"or the same file, e.g. {samples[int(np.flatnonzero(trained)[0])].path})")
-    if trained.all():
-        raise DataLayoutError(f"{what}: {found}: no knee left to {purpose} that it was not trained on")
-    kept = [sample for sample, seen in zip(samples, trained) if not seen]
-    return kept, [f"{what}: {found}: left out, the other {len(kept)} kept"]
+    """The samples whose knees the model's weights were not trained on (`provenance.unseen_knees`)."""
+    return unseen_knees(predictor.seen["trained"], samples, what, f"the training data of {predictor.name}",
+                        f"{purpose} that it was not trained on")
 
 
 def seen_warnings(predictor: Predictor, samples: list[Sample]) -> tuple[dict[str, int], list[str]]:

@@ -23,8 +23,9 @@ import torch
 from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.io import read_image
+from klgrade.data.preprocess import PreprocessConfig
+from klgrade.data.provenance import knee_record, unseen_knees
 from klgrade.data.sources import Sample, find_samples
-from klgrade.data.provenance import check_unshared
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.evaluate.evaluation import batched_outputs
 from klgrade.experiments.cv import cross_validate, fold_dir, fold_model, mean_sd, run_name
@@ -98,24 +99,53 @@ def profile_config(profile: str, data: str, out: Path, device: str, seed: int) -
     return config, extra
 
 
-def validate_fold_models(run: Path, folds: int, samples: list[Sample], limit: int | None, where: str) -> dict:
-    """Every fold model on an independent labelled set (`samples`, found in `where`): per-fold metrics, mean +/- sd,
-    and the fold ensemble."""
+@dataclass(frozen=True)
+class ValidationSet:
+    """A labelled set every fold model is scored on, decoded with the profile's preprocessing before any training
+    (an unreadable file stops the run before the hours of training, not after); `left_out` says which of its knees
+    were left out for being in the train split."""
+
+    samples: list[Sample]
+    images: np.ndarray
+    preprocess: PreprocessConfig
+    left_out: str | None
+
+
+def validation_set(samples: list[Sample], what: str, train: dict[str, list[str]], preprocess: PreprocessConfig,
+                   limit: int | None) -> ValidationSet:
+    """`samples` without the knees of `train` (the train split's record: the same patient or the same file; a
+    warning says how many), at most `limit` of them, decoded.
+
+    Raises:
+        DataLayoutError: naming `what`: every knee is in the train split, or an image cannot be read.
+    """
+    samples, warnings = unseen_knees(train, samples, what, "the train split", "validate the fold models on")
+    for warning in warnings:
+        log.warning(warning)
     if limit is not None:
         samples = samples[:: max(1, len(samples) // limit)][:limit]
-    labels = [s.grade for s in samples]
-    groups = [s.patient_id for s in samples]
-    predictors = [Predictor([fold_model(run, fold)], tta=False) for fold in range(folds)]
-    decoded = decode_all(samples, predictors[0].preprocess)  # once: every fold model shares the profile
+    decoded = decode_all(samples, preprocess)
     if decoded.failures:
-        raise DataLayoutError(f"{where}: unreadable images in the validation set; check it with klgrade data summary")
+        raise DataLayoutError(f"{what}: {len(decoded.failures)} unreadable image(s), e.g. {decoded.failures[0]}; "
+                              f"check it with klgrade data summary")
+    return ValidationSet(samples, decoded.images, preprocess, warnings[0] if warnings else None)
+
+
+def validate_fold_models(run: Path, folds: int, validation: ValidationSet) -> dict:
+    """Every fold model on an independent labelled set: per-fold metrics, mean +/- sd, and the fold ensemble."""
+    labels = [s.grade for s in validation.samples]
+    groups = [s.patient_id for s in validation.samples]
+    predictors = [Predictor([fold_model(run, fold)], tta=False) for fold in range(folds)]
+    if predictors[0].preprocess != validation.preprocess:  # a run folder left by another profile
+        raise KLGradeError(f"{run}: its fold models were trained with other preprocessing than this profile's")
     per_fold, all_probabilities = [], []
     for predictor in predictors:
-        probabilities = batched_outputs(predictor, decoded.images).probabilities
+        probabilities = batched_outputs(predictor, validation.images).probabilities
         per_fold.append(compute_metrics(labels, probabilities, groups=groups, n_boot=0))
         all_probabilities.append(probabilities)
     ensemble = compute_metrics(labels, np.mean(all_probabilities, axis=0), groups=groups, n_boot=500)
-    return {"n": len(samples), "per_fold": per_fold, "mean_sd": mean_sd(per_fold), "fold_ensemble": ensemble}
+    return {"n": len(validation.samples), "per_fold": per_fold, "mean_sd": mean_sd(per_fold),
+            "fold_ensemble": ensemble}
 
 
 def reproduce(data: str, out: str | Path, profile: str = "quick", external: str | None = None,
@@ -130,9 +160,12 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
             its teachers' folds have finished.
         variants: run only these (see `select_variants`), e.g. to spend a GPU budget on two models.
 
+    Knees of val or --external that the train split holds (the same patient or the same file) are left out of
+    their validation, with a warning and a line in the report.
+
     Raises:
-        KLGradeError: an unknown variant, or (DataLayoutError) a val or external set sharing patients with the
-            train split: both before any training.
+        KLGradeError: an unknown variant, or (DataLayoutError) a val or external set with an unreadable image or
+            with no knee outside the train split: all before any training.
     """
     out = Path(out)
     selected = select_variants(variants)
@@ -141,11 +174,14 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     base, extra = profile_config(profile, data, out, device, seed)
     samples = find_samples(data)  # listed once: the folds, the validation sets and the Grad-CAM panel come from it
     val = [s for s in samples if s.split == "val"]
-    external_samples = find_samples(external) if external else []
-    check_validation_patients(fold_pool(samples), {"val": val, f"--external {external}": external_samples})
+    train = knee_record(fold_pool(samples))
+    listed = {"internal": ("val", val),
+              "external": (f"--external {external}", find_samples(external) if external else [])}
+    validation = {which: validation_set(found, what, train, base.preprocess(), extra["val_limit"])
+                  for which, (what, found) in listed.items() if found}
     results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {},
                "selected": [variant.name for variant in selected], "unfinished": [], "device": device_name(device),
-               "jobs": jobs}
+               "jobs": jobs, "left_out": {which: v.left_out for which, v in validation.items() if v.left_out}}
     configs = {variant.name: variant_config(variant, base, extra, out) for variant in selected}
     fold_jobs = [FoldJob(configs[variant.name], fold, teacher_folds(variant, out, fold))
                  for variant in selected for fold in range(base.folds)]
@@ -160,26 +196,14 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
         entry = {"model": variant.model, "options": config.model_options, "distilled": variant.distilled,
                  "ablation": variant.ablation, "train_s": training_seconds(run, base.folds),
                  "cv": {"mean_sd": cv["mean_sd"], "per_fold": cv["per_fold"], "pooled_oof": cv["pooled_oof"]}}
-        if val:
-            entry["internal"] = validate_fold_models(run, base.folds, val, extra["val_limit"], data)
-        if external:
-            entry["external"] = validate_fold_models(run, base.folds, external_samples, extra["val_limit"], external)
+        for which, validation_data in validation.items():
+            entry[which] = validate_fold_models(run, base.folds, validation_data)
         results["variants"][variant.name] = entry
     results["wall_s"] = time.monotonic() - started
     panel_model = fold_model(out / "runs" / run_name("msa_net"), 0)
-    write_report(results, out, gradcam_panel(val or samples, panel_model) if "msa_net" in results["selected"] else [])
+    panel_pool = validation["internal"].samples if "internal" in validation else samples
+    write_report(results, out, gradcam_panel(panel_pool, panel_model) if "msa_net" in results["selected"] else [])
     return results
-
-
-def check_validation_patients(train: list[Sample], validation_sets: dict[str, list[Sample]]) -> None:
-    """Refuse, before any training, validation sets that share patients or files with the images the folds train
-    on: their figures would score knees (or the other knee) of people the models have seen.
-
-    Raises:
-        DataLayoutError: a validation set (named by its key) shares a patient or a file with `train`.
-    """
-    for name, validation in validation_sets.items():
-        check_unshared(train, validation, f"the train split and {name}")
 
 
 def device_name(device: str) -> str:

@@ -80,6 +80,8 @@ def _markdown(results: dict, panel: Path | None) -> str:
             if which in entry:
                 lines.append(f"| {name} | " + " | ".join(_cell(entry[which]["mean_sd"][m]) for m in REPORT_METRICS) + " |")
         lines.append("")
+        if which in results.get("left_out", {}):  # knees of the train split's patients or files
+            lines += [f"Not scored: {results['left_out'][which]}.", ""]
     lines += ["## Misclassification analysis (pooled out-of-fold predictions)", "",
               "| model | errors | adjacent (1 grade) | two grades | extreme (>=3) | adjacent share |", "|---|---|---|---|---|---|"]
     for name, entry in variants.items():

@@ -10,6 +10,7 @@ import yaml
 
 from klgrade.constants import IMAGE_SIZE
 from klgrade.data.augment import AugmentConfig, DomainConfig
+from klgrade.data.preprocess import PreprocessConfig
 from klgrade.errors import KLGradeError
 
 BALANCE_CHOICES = ("none", "sampler", "loss")
@@ -114,6 +115,10 @@ class TrainConfig:
         if self.fold is not None and not 0 <= self.fold < self.folds:
             raise KLGradeError(f"--fold must lie in 0-{self.folds - 1}")
         return self
+
+    def preprocess(self) -> PreprocessConfig:
+        """What every image the run's models see goes through (stored in their checkpoints)."""
+        return PreprocessConfig(size=self.image_size, clahe=self.clahe, canonical_side=self.canonical_side)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -81,9 +81,8 @@ def select_data(config: TrainConfig) -> RunData:
     else:
         raise KLGradeError(f"{config.data}: no 'val' split; give --fold K to validate on a fold of this data")
     check_unshared(train, val, "training and validation data")
-    preprocess = PreprocessConfig(size=config.image_size, clahe=config.clahe, canonical_side=config.canonical_side)
     return RunData(limit_samples(train, config.limit, config.seed), limit_samples(val, config.limit, config.seed + 1),
-                   preprocess)
+                   config.preprocess())
 
 
 def seen_records(data: RunData, init: str | None, early_stopping: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
