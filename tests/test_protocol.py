@@ -51,15 +51,18 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
 
 def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl224, tmp_path):
     out, external = tmp_path / "paper", tmp_path / "external"
-    copy_real_images(kneekl224, external, 8, split="val")
+    first = copy_real_images(kneekl224, external, 8, split="val")[0]
+    (external / "0" / "again.jpg").write_bytes(first.read_bytes())  # one image twice
     trained = next((kneekl224 / "train" / "2").iterdir())
     (external / "2" / "renamed.jpg").write_bytes(trained.read_bytes())  # a knee the folds train on, under a new name
     result = run_cli("reproduce", "--data", str(kneekl224), "--out", str(out), "--profile", "quick", "--device", "cpu",
                      "--external", str(external), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    left_out = (f"--external {external}: 1 of 41 knees are in the train split (the same patient or the same file, "
-                f"e.g. {external / '2' / 'renamed.jpg'}): left out, the other 40 kept")
-    assert left_out in result.stderr
+    left_out = [f"--external {external}: 1 file(s) repeat the bytes of another (a row listed twice or a copy, e.g. "
+                f"{external / '0' / 'again.jpg'}): each image counted once",
+                f"--external {external}: 1 of 41 knees are in the train split (the same patient or the same file, "
+                f"e.g. {external / '2' / 'renamed.jpg'}): left out, the other 40 kept"]
+    assert all(warning in result.stderr for warning in left_out)
     report = (out / "report.md").read_text()
     for variant in VARIANTS:
         assert f"| {variant.name} |" in report
@@ -72,7 +75,7 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
         assert section in report
     results = json.loads((out / "results.json").read_text())
     assert list(results["variants"]) == results["selected"] == [v.name for v in VARIANTS]
-    assert results["left_out"] == {"external": left_out} and f"Not scored: {left_out}." in report
+    assert results["left_out"] == {"external": "; ".join(left_out)} and f"Not scored: {'; '.join(left_out)}." in report
     assert all(entry["external"]["n"] == 40 for entry in results["variants"].values())
     kd = json.loads((out / "runs" / "msa_net_kd" / "fold0" / "metrics.json").read_text())
     assert len(kd["config"]["teacher"]) == 4

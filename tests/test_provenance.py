@@ -116,6 +116,32 @@ def test_a_named_pipe_among_the_knees_is_neither_read_nor_waited_on(seen_checkpo
     assert "pipe.jpg" in result.stderr and "not a regular file" in result.stderr
 
 
+def test_each_image_is_scored_once_and_copies_labelled_with_two_grades_not_at_all(tiny_checkpoint, kneekl224,
+                                                                                   tmp_path):
+    """A manifest row listed twice, or a file copied under another name, would weigh twice in every figure; a copy
+    filed under another grade has no reference grade."""
+    knees = [sorted((kneekl224 / "val" / str(grade)).iterdir())[0] for grade in range(3)]
+    shutil.copy(knees[0], tmp_path / "copy.jpg")
+    shutil.copy(knees[1], tmp_path / "regraded.jpg")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,grade\n" + "".join(f"{path},{grade}\n" for path, grade in [
+        (knees[0], 0), (knees[0], 0), (tmp_path / "copy.jpg", 0), (knees[1], 1), (tmp_path / "regraded.jpg", 2),
+        (knees[2], 2), (tmp_path / "missing.jpg", 2)]))
+    result = invoke_cli("evaluate", "--data", str(manifest), "--checkpoint", str(tiny_checkpoint), "--json", "--out",
+                        str(tmp_path / "out"))
+    assert result.returncode == 1  # missing.jpg: reported, the rest scored
+    metrics = json.loads(result.stdout)
+    assert metrics["n"] == 2 and metrics["copies_left_out"] == 4
+    assert metrics["warnings"] == [
+        f"{manifest}: 2 file(s) repeat the bytes of another (a row listed twice or a copy, e.g. {knees[0]}): each "
+        "image counted once",
+        f"{manifest}: 2 file(s) share their bytes with a file of another grade (e.g. {knees[1]}): left out, their "
+        "grade is unknown"]
+    assert (tmp_path / "out" / "left_out.csv").read_text().splitlines()[1:] == [
+        f"{tmp_path / 'copy.jpg'},file:{tmp_path / 'copy.jpg'},0", f"{knees[1]},{knees[1].stem[:7]},1",
+        f"{tmp_path / 'regraded.jpg'},file:{tmp_path / 'regraded.jpg'},2"]
+
+
 def test_records_merge_and_match_by_patient_or_content(kneekl224, tmp_path):
     left, right = _knee(kneekl224, 0, "9003126L.jpg"), _knee(kneekl224, 0, "9003126R.jpg")
     copy = tmp_path / "copy.jpg"

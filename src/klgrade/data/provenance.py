@@ -110,6 +110,42 @@ def unseen_knees(record: dict[str, list[str]], samples: list[Sample], what: str,
     return kept, [f"{what}: {found}: left out, the other {len(kept)} kept"]
 
 
+def distinct_knees(samples: list[Sample], what: str) -> tuple[list[Sample], list[str]]:
+    """Each image once, for a figure or a calibration that counts each knee once: of files with the same bytes (a
+    manifest row listed twice, a copy under another name) the first is kept where all carry one grade, none where
+    their grades differ (which is right is unknown); a warning says how many were left out. Unreadable files are
+    kept (reading them reports them).
+
+    Raises:
+        DataLayoutError: naming `what`: no file left (every one a copy of another grade's).
+    """
+    holders: dict[str, list[int]] = {}
+    for index, sample in enumerate(samples):
+        digest = readable_digest(sample.path)
+        if digest is not None:
+            holders.setdefault(digest, []).append(index)
+    repeated, conflicting = [], []
+    for indices in holders.values():
+        if len({samples[i].grade for i in indices}) > 1:
+            conflicting += indices
+        else:
+            repeated += indices[1:]
+    if not repeated and not conflicting:
+        return samples, []
+    left_out = set(repeated) | set(conflicting)
+    kept = [sample for index, sample in enumerate(samples) if index not in left_out]
+    if not kept:
+        raise DataLayoutError(f"{what}: every file shares its bytes with a file of another grade: no knee left")
+    warnings = []
+    if repeated:
+        warnings.append(f"{what}: {len(repeated)} file(s) repeat the bytes of another (a row listed twice or a copy, "
+                        f"e.g. {samples[min(repeated)].path}): each image counted once")
+    if conflicting:
+        warnings.append(f"{what}: {len(conflicting)} file(s) share their bytes with a file of another grade (e.g. "
+                        f"{samples[min(conflicting)].path}): left out, their grade is unknown")
+    return kept, warnings
+
+
 def shared_knees(first: list[Sample], second: list[Sample]) -> list[Sample]:
     """The samples of `second` that are knees of `first` too: the same patient, or the same file's bytes."""
     return [sample for sample, seen in zip(second, seen_knees(knee_record(first), second)) if seen]

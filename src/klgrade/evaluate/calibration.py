@@ -36,7 +36,7 @@ import torch
 
 from klgrade.data.augment import reframe
 from klgrade.data.io import read_image
-from klgrade.data.provenance import knee_record
+from klgrade.data.provenance import distinct_knees, knee_record
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
 from klgrade.evaluate.evaluation import (Predictions, batched_outputs, fit_grade_sets, predict_samples,
@@ -166,8 +166,9 @@ def calibrate_checkpoint(checkpoints: str | Path | list[str | Path], calibration
     """
     paths = [Path(p) for p in (checkpoints if isinstance(checkpoints, list) else [checkpoints])]
     predictor = Predictor(paths, tta=tta, calibrated=False)
-    calibration, warnings = untrained_knees(predictor, calibration, "calibration data", "calibrate on")
-    for warning in warnings:  # grade sets fitted on trained knees would be too narrow
+    calibration, repeated = distinct_knees(calibration, "calibration data")
+    calibration, trained = untrained_knees(predictor, calibration, "calibration data", "calibrate on")
+    for warning in repeated + trained:  # grade sets fitted on trained knees would be too narrow
         log.warning(warning)
     result = fit_calibration(predictor, calibration, density)
     if len(paths) > 1:

@@ -10,7 +10,7 @@ import numpy as np
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
-from klgrade.data.provenance import check_unshared, knee_record, seen_knees, unseen_knees
+from klgrade.data.provenance import check_unshared, distinct_knees, knee_record, seen_knees, unseen_knees
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
@@ -132,7 +132,9 @@ def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], spli
     found = find_samples(data)
     samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
     check_unshared(samples, scored, f"--calibrate-on {data} and --data", "calibrate on data that is not scored")
-    samples, warnings = untrained_knees(predictor, samples, f"--calibrate-on {data}", "calibrate on")
+    samples, warnings = distinct_knees(samples, f"--calibrate-on {data}")
+    samples, trained = untrained_knees(predictor, samples, f"--calibrate-on {data}", "calibrate on")
+    warnings += trained
     predictions = predict_samples(predictor, samples, raw=True)[0].gradable_inputs()
     predictor.temperature, predictor.conformal_scores = fit_grade_sets(predictions.outputs.probabilities,
                                                                        predictions.labels)
@@ -152,12 +154,15 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     and `framing_wide_shift_fraction`, the shares that look framed tighter or wider (an external set cropped
     otherwise shows here), and `polarity_shift_fraction`, the share graded inverted back.
 
-    Knees the model was trained on are left out (`seen_trained` counts them); `seen_chosen` and `seen_calibrated`
+    Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the files left out), and
+    knees the model was trained on are left out (`seen_trained` counts them); `seen_chosen` and `seen_calibrated`
     count the scored knees it was chosen and calibrated on; `warnings` says what each means.
     """
     problems: list[ImageReadError] = []
     listed = pick_split(find_samples(data, problems), split)
-    samples, warnings = untrained_knees(predictor, listed, str(data), "score")
+    distinct, warnings = distinct_knees(listed, str(data))
+    samples, trained = untrained_knees(predictor, distinct, str(data), "score")
+    warnings += trained
     if calibrate_on is not None:
         warnings += calibrate(predictor, calibrate_on, samples)
     predictions, failures = predict_samples(predictor, samples)
@@ -178,7 +183,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
         metrics.update(set_metrics(predictions.labels, assessment.sets))
         metrics["nominal_coverage"] = assessment.coverage
     seen, seen_on = seen_warnings(predictor, predictions.samples)
-    metrics["seen_trained"] = len(listed) - len(samples)
+    metrics["copies_left_out"] = len(listed) - len(distinct)
+    metrics["seen_trained"] = len(distinct) - len(samples)
     metrics["seen_chosen"], metrics["seen_calibrated"] = seen["chosen"], seen["calibrated"]
     metrics["warnings"] = warnings + seen_on
     metrics["model"] = predictor.name

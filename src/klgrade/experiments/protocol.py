@@ -24,7 +24,7 @@ from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.io import read_image
 from klgrade.data.preprocess import PreprocessConfig
-from klgrade.data.provenance import knee_record, unseen_knees
+from klgrade.data.provenance import distinct_knees, knee_record, unseen_knees
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.evaluate.evaluation import batched_outputs
@@ -102,8 +102,8 @@ def profile_config(profile: str, data: str, out: Path, device: str, seed: int) -
 @dataclass(frozen=True)
 class ValidationSet:
     """A labelled set every fold model is scored on, decoded with the profile's preprocessing before any training
-    (an unreadable file stops the run before the hours of training, not after); `left_out` says which of its knees
-    were left out for being in the train split."""
+    (an unreadable file stops the run before the hours of training, not after); `left_out` says which of its files
+    were left out (in the train split, or repeating another image)."""
 
     samples: list[Sample]
     images: np.ndarray
@@ -113,14 +113,15 @@ class ValidationSet:
 
 def validation_set(samples: list[Sample], what: str, train: dict[str, list[str]], preprocess: PreprocessConfig,
                    limit: int | None) -> ValidationSet:
-    """`samples` without the knees of `train` (the train split's record: the same patient or the same file; a
-    warning says how many), at most `limit` of them, decoded.
+    """`samples`, each image once (`provenance.distinct_knees`) and without the knees of `train` (the train split's
+    record: the same patient or the same file), warnings saying what was left out; at most `limit` of them, decoded.
 
     Raises:
-        DataLayoutError: naming `what`: every knee is in the train split, or an image cannot be read.
+        DataLayoutError: naming `what`: no knee left, or an image cannot be read.
     """
-    samples, warnings = unseen_knees(train, samples, what, "the train split", "validate the fold models on")
-    for warning in warnings:
+    samples, repeated = distinct_knees(samples, what)
+    samples, trained = unseen_knees(train, samples, what, "the train split", "validate the fold models on")
+    for warning in repeated + trained:
         log.warning(warning)
     if limit is not None:
         samples = samples[:: max(1, len(samples) // limit)][:limit]
@@ -128,7 +129,7 @@ def validation_set(samples: list[Sample], what: str, train: dict[str, list[str]]
     if decoded.failures:
         raise DataLayoutError(f"{what}: {len(decoded.failures)} unreadable image(s), e.g. {decoded.failures[0]}; "
                               f"check it with klgrade data summary")
-    return ValidationSet(samples, decoded.images, preprocess, warnings[0] if warnings else None)
+    return ValidationSet(samples, decoded.images, preprocess, "; ".join(repeated + trained) or None)
 
 
 def validate_fold_models(run: Path, folds: int, validation: ValidationSet) -> dict:
