@@ -17,11 +17,18 @@ TINY_CV = ["--epochs", "1", "--limit", "40", "--image-size", "64", "--option", "
 
 
 def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kneekl224, tmp_path):
-    out = tmp_path / "cv"
-    result = run_cli("cv", "--data", str(kneekl224), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
+    out, data = tmp_path / "cv", tmp_path / "data"
+    knees = copy_real_images(kneekl224, data / "train", 8, split="train")
+    (data / "train" / "0" / "again.jpg").write_bytes(knees[0].read_bytes())  # scored once
+    regraded = data / "train" / "3" / "regraded.jpg"
+    regraded.write_bytes(knees[9].read_bytes())  # a grade-1 knee filed as 3 too: neither is scored
+    result = run_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((out / "oof_predictions.csv").open()))
     assert {int(r["fold"]) for r in rows} == {0, 1, 2}
+    assert len(rows) == 39 and {r["path"] for r in rows}.isdisjoint({str(knees[9]), str(regraded)})
+    assert "repeat the bytes of another" in result.stderr
+    assert "share their bytes with a file of another grade" in result.stderr
     patients = [{r["patient_id"] for r in rows if r["fold"] == str(k)} for k in range(3)]
     assert all(patients[i].isdisjoint(patients[j]) for i in range(3) for j in range(i + 1, 3))
     for row in rows:
@@ -40,11 +47,11 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     expected = scored.probabilities(decode_all([Sample(r["path"], int(r["true"]), r["patient_id"]) for r in fold0],
                                                scored.preprocess).images)
     np.testing.assert_allclose([[float(r[f"prob_{k}"]) for k in range(5)] for r in fold0], expected, atol=2e-6)
-    refused = invoke_cli("cv", "--data", str(kneekl224), "--model", "msa_net", "--folds", "3", "--out",
+    refused = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out",
                          str(tmp_path / "early"), "--patience", "2", *TINY_CV)
     assert refused.returncode == 1 and "--patience would stop each fold" in refused.stderr
     finished = (out / "fold1" / "oof.csv").stat().st_mtime_ns
-    again = run_cli("cv", "--data", str(kneekl224), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
+    again = run_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
     assert again.returncode == 0
     assert (out / "fold1" / "oof.csv").stat().st_mtime_ns == finished
 
