@@ -257,6 +257,7 @@ def test_copies_of_one_file_land_in_one_fold_whatever_their_names_and_grades(tmp
     (tmp_path / "3" / "copy.png").write_bytes((tmp_path / "0" / "img0.png").read_bytes())
     summary = invoke_cli("data", "summary", str(tmp_path))
     assert summary.returncode == 0 and "files in all that copy another of its files: 1" in summary.stdout
+    assert "files in all whose bytes a file of another grade holds: 2 (no reference grade" in summary.stdout
     samples = find_samples(tmp_path)
     assert len(set(knee_groups(samples))) == len(samples) - 1
     for seed in range(4):
@@ -299,6 +300,7 @@ def test_summary_of_real_data(kneekl224):
     assert summary["splits"]["val"]["counts"] == [328, 153, 212, 106, 27]
     assert summary["patient_overlap"] == summary["file_overlap"] == {"train/val": 0}
     assert summary["splits"]["train"]["copies"] == summary["splits"]["val"]["copies"] == 0
+    assert summary["splits"]["train"]["copies_of_two_grades"] == summary["splits"]["val"]["copies_of_two_grades"] == 0
     assert summary["unreadable"] == [] and summary["not_gradable"] == []
 
 

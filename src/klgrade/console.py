@@ -89,6 +89,9 @@ def print_summary(summary: dict) -> None:
     for name, split in summary["splits"].items():
         if split["copies"]:
             console.print(f"files in {name} that copy another of its files: {split['copies']}", style="red")
+        if split["copies_of_two_grades"]:
+            console.print(f"files in {name} whose bytes a file of another grade holds: {split['copies_of_two_grades']} "
+                          "(no reference grade: left out of every score)", style="red")
     console.print(f"unreadable files: {len(summary['unreadable'])}")
     console.print(f"files not gradable as they are (view, pixels, grey levels): {len(summary['not_gradable'])}",
                   style="red" if summary["not_gradable"] else None)

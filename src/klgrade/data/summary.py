@@ -30,7 +30,8 @@ def _problems(path: str) -> tuple[str | None, list[str]]:
 
 
 def summarize(data: str | Path, check_images: bool = True) -> dict:
-    """Counts per split x grade, patients per split, files per split that copy another of its files (`copies`),
+    """Counts per split x grade, patients per split, files per split that copy another of its files (`copies`) and
+    that share their bytes with a file of another grade (`copies_of_two_grades`: no reference grade),
     patients and identical files shared between splits (a patient id counts where it names a person:
     `data.provenance`), unreadable files, and files not gradable as they are, with their reasons (a lateral,
     oblique or axial view, too few pixels or grey levels)."""
@@ -44,9 +45,14 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
         counts = [0] * NUM_GRADES
         for sample in members:
             counts[sample.grade] += 1
-        readable = [digest for digest in map(readable_digest, [s.path for s in members]) if digest]
+        digests = [readable_digest(s.path) for s in members]
+        readable = [digest for digest in digests if digest]
+        grades_of = defaultdict(set)
+        for sample, digest in zip(members, digests):
+            grades_of[digest].add(sample.grade)
         splits[name] = {"counts": counts, "images": len(members), "patients": len({s.patient_id for s in members}),
-                        "copies": len(readable) - len(set(readable))}
+                        "copies": len(readable) - len(set(readable)),
+                        "copies_of_two_grades": sum(len(grades_of[digest]) > 1 for digest in readable)}
     records = {name: knee_record(members) for name, members in by_split.items()}
     overlap, file_overlap = {}, {}
     for first, second in combinations(sorted(by_split), 2):
