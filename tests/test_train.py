@@ -204,6 +204,14 @@ def test_a_split_root_of_numbered_files_trains_and_a_file_copied_across_its_spli
     expected = f"training and validation data share 1 knee(s) (the same patient or the same file), e.g. {copied}"
     with pytest.raises(DataLayoutError, match=f"^{re.escape(expected)}$"):
         select_data(TrainConfig(data=str(tmp_path)))
+    copied.unlink()  # copies inside the training data: each image trained on once, none with two grades
+    (tmp_path / "train" / "0" / "again.png").write_bytes((tmp_path / "train" / "0" / "0.png").read_bytes())
+    regraded = tmp_path / "train" / "4" / "regraded.png"
+    regraded.write_bytes((tmp_path / "train" / "2" / "1.png").read_bytes())
+    data = select_data(TrainConfig(data=str(tmp_path)))
+    assert len(data.train) == 9 and {str(tmp_path / "train" / "2" / "1.png"), str(regraded)}.isdisjoint(
+        s.path for s in data.train)
+    assert [note.split(":")[0] for note in data.notes] == ["training data"] * 2
 
 
 def test_yaml_config_with_cli_overrides(tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from klgrade.constants import NUM_GRADES, REPORT_METRICS
-from klgrade.data.provenance import check_unshared, distinct_knees
+from klgrade.data.provenance import check_unshared
 from klgrade.data.sources import find_samples
 from klgrade.data.splits import patient_folds
 from klgrade.evaluate.evaluation import predict_samples
@@ -75,9 +75,7 @@ def run_fold(config: TrainConfig, fold: int) -> list[dict]:
         return _read_oof(oof_path)
     fold_config = replace(config, fold=fold, out=str(out), resume=(out / "last.ckpt").exists())
     fit(fold_config)
-    held_out, repeated = distinct_knees(select_data(fold_config).val, f"fold {fold}")  # each image scored once
-    for warning in repeated:
-        log.warning(warning)
+    held_out = select_data(fold_config).val  # each image once (`select_data`)
     write_json_atomic(out / "selection.json", {**SELECTION, "epochs": config.epochs})
     predictor = Predictor([fold_model(config.out, fold)], tta=False)
     predictions, _ = predict_samples(predictor, held_out)

@@ -15,7 +15,7 @@ import csv
 import io
 import logging
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 from klgrade.constants import MAIN_METRIC, NUM_GRADES
 from klgrade.data.cache import cache_key, load_cached
 from klgrade.data.preprocess import PreprocessConfig
-from klgrade.data.provenance import check_unshared, knee_record, merge_records
+from klgrade.data.provenance import check_unshared, distinct_knees, knee_record, merge_records
 from klgrade.data.sources import Sample, find_samples, select_split
 from klgrade.data.splits import fold_split
 from klgrade.errors import CheckpointError, KLGradeError
@@ -51,9 +51,12 @@ BENIGN_WARNINGS = (
 
 @dataclass
 class RunData:
+    """The run's knees and preprocessing; `notes` say which files were left out (`provenance.distinct_knees`)."""
+
     train: list[Sample]
     val: list[Sample]
     preprocess: PreprocessConfig
+    notes: list[str] = field(default_factory=list)
 
 
 def limit_samples(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
@@ -70,7 +73,8 @@ def fold_pool(samples: list[Sample]) -> list[Sample]:
 
 
 def select_data(config: TrainConfig) -> RunData:
-    """Train and validation samples: a fold of the train split, or train vs val."""
+    """Train and validation samples: a fold of the train split, or train vs val; each image once (a copy would
+    weigh twice; copies filed under two grades have no reference grade and are left out)."""
     samples = find_samples(config.data)
     has_splits = any(s.split for s in samples)
     train = fold_pool(samples)
@@ -81,8 +85,10 @@ def select_data(config: TrainConfig) -> RunData:
     else:
         raise KLGradeError(f"{config.data}: no 'val' split; give --fold K to validate on a fold of this data")
     check_unshared(train, val, "training and validation data")
+    train, train_notes = distinct_knees(train, "training data")
+    val, val_notes = distinct_knees(val, "validation data")
     return RunData(limit_samples(train, config.limit, config.seed), limit_samples(val, config.limit, config.seed + 1),
-                   config.preprocess())
+                   config.preprocess(), train_notes + val_notes)
 
 
 def seen_records(data: RunData, init: str | None, early_stopping: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
@@ -229,6 +235,8 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, verbose=False)
     data = select_data(config)
+    for note in data.notes:
+        log.warning(note)
     train_images = load_cached(data.train, data.preprocess, config.cache_dir)
     val_images = load_cached(data.val, data.preprocess, config.cache_dir)
     train_labels = np.array([s.grade for s in data.train])
