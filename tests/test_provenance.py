@@ -56,7 +56,7 @@ def test_evaluate_leaves_out_a_trained_knee_by_its_patient_or_its_bytes_and_not_
         written = invoke_cli("evaluate", "--data", mixed, "--checkpoint", *checkpoints, "--out", str(tmp_path / "out"))
         assert written.returncode == 0, written.stderr
         assert (tmp_path / "out" / "left_out.csv").read_text().splitlines() == [
-            "path,patient_id,true", f"{mixed}/0/knee.jpg,file:0/knee.jpg,0"]
+            "path,patient_id,true,reason", f"{mixed}/0/knee.jpg,file:0/knee.jpg,0,trained"]
         result = invoke_cli("evaluate", "--data", trained_patient, "--checkpoint", *checkpoints, "--json")
         assert result.returncode == 1 and result.stdout == "" and len(result.stderr.splitlines()) == 1
         assert result.stderr.startswith(f"error: {trained_patient}: 1 of 1 knees are in the training data of ")
@@ -69,7 +69,7 @@ def test_evaluate_leaves_out_a_trained_knee_by_its_patient_or_its_bytes_and_not_
     metrics = json.loads(result.stdout)
     assert metrics["n"] == 2 and metrics["seen_trained"] == metrics["seen_chosen"] == 0 and metrics["warnings"] == []
     assert result.stderr == ""
-    assert (tmp_path / "out" / "left_out.csv").read_text().splitlines() == ["path,patient_id,true"]  # none now
+    assert (tmp_path / "out" / "left_out.csv").read_text().splitlines() == ["path,patient_id,true,reason"]  # none
 
 
 def test_evaluate_counts_and_says_the_knees_the_model_was_chosen_on(seen_checkpoint, kneekl224, tmp_path):
@@ -138,8 +138,8 @@ def test_each_image_is_scored_once_and_copies_labelled_with_two_grades_not_at_al
         f"{manifest}: 2 file(s) share their bytes with a file of another grade (e.g. {knees[1]}): left out, their "
         "grade is unknown"]
     assert (tmp_path / "out" / "left_out.csv").read_text().splitlines()[1:] == [
-        f"{tmp_path / 'copy.jpg'},file:{tmp_path / 'copy.jpg'},0", f"{knees[1]},{knees[1].stem[:7]},1",
-        f"{tmp_path / 'regraded.jpg'},file:{tmp_path / 'regraded.jpg'},2"]
+        f"{tmp_path / 'copy.jpg'},file:{tmp_path / 'copy.jpg'},0,copy", f"{knees[1]},{knees[1].stem[:7]},1,copy",
+        f"{tmp_path / 'regraded.jpg'},file:{tmp_path / 'regraded.jpg'},2,copy"]
 
 
 def test_records_merge_and_match_by_patient_or_content(kneekl224, tmp_path):

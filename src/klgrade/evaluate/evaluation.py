@@ -32,8 +32,9 @@ class Evaluation:
     failures: list[ImageReadError]
     assessment: Assessment
     """Per scored image: grade set, gradable, shifts and warnings, as `klgrade predict` would answer."""
-    left_out: list[Sample]
-    """The knees not scored because the model was trained on them."""
+    left_out: list[tuple[Sample, str]]
+    """The knees not scored, each with why: `copy` (another listed file has its bytes: scored once, or not at all
+    under two grades) or `trained` (the model was trained on it)."""
 
     @property
     def warnings(self) -> list[str]:
@@ -190,6 +191,6 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     metrics["model"] = predictor.name
     metrics["tta"] = predictor.tta
     metrics["temperature"] = predictor.temperature
-    scored = set(samples)
-    return Evaluation(metrics, predictions.samples, probabilities, failures, assessment,
-                      [sample for sample in listed if sample not in scored])
+    kept, scored = set(distinct), set(samples)
+    left_out = [(s, "copy") for s in listed if s not in kept] + [(s, "trained") for s in distinct if s not in scored]
+    return Evaluation(metrics, predictions.samples, probabilities, failures, assessment, left_out)

@@ -54,8 +54,8 @@ def plot_reliability(y_true, probabilities, path: Path, bins: int = ECE_BINS) ->
 
 def write_evaluation(result, out: Path) -> None:
     """metrics.json, predictions.csv (path, patient, true, predicted, probabilities, gradable, warnings as `klgrade
-    predict` gives them), left_out.csv (the knees left out because the model was trained on them; only its header
-    when none, so no earlier run's list stays behind), confusion.png, reliability.png."""
+    predict` gives them), left_out.csv (the knees left out, and why: `copy` or `trained`, `Evaluation.left_out`;
+    only its header when none, so no earlier run's list stays behind), confusion.png, reliability.png."""
     out = Path(out)
     write_json_atomic(out / "metrics.json", result.metrics)
     assessment = result.assessment
@@ -67,8 +67,9 @@ def write_evaluation(result, out: Path) -> None:
     columns = ["path", "patient_id", "true", "predicted", *(f"prob_{k}" for k in range(NUM_GRADES)), "gradable",
                "warnings"]
     write_text_atomic(out / "predictions.csv", rows_to_csv(rows, columns))
-    left_out = [{"path": s.path, "patient_id": s.patient_id, "true": s.grade} for s in result.left_out]
-    write_text_atomic(out / "left_out.csv", rows_to_csv(left_out, ["path", "patient_id", "true"]))
+    left_out = [{"path": s.path, "patient_id": s.patient_id, "true": s.grade, "reason": reason}
+                for s, reason in result.left_out]
+    write_text_atomic(out / "left_out.csv", rows_to_csv(left_out, ["path", "patient_id", "true", "reason"]))
     plot_confusion(result.metrics["confusion_matrix"], f"{result.metrics.get('model', '')} (n={result.metrics['n']})",
                    out / "confusion.png")
     plot_reliability([s.grade for s in result.samples], result.probabilities, out / "reliability.png")
