@@ -110,22 +110,27 @@ def unseen_knees(record: dict[str, list[str]], samples: list[Sample], what: str,
     return kept, [f"{what}: {found}: left out, the other {len(kept)} kept"]
 
 
-def distinct_knees(samples: list[Sample], what: str) -> tuple[list[Sample], list[str]]:
-    """Each image once, for a figure or a calibration that counts each knee once: of files with the same bytes (a
-    manifest row listed twice, a copy under another name) the first is kept where all carry one grade, none where
-    their grades differ (which is right is unknown); a warning says how many were left out. Unreadable files are
-    kept (reading them reports them).
-
-    Raises:
-        DataLayoutError: naming `what`: no file left (every one a copy of another grade's).
-    """
+def copy_groups(samples: list[Sample]) -> list[list[int]]:
+    """The indices of the samples whose files have the same bytes (a manifest row listed twice, a copy under another
+    name or grade folder), one list per image held more than once, in listing order. Unreadable files are in none."""
     holders: dict[str, list[int]] = {}
     for index, sample in enumerate(samples):
         digest = readable_digest(sample.path)
         if digest is not None:
             holders.setdefault(digest, []).append(index)
+    return [indices for indices in holders.values() if len(indices) > 1]
+
+
+def distinct_knees(samples: list[Sample], what: str) -> tuple[list[Sample], list[str]]:
+    """Each image once, for a figure or a calibration that counts each knee once: of files with the same bytes
+    (`copy_groups`) the first is kept where all carry one grade, none where their grades differ (which is right is
+    unknown); a warning says how many were left out. Unreadable files are kept (reading them reports them).
+
+    Raises:
+        DataLayoutError: naming `what`: no file left (every one a copy of another grade's).
+    """
     repeated, conflicting = [], []
-    for indices in holders.values():
+    for indices in copy_groups(samples):
         if len({samples[i].grade for i in indices}) > 1:
             conflicting += indices
         else:

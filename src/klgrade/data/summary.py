@@ -12,7 +12,7 @@ from pathlib import Path
 from klgrade.constants import NUM_GRADES
 from klgrade.data.io import read_radiograph
 from klgrade.data.preprocess import PreprocessConfig, prepare_image
-from klgrade.data.provenance import knee_record, readable_digest
+from klgrade.data.provenance import copy_groups, knee_record
 from klgrade.data.sources import find_samples
 from klgrade.errors import ImageReadError
 
@@ -45,14 +45,11 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
         counts = [0] * NUM_GRADES
         for sample in members:
             counts[sample.grade] += 1
-        digests = [readable_digest(s.path) for s in members]
-        readable = [digest for digest in digests if digest]
-        grades_of = defaultdict(set)
-        for sample, digest in zip(members, digests):
-            grades_of[digest].add(sample.grade)
+        groups = copy_groups(members)
         splits[name] = {"counts": counts, "images": len(members), "patients": len({s.patient_id for s in members}),
-                        "copies": len(readable) - len(set(readable)),
-                        "copies_of_two_grades": sum(len(grades_of[digest]) > 1 for digest in readable)}
+                        "copies": sum(len(group) - 1 for group in groups),
+                        "copies_of_two_grades": sum(len(group) for group in groups
+                                                    if len({members[i].grade for i in group}) > 1)}
     records = {name: knee_record(members) for name, members in by_split.items()}
     overlap, file_overlap = {}, {}
     for first, second in combinations(sorted(by_split), 2):
