@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DATA, copy_real_images, run_cli, save_msa_net
+from helpers import DATA, copy_real_images, invoke_cli, save_msa_net
 
 
 def pytest_configure(config):
@@ -54,7 +54,7 @@ def calibrated(tiny_checkpoint, kneekl224, tmp_path_factory):
     copy_real_images(kneekl224, root / "val", 10, split="val")
     copy_real_images(kneekl224, root / "train", 12, split="train")
     out = root / "calibrated.safetensors"
-    result = run_cli("calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(root), "--out", str(out))
+    result = invoke_cli("calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(root), "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "temperature" in result.stdout
     # n knees per grade certify sets down to alpha = 1 / (n + 1).

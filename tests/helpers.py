@@ -4,6 +4,7 @@ the test process, for its error messages)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -71,16 +72,37 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "klgrade", *args], capture_output=True, text=True, timeout=timeout)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record comes (CliRunner swaps it while a command runs)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def invoke_cli(*args: str) -> subprocess.CompletedProcess:
-    """The same `klgrade` command run inside the test process, for calls that check an option, an error message or
-    a printed table: a new process spends ~10 s of CPU importing torch, timm and Lightning before the command's
-    first line. The argument expansion, the one-line errors and the exit codes are `klgrade.cli`'s own; an exception
-    that escapes the command fails the test with its traceback. Logged warnings are not captured: use `run_cli`."""
+    """The same `klgrade` command run inside the test process: a new process spends ~10 s of CPU importing torch,
+    timm and Lightning before the command's first line. The argument expansion, the one-line errors, the exit codes
+    and the warnings it logs (on stderr, as the command prints them) are `klgrade.cli`'s own; an exception that
+    escapes the command fails the test with its traceback. `run_cli` is for what only a process shows: a hang (its
+    timeout), what `klgrade.cli.main` adds (pydicom's own messages silenced), several processes, info lines."""
     from typer.testing import CliRunner
 
     from klgrade.cli import app, expand_multi_values
 
-    result = CliRunner().invoke(app, expand_multi_values(list(args)), prog_name="klgrade", catch_exceptions=False)
+    handler = _CurrentStderr()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(lambda record: record.levelno >= logging.ERROR or not record.name.startswith("pydicom"))  # as main
+    logging.getLogger().addHandler(handler)
+    try:
+        result = CliRunner().invoke(app, expand_multi_values(list(args)), prog_name="klgrade", catch_exceptions=False)
+    finally:
+        logging.getLogger().removeHandler(handler)
     return subprocess.CompletedProcess(["klgrade", *args], result.exit_code, result.stdout, result.stderr)
 
 

@@ -16,7 +16,7 @@ from klgrade.data.splits import knee_groups, patient_folds
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
 
-from helpers import invoke_cli, knee_image, run_cli, save, write_dicom
+from helpers import invoke_cli, knee_image, save, write_dicom
 
 
 def _write(path, seed=0):
@@ -322,7 +322,7 @@ def test_cache_refuses_unreadable_training_images(tmp_path):
 
 
 def test_summary_of_real_data(kneekl224):
-    result = run_cli("data", "summary", str(kneekl224), "--json")
+    result = invoke_cli("data", "summary", str(kneekl224), "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["splits"]["train"]["counts"] == [2286, 1046, 1516, 757, 173]
@@ -339,7 +339,7 @@ def test_summary_lists_bad_files_and_still_counts_the_rest(tmp_path):
     _write(tmp_path / "val" / "2" / "9000001R.png")
     (tmp_path / "val" / "2" / "9000009L.png").write_bytes(b"")
     (tmp_path / "val" / "2" / "9000008L.png").write_text("not an image")
-    result = run_cli("data", "summary", str(tmp_path), "--json")
+    result = invoke_cli("data", "summary", str(tmp_path), "--json")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     summary = json.loads(result.stdout)
@@ -359,7 +359,7 @@ def test_summary_names_the_files_not_gradable_as_they_are_and_still_counts_them(
     write_dicom(_parent(tmp_path / "train" / "1" / "9000001R.dcm"), pixels, "MONOCHROME2", view="RL")
     save(Image.fromarray(knee_image(1, size=48)), tmp_path / "train" / "2" / "9000002L.png")
     save(Image.fromarray(knee_image(2, size=96) // 64 * 64), tmp_path / "train" / "2" / "9000002R.png")  # 4 levels
-    result = run_cli("data", "summary", str(tmp_path), "--json")
+    result = invoke_cli("data", "summary", str(tmp_path), "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["splits"]["train"]["counts"] == [0, 2, 2, 0, 0] and summary["unreadable"] == []
@@ -370,7 +370,7 @@ def test_summary_names_the_files_not_gradable_as_they_are_and_still_counts_them(
     assert reasons["9000002R.png"] == [TOO_FEW_GREY_LEVELS.format(levels=4)]
     assert "9000001R.dcm: not gradable: the DICOM header names a lateral view" in result.stderr
     assert result.stderr.count("warning: ") == 3
-    table = run_cli("data", "summary", str(tmp_path))
+    table = invoke_cli("data", "summary", str(tmp_path))
     assert "files not gradable as they are (view, pixels, grey levels): 3" in table.stdout
 
 

@@ -26,7 +26,7 @@ def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp
         (inputs / path.name).write_bytes(path.read_bytes())
     (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     out = tmp_path / "out"
-    result = run_cli("predict", str(inputs), "--checkpoint", str(tiny_checkpoint), "--explain", "--out", str(out))
+    result = invoke_cli("predict", str(inputs), "--checkpoint", str(tiny_checkpoint), "--explain", "--out", str(out))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -45,8 +45,8 @@ def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp
 
 
 def test_predict_accepts_globs_and_reports_missing_files(tiny_checkpoint, tmp_path):
-    result = run_cli("predict", str(EXAMPLES / "KL0_*.jpg"), str(tmp_path / "absent.png"), "--checkpoint",
-                     str(tiny_checkpoint), "--format", "json")
+    result = invoke_cli("predict", str(EXAMPLES / "KL0_*.jpg"), str(tmp_path / "absent.png"), "--checkpoint",
+                        str(tiny_checkpoint), "--format", "json")
     rows = json.loads(result.stdout)
     assert [r.get("error") for r in rows] == [None, None, "file not found"]
     assert result.returncode == 1
@@ -228,8 +228,8 @@ def test_evaluate_writes_reports_and_can_calibrate(tiny_checkpoint, kneekl224, t
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(path.read_bytes())
     out = tmp_path / "report"
-    result = run_cli("evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(labelled), "--json", "--out",
-                     str(out), "--calibrate-on", str(calibration), "--alpha", "0.5")
+    result = invoke_cli("evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(labelled), "--json", "--out",
+                        str(out), "--calibrate-on", str(calibration), "--alpha", "0.5")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["n"] == 10 and metrics["temperature"] != 1.0

@@ -10,7 +10,7 @@ from klgrade.data.sources import Sample
 from klgrade.experiments.protocol import BASELINES, VARIANTS, select_variants
 from klgrade.infer.grading import load_model
 
-from helpers import copy_real_images, invoke_cli, run_cli
+from helpers import copy_real_images, invoke_cli
 
 TINY_CV = ["--epochs", "1", "--limit", "40", "--image-size", "64", "--option", "width=32", "--option", "heads=2",
            "--device", "cpu", "--quiet"]
@@ -22,7 +22,7 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     (data / "train" / "0" / "again.jpg").write_bytes(knees[0].read_bytes())  # scored once
     regraded = data / "train" / "3" / "regraded.jpg"
     regraded.write_bytes(knees[9].read_bytes())  # a grade-1 knee filed as 3 too: neither is scored
-    result = run_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
+    result = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((out / "oof_predictions.csv").open()))
     assert {int(r["fold"]) for r in rows} == {0, 1, 2}
@@ -51,7 +51,7 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
                          str(tmp_path / "early"), "--patience", "2", *TINY_CV)
     assert refused.returncode == 1 and "--patience would stop each fold" in refused.stderr
     finished = (out / "fold1" / "oof.csv").stat().st_mtime_ns
-    again = run_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
+    again = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
     assert again.returncode == 0
     assert (out / "fold1" / "oof.csv").stat().st_mtime_ns == finished
 
@@ -62,8 +62,8 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     (external / "0" / "again.jpg").write_bytes(first.read_bytes())  # one image twice
     trained = next((kneekl224 / "train" / "2").iterdir())
     (external / "2" / "renamed.jpg").write_bytes(trained.read_bytes())  # a knee the folds train on, under a new name
-    result = run_cli("reproduce", "--data", str(kneekl224), "--out", str(out), "--profile", "quick", "--device", "cpu",
-                     "--external", str(external), timeout=900)
+    result = invoke_cli("reproduce", "--data", str(kneekl224), "--out", str(out), "--profile", "quick", "--device", "cpu",
+                        "--external", str(external))
     assert result.returncode == 0, result.stderr[-3000:]
     left_out = [f"--external {external}: 1 file(s) repeat the bytes of another (a row listed twice or a copy, e.g. "
                 f"{external / '0' / 'again.jpg'}): each image counted once",

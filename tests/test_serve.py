@@ -13,7 +13,7 @@ from PIL import Image
 from klgrade.serve.app import Settings, create_app
 from klgrade.serve.local import local_server
 
-from helpers import EXAMPLES, knee_image, run_cli, write_dicom
+from helpers import EXAMPLES, invoke_cli, knee_image, write_dicom
 
 EXAMPLE = sorted(EXAMPLES.glob("KL3_*.jpg"))[0]
 
@@ -142,7 +142,7 @@ def test_cli_and_service_grade_the_same_file_the_same_way(tiny_checkpoint, tmp_p
     left = tmp_path / "9003175L.png"
     Image.fromarray(ramp).save(left)
     dicom = write_dicom(tmp_path / "IMG0001", ramp.astype(np.uint16) * 16, "MONOCHROME2")
-    result = run_cli("predict", str(left), str(dicom), "--checkpoint", str(sided), "--format", "json")
+    result = invoke_cli("predict", str(left), str(dicom), "--checkpoint", str(sided), "--format", "json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     app = create_app(Settings(checkpoints=[str(sided)]))

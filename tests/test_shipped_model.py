@@ -9,7 +9,7 @@ import klgrade
 from klgrade.infer.predictor import shipped_checkpoint
 from klgrade.models.weights import read_info
 
-from helpers import EXAMPLES, REPO, benchmark_framings, copy_real_images, invoke_cli, run_cli
+from helpers import EXAMPLES, REPO, benchmark_framings, copy_real_images, invoke_cli
 
 BAR = {"accuracy": 0.65, "qwk": 0.76, "mcc": 0.50}
 """Floor for the shipped model on kneeKL224 val: issue #6's accuracy and MCC; for QWK the from-scratch reference
@@ -24,7 +24,7 @@ central third of the columns darker than the outer sixths) and checked by eye (d
 
 
 def test_shipped_model_meets_the_bar_on_val_and_its_card_says_so(kneekl224):
-    result = run_cli("evaluate", "--data", str(kneekl224 / "val"), "--json")
+    result = invoke_cli("evaluate", "--data", str(kneekl224 / "val"), "--json")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["n"] == 826
@@ -186,7 +186,7 @@ def test_evaluate_lists_for_each_knee_what_predict_would_say(kneekl224, tmp_path
     for path in [*stored_inverted, *others]:
         (tmp_path / "knees" / path.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, tmp_path / "knees" / path.parent.name / path.name)
-    result = run_cli("evaluate", "--data", str(tmp_path / "knees"), "--out", str(tmp_path / "report"))
+    result = invoke_cli("evaluate", "--data", str(tmp_path / "knees"), "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((tmp_path / "report" / "predictions.csv").open()))
     assert len(rows) == len(stored_inverted) + len(others)
@@ -234,7 +234,7 @@ def test_a_knee_with_too_few_pixels_or_grey_levels_is_not_gradable_and_says_why(
         assert np.mean([r.gradable for r in results[name]]) >= 0.9, name
     array = grade(shrunk(40)(read_image(paths["80px"][0])), model=model)
     assert not array.gradable and array.warnings[0] == TOO_SMALL.format(rows=40, columns=40)
-    result = run_cli("evaluate", "--data", str(tmp_path / "knees"), "--out", str(tmp_path / "report"))
+    result = invoke_cli("evaluate", "--data", str(tmp_path / "knees"), "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr
     rows = {Path(row["path"]).stem: row for row in csv.DictReader((tmp_path / "report" / "predictions.csv").open())}
     for name, files in paths.items():
@@ -299,7 +299,7 @@ def test_the_shipped_model_scores_no_knee_it_was_trained_on(kneekl224, tmp_path)
 
 
 def test_demo_grades_the_examples_with_heatmaps(tmp_path):
-    result = run_cli("predict", str(EXAMPLES), "--explain", "--out", str(tmp_path), "--format", "table")
+    result = invoke_cli("predict", str(EXAMPLES), "--explain", "--out", str(tmp_path), "--format", "table")
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in EXAMPLES.glob("*.jpg"))
     assert len(names) == 10

@@ -53,8 +53,8 @@ def test_train_cli_leaves_a_checkpoint_that_evaluate_reads(kneekl224, tmp_path):
     assert set(info["val_metrics"]) >= {"accuracy", "qwk", "mcc"}
     assert info["train_config"]["precision"] == resolve_precision("auto", "cpu")  # what ran, not "auto"
     copy_real_images(kneekl224, tmp_path / "val", 4)
-    evaluation = run_cli("evaluate", "--checkpoint", str(run / "best.safetensors"), "--data", str(tmp_path / "val"),
-                         "--json")
+    evaluation = invoke_cli("evaluate", "--checkpoint", str(run / "best.safetensors"), "--data", str(tmp_path / "val"),
+                            "--json")
     assert evaluation.returncode == 0, evaluation.stderr
     assert json.loads(evaluation.stdout)["n"] == 20
 

@@ -21,7 +21,7 @@ from klgrade.uncertainty import (BLANK, FeatureDensity, FramingProbe, PolarityPr
                                  processing_statistics, smallest_alpha, uncertified_grades, uncertified_warning,
                                  view_reason)
 
-from helpers import EXAMPLES, REPO, copy_real_images, invoke_cli, knee_image, run_cli, write_dicom
+from helpers import EXAMPLES, REPO, copy_real_images, invoke_cli, knee_image, write_dicom
 
 
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,8 +138,8 @@ def test_sets_say_when_the_calibration_is_too_small_for_the_coverage_asked(calib
 def test_calibrate_says_when_its_images_cannot_certify_the_default_coverage(tiny_checkpoint, kneekl224, tmp_path):
     copy_real_images(kneekl224, tmp_path / "val", 4, split="val")
     copy_real_images(kneekl224, tmp_path / "train", 4, split="train")
-    result = run_cli("calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--out",
-                     str(tmp_path / "calibrated.safetensors"))
+    result = invoke_cli("calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--out",
+                        str(tmp_path / "calibrated.safetensors"))
     assert result.returncode == 0, result.stderr  # a warning, not an error: the sets are still valid, only wider
     assert "KL 0-4: 4 / 4 / 4 / 4 / 4; grade sets certified for every grade at alpha >= 0.200" in result.stdout
     assert result.stderr.strip() == f"warning: {uncertified_warning([0, 1, 2, 3, 4], 0.1)}"
@@ -176,8 +176,8 @@ def test_calibrate_leaves_out_inputs_that_are_not_gradable(tiny_checkpoint, knee
     knee = np.asarray(Image.open(next((tmp_path / "val" / "0").iterdir())), dtype=np.uint16) * 16
     write_dicom(tmp_path / "val" / "0" / "9000000R.dcm", knee, "MONOCHROME2", view="LL")
     Image.fromarray((knee[::4, ::4] // 16).astype(np.uint8)).save(tmp_path / "val" / "1" / "9000001R.png")
-    result = run_cli("calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--out",
-                     str(tmp_path / "calibrated.safetensors"))
+    result = invoke_cli("calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--out",
+                        str(tmp_path / "calibrated.safetensors"))
     assert result.returncode == 0, result.stderr
     assert "KL 0-4: 4 / 4 / 4 / 4 / 4;" in result.stdout
     assert "left out 2 of 22 images that are not gradable as inputs" in result.stderr
@@ -288,7 +288,7 @@ def test_a_calibrated_checkpoint_answers_alike_through_predict_serve_and_onnx(ca
     from klgrade.infer.onnx import export_onnx
 
     example = sorted(EXAMPLES.glob("KL2_*.jpg"))[0]
-    result = run_cli("predict", str(example), "--checkpoint", str(calibrated), "--format", "json", "--alpha", "0.2")
+    result = invoke_cli("predict", str(example), "--checkpoint", str(calibrated), "--format", "json", "--alpha", "0.2")
     assert result.returncode == 0, result.stderr
     row = json.loads(result.stdout)[0]
     with TestClient(create_app(Settings(checkpoints=[str(calibrated)]))) as client:
@@ -330,8 +330,8 @@ def test_a_dicom_header_naming_a_lateral_oblique_or_axial_view_makes_the_answer_
     labelled.mkdir(parents=True)
     for index, path in enumerate(paths[2:6]):  # RLO, SKYLINE, PA, BILATERAL PA
         path.rename(labelled / f"900000{index}R.dcm")
-    result = run_cli("evaluate", "--data", str(labelled.parent), "--checkpoint", str(tiny_checkpoint), "--json",
-                     "--out", str(tmp_path / "report"))
+    result = invoke_cli("evaluate", "--data", str(labelled.parent), "--checkpoint", str(tiny_checkpoint), "--json",
+                        "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["ungradable_fraction"] == 0.5
     rows = {row["path"].rsplit("/", 1)[1]: row for row in csv.DictReader((tmp_path / "report" / "predictions.csv").open())}
@@ -342,7 +342,7 @@ def test_a_dicom_header_naming_a_lateral_oblique_or_axial_view_makes_the_answer_
 def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(calibrated, kneekl224, tmp_path):
     data = tmp_path / "scored"
     copy_real_images(kneekl224, data, 3, split="val")
-    result = run_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated), "--json")
+    result = invoke_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated), "--json")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert {"coverage", "mean_set_size", "coverage_per_grade", "ungradable_fraction", "ungradable_per_grade",
@@ -373,8 +373,8 @@ def test_an_ensemble_is_calibrated_on_its_combined_output_and_only_together(tiny
         model.fc.weight.mul_(-1.0)  # a second member that disagrees with the first
     second = save_checkpoint(tmp_path / "second.safetensors", model, info)
     out = tmp_path / "ensemble"
-    result = run_cli("calibrate", "--checkpoint", str(tiny_checkpoint), str(second), "--data",
-                     str(calibrated.parent), "--out", str(out))
+    result = invoke_cli("calibrate", "--checkpoint", str(tiny_checkpoint), str(second), "--data",
+                        str(calibrated.parent), "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     members = [out / tiny_checkpoint.name, out / "second.safetensors"]
     together = load_model(members)
