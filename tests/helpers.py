@@ -1,5 +1,5 @@
 """Helpers shared by the tests: paths, a synthetic image, copies of real data, and running the CLI as a user (or in
-the test process, for its error messages)."""
+the test process, sparing an interpreter's start-up)."""
 
 from __future__ import annotations
 
@@ -55,15 +55,23 @@ def copy_real_images(source: Path, target: Path, per_grade: int, split: str = "v
     return copied
 
 
-def save_msa_net(path: Path, model, options: dict, size: int, canonical_side: bool = False) -> Path:
-    """Save `model` (an msa_net built with `options`) as a checkpoint fed `size`-px images (left knees mirrored with
-    `canonical_side`)."""
+def save_msa_net(path: Path, model, options: dict, size: int) -> Path:
+    """Save `model` (an msa_net built with `options`) as a checkpoint fed `size`-px images."""
     from klgrade.models import save_checkpoint
 
     info = {"model": {"name": "msa_net", "num_classes": 5, "in_chans": 1, "ordinal": False, "options": options},
-            "preprocess": {"size": size, "clip_percentiles": [0.5, 99.5], "clahe": False,
-                           "canonical_side": canonical_side},
+            "preprocess": {"size": size, "clip_percentiles": [0.5, 99.5], "clahe": False, "canonical_side": False},
             "val_metrics": {"accuracy": 0.2}}
+    return save_checkpoint(path, model, info)
+
+
+def mirroring_left_knees(checkpoint: Path, path: Path) -> Path:
+    """A copy of `checkpoint` at `path` whose preprocessing mirrors left knees (`canonical_side`): the knee side it
+    is given changes what it sees."""
+    from klgrade.models import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(checkpoint)
+    info["preprocess"]["canonical_side"] = True
     return save_checkpoint(path, model, info)
 
 

@@ -16,7 +16,8 @@ from klgrade.infer.onnx import OnnxModel, export_onnx
 from klgrade.infer.grading import NamedBytes, load_model, prepare_input
 from klgrade.models import create_model, load_checkpoint
 
-from helpers import EXAMPLES, copy_real_images, invoke_cli, knee_image, run_cli, save_msa_net, write_dicom
+from helpers import (EXAMPLES, copy_real_images, invoke_cli, knee_image, mirroring_left_knees, run_cli, save_msa_net,
+                     write_dicom)
 
 
 def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp_path):
@@ -79,12 +80,10 @@ def test_python_api_grades_paths_bytes_and_arrays(tiny_checkpoint):
         klgrade.grade(b"nope", model=model)
 
 
-def test_a_dicom_named_by_uids_is_mirrored_by_the_side_its_header_names(tmp_path):
+def test_a_dicom_named_by_uids_is_mirrored_by_the_side_its_header_names(tiny_checkpoint, tmp_path):
     """A model that mirrors left knees (canonical_side) must know the side of a PACS export's file: its header's,
     where the name gives none; the name's, where it does."""
-    options = {"width": 32, "heads": 2}
-    model = load_model(save_msa_net(tmp_path / "sided.safetensors", create_model("msa_net", **options), options,
-                                    size=64, canonical_side=True))
+    model = load_model(mirroring_left_knees(tiny_checkpoint, tmp_path / "sided.safetensors"))
     pixels = knee_image().astype(np.uint16) * 16
     right = prepare_input(model, write_dicom(tmp_path / "1.2.3.dcm", pixels, "MONOCHROME2", ImageLaterality="R"))
     left = prepare_input(model, write_dicom(tmp_path / "1.2.4.dcm", pixels, "MONOCHROME2", ImageLaterality="L"))

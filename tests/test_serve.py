@@ -13,7 +13,7 @@ from PIL import Image
 from klgrade.serve.app import Settings, create_app
 from klgrade.serve.local import local_server
 
-from helpers import EXAMPLES, invoke_cli, knee_image, write_dicom
+from helpers import EXAMPLES, invoke_cli, knee_image, mirroring_left_knees, write_dicom
 
 EXAMPLE = sorted(EXAMPLES.glob("KL3_*.jpg"))[0]
 
@@ -130,12 +130,9 @@ def test_web_page_in_headless_chromium(server, tmp_path):
 
 def test_cli_and_service_grade_the_same_file_the_same_way(tiny_checkpoint, tmp_path):
     """One path from input to grade: the upload's file name gives the side (and marks DICOM) as a path does."""
-    from klgrade.models import load_checkpoint, save_checkpoint
     from klgrade.models.weights import read_info
 
-    model, info = load_checkpoint(tiny_checkpoint)
-    info["preprocess"]["canonical_side"] = True  # left knees are mirrored: the name changes the answer
-    sided = save_checkpoint(tmp_path / "sided.safetensors", model, info)
+    sided = mirroring_left_knees(tiny_checkpoint, tmp_path / "sided.safetensors")  # the name changes the answer
     assert read_info(sided)["preprocess"]["canonical_side"]
     ramp = np.tile(np.linspace(0, 255, 96), (96, 1)).astype(np.uint8)
     ramp[20:40, 10:30] = 0
