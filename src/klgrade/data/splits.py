@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from klgrade.constants import NUM_GRADES
-from klgrade.data.provenance import readable_digest
+from klgrade.data.provenance import copy_groups
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
 
@@ -28,15 +28,10 @@ def knee_groups(samples: list[Sample]) -> tuple[str, ...]:
             patient = parent[patient]
         return patient
 
-    holder: dict[str, str] = {}
-    for sample in samples:
-        digest = readable_digest(sample.path)
-        if digest is None:
-            continue
-        if digest in holder:
-            parent[root(sample.patient_id)] = root(holder[digest])
-        else:
-            holder[digest] = sample.patient_id
+    for group in copy_groups(samples):
+        first = samples[group[0]].patient_id
+        for index in group[1:]:
+            parent[root(samples[index].patient_id)] = root(first)
     return tuple(root(s.patient_id) for s in samples)
 
 
