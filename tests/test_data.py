@@ -11,7 +11,7 @@ from PIL import Image
 from klgrade.data.cache import load_cached
 from klgrade.data.preprocess import PreprocessConfig, prepare_image, preprocess, to_uint8, trim_uniform_margins
 from klgrade.data.provenance import check_unshared, shared_knees
-from klgrade.data.sources import PLACEHOLDER_FILES, Sample, find_samples, parse_knee_name
+from klgrade.data.sources import PLACEHOLDER_FILES, Sample, find_samples, parse_knee_name, parse_side
 from klgrade.data.splits import knee_groups, patient_folds
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
@@ -77,12 +77,27 @@ def test_csv_manifest(tmp_path):
     assert [(s.grade, s.patient_id, s.side) for s in samples] == [(2, "P1", "R"), (4, "9000005", "L")]
 
 
+def test_a_manifest_may_spell_the_side_out():
+    """A hospital's list says `left` or `Right`: read as L and R, not kept as an unknown word (a model that mirrors
+    left knees compares `side == "L"`, so `LEFT` left every such knee unmirrored)."""
+    spelled = ["left", "Right", " l ", "R", "LEFT", ""]
+    assert [parse_side(text) for text in spelled] == ["L", "R", "L", "R", "L", None]
+
+
+def test_a_manifest_side_of_its_own_makes_the_name_side_give_way(tmp_path):
+    _write(tmp_path / "img" / "9000005L.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,grade,side\nimg/9000005L.png,4,right\n")
+    assert [s.side for s in find_samples(manifest)] == ["R"]
+
+
 @pytest.mark.parametrize("row, message", [("img/a.png,5", "not a KL grade 0-4"), ("img/none.png,1", "does not exist"),
-                                          ("img/a.png,x", "not a KL grade 0-4")])
+                                          ("img/a.png,x", "not a KL grade 0-4"),
+                                          ("img/a.png,1,both", "side 'both' is not L or R")])
 def test_bad_manifest_rows(tmp_path, row, message):
     _write(tmp_path / "img" / "a.png")
     manifest = tmp_path / "list.csv"
-    manifest.write_text(f"path,grade\n{row}\n")
+    manifest.write_text(f"path,grade,side\n{row}\n")
     with pytest.raises(DataLayoutError, match=message):
         find_samples(manifest)
 

@@ -293,6 +293,19 @@ def parse_grade(text: str | None) -> int:
     return int(value)
 
 
+SIDE_WORDS = {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"}
+"""How a manifest may name a knee's side (any case)."""
+
+
+def parse_side(text: str | None) -> str | None:
+    """A knee side from a manifest cell: `L`, `left`, ` Right ` -> "L" / "R"; None for an empty cell; ValueError
+    for anything else (a side kept as an unknown word would leave a left knee unmirrored)."""
+    word = (text or "").strip().upper()
+    if word and word not in SIDE_WORDS:
+        raise ValueError(text)
+    return SIDE_WORDS.get(word)
+
+
 def _from_manifest(csv_path: Path, problems: list[ImageReadError] | None) -> list[Sample]:
     samples, known_problems = [], len(problems or [])
     for line, row in enumerate(_manifest_rows(csv_path), start=2):
@@ -311,9 +324,14 @@ def _from_manifest(csv_path: Path, problems: list[ImageReadError] | None) -> lis
         if not path.exists() and not path.is_symlink():
             _problem(problems, where, f"file {path} does not exist")
             continue
+        try:
+            side = parse_side(row.get("side"))
+        except ValueError:
+            _problem(problems, where, f"side {row['side'].strip()!r} is not L or R (left or right)")
+            continue
         parsed_patient, parsed_side = parse_knee_name(path)
         patient = (row.get("patient_id") or "").strip() or parsed_patient or own_patient(row["path"].strip())
-        side = (row.get("side") or "").strip().upper() or parsed_side
+        side = side or parsed_side
         samples.append(Sample(str(path), grade, patient, side, (row.get("split") or "").strip() or None))
     if not samples:
         raise _found_nothing(csv_path, "manifest lists no images", (problems or [])[known_problems:])
