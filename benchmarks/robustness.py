@@ -200,10 +200,11 @@ class Graded:
 
 
 def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> Graded:
-    prepared, reasons = predictor.prepare_arrays(images, sides)
-    outputs = batched_outputs(predictor, prepared)
-    graded = upright_images(prepared, outputs)
-    assessment = predictor.assess(graded, outputs, reasons=reasons)
+    prepared = predictor.prepare_arrays(images, sides)
+    pixels = np.stack([p.pixels for p in prepared])
+    outputs = batched_outputs(predictor, pixels)
+    graded = upright_images(pixels, outputs)
+    assessment = predictor.assess(graded, outputs, reasons=[p.reasons() for p in prepared])
     return Graded(outputs.probabilities, assessment.sets, ~np.array(assessment.gradable), assessment.shifts)
 
 

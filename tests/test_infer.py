@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 import klgrade
+from klgrade.data.preprocess import SIDE_UNKNOWN
 from klgrade.errors import CheckpointError, ImageReadError
+from klgrade.evaluate.evaluation import evaluate
 from klgrade.explain.gradcam import gradcam, joint_fraction, overlay
 from klgrade.infer.onnx import OnnxModel, export_onnx
 from klgrade.infer.grading import NamedBytes, load_model, prepare_input
@@ -92,6 +94,27 @@ def test_a_dicom_named_by_uids_is_mirrored_by_the_side_its_header_names(tiny_che
     np.testing.assert_array_equal(named.image, right.image)
     upload = (tmp_path / "1.2.4.dcm").read_bytes()
     np.testing.assert_array_equal(prepare_input(model, NamedBytes(upload, "upload")).image, left.image)
+
+
+def test_a_mirroring_model_says_when_it_does_not_know_a_knees_side(tiny_checkpoint, tmp_path):
+    """A model that mirrors left knees sees a knee of no known side as stored (a left one unmirrored): the answer
+    says so, a scored set counts such knees, and a model that does not mirror has nothing to say."""
+    sided = load_model(mirroring_left_knees(tiny_checkpoint, tmp_path / "sided.safetensors"))
+    plain = load_model(tiny_checkpoint)
+    pixels = knee_image().astype(np.uint16) * 16
+    (tmp_path / "set" / "0").mkdir(parents=True)
+    unknown = write_dicom(tmp_path / "set" / "0" / "1.2.5.dcm", pixels, "MONOCHROME2")
+    left = write_dicom(tmp_path / "set" / "0" / "1.2.6.dcm", pixels, "MONOCHROME2", ImageLaterality="L")
+    assert SIDE_UNKNOWN in klgrade.grade(unknown, model=sided).warnings
+    assert SIDE_UNKNOWN in sided.grade_arrays([knee_image()])[0].warnings
+    assert SIDE_UNKNOWN not in klgrade.grade(left, model=sided).warnings
+    assert SIDE_UNKNOWN not in sided.grade_arrays([knee_image()], ["R"])[0].warnings
+    assert SIDE_UNKNOWN not in klgrade.grade(unknown, model=plain).warnings
+    warnings = evaluate(sided, tmp_path / "set", n_boot=0).warnings
+    assert [w for w in warnings if "no side" in w] == [
+        f"{tmp_path / 'set'}: 1 of 2 knees have no side (not in a manifest, the file name or the DICOM header): the "
+        f"model mirrors left knees, so a left knee among them is seen unmirrored"]
+    assert not [w for w in evaluate(plain, tmp_path / "set", n_boot=0).warnings if "no side" in w]
 
 
 def test_ensemble_averages_members_and_flip_tta_is_symmetric(tiny_checkpoint):

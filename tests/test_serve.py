@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from klgrade.data.preprocess import SIDE_UNKNOWN
 from klgrade.serve.app import Settings, create_app
 from klgrade.serve.local import local_server
 
@@ -147,6 +148,7 @@ def test_cli_and_service_grade_the_same_file_the_same_way(tiny_checkpoint, tmp_p
         for row, path in zip(rows, (left, dicom)):
             body = test_client.post("/v1/grade", files={"file": (path.name, path.read_bytes(), "application/octet-stream")}).json()
             assert body["grade"] == row["grade"]
+            assert (SIDE_UNKNOWN in body["warnings"]) == (SIDE_UNKNOWN in row["warnings"]) == (path == dicom)
             np.testing.assert_allclose(body["probabilities"], [row[f"prob_{k}"] for k in range(5)], atol=1e-5)
         unsided = test_client.post("/v1/grade", files={"file": ("knee.png", left.read_bytes(), "image/png")}).json()
     assert np.abs(np.array(unsided["probabilities"]) - [rows[0][f"prob_{k}"] for k in range(5)]).max() > 1e-4

@@ -35,6 +35,9 @@ levels) are read on every k-th pixel, at least this many a side: a 7.5 MP radiog
 time, and kneeKL224's crops are read whole (benchmarks/inference.py)."""
 EDGE_BLOCK = 16
 """Lines tested at a time by the margin trim, from each edge inwards (a radiograph's outer lines are mostly busy)."""
+SIDE_UNKNOWN = ("the knee's side is unknown (not in a manifest, the file name or the DICOM header): this model mirrors "
+                "left knees to see every knee as a right one, so a left knee was graded unmirrored and its grade may "
+                "not hold; name the side (e.g. 9003175L.png, or a manifest's side column)")
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class PreprocessConfig:
     size: output side in pixels (square).
     clip_percentiles: intensity percentiles mapped to 0 and 1 (robust to burnt-in labels and collimation).
     clahe: apply CLAHE (OpenCV) after the stretch; kneeKL224 is already CLAHE-enhanced, so off by default.
-    canonical_side: mirror left knees so every knee looks like a right knee (needs the side from the name).
+    canonical_side: mirror left knees so every knee looks like a right knee (the side of a manifest, the file name
+        or the DICOM header; a knee without one is seen as stored, with a warning).
     """
 
     size: int = IMAGE_SIZE
@@ -165,11 +169,17 @@ class PreparedImage:
     """Rows and columns once the uniform margins are trimmed."""
     grey_levels: int
     """Distinct grey levels after the stretch to 0-255, before resizing blends them."""
+    side_unknown: bool = False
+    """The preprocessing mirrors left knees, but this knee's side was not given."""
 
     def reasons(self, view: str | None = None) -> list[str]:
         """Why the input is not gradable whatever the network makes of it (`uncertainty.input_reasons`; `view`: the
         DICOM header's view, if any)."""
         return input_reasons(view, self.trimmed_shape, self.grey_levels)
+
+    def notes(self) -> list[str]:
+        """What the answer must say about how the input was prepared, without making it ungradable."""
+        return [SIDE_UNKNOWN] if self.side_unknown else []
 
 
 def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> PreparedImage:
@@ -189,7 +199,17 @@ def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None 
     pixels = cv2.resize(grey, (config.size, config.size), interpolation=interpolation)
     if config.canonical_side and side == "L":
         pixels = np.ascontiguousarray(pixels[:, ::-1])
-    return PreparedImage(pixels, (height, width), grey_levels)
+    return PreparedImage(pixels, (height, width), grey_levels, config.canonical_side and side is None)
+
+
+def unknown_sides_warning(config: PreprocessConfig, sides: list[str | None], what: str) -> list[str]:
+    """For preprocessing that mirrors left knees: a warning saying how many of the knees in `what` have no side
+    (each is seen as stored, a left one unmirrored), if any."""
+    unknown = sum(side is None for side in sides) if config.canonical_side else 0
+    if not unknown:
+        return []
+    return [f"{what}: {unknown} of {len(sides)} knees have no side (not in a manifest, the file name or the DICOM "
+            f"header): the model mirrors left knees, so a left knee among them is seen unmirrored"]
 
 
 def to_uint8(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> np.ndarray:

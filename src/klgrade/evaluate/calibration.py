@@ -36,6 +36,7 @@ import torch
 
 from klgrade.data.augment import reframe
 from klgrade.data.io import read_image
+from klgrade.data.preprocess import unknown_sides_warning
 from klgrade.data.provenance import distinct_knees, knee_record
 from klgrade.data.sources import Sample
 from klgrade.errors import DataLayoutError
@@ -168,7 +169,9 @@ def calibrate_checkpoint(checkpoints: str | Path | list[str | Path], calibration
     predictor = Predictor(paths, tta=tta, calibrated=False)
     calibration, repeated = distinct_knees(calibration, "calibration data")
     calibration, trained = untrained_knees(predictor, calibration, "calibration data", "calibrate on")
-    for warning in repeated + trained:  # grade sets fitted on trained knees would be too narrow
+    sideless = [warning for samples, what in ((calibration, "calibration data"), (density, "density data"))
+                for warning in unknown_sides_warning(predictor.preprocess, [s.side for s in samples], what)]
+    for warning in repeated + trained + sideless:  # grade sets fitted on trained knees would be too narrow
         log.warning(warning)
     result = fit_calibration(predictor, calibration, density)
     if len(paths) > 1:

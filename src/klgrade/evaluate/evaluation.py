@@ -10,6 +10,7 @@ import numpy as np
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
+from klgrade.data.preprocess import unknown_sides_warning
 from klgrade.data.provenance import check_unshared, distinct_knees, knee_record, seen_knees, unseen_knees
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, ImageReadError
@@ -133,9 +134,10 @@ def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], spli
     found = find_samples(data)
     samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
     check_unshared(samples, scored, f"--calibrate-on {data} and --data", "calibrate on data that is not scored")
-    samples, warnings = distinct_knees(samples, f"--calibrate-on {data}")
-    samples, trained = untrained_knees(predictor, samples, f"--calibrate-on {data}", "calibrate on")
-    warnings += trained
+    what = f"--calibrate-on {data}"
+    samples, warnings = distinct_knees(samples, what)
+    samples, trained = untrained_knees(predictor, samples, what, "calibrate on")
+    warnings += trained + unknown_sides_warning(predictor.preprocess, [s.side for s in samples], what)
     predictions = predict_samples(predictor, samples, raw=True)[0].gradable_inputs()
     predictor.temperature, predictor.conformal_scores = fit_grade_sets(predictions.outputs.probabilities,
                                                                        predictions.labels)
@@ -157,13 +159,14 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
 
     Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the files left out), and
     knees the model was trained on are left out (`seen_trained` counts them); `seen_chosen` and `seen_calibrated`
-    count the scored knees it was chosen and calibrated on; `warnings` says what each means.
+    count the scored knees it was chosen and calibrated on; `warnings` says what each means, and how many knees have
+    no side where the model mirrors left knees.
     """
     problems: list[ImageReadError] = []
     listed = pick_split(find_samples(data, problems), split)
     distinct, warnings = distinct_knees(listed, str(data))
     samples, trained = untrained_knees(predictor, distinct, str(data), "score")
-    warnings += trained
+    warnings += trained + unknown_sides_warning(predictor.preprocess, [s.side for s in samples], str(data))
     if calibrate_on is not None:
         warnings += calibrate(predictor, calibrate_on, samples)
     predictions, failures = predict_samples(predictor, samples)

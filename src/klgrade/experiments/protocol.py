@@ -23,7 +23,7 @@ import torch
 from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.io import read_image
-from klgrade.data.preprocess import PreprocessConfig
+from klgrade.data.preprocess import PreprocessConfig, unknown_sides_warning
 from klgrade.data.provenance import distinct_knees, knee_record, unseen_knees
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, KLGradeError
@@ -121,7 +121,7 @@ def validation_set(samples: list[Sample], what: str, train: dict[str, list[str]]
     """
     samples, repeated = distinct_knees(samples, what)
     samples, trained = unseen_knees(train, samples, what, "the train split", "validate the fold models on")
-    for warning in repeated + trained:
+    for warning in repeated + trained + unknown_sides_warning(preprocess, [s.side for s in samples], what):
         log.warning(warning)
     if limit is not None:
         samples = samples[:: max(1, len(samples) // limit)][:limit]

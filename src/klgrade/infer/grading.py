@@ -39,12 +39,14 @@ Source = Union[str, Path, NamedBytes, np.ndarray]
 
 @dataclass(frozen=True)
 class PreparedInput:
-    """One input as the network sees it: the (size, size) uint8 image, the input's name, and why the input itself
-    is not gradable whatever the network makes of it (`uncertainty.input_reasons`), if it is not."""
+    """One input as the network sees it: the (size, size) uint8 image, the input's name, why the input itself
+    is not gradable whatever the network makes of it (`uncertainty.input_reasons`), if it is not, and what its
+    answer must say about its preparation (`data.preprocess.PreparedImage.notes`)."""
 
     image: np.ndarray
     name: str
     reasons: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def source_name(source: Source) -> str:
@@ -77,7 +79,8 @@ def prepare_input(model: Predictor, source: Source, max_pixels: int = MAX_PIXELS
     """
     radiograph, side = decode(source, max_pixels)
     prepared = prepare_image(radiograph.grey, model.preprocess, side)
-    return PreparedInput(prepared.pixels, source_name(source), tuple(prepared.reasons(radiograph.view)))
+    return PreparedInput(prepared.pixels, source_name(source), tuple(prepared.reasons(radiograph.view)),
+                         tuple(prepared.notes()))
 
 
 def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: bool = False,
@@ -85,7 +88,7 @@ def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: b
     """Grade prepared inputs as one batch (`alpha`: miss rate of the grade sets; None = the model's); an input its
     reasons make not gradable is not, whatever the network makes of it, and says why first."""
     return model.grade_prepared(np.stack([i.image for i in inputs]), [i.name for i in inputs], explain, alpha,
-                                [i.reasons for i in inputs])
+                                [i.reasons for i in inputs], [i.notes for i in inputs])
 
 
 def grade_many(model: Predictor, sources: Sequence[Source], explain: bool = False, batch_size: int = 16,

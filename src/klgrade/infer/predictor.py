@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from klgrade.constants import NUM_GRADES
-from klgrade.data.preprocess import PreprocessConfig, normalize, prepare_image, to_uint8
+from klgrade.data.preprocess import PreparedImage, PreprocessConfig, normalize, prepare_image, to_uint8
 from klgrade.data.provenance import merge_records
 from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
@@ -393,9 +393,11 @@ class Predictor:
 
     def grade_prepared(self, prepared: np.ndarray, names: list[str | None] | None = None,
                        explain: bool = False, alpha: float | None = None,
-                       reasons: Sequence[Sequence[str]] | None = None) -> list[Grading]:
+                       reasons: Sequence[Sequence[str]] | None = None,
+                       notes: Sequence[Sequence[str]] | None = None) -> list[Grading]:
         """Grade (B, H, W) uint8 images from `prepare`; Grad-CAM of the predicted grade when `explain`;
-        `reasons` as for `assess`."""
+        `reasons` as for `assess`; `notes`: per image, warnings about its preparation that follow the assessment's
+        (`data.preprocess.PreparedImage.notes`)."""
         names = names or [None] * len(prepared)
         alpha = self.alpha if alpha is None else alpha
         outputs = self.outputs(prepared)
@@ -404,6 +406,8 @@ class Predictor:
         grades = probabilities.argmax(axis=1)
         assessment = self.assess(graded, outputs, alpha, reasons)
         warnings = assessment.warnings
+        for given, image_warnings in zip(notes or [], warnings):
+            image_warnings.extend(given)
         maps = [None] * len(prepared)
         if explain and self.can_explain:
             explanation = self.explain(graded, grades)
@@ -420,16 +424,15 @@ class Predictor:
                                                     warnings, names, graded)]
 
     def prepare_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None
-                       ) -> tuple[np.ndarray, list[list[str]]]:
-        """Decoded grey-level images (any size) -> the (B, size, size) uint8 squares the network sees and, per image,
-        why the input itself is not gradable (too few pixels or grey levels: `uncertainty.input_reasons`)."""
+                       ) -> list[PreparedImage]:
+        """Decoded grey-level images (any size) -> the uint8 squares the network sees, each with what preparing found
+        (too few pixels or grey levels: `PreparedImage.reasons`; an unknown side: `PreparedImage.notes`)."""
         sides = sides or [None] * len(images)
-        prepared = [prepare_image(image, self.preprocess, side) for image, side in zip(images, sides)]
-        return (np.stack([p.pixels for p in prepared]),
-                [p.reasons() for p in prepared])
+        return [prepare_image(image, self.preprocess, side) for image, side in zip(images, sides)]
 
     def grade_arrays(self, images: list[np.ndarray], sides: list[str | None] | None = None,
                      explain: bool = False, names: list[str | None] | None = None) -> list[Grading]:
         """Grade decoded grey-level images (any size): `prepare_arrays`, then `grade_prepared`."""
-        prepared, reasons = self.prepare_arrays(images, sides)
-        return self.grade_prepared(prepared, names, explain, reasons=reasons)
+        prepared = self.prepare_arrays(images, sides)
+        return self.grade_prepared(np.stack([p.pixels for p in prepared]), names, explain,
+                                   reasons=[p.reasons() for p in prepared], notes=[p.notes() for p in prepared])

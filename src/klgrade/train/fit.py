@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from klgrade.constants import MAIN_METRIC, NUM_GRADES
 from klgrade.data.cache import cache_key, load_cached
-from klgrade.data.preprocess import PreprocessConfig
+from klgrade.data.preprocess import PreprocessConfig, unknown_sides_warning
 from klgrade.data.provenance import check_unshared, distinct_knees, knee_record, merge_records
 from klgrade.data.sources import Sample, find_samples, select_split
 from klgrade.data.splits import fold_split
@@ -87,8 +87,11 @@ def select_data(config: TrainConfig) -> RunData:
     check_unshared(train, val, "training and validation data")
     train, train_notes = distinct_knees(train, "training data")
     val, val_notes = distinct_knees(val, "validation data")
-    return RunData(limit_samples(train, config.limit, config.seed), limit_samples(val, config.limit, config.seed + 1),
-                   config.preprocess(), train_notes + val_notes)
+    train = limit_samples(train, config.limit, config.seed)
+    val = limit_samples(val, config.limit, config.seed + 1)
+    sideless = [note for samples, what in ((train, "training data"), (val, "validation data"))
+                for note in unknown_sides_warning(config.preprocess(), [s.side for s in samples], what)]
+    return RunData(train, val, config.preprocess(), train_notes + val_notes + sideless)
 
 
 def seen_records(data: RunData, init: str | None, early_stopping: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
