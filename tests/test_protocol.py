@@ -4,13 +4,14 @@ import csv
 import json
 
 import numpy as np
+from PIL import Image
 
 from klgrade.data.cache import decode_all
-from klgrade.data.sources import Sample
-from klgrade.experiments.protocol import BASELINES, VARIANTS, select_variants
+from klgrade.data.sources import Sample, find_samples, select_split
+from klgrade.experiments.protocol import BASELINES, VARIANTS, knees_in_val, select_variants
 from klgrade.infer.grading import load_model
 
-from helpers import copy_real_images, invoke_cli
+from helpers import copy_real_images, invoke_cli, knee_image, save
 
 TINY_CV = ["--epochs", "1", "--limit", "40", "--image-size", "64", "--option", "width=32", "--option", "heads=2",
            "--device", "cpu", "--quiet"]
@@ -84,6 +85,9 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     assert list(results["variants"]) == results["selected"] == [v.name for v in VARIANTS]
     assert results["left_out"] == {"external": "; ".join(left_out)} and f"Not scored: {'; '.join(left_out)}." in report
     assert all(entry["external"]["n"] == 40 for entry in results["variants"].values())
+    in_val = (f"--external {external}: 40 of 40 knees are in val too (the same patient or the same file, e.g. "
+              f"{external / '0' / first.name}): the external figures are not independent of the internal ones")
+    assert results["external_in_val"] == in_val and f"Not independent: {in_val}." in report and in_val in result.stderr
     kd = json.loads((out / "runs" / "msa_net_kd" / "fold0" / "metrics.json").read_text())
     assert len(kd["config"]["teacher"]) == 4
     assert results["unfinished"] == [] and "time budget" not in report
@@ -100,6 +104,22 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     assert not list((tmp_path / "fresh" / "runs").rglob("*.safetensors"))
     for figure in ("folds.png", "curves.png", "gradcam_panel.png", "confusion_msa_net.png"):
         assert (out / "figures" / figure).stat().st_size > 1000
+
+
+def test_an_external_set_is_said_to_repeat_val_only_where_it_shares_a_knee_with_it(kneekl224, tmp_path):
+    """Shared knees (a copy, or the other knee of a val patient) make the external figures repeat the internal ones;
+    a set apart from val gets no such note."""
+    val = select_split(find_samples(kneekl224), "val")
+    copy_real_images(kneekl224, tmp_path / "apart", 1, split="train")
+    apart = find_samples(tmp_path / "apart")
+    assert knees_in_val(val, apart, "--external x") is None
+    patient = val[0].patient_id
+    other_side = "R" if val[0].side == "L" else "L"
+    other_knee = save(Image.fromarray(knee_image()), tmp_path / "shared" / "0" / f"{patient}{other_side}.png")
+    shared = apart + find_samples(other_knee.parent.parent)
+    assert knees_in_val(val, shared, "--external x") == (
+        f"--external x: 1 of 6 knees are in val too (the same patient or the same file, e.g. {other_knee}): the "
+        f"external figures are not independent of the internal ones")
 
 
 def test_variants_are_chosen_by_report_or_folder_name_and_a_student_brings_its_teachers(tmp_path):

@@ -24,7 +24,7 @@ from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.io import read_image
 from klgrade.data.preprocess import PreprocessConfig, unknown_sides_warning
-from klgrade.data.provenance import distinct_knees, knee_record, unseen_knees
+from klgrade.data.provenance import distinct_knees, knee_record, shared_knees, unseen_knees
 from klgrade.data.sources import Sample, find_samples
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.evaluate.evaluation import batched_outputs
@@ -132,6 +132,18 @@ def validation_set(samples: list[Sample], what: str, train: dict[str, list[str]]
     return ValidationSet(samples, decoded.images, preprocess, "; ".join(repeated + trained) or None)
 
 
+def knees_in_val(val: list[Sample], external: list[Sample], what: str) -> str | None:
+    """A warning, if `external` shares knees with `val` (the same patient or the same file): its figures then repeat
+    part of the internal validation instead of standing apart from it. Each set is still scored whole."""
+    shared = shared_knees(val, external)
+    if not shared:
+        return None
+    warning = (f"{what}: {len(shared)} of {len(external)} knees are in val too (the same patient or the same file, "
+               f"e.g. {shared[0].path}): the external figures are not independent of the internal ones")
+    log.warning(warning)
+    return warning
+
+
 def validate_fold_models(run: Path, folds: int, validation: ValidationSet) -> dict:
     """Every fold model on an independent labelled set: per-fold metrics, mean +/- sd, and the fold ensemble."""
     labels = [s.grade for s in validation.samples]
@@ -183,6 +195,8 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {},
                "selected": [variant.name for variant in selected], "unfinished": [], "device": device_name(device),
                "jobs": jobs, "left_out": {which: v.left_out for which, v in validation.items() if v.left_out}}
+    if "external" in validation:
+        results["external_in_val"] = knees_in_val(val, validation["external"].samples, listed["external"][0])
     configs = {variant.name: variant_config(variant, base, extra, out) for variant in selected}
     fold_jobs = [FoldJob(configs[variant.name], fold, teacher_folds(variant, out, fold))
                  for variant in selected for fold in range(base.folds)]

@@ -82,6 +82,8 @@ def _markdown(results: dict, panel: Path | None) -> str:
         lines.append("")
         if which in results.get("left_out", {}):  # knees of the train split's patients or files
             lines += [f"Not scored: {results['left_out'][which]}.", ""]
+        if which == "external" and results.get("external_in_val"):
+            lines += [f"Not independent: {results['external_in_val']}.", ""]
     lines += ["## Misclassification analysis (pooled out-of-fold predictions)", "",
               "| model | errors | adjacent (1 grade) | two grades | extreme (>=3) | adjacent share |", "|---|---|---|---|---|---|"]
     for name, entry in variants.items():
