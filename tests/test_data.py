@@ -54,7 +54,14 @@ def test_single_split_with_named_grade_folders(tmp_path):
     assert all(s.split is None for s in samples)
 
 
-@pytest.mark.parametrize("folder", ["7", "cats", "5Severe"])
+def test_grade_folders_may_be_prefixed_as_other_datasets_name_them(tmp_path):
+    for grade, name in enumerate(["KL0", "kl_1", "KL-2", "Grade 3", "grade4"]):
+        _write(tmp_path / name / f"900000{grade}L.png")
+    assert sorted((os.path.basename(s.path), s.grade) for s in find_samples(tmp_path)) == [
+        (f"900000{grade}L.png", grade) for grade in range(5)]
+
+
+@pytest.mark.parametrize("folder", ["7", "cats", "5Severe", "KL5", "KLX", "Grades1"])
 def test_unknown_or_out_of_range_grade_folders_are_errors(tmp_path, folder):
     _write(tmp_path / folder / "9000001L.png")
     with pytest.raises(DataLayoutError, match=folder):

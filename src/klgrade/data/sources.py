@@ -3,7 +3,7 @@
 Supported:
 - `split/grade/image` (kneeKL224: `train/0/9003175L.png`, splits train/val/test/auto_test),
 - a single split in `grade/image` layout,
-- grade folders named like `0Normal`, `1Doubtful`, ... `4Severe`,
+- grade folders named like `0Normal`, `1Doubtful`, ... `4Severe`, or `KL0`, `KL_1`, `Grade 2`,
 - a CSV manifest with columns `path,grade[,patient_id,side]` (paths relative to the CSV; UTF-8, with or
   without the byte-order mark Excel writes).
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test", "auto_test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
-_GRADE_DIR = re.compile(r"^([0-9])(?:[ _-]?(" + "|".join(GRADE_NAMES) + r"))?$", re.IGNORECASE)
+_GRADE_DIR = re.compile(r"^(?:(?:KL|grade)[ _-]?)?([0-9])(?:[ _-]?(" + "|".join(GRADE_NAMES) + r"))?$", re.IGNORECASE)
 _KNEE_NAME = re.compile(r"^(\d{7})(?:([LR])|_\d+)?", re.IGNORECASE)
 
 
@@ -150,7 +150,8 @@ def _dicom_header_of(path: str, size: int, mtime_ns: int) -> tuple[str | None, s
 
 
 def grade_from_dir(name: str) -> int | None:
-    """Grade encoded by a folder name (`3`, `3Moderate`), or None when the name is not a grade folder."""
+    """Grade encoded by a folder name (`3`, `3Moderate`, `KL3`, `grade_3`), or None when the name is not a grade
+    folder."""
     match = _GRADE_DIR.match(name)
     if match is None:
         return None
@@ -253,7 +254,7 @@ def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadErro
         grade = grade_from_dir(sub.name)
         if grade is None:
             raise DataLayoutError(
-                f"{sub}: folder name is not a KL grade (expected 0-{NUM_GRADES - 1}, e.g. '2' or '2Minimal')"
+                f"{sub}: folder name is not a KL grade (expected 0-{NUM_GRADES - 1}, e.g. '2', '2Minimal' or 'KL2')"
             )
         for entry in _list_folder(sub, problems):
             if is_image_file(entry):
