@@ -84,6 +84,13 @@ def test_csv_manifest(tmp_path):
     assert [(s.grade, s.patient_id, s.side) for s in samples] == [(2, "P1", "R"), (4, "9000005", "L")]
 
 
+def test_a_manifest_written_on_windows_finds_its_files(tmp_path):
+    _write(tmp_path / "img" / "0" / "a.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,grade\r\nimg\\0\\a.png,2\r\n")
+    assert [(s.path, s.grade) for s in find_samples(manifest)] == [(str(tmp_path / "img" / "0" / "a.png"), 2)]
+
+
 def test_a_manifest_may_spell_the_side_out():
     """A hospital's list says `left` or `Right`: read as L and R, not kept as an unknown word (a model that mirrors
     left knees compares `side == "L"`, so `LEFT` left every such knee unmirrored)."""

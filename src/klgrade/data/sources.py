@@ -307,6 +307,17 @@ def parse_side(text: str | None) -> str | None:
     return SIDE_WORDS.get(word)
 
 
+def _manifest_path(csv_path: Path, text: str) -> Path:
+    """A manifest's path, relative to the manifest's folder unless absolute. One written on Windows (`img\\a.png`)
+    is read with forward slashes where no file has the name as written."""
+    path = csv_path.parent / text  # an absolute `text` stands alone
+    if os.sep == "/" and "\\" in text and not path.exists():
+        forward = csv_path.parent / text.replace("\\", "/")
+        if forward.exists():
+            return forward
+    return path
+
+
 def _from_manifest(csv_path: Path, problems: list[ImageReadError] | None) -> list[Sample]:
     samples, known_problems = [], len(problems or [])
     for line, row in enumerate(_manifest_rows(csv_path), start=2):
@@ -319,9 +330,7 @@ def _from_manifest(csv_path: Path, problems: list[ImageReadError] | None) -> lis
         except ValueError:
             _problem(problems, where, f"grade {row['grade']!r} is not a KL grade 0-{NUM_GRADES - 1}")
             continue
-        path = Path(row["path"].strip())
-        if not path.is_absolute():
-            path = csv_path.parent / path
+        path = _manifest_path(csv_path, row["path"].strip())
         if not path.exists() and not path.is_symlink():
             _problem(problems, where, f"file {path} does not exist")
             continue
