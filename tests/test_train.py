@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from klgrade.data.provenance import knee_record, merge_records
 from klgrade.data.sources import find_samples
 from klgrade.data.splits import fold_split
-from klgrade.errors import DataLayoutError
+from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.models import create_model, load_checkpoint
 from klgrade.models.weights import read_info
 from klgrade.train.config import TrainConfig, load_config, resolve_precision
@@ -229,8 +229,37 @@ def test_yaml_config_with_cli_overrides(tmp_path):
         load_config(path, {})
 
 
+@pytest.mark.parametrize("yaml_text, message", [
+    ("lr: -1", "--lr must be above 0, not -1"), ("lr: .nan", "option lr must be a finite number, not nan"),
+    ("lr: fast", "option lr must be a finite number, not 'fast'"), ("ema: 1.0", "--ema must be in [0, 1), not 1.0"),
+    ("label_smoothing: 1", "--label-smoothing must be in [0, 1), not 1"),
+    ("kd_temperature: 0", "--kd-temperature must be above 0, not 0"), ("weight_decay: -0.1", "must be at least 0"),
+    ("warmup_epochs: -1", "--warmup-epochs must be at least 0"), ("patience: -2", "--patience must be at least 0"),
+    ("threads: 0", "--threads must be at least 1"), ("epochs: 3.5", "option epochs must be a whole number, not 3.5"),
+    ("clahe: 'no'", "option clahe must be true or false, not 'no'"),
+    ("teacher: a.safetensors", "option teacher must be a list of texts"),
+    ("augment: 5", "option augment must be a mapping, not 5"),
+    ("augment: {rotate: 5}", "augment: unknown option(s) ['rotate']"),
+    ("domain: {clahe_probability: 0.5}", "domain: unknown option(s) ['clahe_probability']")])
+def test_a_config_value_out_of_range_or_of_the_wrong_type_is_a_one_line_error(tmp_path, yaml_text, message):
+    """Such values failed deep inside training with a traceback (`lr: -1` in AdamW; `augment: {rotate: 5}` only
+    once the model was built)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text + "\n")
+    with pytest.raises(KLGradeError, match=re.escape(message)):
+        load_config(path, {"data": "d"})
+
+
+def test_a_yaml_number_without_a_decimal_point_is_a_number(tmp_path):
+    """YAML 1.1 reads `1e-3` as text: AdamW then failed comparing it with 0."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5E-2\n")
+    config = load_config(path, {"data": "d"})
+    assert (config.lr, config.weight_decay) == (0.001, 0.05)
+
+
 def test_bad_training_options_are_one_line_errors(tmp_path, kneekl224):
-    for option, value in (("--balance", "magic"), ("--precision", "fp8")):
+    for option, value in (("--balance", "magic"), ("--precision", "fp8"), ("--lr", "-1")):
         result = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), option, value)
         assert result.returncode == 1 and "Traceback" not in result.stderr and option in result.stderr
     result = invoke_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))

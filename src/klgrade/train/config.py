@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -13,6 +14,16 @@ from klgrade.data.augment import AugmentConfig, DomainConfig
 from klgrade.data.preprocess import PreprocessConfig
 from klgrade.errors import KLGradeError
 
+OPTION_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,),
+                "list[str]": (list,)}
+"""The Python types a value of each option type may have (a YAML file gives them untyped)."""
+OPTION_RANGES = (("lr", lambda v: v > 0, "above 0"), ("weight_decay", lambda v: v >= 0, "at least 0"),
+                 ("warmup_epochs", lambda v: v >= 0, "at least 0"),
+                 ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"), ("ema", lambda v: 0 <= v < 1, "in [0, 1)"),
+                 ("kd_alpha", lambda v: 0 <= v <= 1, "in [0, 1]"), ("kd_temperature", lambda v: v > 0, "above 0"),
+                 ("consistency", lambda v: v >= 0, "at least 0"), ("patience", lambda v: v >= 0, "at least 0"),
+                 ("threads", lambda v: v is None or v >= 1, "at least 1"))
+"""Values an option may take beyond its type (NaN fails every test)."""
 BALANCE_CHOICES = ("none", "sampler", "loss")
 SCHEDULE_CHOICES = ("cosine", "onecycle")
 PRECISION_CHOICES = ("auto", "bf16-mixed", "16-mixed", "32-true")
@@ -85,14 +96,20 @@ class TrainConfig:
     resume: bool = False
 
     def validate(self) -> "TrainConfig":
+        check_option_types(self.to_dict())
+        for name, allowed, wanted in OPTION_RANGES:
+            if not allowed(getattr(self, name)):
+                raise KLGradeError(f"--{name.replace('_', '-')} must be {wanted}, not {getattr(self, name)}")
+        for name, kind in (("augment", AugmentConfig), ("domain", DomainConfig)):
+            unknown = sorted(set(getattr(self, name)) - {f.name for f in fields(kind)})
+            if unknown:
+                raise KLGradeError(f"{name}: unknown option(s) {unknown} (known: {[f.name for f in fields(kind)]})")
         if self.balance not in BALANCE_CHOICES:
             raise KLGradeError(f"--balance must be one of {BALANCE_CHOICES}, not '{self.balance}'")
         if self.schedule not in SCHEDULE_CHOICES:
             raise KLGradeError(f"--schedule must be one of {SCHEDULE_CHOICES}, not '{self.schedule}'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise KLGradeError(f"--device must be auto, cpu or cuda, not '{self.device}'")
-        if not 0.0 <= self.kd_alpha <= 1.0:
-            raise KLGradeError(f"--kd-alpha must lie in [0, 1], not {self.kd_alpha}")
         for name in ("epochs", "batch_size", "devices", "num_nodes"):
             if getattr(self, name) < 1:
                 raise KLGradeError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
@@ -106,8 +123,6 @@ class TrainConfig:
         if self.ordinal and self.label_smoothing > 0:
             raise KLGradeError("--label-smoothing cannot be used with --ordinal: smoothing every grade flattens the "
                                "cumulative-logit scale")
-        if self.consistency < 0:
-            raise KLGradeError(f"--consistency must be at least 0, not {self.consistency}")
         if self.consistency > 0 and not self.domain_augment:
             raise KLGradeError("--consistency needs --domain-augment: it compares each image with its processed copy")
         if self.precision not in PRECISION_CHOICES:
@@ -136,6 +151,40 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16-mixed" if native_bf16 else "32-true"
 
 
+def check_option_types(values: dict) -> None:
+    """KLGradeError unless every option in `values` has its type (`OPTION_KINDS`; a number finite, a list one of
+    strings): a value of the wrong type would fail with a traceback deep inside training."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    for name, value in values.items():
+        kind = kinds[name].removesuffix(" | None")
+        if value is None and kinds[name].endswith(" | None"):
+            continue
+        allowed = OPTION_KINDS[kind]
+        fits = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+        if kind == "float" and fits:
+            fits = math.isfinite(value)
+        if kind == "list[str]" and fits:
+            fits = all(isinstance(item, str) for item in value)
+        if not fits:
+            wanted = {"int": "a whole number", "float": "a finite number", "bool": "true or false", "str": "a text",
+                      "dict": "a mapping", "list[str]": "a list of texts"}[kind]
+            raise KLGradeError(f"option {name} must be {wanted}, not {value!r}")
+
+
+def _yaml_numbers(values: dict) -> dict:
+    """`values` with the number options YAML 1.1 leaves as text (`lr: 1e-3`, without a decimal point) read as
+    numbers."""
+    reals = {f.name for f in fields(TrainConfig) if f.type.removesuffix(" | None") == "float"}
+    read = dict(values)
+    for name in reals & set(values):
+        if isinstance(values[name], str):
+            try:
+                read[name] = float(values[name])
+            except ValueError:
+                pass  # reported as text by `check_option_types`
+    return read
+
+
 def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     """Defaults <- YAML file <- explicit overrides (None values in `overrides` mean 'not given')."""
     values: dict = {}
@@ -150,7 +199,9 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise KLGradeError(f"{path}: unknown option(s) {unknown}")
+    values = _yaml_numbers(values)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    check_option_types(values)
     if "augment" in values:
         values["augment"] = {**AugmentConfig().to_dict(), **values["augment"]}
     if "domain" in values:
