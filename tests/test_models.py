@@ -19,6 +19,14 @@ def test_registry_names_and_unknown_name():
         create_model("msa_net", wings=3)
 
 
+@pytest.mark.parametrize("options", [{"width": -5}, {"heads": 0}, {"width": "abc"}, {"backbone": "resnet999"}])
+def test_a_model_option_its_layers_cannot_take_is_a_one_line_error(options):
+    """`--option width=-5` or `heads=0` failed with a traceback from inside torch."""
+    key, value = next(iter(options.items()))
+    with pytest.raises(KLGradeError, match=f"^bad option for model 'msa_net' \\({key}={value!r}\\): "):
+        create_model("msa_net", **options)
+
+
 @pytest.mark.parametrize("name", ["msa_net", "resnet18", "resnet50", "mobilenet_v2", "densenet121"])
 def test_every_model_maps_images_to_five_logits_and_trains_every_parameter(name):
     torch.manual_seed(0)

@@ -61,8 +61,9 @@ def create_model(name: str, num_classes: int = NUM_GRADES, in_chans: int = 1, pr
         raise KLGradeError(f"unknown model '{name}'; choose one of: {', '.join(list_models())}")
     try:
         model = _BUILDERS[name](num_classes=num_classes, in_chans=in_chans, pretrained=pretrained == "timm", **options)
-    except TypeError as exc:
-        raise KLGradeError(f"bad option for model '{name}': {exc}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:  # an unknown option, or a value the layers cannot take
+        given = ", ".join(f"{key}={value!r}" for key, value in options.items())
+        raise KLGradeError(f"bad option for model '{name}' ({given}): {exc}") from None
     if ordinal:
         classifier_name = "fc" if name == "msa_net" else model.default_cfg.get("classifier", "fc")
         in_features = getattr(model, "num_features")
