@@ -11,8 +11,9 @@ from PIL import Image
 
 import klgrade
 from klgrade.data.preprocess import SIDE_UNKNOWN
-from klgrade.errors import CheckpointError, ImageReadError
-from klgrade.evaluate.evaluation import evaluate
+from klgrade.data.sources import Sample
+from klgrade.errors import CheckpointError, DataLayoutError, ImageReadError
+from klgrade.evaluate.evaluation import evaluate, pick_split
 from klgrade.explain.gradcam import gradcam, joint_fraction, overlay
 from klgrade.infer.onnx import OnnxModel, export_onnx
 from klgrade.infer.grading import NamedBytes, load_model, prepare_input
@@ -115,6 +116,16 @@ def test_a_mirroring_model_says_when_it_does_not_know_a_knees_side(tiny_checkpoi
         f"{tmp_path / 'set'}: 1 of 2 knees have no side (not in a manifest, the file name or the DICOM header): the "
         f"model mirrors left knees, so a left knee among them is seen unmirrored"]
     assert not [w for w in evaluate(plain, tmp_path / "set", n_boot=0).warnings if "no side" in w]
+
+
+def test_the_split_scored_is_the_one_named_else_test_then_val():
+    samples = [Sample(f"{split}/0/a.png", 0, "9000001", "L", split) for split in ("train", "val")]
+    assert {s.split for s in pick_split(samples, None)} == {"val"}
+    assert {s.split for s in pick_split(samples, "train")} == {"train"}
+    with pytest.raises(DataLayoutError, match=r"^--split tset: the data has no such split \(found \['train', 'val'\]\)$"):
+        pick_split(samples, "tset")
+    with pytest.raises(DataLayoutError, match=r"^no split to use by default \(found \['train'\]\); name one"):
+        pick_split(samples[:1], None)
 
 
 def test_ensemble_averages_members_and_flip_tta_is_symmetric(tiny_checkpoint):

@@ -50,9 +50,12 @@ def pick_split(samples: list[Sample], split: str | None) -> list[Sample]:
         if split:
             raise DataLayoutError(f"--split {split}: the data is a single folder without splits")
         return samples
+    found = sorted(name for name in names if name)
+    if split and split not in names:
+        raise DataLayoutError(f"--split {split}: the data has no such split (found {found})")
     chosen = split or next((name for name in EVAL_SPLIT_ORDER if name in names), None)
-    if chosen is None or chosen not in names:
-        raise DataLayoutError(f"no split to evaluate (found {sorted(n for n in names if n)}); name one with --split")
+    if chosen is None:
+        raise DataLayoutError(f"no split to use by default (found {found}); name one with --split")
     return [s for s in samples if s.split == chosen]
 
 
