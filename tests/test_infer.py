@@ -122,7 +122,8 @@ def test_the_split_scored_is_the_one_named_else_test_then_val():
     samples = [Sample(f"{split}/0/a.png", 0, "9000001", "L", split) for split in ("train", "val")]
     assert {s.split for s in pick_split(samples, None)} == {"val"}
     assert {s.split for s in pick_split(samples, "train")} == {"train"}
-    with pytest.raises(DataLayoutError, match=r"^--split tset: the data has no such split \(found \['train', 'val'\]\)$"):
+    with pytest.raises(DataLayoutError,
+                       match=r"^--split tset: the data has no such split \(found \['train', 'val'\]\)$"):
         pick_split(samples, "tset")
     with pytest.raises(DataLayoutError, match=r"^no split to use by default \(found \['train'\]\); name one"):
         pick_split(samples[:1], None)
