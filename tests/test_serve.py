@@ -72,6 +72,13 @@ def test_oversized_upload_is_413_and_missing_file_422(client):
     assert client.post("/v1/grade").status_code == 422
 
 
+def test_two_files_in_one_request_are_refused_not_one_graded_unsaid(client):
+    """One answer per request: with two `file` parts the last alone was graded, and the caller could not tell which."""
+    knees = sorted(EXAMPLES.glob("*.jpg"))[:2]
+    response = client.post("/v1/grade", files=[("file", (p.name, p.read_bytes(), "image/jpeg")) for p in knees])
+    assert response.status_code == 422 and response.json()["detail"] == "one radiograph per request, not 2 files"
+
+
 @pytest.fixture(scope="module")
 def server(calibrated):
     with local_server("--checkpoint", str(calibrated)) as running:

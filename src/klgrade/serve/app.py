@@ -219,13 +219,17 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                                       411: {"description": "No Content-Length"},
                                       413: {"description": "Upload too large"},
                                       415: {"description": "Not an image type"},
-                                      422: {"description": "Unreadable image, too many pixels, or a bad query value"}})
+                                      422: {"description": "Unreadable image, too many pixels, more than one "
+                                                            "file, or a bad query value"}})
     async def grade_upload(request: Request, predictor: Annotated[Predictor, Depends(get_predictor)],
                            file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF or DICOM radiograph")],
                            explain: Annotated[bool, Query(description="Add a Grad-CAM overlay")] = False,
                            alpha: Annotated[float | None, Query(gt=0, lt=1, description="Grade sets miss the true "
                                                                 "grade for at most this share [0.1]")] = None,
                            ) -> GradeResponse:
+        files = (await request.form()).getlist("file")  # the form FastAPI has parsed already
+        if len(files) > 1:
+            raise HTTPException(422, detail=f"one radiograph per request, not {len(files)} files")
         data = await file.read()
         declared = (file.content_type or "").lower()
         source = NamedBytes(data, file.filename or "upload")  # the name gives the knee side and marks .dcm files
