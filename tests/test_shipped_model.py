@@ -7,7 +7,7 @@ import pytest
 
 import klgrade
 from klgrade.infer.predictor import shipped_checkpoint
-from klgrade.models.weights import read_info
+from klgrade.models.weights import read_info, weights_digest
 
 from helpers import EXAMPLES, REPO, benchmark_framings, copy_real_images, invoke_cli
 
@@ -21,6 +21,12 @@ STORED_INVERTED = ("0/9625187L", "0/9775753L", "0/9775753R", "2/9558684L", "2/95
                    "2/9596723R", "2/9599715L", "2/9599715R", "2/9625187R", "2/9790812L", "2/9790812R", "3/9579255L")
 """The kneeKL224 val knees stored inverted (bone dark; both knees of 7 patients), found by their brightness (the
 central third of the columns darker than the outer sixths) and checked by eye (docs/results.md, polarity)."""
+
+
+def test_the_shipped_calibration_records_the_weights_it_was_fitted_on():
+    """So that the shipped model's weights fine-tuned and saved with its metadata run uncalibrated (test_uncertainty)."""
+    assert read_info(shipped_checkpoint())["calibration"]["weights"] == weights_digest(shipped_checkpoint())
+    assert klgrade.load_model().is_calibrated
 
 
 def test_shipped_model_meets_the_bar_on_val_and_its_card_says_so(kneekl224):

@@ -401,3 +401,31 @@ def test_uncertainty_benchmark_cross_fits_on_a_tiny_split_root(calibrated, kneek
                 "framing_wide_warned_fraction"):  # the framing read-outs stored by `klgrade calibrate`
         assert 0 <= report["mean"][key] <= 1
     assert report["not_knee"]["n"] > 40 and report["n_density"] == 20
+
+
+def test_a_calibration_holds_only_for_the_weights_it_was_fitted_on(calibrated, tmp_path, caplog):
+    """Weights changed after `klgrade calibrate` (fine-tuned in Python and saved with the old metadata) carried the
+    old temperature, grade sets and gradability statistics on, silently: now they run uncalibrated and say so, and an
+    ONNX export leaves the calibration behind. The same weights under other metadata keep it."""
+    import logging
+
+    import torch
+
+    from klgrade.infer.onnx import OnnxModel, export_onnx
+    from klgrade.models import load_checkpoint, save_checkpoint
+    from klgrade.models.weights import stored_dtype
+
+    assert load_model(calibrated).is_calibrated and len(read_info(calibrated)["calibration"]["weights"]) == 32
+    model, info = load_checkpoint(calibrated)
+    info["card"] = {"data": "the same weights, another description"}
+    same = save_checkpoint(tmp_path / "same.safetensors", model, info, dtype=stored_dtype(calibrated))
+    assert load_model(same).is_calibrated
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    changed = save_checkpoint(tmp_path / "changed.safetensors", model, info, dtype=stored_dtype(calibrated))
+    with caplog.at_level(logging.WARNING):
+        predictor = load_model(changed)
+    assert not predictor.is_calibrated and predictor.temperature == 1.0
+    assert f"running uncalibrated: {changed} holds other weights than its calibration was fitted on" in caplog.text
+    export_onnx(changed, tmp_path / "changed.onnx")
+    assert "calibration" not in OnnxModel(tmp_path / "changed.onnx").info

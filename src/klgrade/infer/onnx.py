@@ -20,7 +20,7 @@ from klgrade.data.cache import default_cache_dir
 from klgrade.errors import CheckpointError
 from klgrade.files import atomic_path
 from klgrade.models import features_and_logits, load_checkpoint
-from klgrade.models.weights import read_info
+from klgrade.models.weights import calibration_fits, read_info
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
     import onnx
 
     model, info = load_checkpoint(checkpoint)
+    if not calibration_fits(checkpoint, info):  # the export would carry it on to weights it was not fitted on
+        log.warning("%s holds other weights than its calibration was fitted on: exported uncalibrated; run `klgrade "
+                    "calibrate` on it, then export again", checkpoint)
+        del info["calibration"]
     side = info["preprocess"]["size"]
     example = torch.zeros(1, 1, side, side)
     with atomic_path(out) as temporary, warnings.catch_warnings():

@@ -29,6 +29,7 @@ from klgrade.data.provenance import merge_records
 from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
+from klgrade.models.weights import calibration_fits
 from klgrade.uncertainty import (DEFAULT_ALPHA, SHIFT_WARNINGS, Calibration, apply_temperature, conformal_threshold,
                                  grade_sets, grade_thresholds, gradability, processing_shift,
                                  uncertified_grades, uncertified_warning)
@@ -219,6 +220,12 @@ class Predictor:
         ensemble_ids = {(c or {}).get("ensemble_id") for c in stored}
         if len(ensemble_ids) != 1 or len(stored[0].get("members", [None])) != len(stored):
             log.warning("running uncalibrated: the stored calibration belongs to another set of checkpoints")
+            return Calibration()
+        stale = next((p for p, info in zip(self.paths, self.infos) if p.suffix == ".safetensors"
+                      and not calibration_fits(p, info)), None)
+        if stale is not None:
+            log.warning("running uncalibrated: %s holds other weights than its calibration was fitted on (changed "
+                        "after `klgrade calibrate`); run `klgrade calibrate` on it again", stale)
             return Calibration()
         if stored[0].get("tta") != self.tta:
             log.warning("%s was calibrated with flip TTA %s; running it %s leaves it uncalibrated", self.paths[0],

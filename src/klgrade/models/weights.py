@@ -7,8 +7,10 @@ training facts (metrics, data fingerprint, recipe).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -65,6 +67,34 @@ def read_info(path: str | Path) -> dict:
             info["model"].get("name"), str):
         raise CheckpointError(f"{path}: klgrade metadata does not name the model's architecture (model.name)")
     return info
+
+
+def weights_digest(path: str | Path) -> str:
+    """A digest of the tensors a safetensors file holds (their names, dtypes, shapes and bytes; not the metadata): a
+    calibration records it, so that it is known for the calibration of these weights and of no others.
+
+    Raises:
+        CheckpointError: the file cannot be read as safetensors.
+    """
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+            header.pop("__metadata__", None)
+            hasher = hashlib.blake2b(json.dumps(header, sort_keys=True).encode(), digest_size=16)
+            while chunk := handle.read(1 << 20):
+                hasher.update(chunk)
+    except (OSError, struct.error, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    return hasher.hexdigest()
+
+
+def calibration_fits(path: str | Path, info: dict) -> bool:
+    """False where the calibration in `info` records other weights than the file at `path` holds (they were changed
+    after `klgrade calibrate`, e.g. fine-tuned and saved with the old metadata); True where it records these, or
+    none (a calibration written before weights were recorded)."""
+    recorded = (info.get("calibration") or {}).get("weights")
+    return recorded is None or recorded == weights_digest(path)
 
 
 def stored_dtype(path: str | Path) -> torch.dtype:
