@@ -1,6 +1,7 @@
 import json
 import os
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from klgrade.data.cache import load_cached
 from klgrade.data.preprocess import PreprocessConfig, prepare_image, preprocess, to_uint8, trim_uniform_margins
 from klgrade.data.provenance import check_unshared, shared_knees
-from klgrade.data.sources import PLACEHOLDER_FILES, Sample, find_samples, parse_knee_name, parse_side
+from klgrade.data.sources import PLACEHOLDER_FILES, Sample, find_samples, is_image_file, parse_knee_name, parse_side
 from klgrade.data.splits import knee_groups, patient_folds
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
@@ -52,6 +53,25 @@ def test_single_split_with_named_grade_folders(tmp_path):
     samples = find_samples(tmp_path)
     assert [s.grade for s in samples] == [0, 1, 2, 3, 4]
     assert all(s.split is None for s in samples)
+
+
+def test_images_in_folders_inside_a_grade_folder_count_and_a_dicomdir_does_not(tmp_path, monkeypatch):
+    """A PACS export files each patient's images in folders of their own: those were skipped without a word (a set
+    scored on the images at the top of each grade folder only). Its index, DICOMDIR, is no image; a link back up the
+    tree is not followed round."""
+    _write(tmp_path / "0" / "9000001L.png")
+    write_dicom(_parent(tmp_path / "0" / "PAT1" / "STUDY1" / "IMG0001"), knee_image().astype(np.uint16) * 16,
+                "MONOCHROME2", patient="PAT1")
+    (tmp_path / "0" / "PAT1" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    _write(tmp_path / "3" / "site b" / "knee.png", seed=1)
+    os.symlink(tmp_path / "3", tmp_path / "3" / "site b" / "back")
+    samples = find_samples(tmp_path)
+    assert [(os.path.relpath(s.path, tmp_path), s.grade) for s in samples] == [
+        ("0/9000001L.png", 0), ("0/PAT1/STUDY1/IMG0001", 0), ("3/site b/knee.png", 3)]
+    assert samples[1].patient_id.startswith("dicom-") and samples[2].patient_id == "file:3/site b/knee.png"
+    monkeypatch.chdir(tmp_path)  # listed from inside: the same files, the same patients
+    assert find_samples(".") == [replace(s, path=os.path.relpath(s.path, tmp_path)) for s in samples]
+    assert not is_image_file(tmp_path / "0" / "PAT1" / "DICOMDIR")
 
 
 def test_grade_folders_may_be_prefixed_as_other_datasets_name_them(tmp_path):

@@ -2,7 +2,7 @@
 
 Supported:
 - `split/grade/image` (kneeKL224: `train/0/9003175L.png`, splits train/val/test/auto_test),
-- a single split in `grade/image` layout,
+- a single split in `grade/image` layout (images also in folders inside the grade folders, at any depth),
 - grade folders named like `0Normal`, `1Doubtful`, ... `4Severe`, or `KL0`, `KL_1`, `Grade 2`,
 - a CSV manifest with columns `path,grade[,patient_id,side]` (paths relative to the CSV; UTF-8, with or
   without the byte-order mark Excel writes).
@@ -162,15 +162,16 @@ def grade_from_dir(name: str) -> int | None:
 
 
 def is_image_file(path: Path | os.DirEntry) -> bool:
-    """An image by its suffix, or an extension-less DICOM file (as PACS exports name them, e.g. IMG0001).
+    """An image by its suffix, or an extension-less DICOM file (as PACS exports name them, e.g. IMG0001; not their
+    index, DICOMDIR).
 
     Entries with an image suffix count even when they are not regular files (a pipe, a broken link): reading
     them then reports the problem instead of skipping them in silence. An extension-less file that cannot
     be opened counts too, for the same reason. An entry of a folder listing (`os.DirEntry`) says whether it is a
     folder without a stat per file, which made listing kneeKL224 take twice as long.
     """
-    if path.name.startswith(".") or _is_folder(path):
-        return False
+    if path.name.startswith(".") or path.name.upper() == "DICOMDIR" or _is_folder(path):
+        return False  # DICOMDIR: the index of a DICOM export, which holds no image
     if os.path.splitext(path.name)[1].lower() in IMAGE_SUFFIXES:
         return True
     path = Path(path)
@@ -256,15 +257,32 @@ def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadErro
             raise DataLayoutError(
                 f"{sub}: folder name is not a KL grade (expected 0-{NUM_GRADES - 1}, e.g. '2', '2Minimal' or 'KL2')"
             )
-        for entry in _list_folder(sub, problems):
-            if is_image_file(entry):
-                patient, side = parse_knee_name(entry.name)
-                patient = patient or own_patient(f"{split}/{sub.name}/{entry.name}" if split else
-                                                 f"{sub.name}/{entry.name}")
-                samples.append(Sample(entry.path, grade, patient, side, split))
+        for path, inside in _images_below(sub, problems):
+            patient, side = parse_knee_name(os.path.basename(path))
+            inside = f"{sub.name}/{inside}"
+            samples.append(Sample(path, grade, patient or own_patient(f"{split}/{inside}" if split else inside),
+                                  side, split))
     if not samples:
         raise _found_nothing(root, "no images found in grade folders", (problems or [])[known_problems:])
     return samples
+
+
+def _images_below(folder: Path, problems: list[ImageReadError] | None) -> list[tuple[str, str]]:
+    """The image files in `folder` and in its folders at any depth (a PACS export files each patient's images in
+    folders of their own), each with its path inside `folder` ("/"-separated), by that path; a folder reached again
+    through a link is not listed twice."""
+    found, seen, pending = [], set(), [(str(folder), "")]
+    while pending:
+        current, inside = pending.pop()
+        if os.path.realpath(current) in seen:
+            continue
+        seen.add(os.path.realpath(current))
+        for entry in _list_folder(Path(current), problems):
+            if is_image_file(entry):
+                found.append((entry.path, inside + entry.name))
+            elif not entry.name.startswith(".") and _is_folder(entry):
+                pending.append((entry.path, f"{inside}{entry.name}/"))
+    return sorted(found, key=lambda item: item[1])
 
 
 def _manifest_rows(csv_path: Path) -> list[dict]:
