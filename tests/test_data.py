@@ -47,6 +47,18 @@ def test_split_grade_layout(tmp_path):
         ("train", 0, "9000001", "L"), ("train", 3, "9000001", "R"), ("val", 4, "9000002", None)]
 
 
+def test_splits_named_as_other_datasets_name_them(tmp_path):
+    """`Training`/`valid`/`testing` were "unknown folders beside the splits"; two folders for one split are refused
+    (which one is the split is unknown)."""
+    for folder, patient in (("Training", 1), ("valid", 2), ("testing", 3)):
+        _write(tmp_path / folder / "1" / f"900000{patient}L.png")
+    assert sorted((s.patient_id, s.split) for s in find_samples(tmp_path)) == [("9000001", "train"),
+                                                                               ("9000002", "val"), ("9000003", "test")]
+    _write(tmp_path / "val" / "1" / "9000004L.png")
+    with pytest.raises(DataLayoutError, match=r"folders \['val', 'valid'\] name one split"):
+        find_samples(tmp_path)
+
+
 def test_single_split_with_named_grade_folders(tmp_path):
     for grade, name in enumerate(["0Normal", "1Doubtful", "2Minimal", "3Moderate", "4Severe"]):
         _write(tmp_path / name / f"900000{grade}L.png")

@@ -1,7 +1,8 @@
 """Find labelled samples in the layouts knee-radiograph datasets come in.
 
 Supported:
-- `split/grade/image` (kneeKL224: `train/0/9003175L.png`, splits train/val/test/auto_test),
+- `split/grade/image` (kneeKL224: `train/0/9003175L.png`, splits train/val/test/auto_test, also named
+  `Training`, `valid`, `validation`, `testing`),
 - a single split in `grade/image` layout (images also in folders inside the grade folders, at any depth),
 - grade folders named like `0Normal`, `1Doubtful`, ... `4Severe`, or `KL0`, `KL_1`, `Grade 2`,
 - a CSV manifest with columns `path,grade[,patient_id,side]` (paths relative to the CSV; UTF-8, with or
@@ -38,6 +39,8 @@ from klgrade.errors import DataLayoutError, ImageReadError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test", "auto_test")
+SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
+"""Other names datasets give their splits."""
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 _GRADE_DIR = re.compile(r"^(?:(?:KL|grade)[ _-]?)?([0-9])(?:[ _-]?(" + "|".join(GRADE_NAMES) + r"))?$", re.IGNORECASE)
 _KNEE_NAME = re.compile(r"^(\d{7})(?:([LR])|_\d+)?", re.IGNORECASE)
@@ -213,6 +216,13 @@ def _subfolders(folder: Path) -> list[Path]:
             if not entry.name.startswith(".") and Path(entry.path).is_dir()]
 
 
+def split_name(folder: str) -> str | None:
+    """The split a folder name stands for (`SPLITS`, also `Training`, `valid`, `validation`, `testing`, any case),
+    or None."""
+    name = folder.lower()
+    return SPLIT_ALIASES.get(name, name if name in SPLITS else None)
+
+
 def find_samples(data: str | Path, problems: list[ImageReadError] | None = None) -> list[Sample]:
     """All labelled samples under `data` (a split root, a single split folder, or a CSV manifest).
 
@@ -234,12 +244,16 @@ def find_samples(data: str | Path, problems: list[ImageReadError] | None = None)
     subdirs = _subfolders(root)
     if not subdirs:
         raise DataLayoutError(f"{root}: no grade or split folders inside")
-    split_dirs = [p for p in subdirs if p.name in SPLITS]
+    split_dirs = {p: split_name(p.name) for p in subdirs if split_name(p.name)}
     if split_dirs:
-        others = [p.name for p in subdirs if p.name not in SPLITS]
+        others = [p.name for p in subdirs if p not in split_dirs]
         if others:
             raise DataLayoutError(f"{root}: unknown folder(s) {others} beside the splits {list(SPLITS)}")
-        return with_dicom_headers([s for d in split_dirs for s in _from_grade_dirs(d, d.name, problems)])
+        names = list(split_dirs.values())
+        twice = sorted(p.name for p, name in split_dirs.items() if names.count(name) > 1)
+        if twice:
+            raise DataLayoutError(f"{root}: folders {twice} name one split")
+        return with_dicom_headers([s for d, name in split_dirs.items() for s in _from_grade_dirs(d, name, problems)])
     return with_dicom_headers(_from_grade_dirs(root, None, problems))
 
 
