@@ -12,7 +12,8 @@ from PIL import Image
 from klgrade.data.cache import load_cached
 from klgrade.data.preprocess import PreprocessConfig, prepare_image, preprocess, to_uint8, trim_uniform_margins
 from klgrade.data.provenance import check_unshared, shared_knees
-from klgrade.data.sources import PLACEHOLDER_FILES, Sample, find_samples, is_image_file, parse_knee_name, parse_side
+from klgrade.data.sources import (PLACEHOLDER_FILES, Sample, find_samples, is_image_file, parse_grade, parse_knee_name,
+                                  parse_side)
 from klgrade.data.splits import knee_groups, patient_folds
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
@@ -121,6 +122,13 @@ def test_a_manifest_written_on_windows_finds_its_files(tmp_path):
     manifest = tmp_path / "list.csv"
     manifest.write_text("path,grade\r\nimg\\0\\a.png,2\r\n")
     assert [(s.path, s.grade) for s in find_samples(manifest)] == [(str(tmp_path / "img" / "0" / "a.png"), 2)]
+
+
+def test_a_manifest_grade_may_carry_the_scale_s_name():
+    assert [parse_grade(text) for text in ("3", " 3 ", "3.0", "KL3", "kl 2", "Grade_4", "KL-0")] == [3, 3, 3, 3, 2, 4, 0]
+    for text in ("KL5", "KLX", "grades 1", "3a", "", "nan"):
+        with pytest.raises(ValueError):
+            parse_grade(text)
 
 
 def test_a_manifest_may_spell_the_side_out():

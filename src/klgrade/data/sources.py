@@ -42,7 +42,10 @@ SPLITS = ("train", "val", "test", "auto_test")
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 """Other names datasets give their splits."""
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
-_GRADE_DIR = re.compile(r"^(?:(?:KL|grade)[ _-]?)?([0-9])(?:[ _-]?(" + "|".join(GRADE_NAMES) + r"))?$", re.IGNORECASE)
+_SCALE_NAME = r"(?:KL|grade)[ _-]?"
+"""How datasets prefix a grade: `KL3`, `KL_3`, `Grade 3`."""
+_GRADE_DIR = re.compile(rf"^(?:{_SCALE_NAME})?([0-9])(?:[ _-]?(" + "|".join(GRADE_NAMES) + r"))?$", re.IGNORECASE)
+_GRADE_PREFIX = re.compile(rf"^{_SCALE_NAME}", re.IGNORECASE)
 _KNEE_NAME = re.compile(r"^(\d{7})(?:([LR])|_\d+)?", re.IGNORECASE)
 
 
@@ -319,8 +322,9 @@ def _manifest_rows(csv_path: Path) -> list[dict]:
 
 
 def parse_grade(text: str | None) -> int:
-    """A grade from a manifest cell: `3`, ` 3 `, `3.0`; ValueError for anything else or outside 0-4."""
-    value = float((text or "").strip())
+    """A grade from a manifest cell: `3`, ` 3 `, `3.0`, `KL3`, `KL 3`, `grade 3`; ValueError for anything else or
+    outside 0-4."""
+    value = float(_GRADE_PREFIX.sub("", (text or "").strip()))
     if not value.is_integer() or not 0 <= value < NUM_GRADES:
         raise ValueError(text)
     return int(value)
