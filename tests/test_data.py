@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import warnings
 from dataclasses import replace
@@ -85,6 +86,24 @@ def test_images_in_folders_inside_a_grade_folder_count_and_a_dicomdir_does_not(t
     monkeypatch.chdir(tmp_path)  # listed from inside: the same files, the same patients
     assert find_samples(".") == [replace(s, path=os.path.relpath(s.path, tmp_path)) for s in samples]
     assert not is_image_file(tmp_path / "0" / "PAT1" / "DICOMDIR")
+
+
+def test_files_in_the_grade_folders_that_are_no_image_it_reads_are_named_not_dropped_unsaid(tmp_path, caplog):
+    """A grade folder holding WebP or JPEG 2000 knees beside PNGs was scored on the PNGs alone, without a word."""
+    _write(tmp_path / "0" / "9000001L.png")
+    Image.fromarray(knee_image()).save(tmp_path / "0" / "9000002L.webp")
+    (tmp_path / "2" / "scans").mkdir(parents=True)
+    (tmp_path / "2" / "scans" / "9000003R.jp2").write_bytes(b"\0\0\0\x0cjP  ")
+    for junk in ("Thumbs.db", "desktop.ini", ".DS_Store"):
+        (tmp_path / "0" / junk).write_bytes(b"\0")
+    with caplog.at_level(logging.WARNING):
+        samples = find_samples(tmp_path)
+    assert [s.grade for s in samples] == [0]
+    assert (f"left out 2 file(s) in the grade folders that are no image klgrade reads (PNG, JPEG, BMP, TIFF, DICOM), "
+            f"e.g. {tmp_path / '0' / '9000002L.webp'}") in caplog.text
+    (tmp_path / "0" / "9000001L.png").unlink()
+    with pytest.raises(DataLayoutError, match=r"no images found in grade folders; 2 file\(s\) in the grade folders"):
+        find_samples(tmp_path)
 
 
 def test_grade_folders_may_be_prefixed_as_other_datasets_name_them(tmp_path):

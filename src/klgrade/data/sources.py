@@ -39,6 +39,8 @@ from klgrade.errors import DataLayoutError, ImageReadError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test", "auto_test")
+NOT_IMAGES = {"DICOMDIR", "THUMBS.DB", "DESKTOP.INI"}
+"""Files found beside images that hold none (a DICOM export's index, what Windows leaves), by upper-case name."""
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 """Other names datasets give their splits."""
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
@@ -176,8 +178,8 @@ def is_image_file(path: Path | os.DirEntry) -> bool:
     be opened counts too, for the same reason. An entry of a folder listing (`os.DirEntry`) says whether it is a
     folder without a stat per file, which made listing kneeKL224 take twice as long.
     """
-    if path.name.startswith(".") or path.name.upper() == "DICOMDIR" or _is_folder(path):
-        return False  # DICOMDIR: the index of a DICOM export, which holds no image
+    if path.name.startswith(".") or path.name.upper() in NOT_IMAGES or _is_folder(path):
+        return False
     if os.path.splitext(path.name)[1].lower() in IMAGE_SUFFIXES:
         return True
     path = Path(path)
@@ -267,28 +269,35 @@ def _found_nothing(where: Path, what: str, refused: list[ImageReadError]) -> Dat
 
 
 def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadError] | None) -> list[Sample]:
-    samples, known_problems = [], len(problems or [])
+    samples, skipped, known_problems = [], [], len(problems or [])
     for sub in _subfolders(root):
         grade = grade_from_dir(sub.name)
         if grade is None:
             raise DataLayoutError(
                 f"{sub}: folder name is not a KL grade (expected 0-{NUM_GRADES - 1}, e.g. '2', '2Minimal' or 'KL2')"
             )
-        for path, inside in _images_below(sub, problems):
+        images, others = _files_below(sub, problems)
+        skipped += others
+        for path, inside in images:
             patient, side = parse_knee_name(os.path.basename(path))
             inside = f"{sub.name}/{inside}"
             samples.append(Sample(path, grade, patient or own_patient(f"{split}/{inside}" if split else inside),
                                   side, split))
+    other_files = (f"{len(skipped)} file(s) in the grade folders that are no image klgrade reads (PNG, JPEG, BMP, "
+                   f"TIFF, DICOM), e.g. {min(skipped)}" if skipped else "")
     if not samples:
-        raise _found_nothing(root, "no images found in grade folders", (problems or [])[known_problems:])
+        raise _found_nothing(root, "no images found in grade folders" + (f"; {other_files}" if skipped else ""),
+                             (problems or [])[known_problems:])
+    if skipped:  # a set scored without them says so: they may be knees in a format of their own
+        log.warning("%s: left out %s", root, other_files)
     return samples
 
 
-def _images_below(folder: Path, problems: list[ImageReadError] | None) -> list[tuple[str, str]]:
+def _files_below(folder: Path, problems: list[ImageReadError] | None) -> tuple[list[tuple[str, str]], list[str]]:
     """The image files in `folder` and in its folders at any depth (a PACS export files each patient's images in
-    folders of their own), each with its path inside `folder` ("/"-separated), by that path; a folder reached again
-    through a link is not listed twice."""
-    found, seen, pending = [], set(), [(str(folder), "")]
+    folders of their own), each with its path inside `folder` ("/"-separated), by that path; and the other files
+    (not hidden, not `NOT_IMAGES`). A folder reached again through a link is not listed twice."""
+    found, others, seen, pending = [], [], set(), [(str(folder), "")]
     while pending:
         current, inside = pending.pop()
         if os.path.realpath(current) in seen:
@@ -297,9 +306,13 @@ def _images_below(folder: Path, problems: list[ImageReadError] | None) -> list[t
         for entry in _list_folder(Path(current), problems):
             if is_image_file(entry):
                 found.append((entry.path, inside + entry.name))
-            elif not entry.name.startswith(".") and _is_folder(entry):
+            elif entry.name.startswith("."):
+                continue
+            elif _is_folder(entry):
                 pending.append((entry.path, f"{inside}{entry.name}/"))
-    return sorted(found, key=lambda item: item[1])
+            elif entry.name.upper() not in NOT_IMAGES:
+                others.append(entry.path)
+    return sorted(found, key=lambda item: item[1]), others
 
 
 def _manifest_rows(csv_path: Path) -> list[dict]:
