@@ -97,6 +97,21 @@ def test_a_dicom_named_by_uids_is_mirrored_by_the_side_its_header_names(tiny_che
     np.testing.assert_array_equal(prepare_input(model, NamedBytes(upload, "upload")).image, left.image)
 
 
+def test_predict_on_a_folder_names_the_files_it_does_not_read(tiny_checkpoint, tmp_path):
+    """Images in folders inside are graded; a WebP knee beside them was left out without a word."""
+    knees = sorted(EXAMPLES.glob("*.jpg"))[:2]
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / knees[0].name).write_bytes(knees[0].read_bytes())
+    (tmp_path / "in" / "sub" / knees[1].name).write_bytes(knees[1].read_bytes())
+    Image.open(knees[0]).save(tmp_path / "in" / "other.webp")
+    result = invoke_cli("predict", str(tmp_path / "in"), "--checkpoint", str(tiny_checkpoint), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert [row["path"] for row in json.loads(result.stdout)] == [str(tmp_path / "in" / knees[0].name),
+                                                                  str(tmp_path / "in" / "sub" / knees[1].name)]
+    assert (f"{tmp_path / 'in'}: left out 1 file(s) that are no image klgrade reads (PNG, JPEG, BMP, TIFF, DICOM), "
+            f"e.g. {tmp_path / 'in' / 'other.webp'}") in result.stderr
+
+
 def test_a_mirroring_model_says_when_it_does_not_know_a_knees_side(tiny_checkpoint, tmp_path):
     """A model that mirrors left knees sees a knee of no known side as stored (a left one unmirrored): the answer
     says so, a scored set counts such knees, and a model that does not mirror has nothing to say."""

@@ -39,6 +39,8 @@ from klgrade.errors import DataLayoutError, ImageReadError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test", "auto_test")
+NOT_READ = "are no image klgrade reads (PNG, JPEG, BMP, TIFF, DICOM)"
+"""What is said of the files beside images that are left out."""
 NOT_IMAGES = {"DICOMDIR", "THUMBS.DB", "DESKTOP.INI"}
 """Files found beside images that hold none (a DICOM export's index, what Windows leaves), by upper-case name."""
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
@@ -276,15 +278,14 @@ def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadErro
             raise DataLayoutError(
                 f"{sub}: folder name is not a KL grade (expected 0-{NUM_GRADES - 1}, e.g. '2', '2Minimal' or 'KL2')"
             )
-        images, others = _files_below(sub, problems)
+        images, others = files_below(sub, problems)
         skipped += others
         for path, inside in images:
             patient, side = parse_knee_name(os.path.basename(path))
             inside = f"{sub.name}/{inside}"
             samples.append(Sample(path, grade, patient or own_patient(f"{split}/{inside}" if split else inside),
                                   side, split))
-    other_files = (f"{len(skipped)} file(s) in the grade folders that are no image klgrade reads (PNG, JPEG, BMP, "
-                   f"TIFF, DICOM), e.g. {min(skipped)}" if skipped else "")
+    other_files = f"{len(skipped)} file(s) in the grade folders that {NOT_READ}, e.g. {min(skipped)}" if skipped else ""
     if not samples:
         raise _found_nothing(root, "no images found in grade folders" + (f"; {other_files}" if skipped else ""),
                              (problems or [])[known_problems:])
@@ -293,7 +294,7 @@ def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadErro
     return samples
 
 
-def _files_below(folder: Path, problems: list[ImageReadError] | None) -> tuple[list[tuple[str, str]], list[str]]:
+def files_below(folder: Path, problems: list[ImageReadError] | None) -> tuple[list[tuple[str, str]], list[str]]:
     """The image files in `folder` and in its folders at any depth (a PACS export files each patient's images in
     folders of their own), each with its path inside `folder` ("/"-separated), by that path; and the other files
     (not hidden, not `NOT_IMAGES`). A folder reached again through a link is not listed twice."""

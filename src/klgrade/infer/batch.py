@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 from klgrade.constants import NUM_GRADES
-from klgrade.data.sources import is_image_file
+from klgrade.data.sources import NOT_READ, files_below
+from klgrade.errors import ImageReadError
 from klgrade.explain.gradcam import overlay
 from klgrade.files import atomic_path
 from klgrade.infer.grading import grade_many
@@ -25,7 +26,8 @@ COLUMNS = ["path", "grade", *(f"prob_{k}" for k in range(NUM_GRADES)), "confiden
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files, folders (searched recursively for images) and glob patterns -> file list, in a stable order.
+    """Files, folders (searched recursively for images; other files are counted in a warning) and glob patterns ->
+    file list, in a stable order.
 
     A name that matches nothing is kept, so that it is reported as an error row.
     """
@@ -33,7 +35,13 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths.extend(sorted(str(p) for p in path.rglob("*") if is_image_file(p)))
+            problems: list[ImageReadError] = []
+            images, others = files_below(path, problems)
+            paths.extend(image for image, _ in images)
+            for problem in problems:
+                log.warning("left out %s", problem)
+            if others:  # said, as `find_samples` says it: they may be knees in a format of their own
+                log.warning("%s: left out %d file(s) that %s, e.g. %s", path, len(others), NOT_READ, min(others))
         elif not path.exists() and glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True))
             paths.extend(matches or [item])
