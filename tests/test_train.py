@@ -240,7 +240,10 @@ def test_yaml_config_with_cli_overrides(tmp_path):
     ("teacher: a.safetensors", "option teacher must be a list of texts"),
     ("augment: 5", "option augment must be a mapping, not 5"),
     ("augment: {rotate: 5}", "augment: unknown option(s) ['rotate']"),
-    ("domain: {clahe_probability: 0.5}", "domain: unknown option(s) ['clahe_probability']")])
+    ("domain: {clahe_probability: 0.5}", "domain: unknown option(s) ['clahe_probability']"),
+    ("augment: {rotate_deg: ten}", "augment: rotate_deg must be a number, not 'ten'"),
+    ("domain: {clahe_clip: 4}", "domain: clahe_clip must be a list of numbers, not 4"),
+    ("domain: {gamma: [0.5, .inf]}", "domain: gamma must be a list of numbers")])
 def test_a_config_value_out_of_range_or_of_the_wrong_type_is_a_one_line_error(tmp_path, yaml_text, message):
     """Such values failed deep inside training with a traceback (`lr: -1` in AdamW; `augment: {rotate: 5}` only
     once the model was built)."""

@@ -101,9 +101,7 @@ class TrainConfig:
             if not allowed(getattr(self, name)):
                 raise KLGradeError(f"--{name.replace('_', '-')} must be {wanted}, not {getattr(self, name)}")
         for name, kind in (("augment", AugmentConfig), ("domain", DomainConfig)):
-            unknown = sorted(set(getattr(self, name)) - {f.name for f in fields(kind)})
-            if unknown:
-                raise KLGradeError(f"{name}: unknown option(s) {unknown} (known: {[f.name for f in fields(kind)]})")
+            check_strengths(name, getattr(self, name), kind())
         if self.balance not in BALANCE_CHOICES:
             raise KLGradeError(f"--balance must be one of {BALANCE_CHOICES}, not '{self.balance}'")
         if self.schedule not in SCHEDULE_CHOICES:
@@ -169,6 +167,25 @@ def check_option_types(values: dict) -> None:
             wanted = {"int": "a whole number", "float": "a finite number", "bool": "true or false", "str": "a text",
                       "dict": "a mapping", "list[str]": "a list of texts"}[kind]
             raise KLGradeError(f"option {name} must be {wanted}, not {value!r}")
+
+
+def check_strengths(name: str, values: dict, defaults: AugmentConfig | DomainConfig) -> None:
+    """KLGradeError unless every key of `values` is a field of `defaults` holding what the default holds: a finite
+    number, or a list of them (a range, a set of choices)."""
+    known = [f.name for f in fields(defaults)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise KLGradeError(f"{name}: unknown option(s) {unknown} (known: {known})")
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for key, value in values.items():
+        several = isinstance(getattr(defaults, key), tuple)
+        if not (all(map(number, value)) if several and isinstance(value, (list, tuple)) else
+                not several and number(value)):
+            raise KLGradeError(f"{name}: {key} must be {'a list of numbers' if several else 'a number'}, "
+                               f"not {value!r}")
 
 
 def _yaml_numbers(values: dict) -> dict:
