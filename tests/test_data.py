@@ -16,6 +16,7 @@ from klgrade.data.provenance import check_unshared, shared_knees
 from klgrade.data.sources import (PLACEHOLDER_FILES, Sample, find_samples, is_image_file, parse_grade, parse_knee_name,
                                   parse_side)
 from klgrade.data.splits import knee_groups, patient_folds
+from klgrade.data.summary import summarize
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
 
@@ -99,10 +100,14 @@ def test_files_in_the_grade_folders_that_are_no_image_it_reads_are_named_not_dro
     with caplog.at_level(logging.WARNING):
         samples = find_samples(tmp_path)
     assert [s.grade for s in samples] == [0]
-    assert (f"left out 2 file(s) in the grade folders that are no image klgrade reads (PNG, JPEG, BMP, TIFF, DICOM), "
+    assert (f"{tmp_path}: left out 2 file(s) that are no image klgrade reads (PNG, JPEG, BMP, TIFF, DICOM), "
             f"e.g. {tmp_path / '0' / '9000002L.webp'}") in caplog.text
+    not_read = []
+    assert find_samples(tmp_path, not_read=not_read) == samples and len(not_read) == 2  # for the caller to report
+    summary = summarize(tmp_path, check_images=False)
+    assert sorted(summary["not_read"]) == sorted(not_read)
     (tmp_path / "0" / "9000001L.png").unlink()
-    with pytest.raises(DataLayoutError, match=r"no images found in grade folders; 2 file\(s\) in the grade folders"):
+    with pytest.raises(DataLayoutError, match=r"no images found in grade folders; .*: left out 2 file\(s\)"):
         find_samples(tmp_path)
 
 

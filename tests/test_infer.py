@@ -112,6 +112,16 @@ def test_predict_on_a_folder_names_the_files_it_does_not_read(tiny_checkpoint, t
             f"e.g. {tmp_path / 'in' / 'other.webp'}") in result.stderr
 
 
+def test_evaluate_counts_the_files_it_does_not_read(tiny_checkpoint, tmp_path):
+    for grade, knee in enumerate(sorted(EXAMPLES.glob("*.jpg"))[:2]):
+        (tmp_path / str(grade)).mkdir()
+        (tmp_path / str(grade) / knee.name).write_bytes(knee.read_bytes())
+    Image.open(knee).save(tmp_path / "1" / "other.webp")
+    metrics = evaluate(load_model(tiny_checkpoint), tmp_path, n_boot=0).metrics
+    assert metrics["n"] == 2 and metrics["files_not_read"] == 1
+    assert metrics["warnings"][0].startswith(f"{tmp_path}: left out 1 file(s) that are no image klgrade reads")
+
+
 def test_a_mirroring_model_says_when_it_does_not_know_a_knees_side(tiny_checkpoint, tmp_path):
     """A model that mirrors left knees sees a knee of no known side as stored (a left one unmirrored): the answer
     says so, a scored set counts such knees, and a model that does not mirror has nothing to say."""

@@ -93,5 +93,6 @@ def print_summary(summary: dict) -> None:
             console.print(f"files in {name} whose bytes a file of another grade holds: {split['copies_of_two_grades']} "
                           "(no reference grade: left out of every score)", style="red")
     console.print(f"unreadable files: {len(summary['unreadable'])}")
+    console.print(f"files that are no image klgrade reads (left out): {len(summary['not_read'])}")
     console.print(f"files not gradable as they are (view, pixels, grey levels): {len(summary['not_gradable'])}",
                   style="red" if summary["not_gradable"] else None)

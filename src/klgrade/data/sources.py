@@ -39,8 +39,6 @@ from klgrade.errors import DataLayoutError, ImageReadError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test", "auto_test")
-NOT_READ = "are no image klgrade reads (PNG, JPEG, BMP, TIFF, DICOM)"
-"""What is said of the files beside images that are left out."""
 NOT_IMAGES = {"DICOMDIR", "THUMBS.DB", "DESKTOP.INI"}
 """Files found beside images that hold none (a DICOM export's index, what Windows leaves), by upper-case name."""
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
@@ -230,12 +228,15 @@ def split_name(folder: str) -> str | None:
     return SPLIT_ALIASES.get(name, name if name in SPLITS else None)
 
 
-def find_samples(data: str | Path, problems: list[ImageReadError] | None = None) -> list[Sample]:
+def find_samples(data: str | Path, problems: list[ImageReadError] | None = None,
+                 not_read: list[str] | None = None) -> list[Sample]:
     """All labelled samples under `data` (a split root, a single split folder, or a CSV manifest).
 
     Args:
         problems: None = any bad entry stops the search; a list = bad entries (manifest rows, unlistable
             folders) are appended to it as `ImageReadError(location, reason)` and the others still found.
+        not_read: a list receives the files in grade folders that are no image klgrade reads, left out (for the
+            caller to report); None = a warning is logged saying how many.
 
     Raises:
         DataLayoutError: the path is missing, a folder name is not a grade, nothing is found, or (with
@@ -260,8 +261,9 @@ def find_samples(data: str | Path, problems: list[ImageReadError] | None = None)
         twice = sorted(p.name for p, name in split_dirs.items() if names.count(name) > 1)
         if twice:
             raise DataLayoutError(f"{root}: folders {twice} name one split")
-        return with_dicom_headers([s for d, name in split_dirs.items() for s in _from_grade_dirs(d, name, problems)])
-    return with_dicom_headers(_from_grade_dirs(root, None, problems))
+        found = [s for d, name in split_dirs.items() for s in _from_grade_dirs(d, name, problems, not_read)]
+        return with_dicom_headers(found)
+    return with_dicom_headers(_from_grade_dirs(root, None, problems, not_read))
 
 
 def _found_nothing(where: Path, what: str, refused: list[ImageReadError]) -> DataLayoutError:
@@ -270,7 +272,14 @@ def _found_nothing(where: Path, what: str, refused: list[ImageReadError]) -> Dat
     return DataLayoutError(f"{where}: {what}{detail}")
 
 
-def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadError] | None) -> list[Sample]:
+def not_read_warning(where: str | Path, paths: list[str]) -> str:
+    """What is said of the files beside the images that are left out (they may be knees in a format of their own)."""
+    return (f"{where}: left out {len(paths)} file(s) that are no image klgrade reads (PNG, JPEG, BMP, TIFF, DICOM), "
+            f"e.g. {min(paths)}")
+
+
+def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadError] | None,
+                     not_read: list[str] | None) -> list[Sample]:
     samples, skipped, known_problems = [], [], len(problems or [])
     for sub in _subfolders(root):
         grade = grade_from_dir(sub.name)
@@ -285,12 +294,13 @@ def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadErro
             inside = f"{sub.name}/{inside}"
             samples.append(Sample(path, grade, patient or own_patient(f"{split}/{inside}" if split else inside),
                                   side, split))
-    other_files = f"{len(skipped)} file(s) in the grade folders that {NOT_READ}, e.g. {min(skipped)}" if skipped else ""
     if not samples:
-        raise _found_nothing(root, "no images found in grade folders" + (f"; {other_files}" if skipped else ""),
-                             (problems or [])[known_problems:])
-    if skipped:  # a set scored without them says so: they may be knees in a format of their own
-        log.warning("%s: left out %s", root, other_files)
+        other_files = f"; {not_read_warning(root, skipped)}" if skipped else ""
+        raise _found_nothing(root, "no images found in grade folders" + other_files, (problems or [])[known_problems:])
+    if not_read is not None:
+        not_read += skipped
+    elif skipped:  # a set scored without them says so
+        log.warning(not_read_warning(root, skipped))
     return samples
 
 

@@ -33,10 +33,12 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
     """Counts per split x grade, patients per split, files per split that copy another of its files (`copies`) and
     that share their bytes with a file of another grade (`copies_of_two_grades`: no reference grade),
     patients and identical files shared between splits (a patient id counts where it names a person:
-    `data.provenance`), unreadable files, and files not gradable as they are, with their reasons (a lateral,
-    oblique or axial view, too few pixels or grey levels)."""
+    `data.provenance`), unreadable files, files not gradable as they are, with their reasons (a lateral,
+    oblique or axial view, too few pixels or grey levels), and files in the grade folders that are no image klgrade
+    reads (`not_read`)."""
     problems: list[ImageReadError] = []
-    samples = find_samples(data, problems)
+    not_read: list[str] = []
+    samples = find_samples(data, problems, not_read)
     by_split = defaultdict(list)
     for sample in samples:
         by_split[sample.split or UNSPLIT].append(sample)
@@ -63,4 +65,5 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
         unreadable += [{"path": s.path, "reason": bad} for s, (bad, _) in zip(samples, found) if bad is not None]
         not_gradable = [{"path": s.path, "reasons": reasons} for s, (_, reasons) in zip(samples, found) if reasons]
     return {"data": str(data), "images": len(samples), "splits": splits, "patient_overlap": overlap,
-            "file_overlap": file_overlap, "unreadable": unreadable, "not_gradable": not_gradable}
+            "file_overlap": file_overlap, "unreadable": unreadable, "not_gradable": not_gradable,
+            "not_read": not_read}

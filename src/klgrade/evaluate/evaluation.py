@@ -12,7 +12,7 @@ from klgrade.constants import NUM_GRADES
 from klgrade.data.cache import decode_all
 from klgrade.data.preprocess import unknown_sides_warning
 from klgrade.data.provenance import check_unshared, distinct_knees, knee_record, seen_knees, unseen_knees
-from klgrade.data.sources import Sample, find_samples
+from klgrade.data.sources import Sample, find_samples, not_read_warning
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
 from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
@@ -160,14 +160,18 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     and `framing_wide_shift_fraction`, the shares that look framed tighter or wider (an external set cropped
     otherwise shows here), and `polarity_shift_fraction`, the share graded inverted back.
 
-    Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the files left out), and
+    Files in the grade folders that are no image klgrade reads are left out (`files_not_read` counts them, a warning
+    names one). Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the files left
+    out), and
     knees the model was trained on are left out (`seen_trained` counts them); `seen_chosen` and `seen_calibrated`
     count the scored knees it was chosen and calibrated on; `warnings` says what each means, and how many knees have
     no side where the model mirrors left knees.
     """
     problems: list[ImageReadError] = []
-    listed = pick_split(find_samples(data, problems), split)
+    not_read: list[str] = []
+    listed = pick_split(find_samples(data, problems, not_read), split)
     distinct, warnings = distinct_knees(listed, str(data))
+    warnings[:0] = [not_read_warning(data, not_read)] if not_read else []
     samples, trained = untrained_knees(predictor, distinct, str(data), "score")
     warnings += trained + unknown_sides_warning(predictor.preprocess, [s.side for s in samples], str(data))
     if calibrate_on is not None:
@@ -191,6 +195,7 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
         metrics["nominal_coverage"] = assessment.coverage
     seen, seen_on = seen_warnings(predictor, predictions.samples)
     metrics["copies_left_out"] = len(listed) - len(distinct)
+    metrics["files_not_read"] = len(not_read)
     metrics["seen_trained"] = len(distinct) - len(samples)
     metrics["seen_chosen"], metrics["seen_calibrated"] = seen["chosen"], seen["calibrated"]
     metrics["warnings"] = warnings + seen_on

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from klgrade.constants import NUM_GRADES
-from klgrade.data.sources import NOT_READ, files_below
+from klgrade.data.sources import files_below, not_read_warning
 from klgrade.errors import ImageReadError
 from klgrade.explain.gradcam import overlay
 from klgrade.files import atomic_path
@@ -40,8 +40,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             paths.extend(image for image, _ in images)
             for problem in problems:
                 log.warning("left out %s", problem)
-            if others:  # said, as `find_samples` says it: they may be knees in a format of their own
-                log.warning("%s: left out %d file(s) that %s, e.g. %s", path, len(others), NOT_READ, min(others))
+            if others:  # said, as `find_samples` says it
+                log.warning(not_read_warning(path, others))
         elif not path.exists() and glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True))
             paths.extend(matches or [item])
