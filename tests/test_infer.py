@@ -120,6 +120,15 @@ def test_evaluate_counts_the_files_it_does_not_read(tiny_checkpoint, tmp_path):
     metrics = evaluate(load_model(tiny_checkpoint), tmp_path, n_boot=0).metrics
     assert metrics["n"] == 2 and metrics["files_not_read"] == 1
     assert metrics["warnings"][0].startswith(f"{tmp_path}: left out 1 file(s) that are no image klgrade reads")
+    # In a split root, only the scored split's files count.
+    (tmp_path / "val").mkdir()
+    for folder in ("0", "1"):
+        (tmp_path / folder).rename(tmp_path / "val" / folder)
+    (tmp_path / "train" / "1").mkdir(parents=True)
+    (tmp_path / "val" / "1" / "other.webp").rename(tmp_path / "train" / "1" / "other.webp")
+    (tmp_path / "train" / "1" / knee.name).write_bytes(knee.read_bytes())
+    metrics = evaluate(load_model(tiny_checkpoint), tmp_path, split="val", n_boot=0).metrics
+    assert metrics["files_not_read"] == 0 and not any("no image klgrade reads" in w for w in metrics["warnings"])
 
 
 def test_a_mirroring_model_says_when_it_does_not_know_a_knees_side(tiny_checkpoint, tmp_path):

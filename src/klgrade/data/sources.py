@@ -229,14 +229,14 @@ def split_name(folder: str) -> str | None:
 
 
 def find_samples(data: str | Path, problems: list[ImageReadError] | None = None,
-                 not_read: list[str] | None = None) -> list[Sample]:
+                 not_read: list[tuple[str | None, str]] | None = None) -> list[Sample]:
     """All labelled samples under `data` (a split root, a single split folder, or a CSV manifest).
 
     Args:
         problems: None = any bad entry stops the search; a list = bad entries (manifest rows, unlistable
             folders) are appended to it as `ImageReadError(location, reason)` and the others still found.
-        not_read: a list receives the files in grade folders that are no image klgrade reads, left out (for the
-            caller to report); None = a warning is logged saying how many.
+        not_read: a list receives the files in grade folders that are no image klgrade reads, left out, each with
+            its split (for the caller to report); None = a warning is logged saying how many.
 
     Raises:
         DataLayoutError: the path is missing, a folder name is not a grade, nothing is found, or (with
@@ -279,7 +279,7 @@ def not_read_warning(where: str | Path, paths: list[str]) -> str:
 
 
 def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadError] | None,
-                     not_read: list[str] | None) -> list[Sample]:
+                     not_read: list[tuple[str | None, str]] | None) -> list[Sample]:
     samples, skipped, known_problems = [], [], len(problems or [])
     for sub in _subfolders(root):
         grade = grade_from_dir(sub.name)
@@ -298,7 +298,7 @@ def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadErro
         other_files = f"; {not_read_warning(root, skipped)}" if skipped else ""
         raise _found_nothing(root, "no images found in grade folders" + other_files, (problems or [])[known_problems:])
     if not_read is not None:
-        not_read += skipped
+        not_read += [(split, path) for path in skipped]
     elif skipped:  # a set scored without them says so
         log.warning(not_read_warning(root, skipped))
     return samples

@@ -37,7 +37,7 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
     oblique or axial view, too few pixels or grey levels), and files in the grade folders that are no image klgrade
     reads (`not_read`)."""
     problems: list[ImageReadError] = []
-    not_read: list[str] = []
+    not_read: list[tuple[str | None, str]] = []
     samples = find_samples(data, problems, not_read)
     by_split = defaultdict(list)
     for sample in samples:
@@ -66,4 +66,4 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
         not_gradable = [{"path": s.path, "reasons": reasons} for s, (_, reasons) in zip(samples, found) if reasons]
     return {"data": str(data), "images": len(samples), "splits": splits, "patient_overlap": overlap,
             "file_overlap": file_overlap, "unreadable": unreadable, "not_gradable": not_gradable,
-            "not_read": not_read}
+            "not_read": [path for _, path in not_read]}

@@ -160,16 +160,17 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     and `framing_wide_shift_fraction`, the shares that look framed tighter or wider (an external set cropped
     otherwise shows here), and `polarity_shift_fraction`, the share graded inverted back.
 
-    Files in the grade folders that are no image klgrade reads are left out (`files_not_read` counts them, a warning
-    names one). Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the files left
+    Files in the scored split's grade folders that are no image klgrade reads are left out (`files_not_read` counts
+    them, a warning names one). Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the files left
     out), and
     knees the model was trained on are left out (`seen_trained` counts them); `seen_chosen` and `seen_calibrated`
     count the scored knees it was chosen and calibrated on; `warnings` says what each means, and how many knees have
     no side where the model mirrors left knees.
     """
     problems: list[ImageReadError] = []
-    not_read: list[str] = []
-    listed = pick_split(find_samples(data, problems, not_read), split)
+    found_beside: list[tuple[str | None, str]] = []
+    listed = pick_split(find_samples(data, problems, found_beside), split)
+    not_read = [path for in_split, path in found_beside if in_split == listed[0].split]  # of the split scored
     distinct, warnings = distinct_knees(listed, str(data))
     warnings[:0] = [not_read_warning(data, not_read)] if not_read else []
     samples, trained = untrained_knees(predictor, distinct, str(data), "score")
