@@ -311,9 +311,10 @@ def files_below(folder: Path, problems: list[ImageReadError] | None) -> tuple[li
     found, others, seen, pending = [], [], set(), [(str(folder), "")]
     while pending:
         current, inside = pending.pop()
-        if os.path.realpath(current) in seen:
+        real = os.path.realpath(current)
+        if real in seen:
             continue
-        seen.add(os.path.realpath(current))
+        seen.add(real)
         for entry in _list_folder(Path(current), problems):
             if is_image_file(entry):
                 found.append((entry.path, inside + entry.name))

@@ -161,11 +161,10 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     otherwise shows here), and `polarity_shift_fraction`, the share graded inverted back.
 
     Files in the scored split's grade folders that are no image klgrade reads are left out (`files_not_read` counts
-    them, a warning names one). Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the files left
-    out), and
-    knees the model was trained on are left out (`seen_trained` counts them); `seen_chosen` and `seen_calibrated`
-    count the scored knees it was chosen and calibrated on; `warnings` says what each means, and how many knees have
-    no side where the model mirrors left knees.
+    them, a warning names one). Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the
+    files left out), and knees the model was trained on are left out (`seen_trained` counts them); `seen_chosen` and
+    `seen_calibrated` count the scored knees it was chosen and calibrated on; `warnings` says what each means, and
+    how many knees have no side where the model mirrors left knees.
     """
     problems: list[ImageReadError] = []
     found_beside: list[tuple[str | None, str]] = []

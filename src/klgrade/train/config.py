@@ -218,9 +218,7 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
         raise KLGradeError(f"{path}: unknown option(s) {unknown}")
     values = _yaml_numbers(values)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    check_option_types(values)
-    if "augment" in values:
-        values["augment"] = {**AugmentConfig().to_dict(), **values["augment"]}
-    if "domain" in values:
-        values["domain"] = {**DomainConfig().to_dict(), **values["domain"]}
-    return TrainConfig(**values).validate()
+    config = TrainConfig(**values).validate()  # a partial augment or domain mapping is checked, then completed
+    config.augment = {**AugmentConfig().to_dict(), **config.augment}
+    config.domain = {**DomainConfig().to_dict(), **config.domain}
+    return config

@@ -89,9 +89,10 @@ def select_data(config: TrainConfig) -> RunData:
     val, val_notes = distinct_knees(val, "validation data")
     train = limit_samples(train, config.limit, config.seed)
     val = limit_samples(val, config.limit, config.seed + 1)
+    preprocess = config.preprocess()
     sideless = [note for samples, what in ((train, "training data"), (val, "validation data"))
-                for note in unknown_sides_warning(config.preprocess(), [s.side for s in samples], what)]
-    return RunData(train, val, config.preprocess(), train_notes + val_notes + sideless)
+                for note in unknown_sides_warning(preprocess, [s.side for s in samples], what)]
+    return RunData(train, val, preprocess, train_notes + val_notes + sideless)
 
 
 def seen_records(data: RunData, init: str | None, early_stopping: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
