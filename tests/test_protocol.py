@@ -17,7 +17,11 @@ TINY_CV = ["--epochs", "1", "--limit", "40", "--image-size", "64", "--option", "
            "--device", "cpu", "--quiet"]
 
 
-def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kneekl224, tmp_path):
+def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kneekl224, tmp_path, monkeypatch):
+    from klgrade.train import fit
+
+    listed = []  # a fold's training and its scoring select the same knees: listed once (was twice)
+    monkeypatch.setattr(fit, "find_samples", lambda data: listed.append(data) or find_samples(data))
     out, data = tmp_path / "cv", tmp_path / "data"
     knees = copy_real_images(kneekl224, data / "train", 8, split="train")
     (data / "train" / "0" / "again.jpg").write_bytes(knees[0].read_bytes())  # scored once
@@ -28,6 +32,7 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     rows = list(csv.DictReader((out / "oof_predictions.csv").open()))
     assert {int(r["fold"]) for r in rows} == {0, 1, 2}
     assert len(rows) == 39 and {r["path"] for r in rows}.isdisjoint({str(knees[9]), str(regraded)})
+    assert listed == [str(data)] * 3
     assert "repeat the bytes of another" in result.stderr
     assert "share their bytes with a file of another grade" in result.stderr
     patients = [{r["patient_id"] for r in rows if r["fold"] == str(k)} for k in range(3)]

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from klgrade.data.cache import decode_all
 from klgrade.infer.grading import grade, grade_many, load_model
 from klgrade.metrics import set_metrics
 from klgrade.models.weights import read_info
@@ -361,6 +362,32 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     same = invoke_cli("evaluate", "--data", str(data), "--calibrate-on", str(data), "--checkpoint", str(calibrated))
     assert same.returncode == 1 and "Traceback" not in same.stderr
     assert "calibrate on data that is not scored" in same.stderr and len(same.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_decodes_a_bounded_number_of_images_at_a_time(calibrated, kneekl224, tmp_path, monkeypatch):
+    """A set was decoded whole before the network saw it (26 MB per 1000 knees at 160 px, gigabytes for a cohort):
+    now `CHUNK` images at a time, with the same answers, an unreadable file among them."""
+    from klgrade.evaluate import evaluation
+
+    data = tmp_path / "set"
+    copied = copy_real_images(kneekl224, data, 2, split="train")
+    (data / "2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    whole = evaluation.evaluate(load_model(calibrated), data, n_boot=0)
+    decoded = []
+    monkeypatch.setattr(evaluation, "decode_all", lambda samples, config: decoded.append(len(samples))
+                        or decode_all(samples, config))
+    monkeypatch.setattr(evaluation, "CHUNK", 3, raising=False)
+    chunked = evaluation.evaluate(load_model(calibrated), data, n_boot=0)
+    assert decoded == [3, 3, 3, 2]
+    assert json.dumps(chunked.metrics) == json.dumps(whole.metrics) and chunked.metrics["n"] == 10
+    assert [s.path for s in chunked.samples] == [s.path for s in whole.samples] == [str(p) for p in copied]
+    assert np.array_equal(chunked.probabilities, whole.probabilities)
+    assert [str(f) for f in chunked.failures] == [str(f) for f in whole.failures] and len(whole.failures) == 1
+    for part in ("sets", "coverage", "gradable", "warnings"):
+        assert getattr(chunked.assessment, part) == getattr(whole.assessment, part)
+    assert set(whole.assessment.shifts) == {"polarity", "processing", "framing", "framing_wide"}
+    for kind, shifted in whole.assessment.shifts.items():
+        assert np.array_equal(chunked.assessment.shifts[kind], shifted)
 
 
 def test_an_ensemble_is_calibrated_on_its_combined_output_and_only_together(tiny_checkpoint, calibrated, tmp_path):

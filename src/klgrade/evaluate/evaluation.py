@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 EVAL_SPLIT_ORDER = ("test", "val", "auto_test")
 """With a split root, the split evaluated when none is named: the held-out test set first."""
 BATCH = 64
+CHUNK = 1024
+"""Images `evaluate` decodes at a time: its memory stays bounded (26 MB of images at 160 px) whatever the set's size."""
 
 
 @dataclass
@@ -104,6 +106,25 @@ def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False)
     return Outputs.concatenate(parts)
 
 
+def assess_samples(predictor: Predictor, samples: list[Sample], alpha: float | None
+                   ) -> tuple[list[Sample], np.ndarray, Assessment | None, list[ImageReadError]]:
+    """The readable samples, their probabilities and their assessment (as `klgrade predict` answers), and the read
+    failures of the others: `CHUNK` images decoded at a time, only the answers kept."""
+    scored: list[Sample] = []
+    probabilities, assessments, failures = [], [], []
+    for start in range(0, len(samples), CHUNK):
+        predictions, chunk_failures = predict_samples(predictor, samples[start:start + CHUNK])
+        failures += chunk_failures
+        if predictions.samples:
+            scored += predictions.samples
+            probabilities.append(predictions.outputs.probabilities)
+            assessments.append(predictor.assess(upright_images(predictions.images, predictions.outputs),
+                                                predictions.outputs, alpha, predictions.reasons))
+    if not scored:
+        return [], np.zeros((0, NUM_GRADES)), None, failures
+    return scored, np.concatenate(probabilities), Assessment.concatenate(assessments), failures
+
+
 def untrained_knees(predictor: Predictor, samples: list[Sample], what: str, purpose: str
                     ) -> tuple[list[Sample], list[str]]:
     """The samples whose knees the model's weights were not trained on (`provenance.unseen_knees`)."""
@@ -176,24 +197,21 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     warnings += trained + unknown_sides_warning(predictor.preprocess, [s.side for s in samples], str(data))
     if calibrate_on is not None:
         warnings += calibrate(predictor, calibrate_on, samples)
-    predictions, failures = predict_samples(predictor, samples)
+    scored, probabilities, assessment, failures = assess_samples(predictor, samples, alpha)
     failures = problems + failures
-    if not predictions.samples:
+    if assessment is None:
         raise DataLayoutError(f"{data}: no readable image to evaluate")
-    probabilities = predictions.outputs.probabilities
-    metrics = compute_metrics(predictions.labels, probabilities, groups=[s.patient_id for s in predictions.samples],
-                              n_boot=n_boot, seed=seed)
-    assessment = predictor.assess(upright_images(predictions.images, predictions.outputs), predictions.outputs, alpha,
-                                  predictions.reasons)
+    labels = [s.grade for s in scored]
+    metrics = compute_metrics(labels, probabilities, groups=[s.patient_id for s in scored], n_boot=n_boot, seed=seed)
     flagged = [not gradable for gradable in assessment.gradable]
     metrics["ungradable_fraction"] = float(np.mean(flagged))
-    metrics["ungradable_per_grade"] = share_per_grade(predictions.labels, flagged)
+    metrics["ungradable_per_grade"] = share_per_grade(labels, flagged)
     for kind, shifted in assessment.shifts.items():
         metrics[f"{kind}_shift_fraction"] = float(shifted.mean())
     if assessment.coverage is not None:
-        metrics.update(set_metrics(predictions.labels, assessment.sets))
+        metrics.update(set_metrics(labels, assessment.sets))
         metrics["nominal_coverage"] = assessment.coverage
-    seen, seen_on = seen_warnings(predictor, predictions.samples)
+    seen, seen_on = seen_warnings(predictor, scored)
     metrics["copies_left_out"] = len(listed) - len(distinct)
     metrics["files_not_read"] = len(not_read)
     metrics["seen_trained"] = len(distinct) - len(samples)
@@ -202,6 +220,6 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     metrics["model"] = predictor.name
     metrics["tta"] = predictor.tta
     metrics["temperature"] = predictor.temperature
-    kept, scored = set(distinct), set(samples)
-    left_out = [(s, "copy") for s in listed if s not in kept] + [(s, "trained") for s in distinct if s not in scored]
-    return Evaluation(metrics, predictions.samples, probabilities, failures, assessment, left_out)
+    kept, untrained = set(distinct), set(samples)
+    left_out = [(s, "copy") for s in listed if s not in kept] + [(s, "trained") for s in distinct if s not in untrained]
+    return Evaluation(metrics, scored, probabilities, failures, assessment, left_out)

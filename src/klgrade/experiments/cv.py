@@ -74,8 +74,9 @@ def run_fold(config: TrainConfig, fold: int) -> list[dict]:
         log.info("fold %d already done: %s", fold, oof_path)
         return _read_oof(oof_path)
     fold_config = replace(config, fold=fold, out=str(out), resume=(out / "last.ckpt").exists())
-    fit(fold_config)
-    held_out = select_data(fold_config).val  # each image once (`select_data`)
+    data = select_data(fold_config)  # listed once per fold: the data of 100k knees takes seconds
+    fit(fold_config, data=data)
+    held_out = data.val  # each image once (`select_data`)
     write_json_atomic(out / "selection.json", {**SELECTION, "epochs": config.epochs})
     predictor = Predictor([fold_model(config.out, fold)], tta=False)
     predictions, _ = predict_samples(predictor, held_out)

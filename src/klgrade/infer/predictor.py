@@ -96,6 +96,13 @@ class Assessment:
     warnings: list[list[str]]
     """Per image, what a reader must know (`Grading.warnings`, before any about its explanation)."""
 
+    @classmethod
+    def concatenate(cls, parts: list["Assessment"]) -> "Assessment":
+        """The assessments of consecutive batches, assessed alike (the same alpha), as one."""
+        shifts = {kind: np.concatenate([p.shifts[kind] for p in parts]) for kind in parts[0].shifts}
+        return cls([s for p in parts for s in p.sets], parts[0].coverage, [g for p in parts for g in p.gradable],
+                   shifts, [w for p in parts for w in p.warnings])
+
 
 def upright_images(images_uint8: np.ndarray, outputs: Outputs) -> np.ndarray:
     """The images as the network graded them: those `outputs` marks as inverted, inverted back."""

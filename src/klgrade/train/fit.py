@@ -223,8 +223,9 @@ class ResumedCSVLogger(CSVLogger):
         return writer
 
 
-def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
-    """Train one model as `config` says; returns the summary also written to `metrics.json`.
+def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunData | None = None) -> dict:
+    """Train one model as `config` says; returns the summary also written to `metrics.json`. `data`: what
+    `select_data(config)` selects, where the caller has it already (a protocol fold scores its held-out knees too).
 
     Raises:
         KLGradeError: bad data, options or teacher checkpoints.
@@ -238,7 +239,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, verbose=False)
-    data = select_data(config)
+    data = select_data(config) if data is None else data
     for note in data.notes:
         log.warning(note)
     train_images = load_cached(data.train, data.preprocess, config.cache_dir)
