@@ -68,6 +68,16 @@ MIN_GREY_LEVELS = 10
 90% of their grades, at 8 85%, at 7 73% with the mean grade 0.4 higher, mostly unflagged (docs/results.md, inputs)."""
 TOO_SMALL = ("not gradable: the image is only {rows} x {columns} pixels (uniform margins trimmed); grades hold from "
              f"{MIN_KNEE_PIXELS} pixels a side")
+MAX_ASPECT = 1.8
+"""Longer side over shorter side (uniform margins trimmed) beyond which an image is not one knee framed for grading:
+the training knees are square, a single knee on a portrait detector is 1.25, two knees cropped side by side are 2
+and a full-leg view 3 or more; stretched to a square for the network, such an image is graded as a squashed knee
+(pairs of val knees side by side were graded KL 4 for 24 of 60 pairs, docs/results.md, inputs)."""
+ELONGATED = ("not gradable: the image is {rows} x {columns} pixels (uniform margins trimmed), {ratio:.1f} times as "
+             "{longer} as {shorter}: two knees side by side or a full-leg view? Grades are read on one knee framed "
+             "about square around the joint")
+BOTH_KNEES = ("not gradable: the DICOM header says the image holds both knees ({named}); grades are read on one "
+              "knee: crop each and grade it alone")
 TOO_FEW_GREY_LEVELS = ("not gradable: the image holds only {levels} grey levels (binarised or posterised?); grades "
                        f"hold from {MIN_GREY_LEVELS}")
 NON_FRONTAL_VIEWS = {
@@ -384,23 +394,44 @@ class Calibration:
         return {kind: probe for kind, probe in probes.items() if probe is not None}
 
 
+def view_words(view: str | None) -> set[str]:
+    """The whole words of a DICOM view, upper case ("BILATERAL PA" -> BILATERAL, PA)."""
+    return set(re.split(r"[^A-Z]+", (view or "").upper()))
+
+
 def view_reason(view: str | None) -> str | None:
-    """Why a radiograph whose DICOM header names `view` is not gradable; None for a frontal or unnamed view (a
-    whole word must match: "BILATERAL PA" is frontal)."""
-    words = set(re.split(r"[^A-Z]+", (view or "").upper()))
+    """Why a radiograph whose DICOM header names `view` is not gradable as a view; None for a frontal or unnamed
+    view (a whole word must match: "BILATERAL PA" is frontal, `both_knees_reason` speaks of its two knees)."""
     for kind, names in NON_FRONTAL_VIEWS.items():
-        if words & names:
+        if view_words(view) & names:
             return NOT_FRONTAL.format(kind=kind, view=view)
     return None
 
 
-def input_reasons(view: str | None, trimmed_shape: tuple[int, int], grey_levels: int) -> list[str]:
+def both_knees_reason(view: str | None, laterality: str | None) -> str | None:
+    """Why a radiograph is not gradable when its DICOM header says it holds both knees: laterality B (both), or a
+    view named bilateral; None otherwise."""
+    if laterality == "B":
+        return BOTH_KNEES.format(named="laterality B")
+    if "BILATERAL" in view_words(view):
+        return BOTH_KNEES.format(named=f"ViewPosition {view}")
+    return None
+
+
+def input_reasons(view: str | None, laterality: str | None, trimmed_shape: tuple[int, int],
+                  grey_levels: int) -> list[str]:
     """Why an input is not gradable whatever the network makes of it: its DICOM header names a view other than the
-    frontal one (`view_reason`), it has too few pixels or too few grey levels to grade (`data.preprocess.
-    PreparedImage` measures both before resizing hides them)."""
-    reasons = [reason for reason in [view_reason(view)] if reason]
-    if min(trimmed_shape) < MIN_KNEE_PIXELS:
-        reasons.append(TOO_SMALL.format(rows=trimmed_shape[0], columns=trimmed_shape[1]))
+    frontal one (`view_reason`) or both knees (`both_knees_reason`), it is far from square (`MAX_ASPECT`), it has too
+    few pixels or too few grey levels to grade (`data.preprocess.PreparedImage` measures these before resizing hides
+    them)."""
+    reasons = [reason for reason in (view_reason(view), both_knees_reason(view, laterality)) if reason]
+    rows, columns = trimmed_shape
+    if min(rows, columns) < MIN_KNEE_PIXELS:
+        reasons.append(TOO_SMALL.format(rows=rows, columns=columns))
+    elif max(rows, columns) > MAX_ASPECT * min(rows, columns):  # a sliver is too small before it is elongated
+        longer, shorter = ("wide", "tall") if columns > rows else ("tall", "wide")
+        reasons.append(ELONGATED.format(rows=rows, columns=columns, ratio=max(rows, columns) / min(rows, columns),
+                                        longer=longer, shorter=shorter))
     if 1 < grey_levels < MIN_GREY_LEVELS:  # one level is a blank image, which `gradability` names
         reasons.append(TOO_FEW_GREY_LEVELS.format(levels=grey_levels))
     return reasons

@@ -72,7 +72,7 @@ def decode_all(samples: list[Sample], config: PreprocessConfig, workers: int | N
             return
         prepared = prepare_image(radiograph.grey, config, sample.side)
         images[index] = prepared.pixels
-        reasons[index] = prepared.reasons(radiograph.view)
+        reasons[index] = prepared.reasons(radiograph.view, radiograph.laterality)
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         list(pool.map(load, range(len(samples))))

@@ -6,9 +6,9 @@ says, so the model sees the knee the way every viewer shows it (of 21 val knees 
 6, read as stored, 20 were graded KL 4 and all 21 flagged not gradable); DICOM via pydicom (compressed pixel data
 through GDCM: JPEG lossless and JPEG-LS, which PACS exports of CR/DX often use, need it) with the modality LUT
 (rescale slope/intercept), the VOI LUT or window (a broken window is ignored), and MONOCHROME1 inverted so that
-bone is always bright; its header's `ViewPosition` and knee side come along (`Radiograph.view`, `.side`). Files are
-read only when they are regular files, and never past `MAX_FILE_BYTES` (a FIFO, a device or a symlink loop is an
-error, not a hang). Every failure raises `ImageReadError(path, reason)`.
+bone is always bright; its header's `ViewPosition` and laterality come along (`Radiograph.view`, `.laterality`).
+Files are read only when they are regular files, and never past `MAX_FILE_BYTES` (a FIFO, a device or a symlink
+loop is an error, not a hang). Every failure raises `ImageReadError(path, reason)`.
 """
 
 from __future__ import annotations
@@ -39,17 +39,24 @@ TIFF_NEW_SUBFILE_TYPE = 254
 """The TIFF tag whose bit 0 marks a reduced-resolution page (a thumbnail of another)."""
 MIN_SIDE = 16
 """Smallest side (pixels) that still holds a knee joint worth grading."""
+KNEE_SIDES = ("L", "R")
+"""The lateralities that name one knee's side (a DICOM header may also say B, both, or U, unpaired)."""
 _DICOM_MAGIC_OFFSET = 128
 
 
 @dataclass(frozen=True)
 class Radiograph:
-    """A decoded radiograph: its grey levels, and the view and knee side its DICOM header names (`ViewPosition`,
-    upper case; `dicom_side`); None for other files or where the header is silent."""
+    """A decoded radiograph: its grey levels, and the view and laterality its DICOM header names (`ViewPosition`,
+    upper case; `dicom_laterality`); None for other files or where the header is silent."""
 
     grey: np.ndarray
     view: str | None = None
-    side: str | None = None
+    laterality: str | None = None
+
+    @property
+    def side(self) -> str | None:
+        """The knee side the header names ("L" or "R"; None for both sides, an unpaired part, or silence)."""
+        return self.laterality if self.laterality in KNEE_SIDES else None
 
 
 def read_image(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -58,8 +65,8 @@ def read_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
 
 
 def read_radiograph(source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Radiograph:
-    """Decode an image file (or its bytes) into a 2-D float32 array of grey levels (native scale), and the view a
-    DICOM header names.
+    """Decode an image file (or its bytes) into a 2-D float32 array of grey levels (native scale), and the view and
+    laterality a DICOM header names.
 
     Args:
         source: a path, or the raw bytes of an upload.
@@ -68,7 +75,8 @@ def read_radiograph(source: str | Path | bytes, name: str | None = None, max_pix
         max_pixels: refuse larger images before decoding them (the service sets a smaller limit).
 
     Returns:
-        (H, W) float32 grey levels, bright = dense (bone) whatever the photometric interpretation, and the view.
+        (H, W) float32 grey levels, bright = dense (bone) whatever the photometric interpretation, the view and the
+        laterality.
 
     Raises:
         ImageReadError: empty, truncated, unsupported, absurdly large or undecodable input.
@@ -79,15 +87,15 @@ def read_radiograph(source: str | Path | bytes, name: str | None = None, max_pix
         raise ImageReadError(label, "empty file (0 bytes)")
     try:
         if _is_dicom(data, label):
-            array, view, side = _decode_dicom(data, label, max_pixels)
+            array, view, laterality = _decode_dicom(data, label, max_pixels)
         else:
-            array, view, side = _decode_pillow(data, label, max_pixels), None, None
+            array, view, laterality = _decode_pillow(data, label, max_pixels), None, None
     except ImageReadError:
         raise
     except Exception as exc:  # decoders raise many types; the user needs one line, the log the detail
         log.debug("decode failure for %s", label, exc_info=True)
         raise ImageReadError(label, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
-    return Radiograph(_checked(array, label, "image"), view, side)
+    return Radiograph(_checked(array, label, "image"), view, laterality)
 
 
 def read_array(array: np.ndarray, name: str = "<array>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -262,14 +270,14 @@ def _to_grey(image: Image.Image) -> np.ndarray:
 
 
 def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray, str | None, str | None]:
-    """Grey levels, and the header's view and knee side."""
+    """Grey levels, and the header's view and laterality."""
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, columns, frames = int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), int(ds.get("NumberOfFrames", 1) or 1)
-        view, side = _view_position(ds), dicom_side(ds)
+        view, laterality = _view_position(ds), dicom_laterality(ds)
     except Exception:  # pydicom raises many types for broken headers; the log keeps the detail
         log.debug("DICOM header failure for %s", label, exc_info=True)
         raise ImageReadError(label, "not a valid DICOM file (unreadable header)") from None
@@ -289,26 +297,32 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray,
     if photometric == "PALETTE COLOR":  # the stored values are indices into the palette, not grey levels
         pixels = apply_color_lut(pixels, ds)
     if pixels.ndim == 3:  # colour DICOM (secondary capture): pydicom gives RGB, YBR converted; luma
-        return (pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)), view, side
+        return (pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)), view, laterality
     array = apply_modality_lut(pixels, ds)
     if "VOILUTSequence" in ds or ("WindowCenter" in ds and _window_is_valid(ds)):
         array = apply_voi_lut(array, ds)
     array = np.asarray(array, dtype=np.float32)
     if photometric == "MONOCHROME1":
         array = array.max() + array.min() - array
-    return array, view, side
+    return array, view, laterality
 
 
 def _view_position(ds) -> str | None:
     return str(ds.get("ViewPosition", "") or "").strip().upper() or None
 
 
-def dicom_side(ds) -> str | None:
-    """The knee side a DICOM header names: the image's `ImageLaterality`, else the series' `Laterality` ("L" or
-    "R"; None where both are silent or the first given says both sides (B) or an unpaired part (U))."""
+def dicom_laterality(ds) -> str | None:
+    """The laterality a DICOM header names, upper case: the image's `ImageLaterality`, else the series'
+    `Laterality` (the standard's values: L, R, B for both sides, U for an unpaired part); None where both are
+    silent."""
     named = [str(ds.get(keyword, "") or "").strip().upper() for keyword in ("ImageLaterality", "Laterality")]
-    side = next((value for value in named if value), None)
-    return side if side in ("L", "R") else None
+    return next((value for value in named if value), None)
+
+
+def dicom_side(ds) -> str | None:
+    """The knee side a DICOM header names ("L" or "R"; `dicom_laterality`), None for anything else."""
+    laterality = dicom_laterality(ds)
+    return laterality if laterality in KNEE_SIDES else None
 
 
 def _window_is_valid(ds) -> bool:

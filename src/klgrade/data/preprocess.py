@@ -172,10 +172,10 @@ class PreparedImage:
     side_unknown: bool = False
     """The preprocessing mirrors left knees, but this knee's side was not given."""
 
-    def reasons(self, view: str | None = None) -> list[str]:
-        """Why the input is not gradable whatever the network makes of it (`uncertainty.input_reasons`; `view`: the
-        DICOM header's view, if any)."""
-        return input_reasons(view, self.trimmed_shape, self.grey_levels)
+    def reasons(self, view: str | None = None, laterality: str | None = None) -> list[str]:
+        """Why the input is not gradable whatever the network makes of it (`uncertainty.input_reasons`; `view`,
+        `laterality`: what the DICOM header names, if any)."""
+        return input_reasons(view, laterality, self.trimmed_shape, self.grey_levels)
 
     def notes(self) -> list[str]:
         """What the answer must say about how the input was prepared, without making it ungradable."""

@@ -26,7 +26,7 @@ def _problems(path: str) -> tuple[str | None, list[str]]:
         radiograph = read_radiograph(path)
     except ImageReadError as exc:
         return exc.reason, []
-    return None, prepare_image(radiograph.grey, PreprocessConfig()).reasons(radiograph.view)
+    return None, prepare_image(radiograph.grey, PreprocessConfig()).reasons(radiograph.view, radiograph.laterality)
 
 
 def summarize(data: str | Path, check_images: bool = True) -> dict:

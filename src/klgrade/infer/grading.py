@@ -79,8 +79,8 @@ def prepare_input(model: Predictor, source: Source, max_pixels: int = MAX_PIXELS
     """
     radiograph, side = decode(source, max_pixels)
     prepared = prepare_image(radiograph.grey, model.preprocess, side)
-    return PreparedInput(prepared.pixels, source_name(source), tuple(prepared.reasons(radiograph.view)),
-                         tuple(prepared.notes()))
+    reasons = prepared.reasons(radiograph.view, radiograph.laterality)
+    return PreparedInput(prepared.pixels, source_name(source), tuple(reasons), tuple(prepared.notes()))
 
 
 def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: bool = False,
