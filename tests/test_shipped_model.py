@@ -127,6 +127,31 @@ def test_the_shipped_model_warns_when_the_knee_is_framed_tighter_or_wider_than_i
     assert wider["wide_1.2"] >= 0.8 and tighter["wide_1.2"] <= 0.05, warned
 
 
+def test_two_knees_on_a_landscape_detector_are_not_gradable_and_their_framing_warning_does_not_contradict_itself(
+        kneekl224):
+    """Pairs of val knees side by side, 40 px apart, on a 5:4 landscape canvas (a bilateral view without a DICOM
+    header; its shape is no hint): flagged not gradable; both framing read-outs fire for most (49 of 60 pairs), which
+    said the knee fills more and less of the image at once: one warning says the framing is unlike training's."""
+    import numpy as np
+
+    from klgrade.data.io import read_image
+    from klgrade.infer.grading import grade_many, load_model
+    from klgrade.uncertainty import FRAMING_SHIFT, FRAMING_UNREAD, FRAMING_WIDE_SHIFT
+
+    knees = {path.stem: path for path in sorted((kneekl224 / "val").rglob("*.jpg"))}
+    patients = [name[:-1] for name in knees if name.endswith("R") and name[:-1] + "L" in knees][:12]
+    images = []
+    for patient in patients:
+        pair = np.hstack([read_image(knees[patient + "R"]), np.zeros((224, 40), np.float32),
+                          read_image(knees[patient + "L"])])
+        extra = round(pair.shape[1] / 1.25) - 224
+        images.append(np.vstack([pair[:1].repeat(extra // 2, 0), pair, pair[-1:].repeat(extra - extra // 2, 0)]))
+    answers = list(grade_many(load_model(), images))
+    assert len(answers) == 12 and not any(answer.gradable for answer in answers)
+    assert not any(FRAMING_SHIFT in answer.warnings and FRAMING_WIDE_SHIFT in answer.warnings for answer in answers)
+    assert sum(FRAMING_UNREAD in answer.warnings for answer in answers) >= 6
+
+
 def test_an_inverted_radiograph_is_graded_inverted_back_and_says_so(kneekl224):
     """Val knees saved inverted (bone dark, as a MONOCHROME1 image exported without its inversion; before the
     polarity read-out 38% of such grades moved and 17% were flagged not gradable, docs/results.md): graded as the

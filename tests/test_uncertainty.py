@@ -16,11 +16,11 @@ from klgrade.infer.grading import grade, grade_many, load_model
 from klgrade.metrics import set_metrics
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
-from klgrade.uncertainty import (BLANK, FeatureDensity, FramingProbe, PolarityProbe, apply_temperature,
-                                 conformal_scores, conformal_threshold, fit_processing_profile, grade_sets,
-                                 grade_thresholds, gradability, input_reasons, processing_shift,
-                                 processing_statistics, smallest_alpha, uncertified_grades, uncertified_warning,
-                                 view_reason)
+from klgrade.uncertainty import (BLANK, FRAMING_UNREAD, SHIFT_WARNINGS, FeatureDensity, FramingProbe, PolarityProbe,
+                                 apply_temperature, conformal_scores, conformal_threshold, fit_processing_profile,
+                                 grade_sets, grade_thresholds, gradability, input_reasons, processing_shift,
+                                 processing_statistics, shift_warnings, smallest_alpha, uncertified_grades,
+                                 uncertified_warning, view_reason)
 
 from helpers import EXAMPLES, REPO, copy_real_images, invoke_cli, knee_image, write_dicom
 
@@ -154,6 +154,14 @@ def test_feature_density_flags_far_points_and_blank_images():
     assert (density.distances(rng.normal(6, 1, (100, 8))) > density.threshold).all()
     images = np.stack([knee_image(1), np.full((64, 64), 7, np.uint8)])
     assert gradability(images, None, None) == [[], [BLANK]]
+
+
+def test_a_knee_read_as_framed_both_tighter_and_wider_gets_one_warning_that_says_so():
+    assert shift_warnings(["processing", "framing"]) == [SHIFT_WARNINGS["processing"], SHIFT_WARNINGS["framing"]]
+    assert shift_warnings(["framing_wide", "polarity"]) == [SHIFT_WARNINGS["framing_wide"], SHIFT_WARNINGS["polarity"]]
+    assert shift_warnings(["processing", "framing", "framing_wide", "polarity"]) == [
+        SHIFT_WARNINGS["processing"], FRAMING_UNREAD, SHIFT_WARNINGS["polarity"]]
+    assert shift_warnings([]) == []
 
 
 def test_an_input_with_too_few_pixels_or_grey_levels_or_a_lateral_view_is_not_gradable_whatever_it_shows():

@@ -92,6 +92,8 @@ FRAMING_SHIFT = ("the knee fills more of the image than in the training images (
                  f"joint?): the grade may change with the framing; {FRAMING_ADVICE}")
 FRAMING_WIDE_SHIFT = ("the knee fills less of the image than in the training images (framed wider, or padded?): "
                       f"the grade may change with the framing; {FRAMING_ADVICE}")
+FRAMING_UNREAD = ("the knee's framing is unlike the training images' (read as both tighter and wider): the grade may "
+                  f"change with the framing; {FRAMING_ADVICE}")
 PROCESSING_STATISTICS = ("grey-level spread", "local-to-global contrast", "fine detail")
 """What `processing_statistics` measures per image, in its column order."""
 PROCESSING_SHIFT = ("the image's contrast processing differs from the training images' (e.g. enhanced or "
@@ -101,6 +103,16 @@ POLARITY_CORRECTED = ("the image looked inverted (bone dark, soft tissue bright,
 SHIFT_WARNINGS = {"processing": PROCESSING_SHIFT, "framing": FRAMING_SHIFT, "framing_wide": FRAMING_WIDE_SHIFT,
                   "polarity": POLARITY_CORRECTED}
 """The warning each kind of shift adds to an answer (`Predictor.shifts`)."""
+
+
+def shift_warnings(kinds: list[str]) -> list[str]:
+    """The warnings of the kinds of shift seen in one image (`SHIFT_WARNINGS`), in that order; an image read as framed
+    both tighter and wider (no val knee is; pairs of knees side by side often are) gets one warning that says so
+    instead of two that contradict each other."""
+    if {"framing", "framing_wide"} <= set(kinds):
+        kinds = [kind for kind in kinds if kind != "framing_wide"]
+        return [FRAMING_UNREAD if kind == "framing" else SHIFT_WARNINGS[kind] for kind in kinds]
+    return [SHIFT_WARNINGS[kind] for kind in kinds]
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:

@@ -30,9 +30,9 @@ from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
 from klgrade.models.weights import calibration_fits
-from klgrade.uncertainty import (DEFAULT_ALPHA, SHIFT_WARNINGS, Calibration, apply_temperature, conformal_threshold,
-                                 grade_sets, grade_thresholds, gradability, processing_shift,
-                                 uncertified_grades, uncertified_warning)
+from klgrade.uncertainty import (DEFAULT_ALPHA, Calibration, apply_temperature, conformal_threshold, grade_sets,
+                                 grade_thresholds, gradability, processing_shift, shift_warnings, uncertified_grades,
+                                 uncertified_warning)
 
 log = logging.getLogger(__name__)
 
@@ -368,10 +368,8 @@ class Predictor:
         for notes in warnings if uncertified else []:
             notes.append(uncertified_warning(uncertified, alpha))
         shifts = self.shifts(images_uint8, outputs)
-        for kind, shifted in shifts.items():
-            for notes, shown in zip(warnings, shifted):
-                if shown:
-                    notes.append(SHIFT_WARNINGS[kind])
+        for index, notes in enumerate(warnings):
+            notes += shift_warnings([kind for kind, shifted in shifts.items() if shifted[index]])
         return Assessment(sets, coverage, gradable, shifts, warnings)
 
     def shifts(self, images_uint8: np.ndarray, outputs: Outputs) -> dict[str, np.ndarray]:
