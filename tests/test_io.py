@@ -185,6 +185,18 @@ def test_bad_bytes_raise_one_error_with_path_and_reason(tmp_path, content, reaso
     assert "\n" not in str(caught.value)
 
 
+def test_a_tiff_that_cannot_be_decoded_says_so_and_what_to_do(tmp_path):
+    """A 64-bit float TIFF (numpy or MATLAB writes them) was "not a recognised image", although it is a TIFF."""
+    import cv2
+
+    path = tmp_path / "float64.tif"
+    assert cv2.imwrite(str(path), knee_image().astype(np.float64))
+    with pytest.raises(ImageReadError) as caught:
+        read_image(path)
+    assert caught.value.reason == ("a TIFF that cannot be decoded (64-bit float samples, an unusual compression, or "
+                                   "damaged?); save it as a 16-bit integer TIFF or PNG")
+
+
 def test_truncated_png_is_reported(tmp_path):
     data = io.BytesIO()
     Image.fromarray(knee_image(size=256)).save(data, format="PNG")

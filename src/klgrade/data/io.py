@@ -39,6 +39,8 @@ TIFF_NEW_SUBFILE_TYPE = 254
 """The TIFF tag whose bit 0 marks a reduced-resolution page (a thumbnail of another)."""
 MIN_SIDE = 16
 """Smallest side (pixels) that still holds a knee joint worth grading."""
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+"""The first four bytes of a TIFF (little- or big-endian) or a BigTIFF."""
 KNEE_SIDES = ("L", "R")
 """The lateralities that name one knee's side (a DICOM header may also say B, both, or U, unpaired)."""
 _DICOM_MAGIC_OFFSET = 128
@@ -218,6 +220,9 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int) -> np.ndarray:
             image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         reason = "not a recognised image (PNG/JPEG/BMP/TIFF/DICOM)"
+        if data[:4] in TIFF_SIGNATURES:  # a TIFF nonetheless: say what to do with it
+            reason = ("a TIFF that cannot be decoded (64-bit float samples, an unusual compression, or damaged?); "
+                      "save it as a 16-bit integer TIFF or PNG")
         if not isinstance(exc, UnidentifiedImageError):
             reason = "image too large (decompression bomb)"
         raise ImageReadError(label, reason) from None
