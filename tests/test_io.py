@@ -84,6 +84,14 @@ def test_dicom_monochrome1_is_inverted_so_bone_is_bright(tmp_path):
     mono2 = read_image(write_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2"))
     mono1 = read_image(write_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1"))
     assert np.corrcoef(mono1.ravel(), mono2.ravel())[0, 1] < -0.99
+    # A presentation LUT shape INVERSE shows MONOCHROME2 values inverted; beside MONOCHROME1 (as DX files pair
+    # them) it is that same inversion, not a second one.
+    shown_inverted = read_image(write_dicom(tmp_path / "i2.dcm", pixels, "MONOCHROME2", PresentationLUTShape="INVERSE"))
+    np.testing.assert_array_equal(shown_inverted, mono1)
+    paired = read_image(write_dicom(tmp_path / "i1.dcm", pixels, "MONOCHROME1", PresentationLUTShape="INVERSE"))
+    np.testing.assert_array_equal(paired, mono1)
+    identity = read_image(write_dicom(tmp_path / "n2.dcm", pixels, "MONOCHROME2", PresentationLUTShape="IDENTITY"))
+    np.testing.assert_array_equal(identity, mono2)
 
 
 def test_dicom_window_is_applied(tmp_path):

@@ -5,10 +5,11 @@ allow-list (no other Pillow plugin ever runs, e.g. EPS through Ghostscript) and 
 says, so the model sees the knee the way every viewer shows it (of 21 val knees stored sideways with orientation
 6, read as stored, 20 were graded KL 4 and all 21 flagged not gradable); DICOM via pydicom (compressed pixel data
 through GDCM: JPEG lossless and JPEG-LS, which PACS exports of CR/DX often use, need it) with the modality LUT
-(rescale slope/intercept), the VOI LUT or window (a broken window is ignored), and MONOCHROME1 inverted so that
-bone is always bright; its header's `ViewPosition` and laterality come along (`Radiograph.view`, `.laterality`).
-Files are read only when they are regular files, and never past `MAX_FILE_BYTES` (a FIFO, a device or a symlink
-loop is an error, not a hang). Every failure raises `ImageReadError(path, reason)`.
+(rescale slope/intercept), the VOI LUT or window (a broken window is ignored), and MONOCHROME1 or an INVERSE
+presentation LUT shape inverted so that bone is always bright; its header's `ViewPosition` and laterality come
+along (`Radiograph.view`, `.laterality`). Files are read only when they are regular files, and never past
+`MAX_FILE_BYTES` (a FIFO, a device or a symlink loop is an error, not a hang). Every failure raises
+`ImageReadError(path, reason)`.
 """
 
 from __future__ import annotations
@@ -307,8 +308,8 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray,
     if "VOILUTSequence" in ds or ("WindowCenter" in ds and _window_is_valid(ds)):
         array = apply_voi_lut(array, ds)
     array = np.asarray(array, dtype=np.float32)
-    if photometric == "MONOCHROME1":
-        array = array.max() + array.min() - array
+    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
+        array = array.max() + array.min() - array  # INVERSE beside MONOCHROME1 is the same inversion, not a second
     return array, view, laterality
 
 
