@@ -84,6 +84,7 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
         assert name in report
     for metric in ("accuracy", "precision_macro", "f1_macro", "mcc", "qwk", "mae"):
         assert metric in report
+    assert "5-fold" not in report and "2-fold patient-grouped stratified CV on the train split" in report
     for section in ("Cross-validation", "Internal validation", "External validation", "Misclassification", "Ablations"):
         assert section in report
     results = json.loads((out / "results.json").read_text())
@@ -148,9 +149,11 @@ def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(
     entry = {"cv": {"mean_sd": mean_sd([metrics]), "per_fold": [metrics], "pooled_oof": metrics}, "train_s": 1.0,
              "ablation": False, "distilled": False}
     results = {"profile": "quick", "data": "knees", "external": None, "folds": 1, "variants": {"resnet18": entry},
-               "selected": ["resnet18"], "unfinished": [], "device": "CPU", "jobs": 1, "wall_s": 1.0}
+               "selected": ["resnet18"], "unfinished": [], "device": "CPU", "jobs": 1, "wall_s": 1.0,
+               "cv_on": "all its images (no splits)"}
     without_val = _markdown(results, None)
     assert "no `val` split to validate on" in without_val and "internal validation" not in without_val.lower()
+    assert "CV on all its images (no splits)" in without_val  # a folder of grade folders has no train split
     # Only what ran: no distillation sentence, no ablation table without msa_net and a variant of it.
     assert "distilled" not in without_val and "Ablations" not in without_val
     with warnings.catch_warnings():

@@ -193,6 +193,7 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     validation = {which: validation_set(found, what, train, base.preprocess(), extra["val_limit"])
                   for which, (what, found) in listed.items() if found}
     results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {},
+               "cv_on": "the train split" if any(s.split for s in samples) else "all its images (no splits)",
                "selected": [variant.name for variant in selected], "unfinished": [], "device": device_name(device),
                "jobs": jobs, "left_out": {which: v.left_out for which, v in validation.items() if v.left_out}}
     if "external" in validation:

@@ -56,7 +56,7 @@ def _markdown(results: dict, panel: Path | None) -> str:
     k = results["folds"]
     internal = any("internal" in entry for entry in variants.values())
     lines = [f"# klgrade reproduce: profile `{results['profile']}`", "",
-             f"Data: `{results['data']}`; {k}-fold patient-grouped stratified CV on the train split"
+             f"Data: `{results['data']}`; {k}-fold patient-grouped stratified CV on {results['cv_on']}"
              + ("; internal validation of every fold model on `val`" if internal else "; no `val` split to validate on")
              + (f"; external validation on `{results['external']}`" if results["external"] else "") + "."]
     if "msa_net+kd" in results["selected"]:
