@@ -181,10 +181,15 @@ def test_an_input_with_too_few_pixels_or_grey_levels_or_a_lateral_view_is_not_gr
     assert input_reasons(None, None, (3000, 2400), 256) == input_reasons(None, None, (1000, 1800), 256) == []
 
 
-def test_calibrate_leaves_out_inputs_that_are_not_gradable(tiny_checkpoint, kneekl224, tmp_path):
+def test_calibrate_leaves_out_inputs_that_are_not_gradable(tiny_checkpoint, kneekl224, tmp_path, monkeypatch):
     """A lateral view or a thumbnail among the calibration images would enter the grade sets' scores and the
-    gradability threshold although no answer for such an input is gradable."""
+    gradability threshold although no answer for such an input is gradable. Density images beyond
+    `DENSITY_IMAGES` (held in memory while fitting) are left out at random."""
     from PIL import Image
+
+    from klgrade.evaluate import calibration
+
+    monkeypatch.setattr(calibration, "DENSITY_IMAGES", 15, raising=False)
 
     copy_real_images(kneekl224, tmp_path / "val", 4, split="val")
     copy_real_images(kneekl224, tmp_path / "train", 4, split="train")
@@ -196,7 +201,8 @@ def test_calibrate_leaves_out_inputs_that_are_not_gradable(tiny_checkpoint, knee
     assert result.returncode == 0, result.stderr
     assert "KL 0-4: 4 / 4 / 4 / 4 / 4;" in result.stdout
     assert "left out 2 of 22 images that are not gradable as inputs" in result.stderr
-    assert read_info(tmp_path / "calibrated.safetensors")["calibration"]["n_calibration"] == 20
+    fitted = read_info(tmp_path / "calibrated.safetensors")["calibration"]
+    assert fitted["n_calibration"] == 20 and fitted["n_density"] + fitted["n_density_inverted"] == 15
 
 
 def test_framing_probes_read_the_crop_share_and_warn_only_beyond_the_training_framing():

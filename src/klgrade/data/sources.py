@@ -32,6 +32,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from klgrade.constants import GRADE_NAMES, NUM_GRADES
 from klgrade.data.io import dicom_side, file_version, regular_file_problem
 from klgrade.errors import DataLayoutError, ImageReadError
@@ -416,3 +418,11 @@ def select_split(samples: list[Sample], split: str) -> list[Sample]:
         found = sorted({s.split for s in samples if s.split})
         raise DataLayoutError(f"no '{split}' split in the data (found: {found or 'a single unsplit folder'})")
     return chosen
+
+
+def limit_samples(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """A seeded random subset of at most `limit` samples, in the original order."""
+    if limit is None or limit >= len(samples):
+        return samples
+    keep = np.sort(np.random.default_rng(seed).permutation(len(samples))[:limit])
+    return [samples[i] for i in keep]

@@ -38,7 +38,7 @@ from klgrade.data.augment import reframe
 from klgrade.data.io import read_image
 from klgrade.data.preprocess import unknown_sides_warning
 from klgrade.data.provenance import distinct_knees, knee_record
-from klgrade.data.sources import Sample
+from klgrade.data.sources import Sample, limit_samples
 from klgrade.errors import DataLayoutError
 from klgrade.evaluate.evaluation import (Predictions, batched_outputs, fit_grade_sets, predict_samples,
                                         untrained_knees)
@@ -66,6 +66,10 @@ FRAMING_WIDE_WARNED_SHARE = 0.01
 """Share of calibration images as they are that get the wider-framing warning (docs/results.md, framing)."""
 POLARITY_IMAGES = 2400
 """Training images the polarity probe is fitted on, each as stored and inverted."""
+DENSITY_IMAGES = 6000
+"""Density images at most (a seeded random choice of more): each is decoded and held while the calibration is fitted
+(26 KB at 160 px), and grade means and a covariance of a few hundred features need no more. kneeKL224's train split
+(5778) is used whole."""
 
 
 def raw_predictions(predictor: Predictor, samples: list[Sample], what: str) -> Predictions:
@@ -169,6 +173,9 @@ def calibrate_checkpoint(checkpoints: str | Path | list[str | Path], calibration
     predictor = Predictor(paths, tta=tta, calibrated=False)
     calibration, repeated = distinct_knees(calibration, "calibration data")
     calibration, trained = untrained_knees(predictor, calibration, "calibration data", "calibrate on")
+    if len(density) > DENSITY_IMAGES:
+        log.info("density: a random %d of the %d density images", DENSITY_IMAGES, len(density))
+        density = limit_samples(density, DENSITY_IMAGES, seed=0)
     sideless = [warning for samples, what in ((calibration, "calibration data"), (density, "density data"))
                 for warning in unknown_sides_warning(predictor.preprocess, [s.side for s in samples], what)]
     for warning in repeated + trained + sideless:  # grade sets fitted on trained knees would be too narrow

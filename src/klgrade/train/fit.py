@@ -29,7 +29,7 @@ from klgrade.constants import MAIN_METRIC, NUM_GRADES
 from klgrade.data.cache import cache_key, load_cached
 from klgrade.data.preprocess import PreprocessConfig, unknown_sides_warning
 from klgrade.data.provenance import check_unshared, distinct_knees, knee_record, merge_records
-from klgrade.data.sources import Sample, find_samples, select_split
+from klgrade.data.sources import Sample, find_samples, limit_samples, select_split
 from klgrade.data.splits import fold_split
 from klgrade.errors import CheckpointError, KLGradeError
 from klgrade.files import atomic_path, write_json_atomic
@@ -57,14 +57,6 @@ class RunData:
     val: list[Sample]
     preprocess: PreprocessConfig
     notes: list[str] = field(default_factory=list)
-
-
-def limit_samples(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
-    """A seeded random subset of at most `limit` samples, in the original order."""
-    if limit is None or limit >= len(samples):
-        return samples
-    keep = np.sort(np.random.default_rng(seed).permutation(len(samples))[:limit])
-    return [samples[i] for i in keep]
 
 
 def fold_pool(samples: list[Sample]) -> list[Sample]:
