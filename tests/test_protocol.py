@@ -8,6 +8,7 @@ from PIL import Image
 
 from klgrade.data.cache import decode_all
 from klgrade.data.sources import Sample, find_samples, select_split
+from klgrade.evaluate.evaluation import batched_outputs
 from klgrade.experiments.protocol import BASELINES, VARIANTS, knees_in_val, select_variants
 from klgrade.infer.grading import load_model
 
@@ -62,7 +63,7 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     assert (out / "fold1" / "oof.csv").stat().st_mtime_ns == finished
 
 
-def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl224, tmp_path):
+def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl224, tmp_path, monkeypatch):
     out, external = tmp_path / "paper", tmp_path / "external"
     first = copy_real_images(kneekl224, external, 8, split="val")[0]
     (external / "0" / "again.jpg").write_bytes(first.read_bytes())  # one image twice
@@ -97,9 +98,16 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     kd = json.loads((out / "runs" / "msa_net_kd" / "fold0" / "metrics.json").read_text())
     assert len(kd["config"]["teacher"]) == 4
     assert results["unfinished"] == [] and "time budget" not in report
+    from klgrade.experiments import protocol
+
+    graded = []  # a rerun grades no validation set again whose fold models and images are unchanged
+    monkeypatch.setattr(protocol, "batched_outputs", lambda *args: graded.append(args) or batched_outputs(*args))
     again = invoke_cli("reproduce", "--data", str(kneekl224), "--out", str(out), "--profile", "quick", "--device",
                        "cpu", "--time-budget", "0")  # every fold is done: a spent budget stops nothing
     assert again.returncode == 0 and json.loads((out / "results.json").read_text())["unfinished"] == []
+    rerun = json.loads((out / "results.json").read_text())["variants"]
+    assert graded == [] and {name: entry["internal"] for name, entry in rerun.items()} == \
+        {name: entry["internal"] for name, entry in results["variants"].items()}
     fresh = invoke_cli("reproduce", "--data", str(kneekl224), "--out", str(tmp_path / "fresh"), "--profile", "quick",
                        "--device", "cpu", "--time-budget", "0")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
