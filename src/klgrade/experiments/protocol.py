@@ -159,8 +159,8 @@ def validate_fold_models(run: Path, folds: int, validation: ValidationSet, name:
     """Every fold model on an independent labelled set: per-fold metrics, mean +/- sd, and the fold ensemble.
 
     Written to `run/validation_<name>.json` with its `validation_key`: a rerun (a time budget's continuation) reads
-    the figures of a variant whose fold models and set are unchanged instead of grading the set again (45 fold
-    models on val take most of an hour on a 2-core CPU at 160 px)."""
+    the figures of a variant whose fold models and set are unchanged instead of grading the set again with each of
+    them."""
     saved = run / f"validation_{name}.json"
     key = validation_key(run, folds, validation)
     if saved.exists():
