@@ -118,7 +118,9 @@ class Grading:
         probabilities: probability of each grade 0-4.
         confidence: probability of `grade`.
         grade_set: contiguous grades that hold the true grade with probability `coverage`, whatever the true
-            grade (calibrated models); just `[grade]` when the model is not calibrated (then `coverage` is None).
+            grade (calibrated models); all five grades when the answer is not gradable (no coverage holds for an
+            input unlike the calibration images); just `[grade]` when the model is not calibrated (then `coverage`
+            is None).
         gradable: False when the input is not a knee radiograph like the training data (blank, far from it in
             feature space, a DICOM header naming a lateral, oblique or axial view, too few pixels or grey levels);
             the probabilities are still given, the grade is not to be trusted.
@@ -350,10 +352,11 @@ class Predictor:
 
     def assess(self, images_uint8: np.ndarray, outputs: Outputs, alpha: float | None = None,
                reasons: Sequence[Sequence[str]] | None = None) -> Assessment:
-        """How sure each answer is: its grade set, whether it is gradable, the shifts seen, and every warning it
-        carries (not gradable, uncertified grades, shifts), in that order. `images_uint8`: as graded
-        (`upright_images`); `reasons`: per image, why the input itself is not gradable (a DICOM header naming
-        a lateral view, too few pixels or grey levels: `uncertainty.input_reasons`), first among its reasons."""
+        """How sure each answer is: its grade set (all grades where not gradable), whether it is gradable, the shifts
+        seen, and every warning it carries (not gradable, uncertified grades, shifts), in that order.
+        `images_uint8`: as graded (`upright_images`); `reasons`: per image, why the input itself is not gradable (a
+        DICOM header naming a lateral view, too few pixels or grey levels: `uncertainty.input_reasons`), first among
+        its reasons."""
         alpha = self.alpha if alpha is None else alpha
         if self.is_calibrated:
             sets = grade_sets(outputs.probabilities, self.set_thresholds(alpha))
@@ -364,6 +367,8 @@ class Predictor:
         for notes, given in zip(warnings, reasons or []):
             notes[:0] = given
         gradable = [not notes for notes in warnings]
+        if coverage is not None:  # a set certifies nothing for an input unlike those it was calibrated on
+            sets = [grades if ok else list(range(NUM_GRADES)) for grades, ok in zip(sets, gradable)]
         uncertified = self.uncertified_grades(alpha)
         for notes in warnings if uncertified else []:
             notes.append(uncertified_warning(uncertified, alpha))
