@@ -72,7 +72,7 @@ MAX_ASPECT = 1.8
 """Longer side over shorter side (uniform margins trimmed) beyond which an image is not one knee framed for grading:
 the training knees are square, a single knee on a portrait detector is 1.25, two knees cropped side by side are 2
 and a full-leg view 3 or more; stretched to a square for the network, such an image is graded as a squashed knee
-(pairs of val knees side by side were graded KL 4 for 24 of 60 pairs, docs/results.md, inputs)."""
+(pairs of val knees side by side were graded KL 4 for 24 of 60 pairs, docs/results.md, two knees in one image)."""
 ELONGATED = ("not gradable: the image is {rows} x {columns} pixels (uniform margins trimmed), {ratio:.1f} times as "
              "{longer} as {shorter}: two knees side by side or a full-leg view? Grades are read on one knee framed "
              "about square around the joint")
@@ -414,8 +414,9 @@ def view_words(view: str | None) -> set[str]:
 def view_reason(view: str | None) -> str | None:
     """Why a radiograph whose DICOM header names `view` is not gradable as a view; None for a frontal or unnamed
     view (a whole word must match: "BILATERAL PA" is frontal, `both_knees_reason` speaks of its two knees)."""
+    words = view_words(view)
     for kind, names in NON_FRONTAL_VIEWS.items():
-        if view_words(view) & names:
+        if words & names:
             return NOT_FRONTAL.format(kind=kind, view=view)
     return None
 
