@@ -354,9 +354,15 @@ def test_a_dicom_header_naming_a_lateral_oblique_or_axial_view_makes_the_answer_
     result = invoke_cli("evaluate", "--data", str(labelled.parent), "--checkpoint", str(tiny_checkpoint), "--json",
                         "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["ungradable_fraction"] == 0.5
+    metrics = json.loads(result.stdout)
+    assert metrics["ungradable_fraction"] == 0.5
     rows = {row["path"].rsplit("/", 1)[1]: row for row in csv.DictReader((tmp_path / "report" / "predictions.csv").open())}
     assert [rows[f"900000{index}R.dcm"]["gradable"] for index in range(4)] == ["False", "False", "True", "True"]
+    # The metrics of the knees answered gradable, beside those of all: what the grades a reader may trust score.
+    graded = [int(rows[f"900000{index}R.dcm"]["predicted"]) for index in (2, 3)]
+    assert metrics["gradable_only"]["n"] == 2 and metrics["gradable_only"]["accuracy"] == graded.count(2) / 2
+    assert set(metrics["gradable_only"]) == {"n", "accuracy", "precision_macro", "recall_macro", "f1_macro", "mcc",
+                                             "qwk", "mae"}
     assert rows["9000000R.dcm"]["warnings"].startswith(view_reason("RLO"))
 
 
@@ -410,6 +416,9 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     table = invoke_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated))
     assert table.returncode == 0, table.stderr
     assert " / ".join(f"{c:.2f}" for c in metrics["coverage_per_grade"]) in table.stdout
+    only = metrics["gradable_only"]
+    assert f"the {only['n']} gradable knees only: accuracy / QWK" in table.stdout
+    assert f"{only['accuracy']:.4f} / {only['qwk']:.4f}" in table.stdout
     framing_row = next(line for line in table.stdout.splitlines() if "framed tighter than training" in line)
     assert f"{metrics['framing_shift_fraction']:.3f}" in framing_row
     wider_row = next(line for line in table.stdout.splitlines() if "framed wider than training" in line)
