@@ -214,6 +214,8 @@ def test_evaluate_lists_for_each_knee_what_predict_would_say(kneekl224, tmp_path
     import csv
     import shutil
 
+    import numpy as np
+
     from klgrade.uncertainty import POLARITY_CORRECTED
 
     stored_inverted = {kneekl224 / "val" / f"{name}.jpg" for name in STORED_INVERTED}
@@ -228,6 +230,13 @@ def test_evaluate_lists_for_each_knee_what_predict_would_say(kneekl224, tmp_path
     graded_inverted = {Path(row["path"]).name for row in rows if POLARITY_CORRECTED in row["warnings"]}
     assert graded_inverted == {path.name for path in stored_inverted}
     assert {row["gradable"] for row in rows} <= {"True", "False"}
+    # Each knee's grade set, as `predict` writes it: the coverage in metrics.json is counted from these sets.
+    sets = [range(int(row["grade_set"].split("-")[0]), int(row["grade_set"].split("-")[-1]) + 1) for row in rows]
+    assert all(int(row["predicted"]) in grades for row, grades in zip(rows, sets))
+    assert all(row["grade_set"] == "0-4" for row in rows if row["gradable"] == "False")
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["coverage"] == np.mean([int(row["true"]) in grades for row, grades in zip(rows, sets)])
+    assert metrics["mean_set_size"] == np.mean([len(grades) for grades in sets])
 
 
 def test_a_knee_with_too_few_pixels_or_grey_levels_is_not_gradable_and_says_why(kneekl224, tmp_path):

@@ -181,6 +181,11 @@ def grade_sets(probabilities: np.ndarray, thresholds: float | np.ndarray) -> lis
     return [list(range(lo, hi + 1)) for lo, hi in zip(low, high)]
 
 
+def set_label(grades: list[int]) -> str:
+    """A contiguous grade set as people write it: `2`, `1-2`."""
+    return str(grades[0]) if len(grades) == 1 else f"{grades[0]}-{grades[-1]}"
+
+
 @dataclass
 class FeatureDensity:
     """Grade means and a shared precision matrix of penultimate features, and the distance threshold."""

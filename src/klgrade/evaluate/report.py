@@ -14,6 +14,7 @@ from klgrade.constants import NUM_GRADES  # noqa: E402
 from klgrade.files import (WARNING_SEPARATOR, atomic_path, rows_to_csv, write_json_atomic,  # noqa: E402
                            write_text_atomic)
 from klgrade.metrics import ECE_BINS, calibration_bins  # noqa: E402
+from klgrade.uncertainty import set_label  # noqa: E402
 
 
 def save_figure(figure, path: Path) -> None:
@@ -53,19 +54,19 @@ def plot_reliability(y_true, probabilities, path: Path, bins: int = ECE_BINS) ->
 
 
 def write_evaluation(result, out: Path) -> None:
-    """metrics.json, predictions.csv (path, patient, true, predicted, probabilities, gradable, warnings as `klgrade
-    predict` gives them), left_out.csv (the knees left out, and why: `copy` or `trained`, `Evaluation.left_out`;
+    """metrics.json, predictions.csv (path, patient, true, predicted, probabilities, grade set, gradable, warnings as
+    `klgrade predict` gives them), left_out.csv (the knees left out, and why: `copy` or `trained`, `Evaluation.left_out`;
     only its header when none, so no earlier run's list stays behind), confusion.png, reliability.png."""
     out = Path(out)
     write_json_atomic(out / "metrics.json", result.metrics)
     assessment = result.assessment
     rows = [{"path": s.path, "patient_id": s.patient_id, "true": s.grade, "predicted": int(p.argmax()),
              **{f"prob_{k}": round(float(v), 6) for k, v in enumerate(p)},
-             "gradable": gradable, "warnings": WARNING_SEPARATOR.join(warnings)}
-            for s, p, gradable, warnings in zip(result.samples, result.probabilities, assessment.gradable,
-                                                assessment.warnings)]
-    columns = ["path", "patient_id", "true", "predicted", *(f"prob_{k}" for k in range(NUM_GRADES)), "gradable",
-               "warnings"]
+             "grade_set": set_label(grades), "gradable": gradable, "warnings": WARNING_SEPARATOR.join(warnings)}
+            for s, p, grades, gradable, warnings in zip(result.samples, result.probabilities, assessment.sets,
+                                                        assessment.gradable, assessment.warnings)]
+    columns = ["path", "patient_id", "true", "predicted", *(f"prob_{k}" for k in range(NUM_GRADES)), "grade_set",
+               "gradable", "warnings"]
     write_text_atomic(out / "predictions.csv", rows_to_csv(rows, columns))
     left_out = [{"path": s.path, "patient_id": s.patient_id, "true": s.grade, "reason": reason}
                 for s, reason in result.left_out]

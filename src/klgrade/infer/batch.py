@@ -18,6 +18,7 @@ from klgrade.explain.gradcam import overlay
 from klgrade.files import atomic_path
 from klgrade.infer.grading import grade_many
 from klgrade.infer.predictor import Grading, Predictor
+from klgrade.uncertainty import set_label
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,6 @@ def save_overlay(target: Path, grading: Grading) -> str:
     with atomic_path(target) as temporary:
         overlay(grading.image, grading.heatmap, caption(grading)).save(temporary)
     return str(target)
-
-
-def set_label(grades: list[int]) -> str:
-    """A contiguous grade set as people write it: `2`, `1-2`."""
-    return str(grades[0]) if len(grades) == 1 else f"{grades[0]}-{grades[-1]}"
 
 
 def result_row(grading: Grading) -> dict:
