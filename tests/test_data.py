@@ -407,6 +407,37 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
 
 
+def test_cache_is_rebuilt_by_other_decoding_code(tmp_path, monkeypatch):
+    """Pixels cached by another klgrade (an upgrade whose decoding differs) or another decoder library are not read
+    back as this one's: a cache format number raised by hand was missed by four decoding changes in a row."""
+    from klgrade.data import cache
+
+    for k in range(2):
+        _write(tmp_path / "data" / str(k) / f"900000{k}L.png", seed=k)
+    samples = find_samples(tmp_path / "data")
+    load_cached(samples, PreprocessConfig(size=32), tmp_path / "cache")
+    monkeypatch.setattr(cache, "source_digest", lambda root: "data layer of another version")
+    load_cached(samples, PreprocessConfig(size=32), tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    monkeypatch.setattr(cache, "DECODERS", ("numpy", "PIL", "cv2"))  # one library fewer: other versions
+    load_cached(samples, PreprocessConfig(size=32), tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+def test_source_digest_follows_the_code_not_where_it_lies(tmp_path):
+    import shutil
+
+    from klgrade.fingerprint import PACKAGE, source_digest
+
+    for copy in ("a", "b"):
+        shutil.copytree(PACKAGE / "data", tmp_path / copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(tmp_path / "a") == source_digest(tmp_path / "b") == source_digest(PACKAGE / "data")
+    shutil.copytree(tmp_path / "a", tmp_path / "d")
+    (tmp_path / "d" / "io.py").write_text((tmp_path / "d" / "io.py").read_text().replace("MAX_FILE_BYTES", "LIMIT"))
+    assert source_digest(tmp_path / "d") != source_digest(tmp_path / "a")
+    assert source_digest() != source_digest(PACKAGE / "data")
+
+
 def test_cache_refuses_unreadable_training_images(tmp_path):
     _write(tmp_path / "0" / "a.png")
     (tmp_path / "1").mkdir()

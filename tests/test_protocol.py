@@ -197,3 +197,22 @@ def test_a_validation_set_with_no_knee_outside_the_train_split_or_an_unreadable_
     assert broken.returncode == 1
     assert f"val: 1 unreadable image(s), e.g. {data / 'val' / '1' / 'broken.png'}: " in broken.stderr
     assert not (out / "runs").exists()
+
+
+def test_stored_validation_figures_are_not_read_back_by_other_code(tmp_path, monkeypatch):
+    """A variant's validation figures stored by a run are read back only by the code that computed them: after an
+    upgrade that scores otherwise, a rerun computes them again (the key held the models and the set only)."""
+    from klgrade.data.preprocess import PreprocessConfig
+    from klgrade.experiments import protocol
+    from klgrade.experiments.cv import fold_model
+
+    for fold in range(2):
+        fold_model(tmp_path, fold).parent.mkdir(parents=True)
+        fold_model(tmp_path, fold).write_bytes(b"weights")
+    samples = [Sample(str(save(Image.fromarray(knee_image(seed=k)), tmp_path / f"900000{k}L.png")), k, "900000", "L")
+               for k in range(2)]
+    validation = protocol.ValidationSet(samples, np.zeros((2, 32, 32), np.uint8), PreprocessConfig(size=32), None)
+    key = protocol.validation_key(tmp_path, 2, validation)
+    assert protocol.validation_key(tmp_path, 2, validation) == key
+    monkeypatch.setattr(protocol, "source_digest", lambda: "klgrade of another version")
+    assert protocol.validation_key(tmp_path, 2, validation) != key

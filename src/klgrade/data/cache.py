@@ -1,12 +1,14 @@
 """Decode and preprocess a file list once into a uint8 array on disk, reused across epochs, folds and runs.
 
-The cache file is keyed by the file list (path, size, mtime) and the preprocessing settings, so a changed
-file or setting builds a new one. It is written to a temporary name and renamed: never half-written.
+The cache file is keyed by the file list (path, size, mtime), the preprocessing settings and the code that decodes,
+so a changed file, setting or decoder builds a new one. It is written to a temporary name and renamed: never
+half-written.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -21,13 +23,13 @@ from klgrade.data.preprocess import PreprocessConfig, prepare_image
 from klgrade.data.sources import Sample
 from klgrade.errors import ImageReadError, KLGradeError
 from klgrade.files import atomic_path
+from klgrade.fingerprint import PACKAGE, source_digest
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 4
-"""Raised whenever decoding or `to_uint8` changes what they make of a file (2: uniform margins trimmed; 3: also
-margins of two colours or holding a label; 4: EXIF orientation applied, several-image files refused; no kneeKL224
-file carries an orientation or holds several images)."""
+DECODERS = ("numpy", "PIL", "cv2", "pydicom")
+"""The libraries whose versions key the cache beside klgrade's data layer: a new JPEG decoder or resampler may make
+other pixels of the same file."""
 
 
 def default_cache_dir() -> Path:
@@ -35,8 +37,10 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(samples: list[Sample], config: PreprocessConfig) -> str:
-    """Fingerprint of the exact files (path, size, mtime) and preprocessing settings."""
-    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, config.to_dict()]).encode())
+    """Fingerprint of the exact files (path, size, mtime), the preprocessing settings and what decodes them (the data
+    layer's source, `DECODERS`' versions)."""
+    decoders = {name: importlib.import_module(name).__version__ for name in DECODERS}
+    digest = hashlib.sha256(json.dumps([source_digest(PACKAGE / "data"), decoders, config.to_dict()]).encode())
     for sample in samples:
         try:
             stat = os.stat(sample.path)

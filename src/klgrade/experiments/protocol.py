@@ -33,6 +33,7 @@ from klgrade.experiments.cv import cross_validate, fold_dir, fold_model, mean_sd
 from klgrade.experiments.jobs import FoldJob, run_fold_jobs
 from klgrade.experiments.report import PanelImage, write_report
 from klgrade.files import write_json_atomic
+from klgrade.fingerprint import source_digest
 from klgrade.infer.predictor import Predictor
 from klgrade.metrics import compute_metrics
 from klgrade.train.config import TrainConfig
@@ -147,9 +148,9 @@ def knees_in_val(val: list[Sample], external: list[Sample], what: str) -> str | 
 
 
 def validation_key(run: Path, folds: int, validation: ValidationSet) -> str:
-    """What a variant's figures on a validation set are computed from: its fold models' files, and the set's files,
-    preprocessing, grades and patients."""
-    material = {"models": [file_version(fold_model(run, fold)) for fold in range(folds)],
+    """What a variant's figures on a validation set are computed from: its fold models' files, the set's files,
+    preprocessing, grades and patients, and klgrade's code (which grades and scores)."""
+    material = {"code": source_digest(), "models": [file_version(fold_model(run, fold)) for fold in range(folds)],
                 "images": cache_key(validation.samples, validation.preprocess),
                 "labels": [[s.grade, s.patient_id] for s in validation.samples]}
     return hashlib.sha256(json.dumps(material).encode()).hexdigest()[:20]
