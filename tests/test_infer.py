@@ -173,6 +173,21 @@ def test_ensemble_averages_members_and_flip_tta_is_symmetric(tiny_checkpoint):
     np.testing.assert_allclose(single.grade_arrays([image])[0].probabilities, mirrored, atol=1e-5)
 
 
+def test_read_only_images_are_graded_and_explained_without_a_warning(tiny_checkpoint):
+    """reproduce grades its validation sets straight from the image cache, a read-only memmap: torch warned that it
+    does not support non-writable arrays."""
+    import warnings
+
+    predictor = load_model(tiny_checkpoint, tta=True)
+    images = np.stack([knee_image(seed=k, size=predictor.preprocess.size) for k in range(2)]).astype(np.uint8)
+    images.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs = predictor.outputs(images)
+        predictor.explain(images, outputs.probabilities.argmax(axis=1))
+    np.testing.assert_allclose(outputs.probabilities, predictor.outputs(images.copy()).probabilities, atol=1e-6)
+
+
 def test_gradcam_follows_the_evidence():
     """A model whose logit is the mean of a region's activations must put its heatmap on that region."""
     torch.manual_seed(0)

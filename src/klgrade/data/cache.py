@@ -21,12 +21,15 @@ import numpy as np
 from klgrade.data.io import read_radiograph
 from klgrade.data.preprocess import PreprocessConfig, prepare_image
 from klgrade.data.sources import Sample
-from klgrade.errors import ImageReadError, KLGradeError
+from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.files import atomic_path
 from klgrade.fingerprint import PACKAGE, source_digest
 
 log = logging.getLogger(__name__)
 
+CHUNK = 1024
+"""Images decoded at a time where a whole set is read (the image cache, `klgrade evaluate`): 26 MB of images at
+160 px, whatever the set's size."""
 DECODERS = ("numpy", "PIL", "cv2", "pydicom")
 """The libraries whose versions key the cache beside klgrade's data layer: a new JPEG decoder or resampler may make
 other pixels of the same file."""
@@ -83,11 +86,13 @@ def decode_all(samples: list[Sample], config: PreprocessConfig, workers: int | N
     return Decoded(images, failures, reasons)
 
 
-def load_cached(samples: list[Sample], config: PreprocessConfig, cache_dir: str | Path | None = None) -> np.ndarray:
-    """(N, size, size) uint8 memmap of `samples`, built on first use.
+def load_cached(samples: list[Sample], config: PreprocessConfig, cache_dir: str | Path | None = None,
+                what: str = "training data") -> np.ndarray:
+    """(N, size, size) uint8 memmap of `samples`, built on first use `CHUNK` images at a time (memory stays bounded
+    whatever the set's size).
 
     Raises:
-        KLGradeError: some files are unreadable (all of them are named; training needs every label).
+        DataLayoutError: naming `what`: some files are unreadable (a few are named; every label is needed).
     """
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = directory / f"images-{cache_key(samples, config)}-{len(samples)}x{config.size}.npy"
@@ -95,10 +100,17 @@ def load_cached(samples: list[Sample], config: PreprocessConfig, cache_dir: str 
         log.info("reading image cache %s", path)
         return np.load(path, mmap_mode="r")
     log.info("building image cache of %d images at %s", len(samples), path)
-    decoded = decode_all(samples, config)
-    if decoded.failures:
-        listed = "; ".join(str(f) for f in decoded.failures[:10])
-        raise KLGradeError(f"{len(decoded.failures)} unreadable training image(s): {listed}")
-    with atomic_path(path) as temporary:
-        np.save(temporary, decoded.images)
+    failures: list[ImageReadError] = []
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(samples), config.size, config.size)}
+    with atomic_path(path) as temporary, temporary.open("wb") as handle:  # written, not mapped: no page held
+        np.lib.format.write_array_header_1_0(handle, header)
+        for start in range(0, len(samples), CHUNK):
+            decoded = decode_all(samples[start:start + CHUNK], config)
+            handle.write(decoded.images.tobytes())
+            failures += decoded.failures
+        if failures:  # the temporary file is removed
+            listed = "; ".join(str(f) for f in failures[:5])
+            raise DataLayoutError(f"{what}: {len(failures)} unreadable image(s), e.g. {listed}; check it with "
+                                  f"klgrade data summary")
     return np.load(path, mmap_mode="r")

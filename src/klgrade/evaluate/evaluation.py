@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from klgrade.constants import NUM_GRADES, REPORT_METRICS
-from klgrade.data.cache import decode_all
+from klgrade.data.cache import CHUNK, decode_all
 from klgrade.data.preprocess import unknown_sides_warning
 from klgrade.data.provenance import check_unshared, distinct_knees, knee_record, seen_knees, unseen_knees
 from klgrade.data.sources import Sample, find_samples, not_read_warning
@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 EVAL_SPLIT_ORDER = ("test", "val", "auto_test")
 """With a split root, the split evaluated when none is named: the held-out test set first."""
 BATCH = 64
-CHUNK = 1024
-"""Images `evaluate` decodes at a time: its memory stays bounded (26 MB of images at 160 px) whatever the set's size."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from klgrade.constants import NUM_GRADES
-from klgrade.data.cache import cache_key, decode_all
+from klgrade.data.cache import cache_key, load_cached
 from klgrade.data.io import file_version, read_image
 from klgrade.data.preprocess import PreprocessConfig, unknown_sides_warning
 from klgrade.data.provenance import distinct_knees, knee_record, shared_knees, unseen_knees
@@ -105,8 +105,8 @@ def profile_config(profile: str, data: str, out: Path, device: str, seed: int) -
 @dataclass(frozen=True)
 class ValidationSet:
     """A labelled set every fold model is scored on, decoded with the profile's preprocessing before any training
-    (an unreadable file stops the run before the hours of training, not after); `left_out` says which of its files
-    were left out (in the train split, or repeating another image)."""
+    (an unreadable file stops the run before the hours of training, not after) into the image cache (`images` is a
+    memmap); `left_out` says which of its files were left out (in the train split, or repeating another image)."""
 
     samples: list[Sample]
     images: np.ndarray
@@ -115,9 +115,10 @@ class ValidationSet:
 
 
 def validation_set(samples: list[Sample], what: str, train: dict[str, list[str]], preprocess: PreprocessConfig,
-                   limit: int | None) -> ValidationSet:
+                   limit: int | None, cache_dir: str | None = None) -> ValidationSet:
     """`samples`, each image once (`provenance.distinct_knees`) and without the knees of `train` (the train split's
-    record: the same patient or the same file), warnings saying what was left out; at most `limit` of them, decoded.
+    record: the same patient or the same file), warnings saying what was left out; at most `limit` of them, decoded
+    into the image cache (`data.cache.load_cached`: in chunks, held on disk, not in memory).
 
     Raises:
         DataLayoutError: naming `what`: no knee left, or an image cannot be read.
@@ -128,11 +129,8 @@ def validation_set(samples: list[Sample], what: str, train: dict[str, list[str]]
         log.warning(warning)
     if limit is not None:
         samples = samples[:: max(1, len(samples) // limit)][:limit]
-    decoded = decode_all(samples, preprocess)
-    if decoded.failures:
-        raise DataLayoutError(f"{what}: {len(decoded.failures)} unreadable image(s), e.g. {decoded.failures[0]}; "
-                              f"check it with klgrade data summary")
-    return ValidationSet(samples, decoded.images, preprocess, "; ".join(repeated + trained) or None)
+    images = load_cached(samples, preprocess, cache_dir, what)
+    return ValidationSet(samples, images, preprocess, "; ".join(repeated + trained) or None)
 
 
 def knees_in_val(val: list[Sample], external: list[Sample], what: str) -> str | None:
@@ -214,7 +212,7 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     train = knee_record(fold_pool(samples))
     listed = {"internal": ("val", val),
               "external": (f"--external {external}", find_samples(external) if external else [])}
-    validation = {which: validation_set(found, what, train, base.preprocess(), extra["val_limit"])
+    validation = {which: validation_set(found, what, train, base.preprocess(), extra["val_limit"], base.cache_dir)
                   for which, (what, found) in listed.items() if found}
     results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {},
                "cv_on": "the train split" if any(s.split for s in samples) else "all its images (no splits)",

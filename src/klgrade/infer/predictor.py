@@ -311,7 +311,7 @@ class Predictor:
     def _network_outputs(self, images_uint8: np.ndarray) -> Outputs:
         """One pass of the network(s). With TTA the image and its mirror go through as one batch of 2B. Features
         are the first member's, averaged over the views (the gradability check fits one model's feature space)."""
-        x = normalize(torch.from_numpy(np.ascontiguousarray(images_uint8))).unsqueeze(1)
+        x = normalize(torch.from_numpy(np.require(images_uint8, requirements=("C", "W")))).unsqueeze(1)
         views = torch.cat([x, torch.flip(x, dims=[3])]) if self.tta else x
         total, features = np.zeros((len(views), NUM_GRADES)), None
         for model in self.models:
@@ -401,7 +401,7 @@ class Predictor:
                     self._explain_models = [copy.deepcopy(m) for m in self.models]
                 else:
                     self._explain_models = [self._load_torch(p)[0] for p in self.paths]
-            x = normalize(torch.from_numpy(np.ascontiguousarray(images_uint8))).unsqueeze(1)
+            x = normalize(torch.from_numpy(np.require(images_uint8, requirements=("C", "W")))).unsqueeze(1)
             x = x.to(self.device, memory_format=torch.channels_last)
             target = torch.as_tensor(targets)
             members = [gradcam(m, x, target) for m in self._explain_models]

@@ -235,7 +235,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
     for note in data.notes:
         log.warning(note)
     train_images = load_cached(data.train, data.preprocess, config.cache_dir)
-    val_images = load_cached(data.val, data.preprocess, config.cache_dir)
+    val_images = load_cached(data.val, data.preprocess, config.cache_dir, "validation data")
     train_labels = np.array([s.grade for s in data.train])
     val_labels = np.array([s.grade for s in data.val])
 

@@ -1,7 +1,9 @@
-"""Peak memory of `klgrade evaluate` as a set grows: images decoded `evaluation.CHUNK` at a time (as shipped) vs the
-whole set at once (what evaluate did before session 18). Each run is a fresh process (peak RSS, `ru_maxrss`).
+"""Peak memory of reading a labelled set as it grows: images decoded `data.cache.CHUNK` at a time (as shipped) vs the
+whole set at once (as before). Two readers: `evaluate` (graded chunk by chunk, only the answers kept; whole before
+session 18) and `cache` (the image cache, written chunk by chunk: what training and reproduce's validation sets
+read; whole before session 19). Each run is a fresh process (peak RSS, `ru_maxrss`).
 
-    python benchmarks/evaluate_memory.py [--knees 1000 4000] [--threads 2]
+    python benchmarks/decode_memory.py [--knees 1000 4000] [--readers evaluate cache] [--threads 2]
 
 The set: kneeKL224 val images repeated until `--knees`, each copy a distinct file (one pixel changed, its own name),
 so that every one is scored; graded by the shipped model at its own resolution.
@@ -38,25 +40,31 @@ def write_set(folder: Path, knees: int) -> None:
         Image.fromarray(pixels).save(target)
 
 
-def child(data: str, chunk: int | None, threads: int) -> None:
-    """One evaluation in this process; prints its peak RSS and time as JSON."""
+def child(reader: str, data: str, chunk: int | None, threads: int) -> None:
+    """One read of the set in this process; prints its peak RSS and time as JSON."""
     import torch
 
+    from klgrade.data import cache
+    from klgrade.data.sources import find_samples
     from klgrade.evaluate import evaluation
     from klgrade.infer.grading import load_model
 
     torch.set_num_threads(threads)
     predictor = load_model()
     if chunk is not None:
-        evaluation.CHUNK = chunk
+        evaluation.CHUNK = cache.CHUNK = chunk
     start = time.perf_counter()
-    result = evaluation.evaluate(predictor, data, n_boot=0)
-    print(json.dumps({"n": result.metrics["n"], "seconds": time.perf_counter() - start,
+    if reader == "evaluate":
+        n = evaluation.evaluate(predictor, data, n_boot=0).metrics["n"]
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            n = len(cache.load_cached(find_samples(data), predictor.preprocess, folder))
+    print(json.dumps({"n": n, "seconds": time.perf_counter() - start,
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def measure(data: Path, chunk: int | None, threads: int) -> dict:
-    command = [sys.executable, __file__, "--child", str(data), "--threads", str(threads)]
+def measure(reader: str, data: Path, chunk: int | None, threads: int) -> dict:
+    command = [sys.executable, __file__, "--child", reader, str(data), "--threads", str(threads)]
     command += ["--chunk", str(chunk)] if chunk is not None else []
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -66,27 +74,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--knees", type=int, nargs="+", default=[1000, 4000])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child")
+    parser.add_argument("--readers", nargs="+", choices=("evaluate", "cache"), default=["evaluate", "cache"])
+    parser.add_argument("--child", nargs=2, metavar=("READER", "DATA"))
     parser.add_argument("--chunk", type=int)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.chunk, args.threads)
+        child(*args.child, args.chunk, args.threads)
         return
     from common import machine
-    from klgrade.evaluate.evaluation import CHUNK
+    from klgrade.data.cache import CHUNK
 
     print(f"# {machine()}; shipped model, its resolution, evaluate's batch 64, {args.threads} threads")
-    print(f"{'knees':>6} {'decoded at a time':>18} {'peak RSS MB':>12} {'s':>7}")
+    print(f"{'reader':>8} {'knees':>6} {'decoded at a time':>18} {'peak RSS MB':>12} {'s':>7}")
     for knees in args.knees:
         with tempfile.TemporaryDirectory() as folder:
             write_set(Path(folder), knees)
-            peaks = {}
-            for chunk in (CHUNK, knees):
-                row = measure(Path(folder), chunk, args.threads)
-                assert row["n"] == knees, row
-                peaks[chunk] = row["peak_mb"]
-                print(f"{knees:>6} {chunk:>18} {row['peak_mb']:>12.0f} {row['seconds']:>7.1f}", flush=True)
-            print(f"{'':>6} {'whole / chunked':>18} {peaks[knees] / peaks[CHUNK]:>12.2f}")
+            for reader in args.readers:
+                peaks = {}
+                for chunk in (CHUNK, knees):
+                    row = measure(reader, Path(folder), chunk, args.threads)
+                    assert row["n"] == knees, row
+                    peaks[chunk] = row["peak_mb"]
+                    print(f"{reader:>8} {knees:>6} {chunk:>18} {row['peak_mb']:>12.0f} {row['seconds']:>7.1f}",
+                          flush=True)
+                print(f"{'':>8} {'':>6} {'whole / chunked':>18} {peaks[knees] / peaks[CHUNK]:>12.2f}")
 
 
 if __name__ == "__main__":
