@@ -496,6 +496,30 @@ def test_uncertainty_benchmark_cross_fits_on_a_tiny_split_root(calibrated, kneek
     assert report["not_knee"]["n"] > 40 and report["n_density"] == 20
 
 
+def test_calibrate_writes_its_checkpoint_once_with_the_digest_of_the_weights_written(tiny_checkpoint, calibrated,
+                                                                                      tmp_path, monkeypatch):
+    """The calibrated checkpoint was written, read back for its weights' digest and written again; one write now, the
+    digest computed from the tensors as they will be stored (float16 for a half-precision checkpoint)."""
+    import torch
+
+    from klgrade.evaluate import calibration
+    from klgrade.models import load_checkpoint, save_checkpoint
+    from klgrade.models.weights import weights_digest
+
+    model, info = load_checkpoint(tiny_checkpoint)
+    half = save_checkpoint(tmp_path / "half.safetensors", model, info, dtype=torch.float16)
+    written = []
+    monkeypatch.setattr(calibration, "save_checkpoint",
+                        lambda path, *rest, **options: written.append(path) or save_checkpoint(path, *rest, **options))
+    for checkpoint in (tiny_checkpoint, half):
+        out = tmp_path / f"calibrated_{checkpoint.name}"
+        result = invoke_cli("calibrate", "--checkpoint", str(checkpoint), "--data", str(calibrated.parent), "--out",
+                            str(out))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert written.pop() == out and not written
+        assert read_info(out)["calibration"]["weights"] == weights_digest(out) and load_model(out).is_calibrated
+
+
 def test_a_calibration_holds_only_for_the_weights_it_was_fitted_on(calibrated, tmp_path, caplog):
     """Weights changed after `klgrade calibrate` (fine-tuned in Python and saved with the old metadata) carried the
     old temperature, grade sets and gradability statistics on, silently: now they run uncalibrated and say so, and an

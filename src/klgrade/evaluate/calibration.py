@@ -44,7 +44,7 @@ from klgrade.evaluate.evaluation import (Predictions, batched_outputs, fit_grade
                                         untrained_knees)
 from klgrade.infer.predictor import Predictor
 from klgrade.models import load_checkpoint, save_checkpoint
-from klgrade.models.weights import stored_dtype, weights_digest
+from klgrade.models.weights import checkpoint_tensors, stored_dtype, tensors_digest
 from klgrade.uncertainty import (FeatureDensity, FramingProbe, PolarityProbe, fit_processing_profile,
                                  processing_statistics)
 
@@ -185,11 +185,9 @@ def calibrate_checkpoint(checkpoints: str | Path | list[str | Path], calibration
         result = {**result, "members": [p.name for p in paths], "ensemble_id": uuid.uuid4().hex}
     for path in paths:
         model, info = load_checkpoint(path)
-        info["calibration"] = result
+        dtype = stored_dtype(path)
+        info["calibration"] = {**result, "weights": tensors_digest(checkpoint_tensors(model, dtype))}  # as written
         info.setdefault("inference", {})["tta"] = predictor.tta
-        target = Path(out) / path.name if len(paths) > 1 else Path(out)
-        save_checkpoint(target, model, info, dtype=stored_dtype(path))
-        info["calibration"] = {**result, "weights": weights_digest(target)}  # of the tensors as written
-        save_checkpoint(target, model, info, dtype=stored_dtype(path))
+        save_checkpoint(Path(out) / path.name if len(paths) > 1 else Path(out), model, info, dtype=dtype)
     log.info("calibrated %s -> %s (temperature %.3f)", ", ".join(map(str, paths)), out, result["temperature"])
     return result

@@ -8,15 +8,17 @@ training facts (metrics, data fingerprint, recipe).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save, save_file
 
 from klgrade.errors import CheckpointError
 from klgrade.files import atomic_path
@@ -24,6 +26,15 @@ from klgrade.files import atomic_path
 METADATA_KEY = "klgrade"
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 FORMAT = "klgrade-weights-1"
+
+
+def checkpoint_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint of `model` holds: on the CPU, contiguous, the floating ones in `dtype` if given."""
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        tensors[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return tensors
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, info: dict, dtype: torch.dtype | None = None) -> Path:
@@ -35,14 +46,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: dict, dtype: torch
     if "model" not in info or "name" not in info["model"]:
         raise ValueError("info['model'] must describe the architecture (name, options, ...)")
     path = Path(path)
-    state = {}
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        state[key] = tensor
     with atomic_path(path) as temporary:
-        save_file(state, str(temporary), metadata={METADATA_KEY: json.dumps({"format": FORMAT, **info})})
+        save_file(checkpoint_tensors(model, dtype), str(temporary),
+                  metadata={METADATA_KEY: json.dumps({"format": FORMAT, **info})})
         os.chmod(temporary, 0o644)  # safetensors creates owner-only files; checkpoints are meant to be shared
     return path
 
@@ -78,14 +84,24 @@ def weights_digest(path: str | Path) -> str:
     """
     try:
         with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-            header.pop("__metadata__", None)
-            hasher = hashlib.blake2b(json.dumps(header, sort_keys=True).encode(), digest_size=16)
-            while chunk := handle.read(1 << 20):
-                hasher.update(chunk)
+            return _safetensors_digest(handle)
     except (OSError, struct.error, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """`weights_digest` of a checkpoint that holds `tensors` (`checkpoint_tensors`), before it is written: a
+    calibration goes into the file it is fitted for in one write."""
+    return _safetensors_digest(io.BytesIO(save(tensors)))
+
+
+def _safetensors_digest(handle: BinaryIO) -> str:
+    (length,) = struct.unpack("<Q", handle.read(8))
+    header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    hasher = hashlib.blake2b(json.dumps(header, sort_keys=True).encode(), digest_size=16)
+    while chunk := handle.read(1 << 20):
+        hasher.update(chunk)
     return hasher.hexdigest()
 
 
