@@ -53,7 +53,7 @@ from klgrade.evaluate.evaluation import batched_outputs, fit_grade_sets  # noqa:
 from klgrade.infer.grading import load_model  # noqa: E402
 from klgrade.infer.predictor import upright_images  # noqa: E402
 from klgrade.metrics import compute_metrics, set_metrics  # noqa: E402
-from klgrade.uncertainty import apply_temperature, grade_sets, grade_thresholds  # noqa: E402
+from klgrade.uncertainty import answered_sets, apply_temperature, grade_sets, grade_thresholds  # noqa: E402
 
 SEED = 0
 
@@ -246,10 +246,13 @@ def cross_fits(labels: np.ndarray, patients: list[str], clean: Graded, temperatu
 
 
 def cross_fitted(labels: np.ndarray, fits: list[CrossFit], graded: Graded, temperature: float) -> dict:
-    """Coverage of the cross-fitted grade sets on the scored halves' `graded` images, averaged over the fits."""
+    """Coverage of the cross-fitted grade sets on the scored halves' `graded` images, averaged over the fits; a knee
+    answered not gradable has all five grades, as klgrade answers it."""
     uncalibrated = apply_temperature(graded.probabilities, 1 / temperature)
-    results = [set_metrics(labels[fit.scored], grade_sets(apply_temperature(uncalibrated[fit.scored], fit.temperature),
-                                                          fit.thresholds)) for fit in fits]
+    results = []
+    for fit in fits:
+        sets = grade_sets(apply_temperature(uncalibrated[fit.scored], fit.temperature), fit.thresholds)
+        results.append(set_metrics(labels[fit.scored], answered_sets(sets, ~graded.not_gradable[fit.scored])))
     per_grade = [[result["coverage_per_grade"][grade] for result in results
                   if result["coverage_per_grade"][grade] is not None] for grade in range(NUM_GRADES)]
     return {"cross_fitted_coverage": float(np.mean([result["coverage"] for result in results])),

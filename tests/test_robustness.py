@@ -208,3 +208,15 @@ def test_robustness_benchmark_runs_only_the_rows_asked_for(calibrated, kneekl224
         {"gamma_0.7"}, set(), {"marker_joint"})
     refused = subprocess.run([*command, "marker_knee"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "no row named marker_knee" in refused.stderr
+
+
+def test_the_benchmarks_cross_fitted_sets_are_the_sets_klgrade_answers():
+    """A knee answered not gradable gets all five grades from klgrade (`uncertainty.answered_sets`); the cross-fitted
+    coverage scored its narrow set instead, so it measured sets nobody was given."""
+    robustness = script_module("benchmarks/robustness.py")
+    labels = np.array([0, 4, 0, 4])
+    probabilities = np.eye(5)[[4, 0, 4, 0]] * 0.95 + 0.01  # every knee confidently wrong
+    graded = robustness.Graded(probabilities, [], np.array([True, True, False, False]), {})
+    fit = robustness.CrossFit(np.arange(4), 1.0, np.full(5, 0.5))
+    result = robustness.cross_fitted(labels, [fit], graded, temperature=1.0)
+    assert result["cross_fitted_coverage"] == 0.5 and result["cross_fitted_coverage_per_grade"][0] == 0.5

@@ -181,6 +181,12 @@ def grade_sets(probabilities: np.ndarray, thresholds: float | np.ndarray) -> lis
     return [list(range(lo, hi + 1)) for lo, hi in zip(low, high)]
 
 
+def answered_sets(sets: list[list[int]], gradable: list[bool]) -> list[list[int]]:
+    """The grade sets as answered: all five grades where the answer is not gradable (a set certifies nothing for an
+    input unlike those it was calibrated on)."""
+    return [grades if ok else list(range(NUM_GRADES)) for grades, ok in zip(sets, gradable)]
+
+
 def set_label(grades: list[int]) -> str:
     """A contiguous grade set as people write it: `2`, `1-2`."""
     return str(grades[0]) if len(grades) == 1 else f"{grades[0]}-{grades[-1]}"

@@ -30,9 +30,9 @@ from klgrade.errors import CheckpointError
 from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
 from klgrade.models.weights import calibration_fits
-from klgrade.uncertainty import (DEFAULT_ALPHA, Calibration, apply_temperature, conformal_threshold, grade_sets,
-                                 grade_thresholds, gradability, processing_shift, shift_warnings, uncertified_grades,
-                                 uncertified_warning)
+from klgrade.uncertainty import (DEFAULT_ALPHA, Calibration, answered_sets, apply_temperature, conformal_threshold,
+                                 grade_sets, grade_thresholds, gradability, processing_shift, shift_warnings,
+                                 uncertified_grades, uncertified_warning)
 
 log = logging.getLogger(__name__)
 
@@ -367,8 +367,8 @@ class Predictor:
         for notes, given in zip(warnings, reasons or []):
             notes[:0] = given
         gradable = [not notes for notes in warnings]
-        if coverage is not None:  # a set certifies nothing for an input unlike those it was calibrated on
-            sets = [grades if ok else list(range(NUM_GRADES)) for grades, ok in zip(sets, gradable)]
+        if coverage is not None:
+            sets = answered_sets(sets, gradable)
         uncertified = self.uncertified_grades(alpha)
         for notes in warnings if uncertified else []:
             notes.append(uncertified_warning(uncertified, alpha))
