@@ -11,8 +11,9 @@ Gaussian blur (sigma 2 px at 224 px), edge enhancement (unsharp masking, sigma 2
 processing sharpens), and the grey levels inverted (a MONOCHROME1 radiograph saved without its
 inversion). Per perturbation: accuracy, QWK, and agreement of the grade
 with the clean image's grade; `warned`, the share of images that get the processing-shift warning,
-`framing_warned` and `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or
-wider, than in training), `inverted_back`, the share graded inverted back because it looked inverted, and
+`sharpness_warned`, the share warned that the noise or sharpness differs, `framing_warned` and
+`framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or wider, than in
+training), `inverted_back`, the share graded inverted back because it looked inverted, and
 `not_gradable`, the share flagged not gradable; for a calibrated model also
 `coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?),
 `coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`, and, since the model's
@@ -23,8 +24,8 @@ scored on the other half's processed images, both ways, over `--cross-fit` rando
 inside a margin of repeated edge pixels or a black one, cropped to a non-square 4:5 or 5:4 at the same scale, which
 preprocessing stretches to square), and for `markers`, a lead side marker burnt in, in the upper corner or at the
 edge beside the joint line; both kept apart: they are not contrast processing. `--json` prints `{"clean": {...},
-"perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "framing_warned", "framing_wide_warned",
-"inverted_back", "not_gradable", ...}}, "framings": {...}, "markers": {...}}`.
+"perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "sharpness_warned", "framing_warned",
+"framing_wide_warned", "inverted_back", "not_gradable", ...}}, "framings": {...}, "markers": {...}}`.
 """
 
 from __future__ import annotations
@@ -184,8 +185,8 @@ def framings() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
             "portrait_4:5": _non_square(1.0, 0.8), "landscape_5:4": _non_square(0.8, 1.0)}
 
 
-SHIFT_KEYS = {"processing": "warned", "framing": "framing_warned", "framing_wide": "framing_wide_warned",
-              "polarity": "inverted_back"}
+SHIFT_KEYS = {"processing": "warned", "sharpness": "sharpness_warned", "framing": "framing_warned",
+              "framing_wide": "framing_wide_warned", "polarity": "inverted_back"}
 """The report's key for the share of each kind of shift the predictor reports (`Predictor.shifts`)."""
 
 
@@ -310,12 +311,12 @@ def main() -> None:
           f"{result['n']} images of {args.data}")
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
-          f"{'framing':>7s} {'wider':>6s} {'inv.':>5s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
+          f"{'sharp':>6s} {'framing':>7s} {'wider':>6s} {'inv.':>5s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
     rows = {"clean": result["clean"], **{name: entry for group in groups for name, entry in result[group].items()}}
     for name, entry in rows.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
-              f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['framing_warned']:7.3f} "
-              f"{entry['framing_wide_warned']:6.3f} {entry['inverted_back']:5.3f} "
+              f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['sharpness_warned']:6.3f} "
+              f"{entry['framing_warned']:7.3f} {entry['framing_wide_warned']:6.3f} {entry['inverted_back']:5.3f} "
               f"{entry['not_gradable']:9.3f} "
               f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}  "
               f"{' '.join(f'{c:.2f}' for c in entry.get('coverage_per_grade', []) if c is not None)} | "

@@ -9,8 +9,8 @@ split) and scored on the other, both ways, for `--splits` random halvings (one n
 re-fit). Reported per fit and averaged (with the 5th percentile of per-grade coverage over the fits: how low it
 gets on a calibration set of this size): coverage of the grade sets (target 1 - alpha), mean set size, coverage
 per true grade (and, for comparison, the same with one conformal threshold for all grades), share of the
-held-out half flagged not gradable, share warned that its contrast processing differs (processing profile on the
-`train` images, threshold on the fitting half), and, for a checkpoint calibrated by `klgrade calibrate`, shares
+held-out half flagged not gradable, shares warned that its contrast processing, or its noise or sharpness, differs
+(the profiles on the `train` images, thresholds on the fitting half), and, for a checkpoint calibrated by `klgrade calibrate`, shares
 warned that the knee is framed tighter or wider (its stored framing read-outs, fitted on train; their thresholds
 re-fitted on the fitting half at the stored warned shares); knees its stored polarity probe reads as inverted are
 graded inverted back, as shipped (and such train knees left out of the density); and the share of images that are
@@ -39,16 +39,20 @@ from klgrade.evaluate.evaluation import fit_grade_sets, predict_samples  # noqa:
 from klgrade.infer.predictor import Predictor, shipped_checkpoint  # noqa: E402
 from klgrade.metrics import set_metrics  # noqa: E402
 from klgrade.models.weights import read_info  # noqa: E402
-from klgrade.uncertainty import (Calibration, FeatureDensity, FramingProbe, apply_temperature,  # noqa: E402
-                                 conformal_threshold, fit_processing_profile, grade_sets, grade_thresholds,
-                                 gradability, processing_shift, processing_statistics)
+from klgrade.uncertainty import (PROFILES, Calibration, FeatureDensity, FramingProbe, apply_temperature,  # noqa: E402
+                                 conformal_threshold, fit_profile, grade_sets, grade_thresholds, gradability,
+                                 profile_shift, profile_statistics)
 
 FLAGGED_SHARE = 0.01
+PROFILE_KEYS = {"processing": "warned_fraction", "sharpness": "sharpness_warned_fraction"}
+"""The report's key for the share each image-statistics profile warns (`uncertainty.PROFILES`)."""
 
 
-def cross_fit(probabilities, features, labels, images, halves, density: FeatureDensity, processing: FeatureDensity,
-              alpha: float, framings: dict[str, tuple[FramingProbe, float]]) -> list[dict]:
-    """`framings`: name -> (stored read-out, share of calibration knees it warns)."""
+def cross_fit(probabilities, features, labels, images, halves, density: FeatureDensity,
+              profiles: dict[str, FeatureDensity], alpha: float, framings: dict[str, tuple[FramingProbe, float]]
+              ) -> list[dict]:
+    """`profiles`: kind -> the training images' profile (unthresholded); `framings`: name -> (stored read-out, share
+    of calibration knees it warns)."""
     results = []
     for fit_half, score_half in ((halves[0], halves[1]), (halves[1], halves[0])):
         temperature, scores = fit_grade_sets(probabilities[fit_half], labels[fit_half])
@@ -57,10 +61,12 @@ def cross_fit(probabilities, features, labels, images, halves, density: FeatureD
         one_threshold = set_metrics(labels[score_half], grade_sets(scaled, conformal_threshold(scores, alpha)))
         fitted = density.with_threshold(features[fit_half], FLAGGED_SHARE)
         flagged = [bool(r) for r in gradability(images[score_half], features[score_half], fitted)]
-        profile = processing.with_threshold(processing_statistics(images[fit_half]), FLAGGED_SHARE)
+        thresholded = {kind: profile.with_threshold(profile_statistics(kind, images[fit_half]), FLAGGED_SHARE)
+                       for kind, profile in profiles.items()}
         results.append({"n_fit": int(len(fit_half)), "n_scored": int(len(score_half)), "temperature": temperature,
                          **set_metrics(labels[score_half], sets), "flagged_fraction": float(np.mean(flagged)),
-                         "warned_fraction": float(processing_shift(images[score_half], profile).mean()),
+                         **{PROFILE_KEYS[kind]: float(profile_shift(kind, images[score_half], profile).mean())
+                            for kind, profile in thresholded.items()},
                          **{f"{name}_warned_fraction": float(probe.with_threshold(features[fit_half], share)
                                                              .shifted(features[score_half]).mean())
                             for name, (probe, share) in framings.items()},
@@ -103,13 +109,13 @@ def main() -> None:
                                  np.array(train_predictions.labels)[upright])
     patients = [s.patient_id for s in val_predictions.samples]
     outputs, labels = val_predictions.outputs, np.array(val_predictions.labels)
-    processing = fit_processing_profile(train_predictions.images[upright])
+    profiles = {kind: fit_profile(kind, train_predictions.images[upright]) for kind in PROFILES}
     framings = {name: (probe, stored[f"{name}_warned_share"]) for name, probe in calibration.framings.items()}
     folds = []
     for split in range(args.splits):
         halves = patient_halves(patients, args.seed + split)
         folds += cross_fit(outputs.probabilities, outputs.features, labels, val_predictions.images, halves, density,
-                           processing, args.alpha, framings)
+                           profiles, args.alpha, framings)
     full = density.with_threshold(outputs.features, FLAGGED_SHARE)
     odd = not_knee_images()
     odd_prepared = np.stack([predictor.prepare(image.astype(np.float32)) for image in odd.values()])
@@ -117,7 +123,7 @@ def main() -> None:
     odd_flagged = [bool(r) for r in gradability(odd_prepared, odd_outputs.features, full)]
     result = {"alpha": args.alpha, "splits": args.splits, "cross_fit": folds,
               "mean": {**{key: float(np.mean([f[key] for f in folds]))
-                          for key in ("coverage", "mean_set_size", "flagged_fraction", "warned_fraction",
+                          for key in ("coverage", "mean_set_size", "flagged_fraction", *PROFILE_KEYS.values(),
                                       *(f"{name}_warned_fraction" for name in framings))},
                        **per_grade_summary(folds)},
               "one_threshold": {key: float(np.mean([f["one_threshold"][key] for f in folds]))

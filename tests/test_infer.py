@@ -321,7 +321,8 @@ def test_evaluate_writes_reports_and_can_calibrate(tiny_checkpoint, kneekl224, t
     assert metrics["nominal_coverage"] == 0.5 and len(metrics["coverage_per_grade"]) == 5
     assert metrics["accuracy"] <= metrics["coverage"] <= 1
     # Only `klgrade calibrate` fits what sees processing or framing shifts: no fraction is made up without it.
-    assert not {"processing_shift_fraction", "framing_shift_fraction", "framing_wide_shift_fraction"} & set(metrics)
+    assert not {"processing_shift_fraction", "sharpness_shift_fraction", "framing_shift_fraction",
+                "framing_wide_shift_fraction"} & set(metrics)
     for key in ("n", "accuracy", "precision_macro", "precision_weighted", "recall_macro", "f1_macro", "f1_weighted",
                 "mcc", "qwk", "mae", "confusion_matrix", "adjacent_error_rate", "extreme_errors", "ci95"):
         assert key in metrics

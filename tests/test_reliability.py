@@ -354,6 +354,8 @@ DAMAGES = {  # each would crash later with a traceback, or answer with a wrong g
     "density of another width": (set_field("calibration", "density", "means", [[0.0, 1.0]]),
                                  "density: precision is"),
     "processing of one statistic": (set_field("calibration", "processing", "means", [[0.0]]), "processing: precision"),
+    "sharpness of three statistics": (lambda info: info["calibration"]["sharpness"].update(
+        means=[[0.0] * 3], precision=np.eye(3).tolist()), "sharpness: 3 statistics, not 2"),
     "framing threshold 0": (set_field("calibration", "framing", "threshold", 0.0), "framing: threshold must be"),
     "framing without weights": (lambda info: info["calibration"]["framing"].pop("weights"), "framing: needs weights"),
     "wider probe as the tighter one": (set_field("calibration", "framing", "wider", True),

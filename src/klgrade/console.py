@@ -67,6 +67,7 @@ def print_metrics(metrics: dict) -> None:
         table.add_row(f"the {only['n']} gradable knees only: accuracy / QWK",
                       f"{only['accuracy']:.4f} / {only['qwk']:.4f}", "")
     for key, label in (("processing_shift_fraction", "warned: contrast processing differs"),
+                       ("sharpness_shift_fraction", "warned: noise or sharpness differs"),
                        ("framing_shift_fraction", "warned: framed tighter than training"),
                        ("framing_wide_shift_fraction", "warned: framed wider than training"),
                        ("polarity_shift_fraction", "graded inverted back (looked inverted)")):

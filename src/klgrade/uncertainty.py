@@ -98,10 +98,14 @@ PROCESSING_STATISTICS = ("grey-level spread", "local-to-global contrast", "fine 
 """What `processing_statistics` measures per image, in its column order."""
 PROCESSING_SHIFT = ("the image's contrast processing differs from the training images' (e.g. enhanced or "
                     "equalised again): the grade may change with such processing")
+SHARPNESS_STATISTICS = ("noise level", "fine-to-mid detail")
+"""What `sharpness_statistics` measures per image, in its column order."""
+SHARPNESS_SHIFT = ("the image's noise or sharpness differs from the training images' (noisier, blurred, sharpened, "
+                   "or enlarged from fewer pixels?): the grade may change with it")
 POLARITY_CORRECTED = ("the image looked inverted (bone dark, soft tissue bright, as a MONOCHROME1 radiograph saved "
                       "without its inversion): it was graded with its grey levels inverted back")
-SHIFT_WARNINGS = {"processing": PROCESSING_SHIFT, "framing": FRAMING_SHIFT, "framing_wide": FRAMING_WIDE_SHIFT,
-                  "polarity": POLARITY_CORRECTED}
+SHIFT_WARNINGS = {"processing": PROCESSING_SHIFT, "sharpness": SHARPNESS_SHIFT, "framing": FRAMING_SHIFT,
+                  "framing_wide": FRAMING_WIDE_SHIFT, "polarity": POLARITY_CORRECTED}
 """The warning each kind of shift adds to an answer (`Predictor.shifts`)."""
 
 
@@ -371,6 +375,8 @@ class Calibration:
     """Empty for calibrations stored before grade sets had a threshold per grade."""
     density: FeatureDensity | None = None
     processing: FeatureDensity | None = None
+    sharpness: FeatureDensity | None = None
+    """Absent from calibrations stored before session 19."""
     framing: FramingProbe | None = None
     framing_wide: FramingProbe | None = None
     polarity: PolarityProbe | None = None
@@ -396,8 +402,8 @@ class Calibration:
                 raise ValueError(f"conformal_grades must be whole grades 0 to {NUM_GRADES - 1}")
             grades = stored.astype(np.int64)
         parts = {}
-        for name, kind in (("density", FeatureDensity), ("processing", FeatureDensity), ("framing", FramingProbe),
-                           ("framing_wide", FramingProbe), ("polarity", PolarityProbe)):
+        for name, kind in (("density", FeatureDensity), ("processing", FeatureDensity), ("sharpness", FeatureDensity),
+                           ("framing", FramingProbe), ("framing_wide", FramingProbe), ("polarity", PolarityProbe)):
             try:
                 parts[name] = kind.from_dict(values[name]) if name in values else None
             except ValueError as exc:
@@ -405,10 +411,17 @@ class Calibration:
         for name, wider in (("framing", False), ("framing_wide", True)):
             if parts[name] is not None and parts[name].wider != wider:
                 raise ValueError(f"{name}: a probe of {'tighter' if wider else 'wider'} framings")
-        profile = parts["processing"]
-        if profile is not None and profile.means.shape[1] != len(PROCESSING_STATISTICS):
-            raise ValueError(f"processing: {profile.means.shape[1]} statistics, not {len(PROCESSING_STATISTICS)}")
+        for name, (_, columns) in PROFILES.items():
+            profile = parts[name]
+            if profile is not None and profile.means.shape[1] != len(columns):
+                raise ValueError(f"{name}: {profile.means.shape[1]} statistics, not {len(columns)}")
         return cls(temperature, scores, grades, **parts)
+
+    @property
+    def profiles(self) -> dict[str, FeatureDensity]:
+        """The image-statistics profiles stored, by the kind of shift they warn of (`PROFILES`)."""
+        profiles = {"processing": self.processing, "sharpness": self.sharpness}
+        return {kind: profile for kind, profile in profiles.items() if profile is not None}
 
     @property
     def framings(self) -> dict[str, FramingProbe]:
@@ -491,13 +504,42 @@ def processing_statistics(images_uint8: np.ndarray) -> np.ndarray:
     return np.array(rows, dtype=np.float64).reshape(-1, len(PROCESSING_STATISTICS))
 
 
-def fit_processing_profile(training_uint8: np.ndarray) -> FeatureDensity:
-    """The training images' processing statistics (one mean, their covariance); the threshold is set later,
-    as for the feature density: `.with_threshold(processing_statistics(calibration_uint8), share)`."""
-    statistics = processing_statistics(training_uint8)
+NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
+
+
+def sharpness_statistics(images_uint8: np.ndarray) -> np.ndarray:
+    """(N, 2) per preprocessed image: the log noise level (Immerkaer 1996: the mean response to a kernel blind to
+    smooth ramps, as a Gaussian sigma) and the log ratio of fine to mid-scale detail (mean |Laplacian| as it is, over
+    that after a 1.5-px blur). Noise raises both; a blur, or an enlargement from fewer pixels, lowers both;
+    sharpening raises the second. `processing_statistics` weigh such changes little on purpose."""
+    rows = []
+    for image in np.asarray(images_uint8):
+        grey = image.astype(np.float32)
+        noise = np.sqrt(np.pi / 2) / 6 * float(np.abs(cv2.filter2D(grey, -1, NOISE_KERNEL))[1:-1, 1:-1].mean())
+        fine = float(np.abs(cv2.Laplacian(grey, cv2.CV_32F)).mean())
+        mid = float(np.abs(cv2.Laplacian(cv2.GaussianBlur(grey, (0, 0), 1.5), cv2.CV_32F)).mean())
+        rows.append([np.log(noise + 1e-3), np.log((fine + 1e-3) / (mid + 1e-3))])
+    return np.array(rows, dtype=np.float64).reshape(-1, len(SHARPNESS_STATISTICS))
+
+
+PROFILES = {"processing": (processing_statistics, PROCESSING_STATISTICS),
+            "sharpness": (sharpness_statistics, SHARPNESS_STATISTICS)}
+"""The kinds of shift read from image statistics (a profile of the training images' each), with the function that
+measures them and the names of its columns."""
+
+
+def profile_statistics(kind: str, images_uint8: np.ndarray) -> np.ndarray:
+    """(N, columns) statistics of preprocessed images for the profile `kind` (`PROFILES`)."""
+    return PROFILES[kind][0](images_uint8)
+
+
+def fit_profile(kind: str, training_uint8: np.ndarray) -> FeatureDensity:
+    """The training images' statistics of `kind` (one mean, their covariance); the threshold is set later, as for
+    the feature density: `.with_threshold(profile_statistics(kind, calibration_uint8), share)`."""
+    statistics = profile_statistics(kind, training_uint8)
     return FeatureDensity.fit(statistics, np.zeros(len(statistics), dtype=int), shrinkage=0.0)
 
 
-def processing_shift(images_uint8: np.ndarray, profile: FeatureDensity) -> np.ndarray:
-    """(N,) True where an image's contrast processing lies outside the training images'."""
-    return profile.distances(processing_statistics(images_uint8)) > profile.threshold
+def profile_shift(kind: str, images_uint8: np.ndarray, profile: FeatureDensity) -> np.ndarray:
+    """(N,) True where an image's statistics of `kind` lie outside the training images' profile."""
+    return profile.distances(profile_statistics(kind, images_uint8)) > profile.threshold

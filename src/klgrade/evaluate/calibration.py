@@ -14,8 +14,9 @@ Fitted on one combined output, the one the predictor then scales (ensemble mean 
 3. a feature density for gradability: grade means and covariance of the penultimate features of the
    `density` images (the training data), thresholded so that `FLAGGED_SHARE` of the calibration images are
    flagged;
-4. a processing profile: the same for three contrast statistics of the `density` images, thresholded on the
-   calibration images likewise; an image beyond it gets a warning that its processing differs;
+4. two image-statistics profiles, the same for three contrast statistics and for two of noise and sharpness of the
+   `density` images (`uncertainty.PROFILES`), thresholded on the calibration images likewise; an image beyond one
+   gets a warning that its contrast processing, or its noise or sharpness, differs;
 5. two framing probes: ridge read-outs of the crop share from the penultimate features of `density` images
    re-framed at random (`FRAMING_IMAGES` of them, each read once, a quarter as they are, tilted up to +/-8 degrees,
    then preprocessed): one on tighter crops of the full-resolution image (a share drawn from `FRAMING_SHARES`),
@@ -45,8 +46,7 @@ from klgrade.evaluate.evaluation import (Predictions, batched_outputs, fit_grade
 from klgrade.infer.predictor import Predictor
 from klgrade.models import load_checkpoint, save_checkpoint
 from klgrade.models.weights import checkpoint_tensors, stored_dtype, tensors_digest
-from klgrade.uncertainty import (FeatureDensity, FramingProbe, PolarityProbe, fit_processing_profile,
-                                 processing_statistics)
+from klgrade.uncertainty import PROFILES, FeatureDensity, FramingProbe, PolarityProbe, fit_profile, profile_statistics
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def raw_predictions(predictor: Predictor, samples: list[Sample], what: str) -> P
 
 def fit_calibration(predictor: Predictor, calibration: list[Sample], density: list[Sample]) -> dict:
     """The calibration of `predictor` (JSON-ready): polarity probe, temperature, conformal scores (ascending) with
-    their grades, feature density, processing profile, framing probes. Leaves the polarity probe on `predictor`.
+    their grades, feature density, image-statistics profiles, framing probes. Leaves the polarity probe on `predictor`.
     Inputs that are not gradable whatever the network makes of them (a lateral view, a thumbnail) are left out."""
     trained = raw_predictions(predictor, density, "density")
     density_features, density_images = trained.outputs.features, trained.images
@@ -99,13 +99,14 @@ def fit_calibration(predictor: Predictor, calibration: list[Sample], density: li
     order = np.argsort(scores, kind="stable")
     fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))
     fitted = fitted.with_threshold(features, FLAGGED_SHARE)
-    processing = fit_processing_profile(density_images).with_threshold(processing_statistics(images), FLAGGED_SHARE)
+    profiles = {kind: fit_profile(kind, density_images).with_threshold(profile_statistics(kind, images), FLAGGED_SHARE)
+                for kind in PROFILES}
     framing, framing_wide = fit_framings(predictor, density)
     framing = framing.with_threshold(features, FRAMING_WARNED_SHARE)
     framing_wide = framing_wide.with_threshold(features, FRAMING_WIDE_WARNED_SHARE)
     return {"temperature": temperature, "tta": predictor.tta, "conformal_scores": np.round(scores[order], 6).tolist(),
             "conformal_grades": labels[order].tolist(), "density": fitted.to_dict(), "flagged_share": FLAGGED_SHARE,
-            "processing": processing.to_dict(), "framing": framing.to_dict(),
+            **{kind: profile.to_dict() for kind, profile in profiles.items()}, "framing": framing.to_dict(),
             "framing_warned_share": FRAMING_WARNED_SHARE, "framing_wide": framing_wide.to_dict(),
             "framing_wide_warned_share": FRAMING_WIDE_WARNED_SHARE, "polarity": predictor.polarity.to_dict(),
             "n_density_inverted": int((~upright).sum()), "n_calibration": len(labels),

@@ -186,7 +186,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     include the grade sets' coverage at `alpha`; `ungradable_fraction` (and `ungradable_per_grade`, per true
     grade) is always there, and `gradable_only`, the main metrics of the knees answered gradable; a checkpoint
     calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the share of images whose contrast
-    processing differs from the training images', and `framing_shift_fraction` and `framing_wide_shift_fraction`,
+    processing differs from the training images', `sharpness_shift_fraction`, whose noise or sharpness does, and
+    `framing_shift_fraction` and `framing_wide_shift_fraction`,
     the shares that look framed tighter or wider (an external set cropped otherwise shows here), and
     `polarity_shift_fraction`, the share graded inverted back.
 

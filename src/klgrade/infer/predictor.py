@@ -31,7 +31,7 @@ from klgrade.explain.gradcam import EXPLANATION_EMPTY, Explanation, gradcam
 from klgrade.models import features_and_logits, load_checkpoint
 from klgrade.models.weights import calibration_fits
 from klgrade.uncertainty import (DEFAULT_ALPHA, Calibration, answered_sets, apply_temperature, conformal_threshold,
-                                 grade_sets, grade_thresholds, gradability, processing_shift, shift_warnings,
+                                 grade_sets, grade_thresholds, gradability, profile_shift, shift_warnings,
                                  uncertified_grades, uncertified_warning)
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,9 @@ class Predictor:
                         "for %.0f%% of knees on average, not per grade; run `klgrade calibrate` again", self.paths[0],
                         100 * (1 - self.alpha))
         self.density = calibration.density
-        self.processing = calibration.processing
-        """The training images' contrast-processing profile (`uncertainty.processing_shift`)."""
+        self.profiles = calibration.profiles
+        """The training images' profiles of contrast processing and of noise and sharpness, by kind of shift
+        (`uncertainty.profile_shift`)."""
         self.framings = calibration.framings
         """The crop-share read-outs behind the framing warnings, tighter and wider, by kind of shift."""
         self.polarity = calibration.polarity
@@ -379,12 +380,12 @@ class Predictor:
 
     def shifts(self, images_uint8: np.ndarray, outputs: Outputs) -> dict[str, np.ndarray]:
         """Per kind of shift the calibration can see (`uncertainty.SHIFT_WARNINGS`; none uncalibrated), (N,) True
-        where an image still gradable was processed ("processing") or framed tighter ("framing") or wider
-        ("framing_wide") than the training images: its grade may move with that; or where it looked inverted and
-        was graded inverted back ("polarity")."""
+        where an image still gradable was processed ("processing"), noisier, blurrier or sharper ("sharpness"), or
+        framed tighter ("framing") or wider ("framing_wide") than the training images: its grade may move with that;
+        or where it looked inverted and was graded inverted back ("polarity")."""
         shifts = {"polarity": outputs.inverted} if self.polarity is not None else {}
-        if self.processing is not None:
-            shifts["processing"] = processing_shift(images_uint8, self.processing)
+        for kind, profile in self.profiles.items():
+            shifts[kind] = profile_shift(kind, images_uint8, profile)
         for kind, probe in self.framings.items():
             shifts[kind] = probe.shifted(outputs.features)
         return shifts
