@@ -254,6 +254,11 @@ def processing_limit(robustness: dict | None) -> str:
             lowest, grade, name = min(per_grade)
             text += f", for {lowest:.0%} or more of the knees of every grade (lowest: KL{grade} under {name})"
         text += "."
+    if all("sharpness_warned" in entry for entry in perturbed.values()):
+        shares = ", ".join(f"{name} {entry['warned']:.0%} / {entry['sharpness_warned']:.0%}"
+                           for name, entry in perturbed.items())
+        text += (f" Answers warned that the contrast processing / the noise or sharpness differs: {shares} "
+                 f"(as stored: {robustness['clean']['warned']:.0%} / {robustness['clean']['sharpness_warned']:.0%}).")
     return text + "\n"
 
 
