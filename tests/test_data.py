@@ -409,7 +409,7 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
 
 def test_cache_is_rebuilt_by_other_decoding_code(tmp_path, monkeypatch):
     """Pixels cached by another klgrade (an upgrade whose decoding differs) or another decoder library are not read
-    back as this one's: a cache format number raised by hand was missed by four decoding changes in a row."""
+    back as this one's: a cache format number raised by hand was missed by three decoding changes."""
     from klgrade.data import cache
 
     for k in range(2):
