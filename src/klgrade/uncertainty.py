@@ -25,6 +25,10 @@ statistics of the preprocessed image that such processing changes (grey-level sp
 fine detail), their Mahalanobis distance to the training images' mean under their covariance, and the same
 kind of threshold as above, give a warning, not a refusal.
 
+Sharpness shift: strong noise, a blur, sharpening or an image enlarged from fewer pixels move grades too, and the
+contrast statistics weigh them little on purpose. Two more statistics (the noise level after Immerkaer 1996, and
+the ratio of fine to mid-scale detail), a second profile of the same kind, and a warning of their own.
+
 Framing shift: a knee cropped tighter than the training images (the joint larger in the frame, as another site
 may crop it), or framed wider (smaller in the frame), is still gradable, but its grade may move with the framing
 (docs/results.md, framing). A linear read-out of the log crop share from the penultimate features (ridge
