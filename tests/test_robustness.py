@@ -171,8 +171,8 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    scored = {"accuracy", "qwk", "warned", "framing_warned", "framing_wide_warned", "inverted_back", "not_gradable",
-              "coverage", "coverage_per_grade", "mean_set_size", "cross_fitted_coverage",
+    scored = {"accuracy", "qwk", "warned", "sharpness_warned", "framing_warned", "framing_wide_warned", "inverted_back",
+              "not_gradable", "coverage", "coverage_per_grade", "mean_set_size", "cross_fitted_coverage",
               "cross_fitted_coverage_per_grade"}
     assert report["n"] == 8 and set(report["clean"]) == scored
     assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {
