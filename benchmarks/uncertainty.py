@@ -10,13 +10,12 @@ re-fit). Reported per fit and averaged (with the 5th percentile of per-grade cov
 gets on a calibration set of this size): coverage of the grade sets (target 1 - alpha), mean set size, coverage
 per true grade (and, for comparison, the same with one conformal threshold for all grades), share of the
 held-out half flagged not gradable, shares warned that its contrast processing, or its noise or sharpness, differs
-(the profiles on the `train` images, thresholds on the fitting half), and, for a checkpoint calibrated by `klgrade calibrate`, shares
-warned that the knee is framed tighter or wider (its stored framing read-outs, fitted on train; their thresholds
-re-fitted on the fitting half at the stored warned shares); knees its stored polarity probe reads as inverted are
-graded inverted back, as shipped (and such train knees left out of the density); and the share of images that are
-not knee radiographs (blank,
-noise, gradients, text, photographs and scans shipped in installed packages: tests/helpers.py) flagged not
-gradable.
+(the profiles on the `train` images, thresholds on the fitting half), and, for a checkpoint calibrated by
+`klgrade calibrate`, shares warned that the knee is framed tighter or wider (its stored framing read-outs, fitted on
+train; their thresholds re-fitted on the fitting half at the stored warned shares); knees its stored polarity
+probe reads as inverted are graded inverted back, as shipped (and such train knees left out of the density); and
+the share of images that are not knee radiographs (blank, noise, gradients, text, photographs and scans shipped
+in installed packages: tests/helpers.py) flagged not gradable.
 """
 
 from __future__ import annotations

@@ -55,8 +55,9 @@ def plot_reliability(y_true, probabilities, path: Path, bins: int = ECE_BINS) ->
 
 def write_evaluation(result, out: Path) -> None:
     """metrics.json, predictions.csv (path, patient, true, predicted, probabilities, grade set, gradable, warnings as
-    `klgrade predict` gives them), left_out.csv (the knees left out, and why: `copy` or `trained`, `Evaluation.left_out`;
-    only its header when none, so no earlier run's list stays behind), confusion.png, reliability.png."""
+    `klgrade predict` gives them), left_out.csv (the knees left out, and why: `copy` or `trained`,
+    `Evaluation.left_out`; only its header when none, so no earlier run's list stays behind), confusion.png,
+    reliability.png."""
     out = Path(out)
     write_json_atomic(out / "metrics.json", result.metrics)
     assessment = result.assessment
