@@ -259,6 +259,10 @@ def test_evaluate_lists_for_each_knee_what_predict_would_say(kneekl224, tmp_path
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["coverage"] == np.mean([int(row["true"]) in grades for row, grades in zip(rows, sets)])
     assert metrics["mean_set_size"] == np.mean([len(grades) for grades in sets])
+    # The answers with no warning at all (here: not the knees graded inverted back) scored apart.
+    unwarned = [row for row in rows if not row["warnings"]]
+    assert 0 < len(unwarned) <= len(others) and metrics["unwarned_only"]["n"] == len(unwarned)
+    assert metrics["unwarned_only"]["accuracy"] == np.mean([row["true"] == row["predicted"] for row in unwarned])
 
 
 def test_a_knee_with_too_few_pixels_or_grey_levels_is_not_gradable_and_says_why(kneekl224, tmp_path):

@@ -62,10 +62,11 @@ def print_metrics(metrics: dict) -> None:
             "-" if c is None else f"{c:.2f}" for c in metrics["coverage_per_grade"]), "")
         table.add_row("mean grade-set size", f"{metrics['mean_set_size']:.2f}", "")
     table.add_row("not gradable", f"{metrics['ungradable_fraction']:.3f}", "")
-    if metrics.get("gradable_only"):
-        only = metrics["gradable_only"]
-        table.add_row(f"the {only['n']} gradable knees only: accuracy / QWK",
-                      f"{only['accuracy']:.4f} / {only['qwk']:.4f}", "")
+    for key, which in (("gradable_only", "gradable"), ("unwarned_only", "unwarned")):
+        if metrics.get(key):
+            only = metrics[key]
+            table.add_row(f"the {only['n']} {which} knees only: accuracy / QWK",
+                          f"{only['accuracy']:.4f} / {only['qwk']:.4f}", "")
     for key, label in (("processing_shift_fraction", "warned: contrast processing differs"),
                        ("sharpness_shift_fraction", "warned: noise or sharpness differs"),
                        ("framing_shift_fraction", "warned: framed tighter than training"),

@@ -123,10 +123,10 @@ def assess_samples(predictor: Predictor, samples: list[Sample], alpha: float | N
     return scored, np.concatenate(probabilities), Assessment.concatenate(assessments), failures
 
 
-def gradable_metrics(labels: list[int], probabilities: np.ndarray, gradable: list[bool]) -> dict | None:
-    """The main metrics (`n` and `REPORT_METRICS`, no intervals) of the knees answered gradable: what the grades a
-    reader is told to trust score; None where no knee was."""
-    kept = np.flatnonzero(gradable)
+def subset_metrics(labels: list[int], probabilities: np.ndarray, kept: list[bool]) -> dict | None:
+    """The main metrics (`n` and `REPORT_METRICS`, no intervals) of the `kept` knees (e.g. those answered gradable:
+    what the grades a reader is told to trust score); None where no knee was kept."""
+    kept = np.flatnonzero(kept)
     if not len(kept):
         return None
     scored = compute_metrics(np.asarray(labels)[kept], probabilities[kept], n_boot=0)
@@ -184,12 +184,12 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
 
     With a calibrated model (or `calibrate_on`, which fits a temperature and the grade sets first), the metrics
     include the grade sets' coverage at `alpha`; `ungradable_fraction` (and `ungradable_per_grade`, per true
-    grade) is always there, and `gradable_only`, the main metrics of the knees answered gradable; a checkpoint
-    calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the share of images whose contrast
-    processing differs from the training images', `sharpness_shift_fraction`, whose noise or sharpness does, and
-    `framing_shift_fraction` and `framing_wide_shift_fraction`,
-    the shares that look framed tighter or wider (an external set cropped otherwise shows here), and
-    `polarity_shift_fraction`, the share graded inverted back.
+    grade) is always there, and `gradable_only`, the main metrics of the knees answered gradable, and
+    `unwarned_only`, of those answered with no warning at all (the answers a reader would take as they are); a
+    checkpoint calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the share of images whose
+    contrast processing differs from the training images', `sharpness_shift_fraction`, whose noise or sharpness
+    does, `framing_shift_fraction` and `framing_wide_shift_fraction`, the shares that look framed tighter or wider
+    (an external set cropped otherwise shows here), and `polarity_shift_fraction`, the share graded inverted back.
 
     Files in the scored split's grade folders that are no image klgrade reads are left out (`files_not_read` counts
     them, a warning names one). Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the
@@ -215,7 +215,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     metrics = compute_metrics(labels, probabilities, groups=[s.patient_id for s in scored], n_boot=n_boot, seed=seed)
     flagged = [not gradable for gradable in assessment.gradable]
     metrics["ungradable_fraction"] = float(np.mean(flagged))
-    metrics["gradable_only"] = gradable_metrics(labels, probabilities, assessment.gradable)
+    metrics["gradable_only"] = subset_metrics(labels, probabilities, assessment.gradable)
+    metrics["unwarned_only"] = subset_metrics(labels, probabilities, [not notes for notes in assessment.warnings])
     metrics["ungradable_per_grade"] = share_per_grade(labels, flagged)
     for kind, shifted in assessment.shifts.items():
         metrics[f"{kind}_shift_fraction"] = float(shifted.mean())
