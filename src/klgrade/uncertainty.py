@@ -423,9 +423,8 @@ class Calibration:
 
     @property
     def profiles(self) -> dict[str, FeatureDensity]:
-        """The image-statistics profiles stored, by the kind of shift they warn of (`PROFILES`)."""
-        profiles = {"processing": self.processing, "sharpness": self.sharpness}
-        return {kind: profile for kind, profile in profiles.items() if profile is not None}
+        """The image-statistics profiles stored, by the kind of shift they warn of (a field per kind of `PROFILES`)."""
+        return {kind: profile for kind in PROFILES if (profile := getattr(self, kind)) is not None}
 
     @property
     def framings(self) -> dict[str, FramingProbe]:
