@@ -1,9 +1,11 @@
 """Peak memory of reading a labelled set as it grows: images decoded `data.cache.CHUNK` at a time (as shipped) vs the
-whole set at once (as before). Two readers: `evaluate` (graded chunk by chunk, only the answers kept; whole before
-session 18) and `cache` (the image cache, written chunk by chunk: what training and reproduce's validation sets
-read; whole before session 19). Each run is a fresh process (peak RSS, `ru_maxrss`).
+whole set at once (as before). Three readers: `evaluate` (graded chunk by chunk, only the answers kept; whole before
+session 18), `cache` (the image cache, written chunk by chunk: what training and reproduce's validation sets
+read; whole before session 19) and `calibrate` (a calibration set, `evaluate --calibrate-on`'s and `klgrade
+calibrate`'s, only the outputs and image statistics kept; whole before session 20). Each run is a fresh process
+(peak RSS, `ru_maxrss`).
 
-    python benchmarks/decode_memory.py [--knees 1000 4000] [--readers evaluate cache] [--threads 2]
+    python benchmarks/decode_memory.py [--knees 1000 4000] [--readers evaluate cache calibrate] [--threads 2]
 
 The set: kneeKL224 val images repeated until `--knees`, each copy a distinct file (one pixel changed, its own name),
 so that every one is scored; graded by the shipped model at its own resolution.
@@ -25,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+READERS = ("evaluate", "cache", "calibrate")
 DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kneeKL224").resolve()
 
 
@@ -56,6 +59,9 @@ def child(reader: str, data: str, chunk: int | None, threads: int) -> None:
     start = time.perf_counter()
     if reader == "evaluate":
         n = evaluation.evaluate(predictor, data, n_boot=0).metrics["n"]
+    elif reader == "calibrate":
+        evaluation.calibrate(predictor, data, scored=[])
+        n = len(predictor.conformal_grades)
     else:
         with tempfile.TemporaryDirectory() as folder:
             n = len(cache.load_cached(find_samples(data), predictor.preprocess, folder))
@@ -74,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--knees", type=int, nargs="+", default=[1000, 4000])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--readers", nargs="+", choices=("evaluate", "cache"), default=["evaluate", "cache"])
+    parser.add_argument("--readers", nargs="+", choices=READERS, default=list(READERS))
     parser.add_argument("--child", nargs=2, metavar=("READER", "DATA"))
     parser.add_argument("--chunk", type=int)
     args = parser.parse_args()

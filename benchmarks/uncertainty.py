@@ -108,7 +108,7 @@ def main() -> None:
                                  np.array(train_predictions.labels)[upright])
     patients = [s.patient_id for s in val_predictions.samples]
     outputs, labels = val_predictions.outputs, np.array(val_predictions.labels)
-    profiles = {kind: fit_profile(kind, train_predictions.images[upright]) for kind in PROFILES}
+    profiles = {kind: fit_profile(profile_statistics(kind, train_predictions.images[upright])) for kind in PROFILES}
     framings = {name: (probe, stored[f"{name}_warned_share"]) for name, probe in calibration.framings.items()}
     folds = []
     for split in range(args.splits):

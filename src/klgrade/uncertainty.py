@@ -536,11 +536,10 @@ def profile_statistics(kind: str, images_uint8: np.ndarray) -> np.ndarray:
     return PROFILES[kind][0](images_uint8)
 
 
-def fit_profile(kind: str, training_uint8: np.ndarray) -> FeatureDensity:
-    """The training images' statistics of `kind` (one mean, their covariance); the threshold is set later, as for
-    the feature density: `.with_threshold(profile_statistics(kind, calibration_uint8), share)`."""
-    statistics = profile_statistics(kind, training_uint8)
-    return FeatureDensity.fit(statistics, np.zeros(len(statistics), dtype=int), shrinkage=0.0)
+def fit_profile(training_statistics: np.ndarray) -> FeatureDensity:
+    """A profile of the training images' statistics of one kind (`profile_statistics`: one mean, their covariance);
+    the threshold is set later, as for the feature density: `.with_threshold(calibration_statistics, share)`."""
+    return FeatureDensity.fit(training_statistics, np.zeros(len(training_statistics), dtype=int), shrinkage=0.0)
 
 
 def profile_shift(kind: str, images_uint8: np.ndarray, profile: FeatureDensity) -> np.ndarray:

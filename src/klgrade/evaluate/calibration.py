@@ -40,13 +40,11 @@ from klgrade.data.io import read_image
 from klgrade.data.preprocess import unknown_sides_warning
 from klgrade.data.provenance import distinct_knees, knee_record
 from klgrade.data.sources import Sample, limit_samples
-from klgrade.errors import DataLayoutError
-from klgrade.evaluate.evaluation import (Predictions, batched_outputs, fit_grade_sets, predict_samples,
-                                        untrained_knees)
+from klgrade.evaluate.evaluation import batched_outputs, fit_grade_sets, labelled_outputs, untrained_knees
 from klgrade.infer.predictor import Predictor
 from klgrade.models import load_checkpoint, save_checkpoint
 from klgrade.models.weights import checkpoint_tensors, stored_dtype, tensors_digest
-from klgrade.uncertainty import PROFILES, FeatureDensity, FramingProbe, PolarityProbe, fit_profile, profile_statistics
+from klgrade.uncertainty import PROFILES, FeatureDensity, FramingProbe, PolarityProbe, fit_profile
 
 log = logging.getLogger(__name__)
 
@@ -72,34 +70,26 @@ DENSITY_IMAGES = 6000
 (5778) is used whole."""
 
 
-def raw_predictions(predictor: Predictor, samples: list[Sample], what: str) -> Predictions:
-    """Uncalibrated combined probabilities, penultimate features and preprocessed uint8 images of the samples whose
-    inputs are gradable (all must be readable)."""
-    predictions, failures = predict_samples(predictor, samples, raw=True)
-    if failures:
-        listed = "; ".join(str(f) for f in failures[:5])
-        raise DataLayoutError(f"{len(failures)} unreadable {what} image(s): {listed}")
-    return predictions.gradable_inputs()
-
-
 def fit_calibration(predictor: Predictor, calibration: list[Sample], density: list[Sample]) -> dict:
     """The calibration of `predictor` (JSON-ready): polarity probe, temperature, conformal scores (ascending) with
     their grades, feature density, image-statistics profiles, framing probes. Leaves the polarity probe on `predictor`.
-    Inputs that are not gradable whatever the network makes of them (a lateral view, a thumbnail) are left out."""
-    trained = raw_predictions(predictor, density, "density")
+    Inputs that are not gradable whatever the network makes of them (a lateral view, a thumbnail) are left out. The
+    calibration images are read `data.cache.CHUNK` at a time, only their outputs and statistics kept (any size);
+    the density images, at most `DENSITY_IMAGES`, are held for the probes."""
+    trained = labelled_outputs(predictor, density, "density", keep_images=True)
     density_features, density_images = trained.outputs.features, trained.images
     predictor.polarity = fit_polarity(predictor, density_images, density_features)
     upright = ~graded_inverted(predictor, density_images, density_features)
     density = [sample for sample, kept in zip(trained.samples, upright) if kept]
-    density_features, density_images = density_features[upright], density_images[upright]
-    calibrating = raw_predictions(predictor, calibration, "calibration")
-    labels = np.array(calibrating.labels)
-    features, images = calibrating.outputs.features, calibrating.images
+    density_features = density_features[upright]
+    calibrating = labelled_outputs(predictor, calibration, "calibration")
+    labels, features = calibrating.labels, calibrating.outputs.features
     temperature, scores = fit_grade_sets(calibrating.outputs.probabilities, labels)
     order = np.argsort(scores, kind="stable")
     fitted = FeatureDensity.fit(density_features, np.array([s.grade for s in density]))
     fitted = fitted.with_threshold(features, FLAGGED_SHARE)
-    profiles = {kind: fit_profile(kind, density_images).with_threshold(profile_statistics(kind, images), FLAGGED_SHARE)
+    profiles = {kind: fit_profile(trained.statistics[kind][upright]).with_threshold(calibrating.statistics[kind],
+                                                                                     FLAGGED_SHARE)
                 for kind in PROFILES}
     framing, framing_wide = fit_framings(predictor, density)
     framing = framing.with_threshold(features, FRAMING_WARNED_SHARE)

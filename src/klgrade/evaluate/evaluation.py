@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from klgrade.data.sources import Sample, find_samples, not_read_warning
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
 from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
-from klgrade.uncertainty import apply_temperature, conformal_scores, log_probabilities
+from klgrade.uncertainty import PROFILES, apply_temperature, conformal_scores, log_probabilities, profile_statistics
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +74,6 @@ class Predictions:
     def labels(self) -> list[int]:
         return [s.grade for s in self.samples]
 
-    def gradable_inputs(self) -> "Predictions":
-        """Only the samples whose inputs are gradable (no `reasons`): a calibration fitted on laterals or thumbnails
-        would speak for knees that get no grade to trust."""
-        kept = np.array([not reasons for reasons in self.reasons], dtype=bool)
-        if not kept.all():
-            log.warning("left out %d of %d images that are not gradable as inputs, e.g. %s: %s", (~kept).sum(),
-                        len(kept), *next((s.path, r[0]) for s, r in zip(self.samples, self.reasons) if r))
-        return Predictions([s for s, ok in zip(self.samples, kept) if ok], self.images[kept], self.outputs.select(kept),
-                           [r for r, ok in zip(self.reasons, kept) if ok])
-
 
 def predict_samples(predictor: Predictor, samples: list[Sample], raw: bool = False
                     ) -> tuple[Predictions, list[ImageReadError]]:
@@ -104,14 +95,21 @@ def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False)
     return Outputs.concatenate(parts)
 
 
+def predict_chunks(predictor: Predictor, samples: list[Sample], raw: bool = False
+                   ) -> Iterator[tuple[Predictions, list[ImageReadError]]]:
+    """`predict_samples` on `CHUNK` samples at a time, so that a set of any size is read in bounded memory (one empty
+    chunk for no samples)."""
+    for start in range(0, max(len(samples), 1), CHUNK):
+        yield predict_samples(predictor, samples[start:start + CHUNK], raw)
+
+
 def assess_samples(predictor: Predictor, samples: list[Sample], alpha: float | None
                    ) -> tuple[list[Sample], np.ndarray, Assessment | None, list[ImageReadError]]:
     """The readable samples, their probabilities and their assessment (as `klgrade predict` answers), and the read
     failures of the others: `CHUNK` images decoded at a time, only the answers kept."""
     scored: list[Sample] = []
     probabilities, assessments, failures = [], [], []
-    for start in range(0, len(samples), CHUNK):
-        predictions, chunk_failures = predict_samples(predictor, samples[start:start + CHUNK])
+    for predictions, chunk_failures in predict_chunks(predictor, samples):
         failures += chunk_failures
         if predictions.samples:
             scored += predictions.samples
@@ -121,6 +119,54 @@ def assess_samples(predictor: Predictor, samples: list[Sample], alpha: float | N
     if not scored:
         return [], np.zeros((0, NUM_GRADES)), None, failures
     return scored, np.concatenate(probabilities), Assessment.concatenate(assessments), failures
+
+
+@dataclass
+class LabelledOutputs:
+    """Raw outputs of the gradable inputs of a labelled set, with each image's statistics of every
+    `uncertainty.PROFILES` kind (and the images themselves only when asked for): what a calibration is fitted on."""
+
+    samples: list[Sample]
+    outputs: Outputs
+    statistics: dict[str, np.ndarray]
+    images: np.ndarray | None
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.grade for s in self.samples], dtype=int)
+
+
+def labelled_outputs(predictor: Predictor, samples: list[Sample], what: str, keep_images: bool = False
+                     ) -> LabelledOutputs:
+    """The raw outputs and image statistics of the samples whose inputs are gradable, `CHUNK` images decoded at a
+    time and only those kept unless `keep_images`: a calibration set of any size in bounded memory. Inputs not
+    gradable whatever the network makes of them (a lateral view, a thumbnail) are left out: a calibration fitted on
+    them would speak for knees that get no grade to trust.
+
+    Raises:
+        DataLayoutError: naming `what`, where an image is unreadable (every label is needed).
+    """
+    kept: list[Sample] = []
+    outputs, images, failures, left_out = [], [], [], []
+    statistics: dict[str, list[np.ndarray]] = {kind: [] for kind in PROFILES}
+    for predictions, chunk_failures in predict_chunks(predictor, samples, raw=True):
+        failures += chunk_failures
+        gradable = np.array([not reasons for reasons in predictions.reasons], dtype=bool)
+        left_out += [(s.path, r[0]) for s, r in zip(predictions.samples, predictions.reasons) if r]
+        kept += [s for s, ok in zip(predictions.samples, gradable) if ok]
+        outputs.append(predictions.outputs.select(gradable))
+        for kind in PROFILES:
+            statistics[kind].append(profile_statistics(kind, predictions.images[gradable]))
+        if keep_images:
+            images.append(predictions.images[gradable])
+    if failures:
+        raise DataLayoutError(f"{len(failures)} unreadable {what} image(s): {'; '.join(map(str, failures[:5]))}")
+    if left_out:
+        log.warning("%s: left out %d of %d images that are not gradable as inputs, e.g. %s: %s", what, len(left_out),
+                    len(samples), *left_out[0])
+    return LabelledOutputs(kept, Outputs.concatenate(outputs),
+                           {kind: np.concatenate(parts) for kind, parts in statistics.items()},
+                           np.concatenate(images) if keep_images else None)
 
 
 def subset_metrics(labels: list[int], probabilities: np.ndarray, kept: list[bool]) -> dict | None:
@@ -170,10 +216,10 @@ def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], spli
     samples, warnings = distinct_knees(samples, what)
     samples, trained = untrained_knees(predictor, samples, what, "calibrate on")
     warnings += trained + unknown_sides_warning(predictor.preprocess, [s.side for s in samples], what)
-    predictions = predict_samples(predictor, samples, raw=True)[0].gradable_inputs()
-    predictor.temperature, predictor.conformal_scores = fit_grade_sets(predictions.outputs.probabilities,
-                                                                       predictions.labels)
-    predictor.conformal_grades = np.array(predictions.labels)
+    calibrating = labelled_outputs(predictor, samples, what)
+    predictor.temperature, predictor.conformal_scores = fit_grade_sets(calibrating.outputs.probabilities,
+                                                                       calibrating.labels)
+    predictor.conformal_grades = calibrating.labels
     predictor.seen["calibrated"] = knee_record(samples)
     return warnings
 

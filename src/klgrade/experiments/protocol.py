@@ -27,7 +27,7 @@ from klgrade.data.io import file_version, read_image
 from klgrade.data.preprocess import PreprocessConfig, unknown_sides_warning
 from klgrade.data.provenance import distinct_knees, knee_record, shared_knees, unseen_knees
 from klgrade.data.sources import Sample, find_samples
-from klgrade.errors import DataLayoutError, KLGradeError
+from klgrade.errors import KLGradeError
 from klgrade.evaluate.evaluation import batched_outputs
 from klgrade.experiments.cv import cross_validate, fold_dir, fold_model, mean_sd, run_name
 from klgrade.experiments.jobs import FoldJob, run_fold_jobs
