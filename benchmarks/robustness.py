@@ -205,7 +205,8 @@ def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> G
     pixels = np.stack([p.pixels for p in prepared])
     outputs = batched_outputs(predictor, pixels)
     graded = upright_images(pixels, outputs)
-    assessment = predictor.assess(graded, outputs, reasons=[p.reasons() for p in prepared])
+    assessment = predictor.assess(graded, outputs, reasons=[p.reasons() for p in prepared],
+                                  notes=[p.notes() for p in prepared])
     return Graded(outputs.probabilities, assessment.sets, ~np.array(assessment.gradable), assessment.shifts)
 
 

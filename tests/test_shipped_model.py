@@ -313,6 +313,49 @@ def test_a_knee_with_too_few_pixels_or_grey_levels_is_not_gradable_and_says_why(
             assert rows[path.stem]["warnings"].startswith(answer.warnings[0] if answer.warnings else ""), path.name
 
 
+def test_an_image_not_square_is_graded_with_a_warning_that_says_so(kneekl224, tmp_path):
+    """A knee cropped non-square (another site's portrait crop) is squeezed to the network's square: at 4:5, 18-24% of
+    val grades moved, mostly unwarned (docs/results.md, non-square inputs). Every answer for an image beyond 1.1:1
+    now says so, last, through `predict` and `evaluate` alike (its per-image warnings and `unwarned_only`); one
+    square or at 1.05:1 does not."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from klgrade.data.io import read_image
+    from klgrade.infer.grading import grade_many, load_model
+    from klgrade.uncertainty import SQUEEZED
+
+    made = {"square": lambda knee: knee, "near": lambda knee: knee[:, 5:-5],  # 224 x 214
+            "portrait": lambda knee: knee[:, 22:-23], "landscape": lambda knee: knee[22:-23]}  # 179 of 224
+    paths = {name: [] for name in made}
+    for path in sorted((kneekl224 / "val").rglob("*.jpg"))[::80]:
+        knee = read_image(path)
+        for name, make in made.items():
+            paths[name].append(tmp_path / "knees" / path.parent.name / f"{path.stem}_{name}.png")
+            paths[name][-1].parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(make(knee).astype(np.uint8)).save(paths[name][-1])
+    model = load_model()
+    results = {name: list(grade_many(model, files)) for name, files in paths.items()}
+    shapes = {"portrait": (224, 179), "landscape": (179, 224)}
+    for name, answers in results.items():
+        said = [[w for w in r.warnings if "not square" in w] for r in answers]
+        expected = [SQUEEZED.format(rows=shapes[name][0], columns=shapes[name][1])] if name in shapes else []
+        assert all(s == expected for s in said), name
+        if expected:
+            assert all(r.warnings[-1] == expected[0] for r in answers), name
+    result = invoke_cli("evaluate", "--data", str(tmp_path / "knees"), "--out", str(tmp_path / "report"), "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {Path(row["path"]).stem: row for row in csv.DictReader((tmp_path / "report" / "predictions.csv").open())}
+    for name, files in paths.items():
+        for path, answer in zip(files, results[name]):
+            assert ("not square" in rows[path.stem]["warnings"]) == (name in shapes), path.name
+            assert rows[path.stem]["predicted"] == str(answer.grade), path.name
+    unwarned = sum(not r.warnings for answers in results.values() for r in answers)
+    assert 0 < json.loads(result.stdout)["unwarned_only"]["n"] == unwarned <= len(paths["square"]) * 2
+
+
 def test_a_knee_padded_into_a_larger_canvas_is_graded_as_the_knee_itself(kneekl224):
     """Val knees letterboxed in black to 4:3, framed in a white border, padded black above and white beside, framed
     in black with a side marker burnt into the margin, or shrunk into a black margin and saved as JPEG (a viewer's

@@ -16,10 +16,10 @@ from klgrade.infer.grading import grade, grade_many, load_model
 from klgrade.metrics import set_metrics
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
-from klgrade.uncertainty import (BLANK, FRAMING_UNREAD, PROFILES, SHIFT_WARNINGS, FeatureDensity, FramingProbe,
-                                 PolarityProbe, apply_temperature, conformal_scores, conformal_threshold, fit_profile,
-                                 grade_sets, grade_thresholds, gradability, input_reasons, profile_shift,
-                                 profile_statistics, shift_warnings, smallest_alpha, uncertified_grades,
+from klgrade.uncertainty import (BLANK, FRAMING_UNREAD, PROFILES, SHIFT_WARNINGS, SQUEEZED, FeatureDensity,
+                                 FramingProbe, PolarityProbe, apply_temperature, conformal_scores, conformal_threshold,
+                                 fit_profile, grade_sets, grade_thresholds, gradability, input_notes, input_reasons,
+                                 profile_shift, profile_statistics, shift_warnings, smallest_alpha, uncertified_grades,
                                  uncertified_warning, view_reason)
 
 from helpers import EXAMPLES, REPO, copy_real_images, invoke_cli, knee_image, write_dicom
@@ -179,6 +179,10 @@ def test_an_input_with_too_few_pixels_or_grey_levels_or_a_lateral_view_is_not_gr
         "side by side or a full-leg view? Grades are read on one knee framed about square around the joint"]
     assert "3.0 times as tall as wide" in input_reasons(None, None, (3000, 1000), 256)[0]
     assert input_reasons(None, None, (3000, 2400), 256) == input_reasons(None, None, (1000, 1800), 256) == []
+    # Not square but gradable: the answer says so (up to 1.1:1 none; beyond 1.8:1 a reason instead).
+    assert input_notes((224, 224)) == input_notes((224, 204)) == input_notes((224, 448)) == []
+    assert input_notes((3000, 2400)) == [SQUEEZED.format(rows=3000, columns=2400)]
+    assert input_notes((1000, 1800)) == [SQUEEZED.format(rows=1000, columns=1800)]
 
 
 def test_calibrate_leaves_out_inputs_that_are_not_gradable(tiny_checkpoint, kneekl224, tmp_path, monkeypatch):

@@ -133,7 +133,9 @@ figures are somewhat optimistic for new data; the kneeKL224 test split was not u
   the gradability check flags images far from the training data (`gradable: false`), images of fewer than
   64 pixels a side or 10 grey levels, images more than 1.8 times as wide as tall or the reverse (two knees side by
   side, a full-leg view) and DICOM files whose header says both knees (laterality B, a bilateral view), but an image
-  it lets through is not thereby in scope: a bilateral radiograph on a landscape detector is about 1.25:1.
+  it lets through is not thereby in scope: a bilateral radiograph on a landscape detector is about 1.25:1. An image
+  more than 1.1 times as long one way as the other is graded squeezed to a square, with a warning that says so: at
+  4:5 (a portrait crop) 18-24% of val grades moved, whether columns were cut or more shaft shown (docs/results.md).
 {limits}- KL 1 ("doubtful") is the least reliable grade, as it is for human readers.
 - Trained on one cohort (OAI, US); performance on other populations, scanners and processing is unknown.
 - The Grad-CAM heatmap shows which regions raised the predicted grade's score; it is not a segmentation of

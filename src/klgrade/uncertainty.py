@@ -77,6 +77,14 @@ MAX_ASPECT = 1.8
 the training knees are square, a single knee on a portrait detector is 1.25, two knees cropped side by side are 2
 and a full-leg view 3 or more; stretched to a square for the network, such an image is graded as a squashed knee
 (pairs of val knees side by side were graded KL 4 for 24 of 60 pairs, docs/results.md, two knees in one image)."""
+SQUEEZED_ASPECT = 1.1
+"""Longer side over shorter side (uniform margins trimmed) beyond which an answer warns that the image was not square:
+squeezed to the network's square, the knee's proportions change, and no way of making it square holds the grade for
+every meaning of a non-square crop (docs/results.md, non-square inputs: at 1.1:1, 9-11% of val grades moved, at
+1.25:1 up to 24%, mostly unwarned before)."""
+SQUEEZED = ("the image is {rows} x {columns} pixels (uniform margins trimmed), not square: squeezed to a square for "
+            "the model, the knee's proportions change and the grade may change with them; crop it square, the joint "
+            "centred")
 ELONGATED = ("not gradable: the image is {rows} x {columns} pixels (uniform margins trimmed), {ratio:.1f} times as "
              "{longer} as {shorter}: two knees side by side or a full-leg view? Grades are read on one knee framed "
              "about square around the joint")
@@ -475,6 +483,14 @@ def input_reasons(view: str | None, laterality: str | None, trimmed_shape: tuple
     if 1 < grey_levels < MIN_GREY_LEVELS:  # one level is a blank image, which `gradability` names
         reasons.append(TOO_FEW_GREY_LEVELS.format(levels=grey_levels))
     return reasons
+
+
+def input_notes(trimmed_shape: tuple[int, int]) -> list[str]:
+    """What an answer must say about an input that stays gradable: an image neither square nor far from it
+    (`SQUEEZED_ASPECT`, `MAX_ASPECT`)."""
+    rows, columns = trimmed_shape
+    ratio = max(rows, columns) / max(min(rows, columns), 1)
+    return [SQUEEZED.format(rows=rows, columns=columns)] if SQUEEZED_ASPECT < ratio <= MAX_ASPECT else []
 
 
 def gradability(images_uint8: np.ndarray, features: np.ndarray | None,

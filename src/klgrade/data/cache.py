@@ -57,11 +57,13 @@ def cache_key(samples: list[Sample], config: PreprocessConfig) -> str:
 @dataclass
 class Decoded:
     """A file list decoded and preprocessed: the images (zeros where unreadable), the read failures, and per file why
-    it is not gradable whatever a network makes of it (`uncertainty.input_reasons`; empty where it is gradable)."""
+    it is not gradable whatever a network makes of it (`uncertainty.input_reasons`; empty where it is gradable) and
+    what its answer must say about preparing it (`preprocess.PreparedImage.notes`)."""
 
     images: np.ndarray
     failures: list[ImageReadError]
     reasons: list[list[str]]
+    notes: list[list[str]]
 
 
 def decode_all(samples: list[Sample], config: PreprocessConfig, workers: int | None = None) -> Decoded:
@@ -69,6 +71,7 @@ def decode_all(samples: list[Sample], config: PreprocessConfig, workers: int | N
     images = np.zeros((len(samples), config.size, config.size), dtype=np.uint8)
     failures: list[ImageReadError] = []
     reasons: list[list[str]] = [[] for _ in samples]
+    notes: list[list[str]] = [[] for _ in samples]
 
     def load(index: int) -> None:
         sample = samples[index]
@@ -80,10 +83,11 @@ def decode_all(samples: list[Sample], config: PreprocessConfig, workers: int | N
         prepared = prepare_image(radiograph.grey, config, sample.side)
         images[index] = prepared.pixels
         reasons[index] = prepared.reasons(radiograph.view, radiograph.laterality)
+        notes[index] = prepared.notes()
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         list(pool.map(load, range(len(samples))))
-    return Decoded(images, failures, reasons)
+    return Decoded(images, failures, reasons, notes)
 
 
 def load_cached(samples: list[Sample], config: PreprocessConfig, cache_dir: str | Path | None = None,

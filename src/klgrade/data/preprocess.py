@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from klgrade.constants import IMAGE_SIZE
-from klgrade.uncertainty import input_reasons
+from klgrade.uncertainty import input_notes, input_reasons
 
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
@@ -178,8 +178,9 @@ class PreparedImage:
         return input_reasons(view, laterality, self.trimmed_shape, self.grey_levels)
 
     def notes(self) -> list[str]:
-        """What the answer must say about how the input was prepared, without making it ungradable."""
-        return [SIDE_UNKNOWN] if self.side_unknown else []
+        """What the answer must say about how the input was prepared, without making it ungradable
+        (`uncertainty.input_notes`, an unknown side)."""
+        return input_notes(self.trimmed_shape) + ([SIDE_UNKNOWN] if self.side_unknown else [])
 
 
 def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> PreparedImage:

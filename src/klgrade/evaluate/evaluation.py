@@ -62,13 +62,15 @@ def pick_split(samples: list[Sample], split: str | None) -> list[Sample]:
 
 @dataclass
 class Predictions:
-    """The model's outputs for the readable samples of a set, with the images it saw and why an input is not
-    gradable whatever the model makes of it (`uncertainty.input_reasons`, as `klgrade predict` finds them)."""
+    """The model's outputs for the readable samples of a set, with the images it saw, why an input is not gradable
+    whatever the model makes of it (`uncertainty.input_reasons`) and what its answer must say about preparing it
+    (`data.preprocess.PreparedImage.notes`), as `klgrade predict` finds them."""
 
     samples: list[Sample]
     images: np.ndarray
     outputs: Outputs
     reasons: list[list[str]]
+    notes: list[list[str]]
 
     @property
     def labels(self) -> list[int]:
@@ -83,7 +85,7 @@ def predict_samples(predictor: Predictor, samples: list[Sample], raw: bool = Fal
     kept = [index for index, sample in enumerate(samples) if sample.path not in failed]
     images = decoded.images[kept]
     return (Predictions([samples[i] for i in kept], images, batched_outputs(predictor, images, raw),
-                        [decoded.reasons[i] for i in kept]), decoded.failures)
+                        [decoded.reasons[i] for i in kept], [decoded.notes[i] for i in kept]), decoded.failures)
 
 
 def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False) -> Outputs:
@@ -115,7 +117,7 @@ def assess_samples(predictor: Predictor, samples: list[Sample], alpha: float | N
             scored += predictions.samples
             probabilities.append(predictions.outputs.probabilities)
             assessments.append(predictor.assess(upright_images(predictions.images, predictions.outputs),
-                                                predictions.outputs, alpha, predictions.reasons))
+                                                predictions.outputs, alpha, predictions.reasons, predictions.notes))
     if not scored:
         return [], np.zeros((0, NUM_GRADES)), None, failures
     return scored, np.concatenate(probabilities), Assessment.concatenate(assessments), failures

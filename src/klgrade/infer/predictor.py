@@ -352,12 +352,14 @@ class Predictor:
         return uncertified_grades(self.conformal_grades, alpha) if self.has_grade_thresholds else []
 
     def assess(self, images_uint8: np.ndarray, outputs: Outputs, alpha: float | None = None,
-               reasons: Sequence[Sequence[str]] | None = None) -> Assessment:
+               reasons: Sequence[Sequence[str]] | None = None,
+               notes: Sequence[Sequence[str]] | None = None) -> Assessment:
         """How sure each answer is: its grade set (all grades where not gradable), whether it is gradable, the shifts
-        seen, and every warning it carries (not gradable, uncertified grades, shifts), in that order.
+        seen, and every warning it carries (not gradable, uncertified grades, shifts, notes), in that order.
         `images_uint8`: as graded (`upright_images`); `reasons`: per image, why the input itself is not gradable (a
         DICOM header naming a lateral view, too few pixels or grey levels: `uncertainty.input_reasons`), first among
-        its reasons."""
+        its reasons; `notes`: per image, what preparing it found that the answer must say (an image not square, an
+        unknown side: `data.preprocess.PreparedImage.notes`)."""
         alpha = self.alpha if alpha is None else alpha
         if self.is_calibrated:
             sets = grade_sets(outputs.probabilities, self.set_thresholds(alpha))
@@ -365,17 +367,19 @@ class Predictor:
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
         warnings = gradability(images_uint8, outputs.features, self.density)
-        for notes, given in zip(warnings, reasons or []):
-            notes[:0] = given
-        gradable = [not notes for notes in warnings]
+        for said, given in zip(warnings, reasons or []):
+            said[:0] = given
+        gradable = [not said for said in warnings]
         if coverage is not None:
             sets = answered_sets(sets, gradable)
         uncertified = self.uncertified_grades(alpha)
-        for notes in warnings if uncertified else []:
-            notes.append(uncertified_warning(uncertified, alpha))
+        for said in warnings if uncertified else []:
+            said.append(uncertified_warning(uncertified, alpha))
         shifts = self.shifts(images_uint8, outputs)
-        for index, notes in enumerate(warnings):
-            notes += shift_warnings([kind for kind, shifted in shifts.items() if shifted[index]])
+        for index, said in enumerate(warnings):
+            said += shift_warnings([kind for kind, shifted in shifts.items() if shifted[index]])
+        for said, given in zip(warnings, notes or []):
+            said.extend(given)
         return Assessment(sets, coverage, gradable, shifts, warnings)
 
     def shifts(self, images_uint8: np.ndarray, outputs: Outputs) -> dict[str, np.ndarray]:
@@ -414,18 +418,15 @@ class Predictor:
                        reasons: Sequence[Sequence[str]] | None = None,
                        notes: Sequence[Sequence[str]] | None = None) -> list[Grading]:
         """Grade (B, H, W) uint8 images from `prepare`; Grad-CAM of the predicted grade when `explain`;
-        `reasons` as for `assess`; `notes`: per image, warnings about its preparation that follow the assessment's
-        (`data.preprocess.PreparedImage.notes`)."""
+        `reasons` and `notes` as for `assess`."""
         names = names or [None] * len(prepared)
         alpha = self.alpha if alpha is None else alpha
         outputs = self.outputs(prepared)
         graded = upright_images(prepared, outputs)
         probabilities = outputs.probabilities
         grades = probabilities.argmax(axis=1)
-        assessment = self.assess(graded, outputs, alpha, reasons)
+        assessment = self.assess(graded, outputs, alpha, reasons, notes)
         warnings = assessment.warnings
-        for given, image_warnings in zip(notes or [], warnings):
-            image_warnings.extend(given)
         maps = [None] * len(prepared)
         if explain and self.can_explain:
             explanation = self.explain(graded, grades)
