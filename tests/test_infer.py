@@ -333,13 +333,16 @@ def test_evaluate_writes_reports_and_can_calibrate(tiny_checkpoint, kneekl224, t
         assert (out / name).stat().st_size > 100
 
 
-def test_a_model_with_a_trained_normaliser_exports_to_onnx_and_agrees(tmp_path):
-    """The normaliser's pooling and interpolation at the image's own size survive the export; non-zero
+@pytest.mark.parametrize("detail", [False, True])
+def test_a_model_with_a_trained_normaliser_exports_to_onnx_and_agrees(tmp_path, detail):
+    """The normaliser's pooling, interpolation and detail blur at the image's own size survive the export; non-zero
     coefficients stand in for a trained one (a new normaliser is the identity and would prove nothing)."""
     torch.manual_seed(0)
-    options = {"width": 32, "heads": 2, "normaliser": True}
+    options = {"width": 32, "heads": 2, "normaliser": True, "normaliser_detail": detail}
     model = create_model("msa_net", **options)
     torch.nn.init.normal_(model.normaliser.coefficients.weight, std=0.05)
+    if detail:
+        torch.nn.init.normal_(model.normaliser.detail_gain.weight, std=0.2)
     checkpoint = save_msa_net(tmp_path / "normalised.safetensors", model, options, size=72)
     images = [np.asarray(Image.open(p), dtype=np.float32) for p in sorted(EXAMPLES.glob("*.jpg"))]
     x = torch.randn(2, 1, 72, 72)

@@ -19,7 +19,8 @@ def test_registry_names_and_unknown_name():
         create_model("msa_net", wings=3)
 
 
-@pytest.mark.parametrize("options", [{"width": -5}, {"heads": 0}, {"width": "abc"}, {"backbone": "resnet999"}])
+@pytest.mark.parametrize("options", [{"width": -5}, {"heads": 0}, {"width": "abc"}, {"backbone": "resnet999"},
+                                     {"normaliser_detail": True}])
 def test_a_model_option_its_layers_cannot_take_is_a_one_line_error(options):
     """`--option width=-5` or `heads=0` failed with a traceback from inside torch."""
     key, value = next(iter(options.items()))
@@ -158,6 +159,39 @@ def test_a_new_normaliser_is_the_identity_and_the_grader_keeps_its_answers():
         with torch.no_grad():
             assert torch.equal(with_normaliser.normaliser(x), x)
             assert torch.allclose(with_normaliser(x), plain(x), atol=1e-6)
+
+
+def test_a_normaliser_with_a_detail_gain_starts_as_the_shipped_one_and_learns_to_undo_sharpening():
+    """The detail gain (zero at first) leaves a normaliser trained without it as it was when that one's weights are
+    loaded; then it learns to undo unsharp masking, which a tone curve alone cannot."""
+    from kornia.filters import gaussian_blur2d
+
+    from klgrade.models.normaliser import ProcessingNormaliser
+
+    torch.manual_seed(0)
+    trained = ProcessingNormaliser()
+    torch.nn.init.normal_(trained.coefficients.weight, std=0.05)
+    detailed = ProcessingNormaliser(detail=True)
+    missing, unexpected = detailed.load_state_dict(trained.state_dict(), strict=False)
+    assert unexpected == [] and sorted(missing) == ["detail_gain.bias", "detail_gain.weight"]
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(detailed(x), trained(x))
+    target = gaussian_blur2d(torch.rand(8, 1, 64, 64), 9, (1.0, 1.0))
+    processed = target + 1.0 * (target - gaussian_blur2d(target, 13, (2.0, 2.0)))
+    after = {}
+    for detail in (False, True):
+        torch.manual_seed(0)
+        normaliser = ProcessingNormaliser(detail=detail)
+        optimizer = torch.optim.Adam(normaliser.parameters(), lr=3e-3)
+        for _ in range(150):
+            loss = (normaliser(processed) - target).abs().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        after[detail] = (normaliser(processed) - target).abs().mean().item()
+    before = (processed - target).abs().mean().item()
+    assert after[True] < 0.5 * before and after[True] < 0.6 * after[False], (before, after)
 
 
 def test_the_normaliser_can_learn_a_tone_curve():

@@ -44,13 +44,26 @@ def test_domain_augmentation_is_seeded_changes_images_and_keeps_shape_and_range(
 
 
 @pytest.mark.parametrize("step", ["clahe_prob", "soften_prob", "gamma_prob", "equalize_prob", "jpeg_prob",
-                                  "resample_prob", "blur_prob", "noise_prob", "reframe_prob", "marker_prob"])
+                                  "resample_prob", "blur_prob", "noise_prob", "reframe_prob", "marker_prob",
+                                  "sharpen_prob"])
 def test_each_domain_change_alone_changes_the_image(step):
     only = DomainConfig(**{k: (1.0 if k == step else 0.0 if k.endswith("_prob") else v)
                            for k, v in DomainConfig().to_dict().items()})
     x = batch(4)
     changed = domain_augment(x, only, torch.Generator().manual_seed(1))
     assert (changed - x).abs().mean() > 1e-3, step
+
+
+def test_training_sharpening_is_the_benchmarks_unsharp_masking(kneekl224):
+    """At one sigma and amount, the training's edge enhancement is the robustness benchmark's `unsharp_2`."""
+    path = sorted((kneekl224 / "val" / "1").glob("*.jpg"))[0]
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+    only = dataclasses.replace(NOTHING, sharpen_prob=1.0, sharpen_sigma=(2.0, 2.0), sharpen_amount=(1.0, 1.0))
+    x = torch.from_numpy(image).div(255)[None, None]
+    sharpened = domain_augment(x, only, torch.Generator().manual_seed(0))[0, 0].numpy() * 255
+    expected = script_module("benchmarks/robustness.py").perturbations(np.random.default_rng(0))["unsharp_2"](image)
+    assert np.abs(sharpened - expected).mean() < 0.5  # grey levels out of 255: kernel truncation only
+    assert np.abs(expected - image).mean() > 3.0  # 4.5: the match is not the image itself
 
 
 def test_burnt_in_markers_are_letters_at_the_brightest_level_some_on_a_black_box():

@@ -4,9 +4,10 @@ change per image.
 Domain augmentation (`DomainConfig`, one switch in the training config) imitates what happens to a
 radiograph before klgrade sees it: local contrast enhanced again (CLAHE with a random clip limit and tile
 grid) or reduced (blended with a large-scale smoothed copy, towards an unenhanced radiograph), gamma,
-histogram equalisation, JPEG compression, down-then-up sampling, blur and noise; and, when asked,
-another site's framing of the same knee (`reframe_prob`: cropped tighter around the joint and tilted) and a lead
-side marker burnt in (`marker_prob`: an R or L anywhere in the frame, some on a dark box).
+histogram equalisation, JPEG compression, down-then-up sampling, blur and noise; and, when asked, edge
+enhancement (`sharpen_prob`: unsharp masking), another site's framing of the same knee (`reframe_prob`: cropped
+tighter around the joint and tilted) and a lead side marker burnt in (`marker_prob`: an R or L anywhere in the
+frame, some on a dark box).
 The filters are kornia's, batched on the training device; on a CPU, CLAHE and JPEG run through OpenCV instead
 (kornia's take 50 and 110 ms per 160-px image there, OpenCV's well under 1 ms), the rest stays kornia's. Random
 parameters come from a seeded CPU generator (the same on every device); the warp runs as a single `grid_sample`
@@ -96,6 +97,9 @@ class DomainConfig:
             view cannot be made from a crop.
         marker_prob, marker_height: a lead side marker burnt in (`marker_bank`), its letter `marker_height` shares
             of the side high. Off by default, as reframing.
+        sharpen_prob, sharpen_sigma, sharpen_amount: edge enhancement as CR/DX consoles apply it (unsharp masking:
+            the image plus `amount` times itself less its Gaussian blur of `sigma` pixels). Off by default, as
+            reframing.
     """
 
     clahe_prob: float = 0.4
@@ -120,6 +124,9 @@ class DomainConfig:
     reframe_rotate_deg: float = 8.0
     marker_prob: float = 0.0
     marker_height: tuple[float, float] = (0.06, 0.18)
+    sharpen_prob: float = 0.0
+    sharpen_sigma: tuple[float, float] = (0.7, 2.5)
+    sharpen_amount: tuple[float, float] = (0.3, 1.5)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,6 +208,12 @@ def domain_augment(images: torch.Tensor, config: DomainConfig, generator: torch.
     std = _between(len(index), config.noise_std, generator).view(-1, 1, 1, 1)
     noise = torch.randn((len(index), *x.shape[1:]), generator=generator) * std
     update(index, lambda v: v + noise.to(v.device, v.dtype))
+    if config.sharpen_prob > 0:
+        index = _chosen(n, config.sharpen_prob, generator)
+        sigmas = _between(len(index), config.sharpen_sigma, generator).view(-1, 1).expand(-1, 2).to(x.device)
+        amount = _between(len(index), config.sharpen_amount, generator).view(-1, 1, 1, 1).to(x.device)
+        kernel = 2 * math.ceil(3 * config.sharpen_sigma[1]) + 1
+        update(index, lambda v: v + amount * (v.float() - gaussian_blur2d(v.float(), kernel, sigmas)))
     if config.reframe_prob > 0:
         index = _chosen(n, config.reframe_prob, generator)
         share = _between(len(index), config.reframe_share, generator)

@@ -84,13 +84,17 @@ class MultiScaleAttentionNet(nn.Module):
         fpn, se, attention: switch each component off for ablations.
         drop_rate: dropout before the classifier.
         normaliser: map other upstream processing back to the training images' look first (identity until trained).
+        normaliser_detail: the normaliser also undoes sharpening, blur and noise (a detail gain; needs `normaliser`).
     """
 
     def __init__(self, num_classes: int = NUM_GRADES, in_chans: int = 1, backbone: str = "resnet18", levels: int = 3,
                  width: int = 128, heads: int = 4, fpn: bool = True, se: bool = True, attention: bool = True,
-                 drop_rate: float = 0.2, normaliser: bool = False, pretrained: bool = False):
+                 drop_rate: float = 0.2, normaliser: bool = False, normaliser_detail: bool = False,
+                 pretrained: bool = False):
         super().__init__()
-        self.normaliser = ProcessingNormaliser() if normaliser else nn.Identity()
+        if normaliser_detail and not normaliser:
+            raise ValueError("normaliser_detail needs normaliser")
+        self.normaliser = ProcessingNormaliser(detail=normaliser_detail) if normaliser else nn.Identity()
         self.backbone = timm.create_model(backbone, features_only=True, in_chans=in_chans, pretrained=pretrained,
                                           out_indices=tuple(range(-levels, 0)))
         in_channels = self.backbone.feature_info.channels()

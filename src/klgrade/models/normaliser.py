@@ -8,13 +8,24 @@ spirit of HDRNet (Gharbi et al., "Deep Bilateral Learning for Real-Time Image En
 https://arxiv.org/abs/1707.02880). Its output layer starts at zero, so a new normaliser is the identity and
 a trained grader keeps its answers until the normaliser is trained (in front of the frozen grader, towards the
 grader's own answer on the stored image: `klgrade train --train-only normaliser`).
+
+With `detail`, it also predicts a smooth map of a detail gain, applied to the image's fine detail (the image less
+its Gaussian blur of `DETAIL_SIGMA`): negative where the image came sharpened (unsharp masking adds that band) or
+noisier, positive where it came blurred. Those changes are not tone mappings; the grader moved 14-17% of grades with
+them (docs/results.md, robustness).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from kornia.filters import gaussian_blur2d
+
+DETAIL_SIGMA = 1.5
+"""Pixels (at the network's resolution) of the blur that the detail band is the image less."""
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -28,9 +39,10 @@ class ProcessingNormaliser(nn.Module):
     Args:
         width: channels of the low-resolution network.
         cell: side in pixels of the grid cells the curve's coefficients are predicted on (then interpolated).
+        detail: also scale the fine detail by a predicted smooth gain (zero-initialised, as the curve).
     """
 
-    def __init__(self, width: int = 24, cell: int = 4):
+    def __init__(self, width: int = 24, cell: int = 4, detail: bool = False):
         super().__init__()
         self.cell = cell
         self.encode = _conv_block(3, width)
@@ -40,6 +52,10 @@ class ProcessingNormaliser(nn.Module):
         self.coefficients = nn.Conv2d(width, 3, 1)
         nn.init.zeros_(self.coefficients.weight)
         nn.init.zeros_(self.coefficients.bias)
+        self.detail_gain = nn.Conv2d(width, 1, 1) if detail else None
+        if self.detail_gain is not None:
+            nn.init.zeros_(self.detail_gain.weight)
+            nn.init.zeros_(self.detail_gain.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = F.avg_pool2d(x, self.cell)
@@ -49,4 +65,9 @@ class ProcessingNormaliser(nn.Module):
         coarse = coarse + self.global_context(coarse.mean(dim=(2, 3)))[:, :, None, None]
         fine = self.decode(torch.cat([fine, F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear")], dim=1))
         offset, gain, bend = F.interpolate(self.coefficients(fine), size=x.shape[-2:], mode="bilinear").chunk(3, dim=1)
-        return x + offset + gain * x + bend * x * x
+        toned = x + offset + gain * x + bend * x * x
+        if self.detail_gain is None:
+            return toned
+        kernel = 2 * math.ceil(3 * DETAIL_SIGMA) + 1
+        detail = x - gaussian_blur2d(x, kernel, (DETAIL_SIGMA, DETAIL_SIGMA))
+        return toned + F.interpolate(self.detail_gain(fine), size=x.shape[-2:], mode="bilinear") * detail
