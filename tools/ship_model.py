@@ -147,8 +147,9 @@ def _domain(train: dict) -> str:
     if not train.get("domain_augment"):
         return ""
     strengths = ", ".join(f"{key} {value}" for key, value in train["domain"].items())
+    sharpening = ", sharpening" if train["domain"].get("sharpen_prob") else ""
     return (f", and domain augmentation imitating upstream processing (CLAHE, softening, gamma, equalisation, "
-            f"JPEG, resampling, blur, noise: {strengths})")
+            f"JPEG, resampling, blur, noise{sharpening}: {strengths})")
 
 
 def _consistency(train: dict) -> str:
@@ -302,9 +303,13 @@ def framing_limit(robustness: dict | None) -> str:
 def _normaliser(spec: dict) -> str:
     if not spec["options"].get("normaliser"):
         return ""
+    detail = (", and of a gain on the image's fine detail (its image less a 1.5-px blur)"
+              if spec["options"].get("normaliser_detail") else "")
+    undone = ", sharpened, blurred, noisier" if detail else ""
     return (" In front of the backbone, a learned processing normaliser (`klgrade.models.normaliser`: a "
-            "low-resolution network predicting smooth maps of a per-pixel quadratic tone curve) maps images processed "
-            "otherwise (enhanced again, equalised, another tone curve) back to the training images' look.")
+            f"low-resolution network predicting smooth maps of a per-pixel quadratic tone curve{detail}) maps images "
+            f"processed otherwise (enhanced again, equalised, another tone curve{undone}) back to the training images' "
+            "look.")
 
 
 def frozen_origin(train: dict) -> dict:
