@@ -210,6 +210,24 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     assert "| marker_joint |" in card.robustness_section(report, None)
 
 
+def test_the_card_is_rewritten_only_from_the_calibration_of_the_run_shipped(calibrated, tmp_path):
+    """`ship_model.py --card-only` rewrites the card of weights shipped and calibrated already (the robustness
+    tables are measured on them, after shipping); it refuses weights of another run or uncalibrated ones."""
+    from klgrade.models import load_checkpoint, save_checkpoint
+
+    card = script_module("tools/ship_model.py")
+    model, info = load_checkpoint(calibrated)
+    info["train_config"] = {"model": "msa_net", "seed": 0}
+    shipped = save_checkpoint(tmp_path / "shipped.safetensors", model, info)
+    assert card.shipped_calibration(shipped, info) == info["calibration"]
+    with pytest.raises(SystemExit, match="not this run's calibrated weights"):
+        card.shipped_calibration(shipped, {**info, "train_config": {"model": "msa_net", "seed": 1}})
+    del info["calibration"]
+    uncalibrated = save_checkpoint(tmp_path / "uncalibrated.safetensors", model, info)
+    with pytest.raises(SystemExit, match="not this run's calibrated weights"):
+        card.shipped_calibration(uncalibrated, info)
+
+
 def test_robustness_benchmark_runs_only_the_rows_asked_for(calibrated, kneekl224, tmp_path):
     copy_real_images(kneekl224, tmp_path, 1)
     command = [sys.executable, str(REPO / "benchmarks" / "robustness.py"), "--data", str(tmp_path), "--checkpoint",

@@ -7,7 +7,10 @@ the gradability check's feature density on train) and writes the card, with the 
 `benchmarks/robustness.py --json` when given (the new model's, and the model it replaces).
 
     python tools/ship_model.py RUN_DIR --data ../shared/data/kneeKL224 [--checkpoint last|best]
-        [--recipe "klgrade train ..."] [--robustness NEW.json [--robustness-before OLD.json]]
+        [--recipe "klgrade train ..."] [--robustness NEW.json [--robustness-before OLD.json]] [--card-only]
+
+The robustness tables belong to the shipped, calibrated weights: ship, run `benchmarks/robustness.py --json` on
+them, then rewrite the card with `--card-only` (the same run and options; nothing is saved or calibrated again).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def main() -> None:
     parser.add_argument("--notes", default="")
     parser.add_argument("--robustness", type=Path, default=None, help="benchmarks/robustness.py --json of this run.")
     parser.add_argument("--robustness-before", type=Path, default=None, help="The same for the model it replaces.")
+    parser.add_argument("--card-only", action="store_true",
+                        help="The shipped weights are this run's, calibrated already: only rewrite the card.")
     args = parser.parse_args()
     torch.set_num_threads(2)
     weights = args.run / f"{args.checkpoint}.safetensors"
@@ -61,8 +66,12 @@ def main() -> None:
     seen = {**seen, "chosen": merge_records([seen.get("chosen", {}), knee_record(select_split(samples, "val"))])}
     info = {**info, "inference": {"tta": use_tta}, "card": card, "seen": seen,
             "val_metrics": {k: chosen[k] for k in ("accuracy", "precision_macro", "f1_macro", "mcc", "qwk", "mae")}}
-    target = save_checkpoint(WEIGHTS / SHIPPED_WEIGHTS, model, info, dtype=torch.float16)
-    calibration = calibrate_checkpoint(target, select_split(samples, "val"), select_split(samples, "train"), target)
+    target = WEIGHTS / SHIPPED_WEIGHTS
+    if args.card_only:
+        calibration = shipped_calibration(target, info)
+    else:
+        save_checkpoint(target, model, info, dtype=torch.float16)
+        calibration = calibrate_checkpoint(target, select_split(samples, "val"), select_split(samples, "train"), target)
     shipped = evaluate(Predictor([target]), args.data, split="val").metrics
     plot_confusion(shipped["confusion_matrix"], "shipped model on kneeKL224 val", WEIGHTS / "confusion_val.png")
     robustness = [json.loads(path.read_text()) if path else None for path in (args.robustness, args.robustness_before)]
@@ -71,6 +80,14 @@ def main() -> None:
     card = model_card(info, results, shipped, use_tta, args.notes, limits) + calibration_section(calibration, shipped)
     (WEIGHTS / "MODEL_CARD.md").write_text(card + robustness_section(*robustness))
     print(json.dumps({k: shipped[k] for k in ("accuracy", "qwk", "mcc", "f1_macro", "mae")}, indent=2))
+
+
+def shipped_calibration(target: Path, info: dict) -> dict:
+    """The calibration stored with the shipped weights, which must be this run's (`--card-only`)."""
+    shipped = read_info(target)
+    if shipped.get("train_config") != info["train_config"] or "calibration" not in shipped:
+        raise SystemExit(f"{target}: not this run's calibrated weights; ship the run first (without --card-only)")
+    return shipped["calibration"]
 
 
 def model_card(info: dict, results: dict, shipped: dict, use_tta: bool, notes: str, limits: str) -> str:
