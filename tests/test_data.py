@@ -18,7 +18,7 @@ from klgrade.data.sources import (PLACEHOLDER_FILES, Sample, find_samples, is_im
 from klgrade.data.splits import knee_groups, patient_folds
 from klgrade.data.summary import summarize
 from klgrade.errors import DataLayoutError, KLGradeError
-from klgrade.uncertainty import NOT_FRONTAL, TOO_FEW_GREY_LEVELS, TOO_SMALL
+from klgrade.uncertainty import NOT_FRONTAL, SQUEEZED, TOO_FEW_GREY_LEVELS, TOO_SMALL
 
 from helpers import invoke_cli, knee_image, save, write_dicom
 
@@ -515,9 +515,19 @@ def test_summary_names_the_files_not_gradable_as_they_are_and_still_counts_them(
     assert reasons["9000002L.png"] == [TOO_SMALL.format(rows=48, columns=48)]
     assert reasons["9000002R.png"] == [TOO_FEW_GREY_LEVELS.format(levels=4)]
     assert "9000001R.dcm: not gradable: the DICOM header names a lateral view" in result.stderr
-    assert result.stderr.count("warning: ") == 3
+    assert result.stderr.count("warning: ") == 3 and summary["noted"] == []
     table = invoke_cli("data", "summary", str(tmp_path))
     assert "files not gradable as they are (view, pixels, grey levels): 3" in table.stdout
+    # Gradable but not square: counted apart, one line for all (a set from elsewhere may be all portrait crops).
+    for index in (3, 4):
+        save(Image.fromarray(knee_image(index, size=200)[:, 20:-20]), tmp_path / "train" / "3" / f"900000{index}L.png")
+    noted = invoke_cli("data", "summary", str(tmp_path), "--json")
+    summary = json.loads(noted.stdout)
+    assert [(item["path"].rsplit("/", 1)[1], item["notes"]) for item in summary["noted"]] == [
+        (f"900000{index}L.png", [SQUEEZED.format(rows=200, columns=160)]) for index in (3, 4)]
+    assert noted.stderr.count("warning: ") == 4 and "warning: 2 files will be graded with a note, e.g." in noted.stderr
+    table = invoke_cli("data", "summary", str(tmp_path))
+    assert "files graded with a note (not square: squeezed to the square): 2" in table.stdout
 
 
 def test_summary_of_a_bad_layout_is_one_line(tmp_path):

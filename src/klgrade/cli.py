@@ -199,7 +199,8 @@ def data_summary(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Counts per split x grade, patients per split, cross-split patient overlap, unreadable files, files not
-    gradable as they are (a lateral, oblique or axial view, too few pixels or grey levels)."""
+    gradable as they are (a lateral, oblique or axial view, too few pixels or grey levels), files graded with a note
+    (not square)."""
     from klgrade.data.summary import summarize
     from klgrade.console import print_summary
 
@@ -213,6 +214,10 @@ def data_summary(
     for item in summary["not_gradable"]:
         for reason in item["reasons"]:
             typer.echo(f"warning: {item['path']}: {reason}", err=True)
+    if summary["noted"]:  # often most of a set from elsewhere: one line, not one per file
+        first = summary["noted"][0]
+        typer.echo(f"warning: {len(summary['noted'])} files will be graded with a note, e.g. {first['path']}: "
+                   f"{first['notes'][0]}", err=True)
     if summary["unreadable"]:
         raise typer.Exit(1)
 

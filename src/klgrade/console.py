@@ -102,3 +102,5 @@ def print_summary(summary: dict) -> None:
     console.print(f"files that are no image klgrade reads (left out): {len(summary['not_read'])}")
     console.print(f"files not gradable as they are (view, pixels, grey levels): {len(summary['not_gradable'])}",
                   style="red" if summary["not_gradable"] else None)
+    console.print(f"files graded with a note (not square: squeezed to the square): {len(summary['noted'])}",
+                  style="yellow" if summary["noted"] else None)

@@ -1,6 +1,7 @@
 """`klgrade data summary`: what a dataset holds, whether patients leak across splits, which files are unreadable,
-and which are not gradable as they are (a DICOM header naming a view other than the frontal one KL grades are read
-on, too few pixels or grey levels): training and `evaluate` would take them as any other."""
+which are not gradable as they are (a DICOM header naming a view other than the frontal one KL grades are read
+on, too few pixels or grey levels): training and `evaluate` would take them as any other; and which are graded with
+a note about their preparation (an image not square, squeezed to the square)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ from klgrade.errors import ImageReadError
 UNSPLIT = "all"
 
 
-def _problems(path: str) -> tuple[str | None, list[str]]:
-    """Why the file is unreadable (None where it is not), and why it is not gradable as it is (`PreparedImage.
-    reasons`: the same checks `klgrade predict` makes; empty where it is)."""
+def _problems(path: str) -> tuple[str | None, list[str], list[str]]:
+    """Why the file is unreadable (None where it is not), why it is not gradable as it is (`PreparedImage.
+    reasons`: the same checks `klgrade predict` makes; empty where it is) and what its answer will note about
+    preparing it (`PreparedImage.notes`)."""
     try:
         radiograph = read_radiograph(path)
     except ImageReadError as exc:
-        return exc.reason, []
-    return None, prepare_image(radiograph.grey, PreprocessConfig()).reasons(radiograph.view, radiograph.laterality)
+        return exc.reason, [], []
+    prepared = prepare_image(radiograph.grey, PreprocessConfig())
+    return None, prepared.reasons(radiograph.view, radiograph.laterality), prepared.notes()
 
 
 def summarize(data: str | Path, check_images: bool = True) -> dict:
@@ -34,8 +37,8 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
     that share their bytes with a file of another grade (`copies_of_two_grades`: no reference grade),
     patients and identical files shared between splits (a patient id counts where it names a person:
     `data.provenance`), unreadable files, files not gradable as they are, with their reasons (a lateral,
-    oblique or axial view, too few pixels or grey levels), and files in the grade folders that are no image klgrade
-    reads (`not_read`)."""
+    oblique or axial view, too few pixels or grey levels), files gradable whose answers will carry a note
+    (`noted`: an image not square), and files in the grade folders that are no image klgrade reads (`not_read`)."""
     problems: list[ImageReadError] = []
     not_read: list[tuple[str | None, str]] = []
     samples = find_samples(data, problems, not_read)
@@ -58,12 +61,14 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
         for counts, kind in ((overlap, "patients"), (file_overlap, "files")):
             counts[f"{first}/{second}"] = len(set(records[first][kind]) & set(records[second][kind]))
     unreadable = [{"path": p.path, "reason": p.reason} for p in problems]
-    not_gradable = []
+    not_gradable, noted = [], []
     if check_images:
         with ThreadPoolExecutor() as pool:
             found = list(pool.map(_problems, [s.path for s in samples]))
-        unreadable += [{"path": s.path, "reason": bad} for s, (bad, _) in zip(samples, found) if bad is not None]
-        not_gradable = [{"path": s.path, "reasons": reasons} for s, (_, reasons) in zip(samples, found) if reasons]
+        unreadable += [{"path": s.path, "reason": bad} for s, (bad, _, _) in zip(samples, found) if bad is not None]
+        not_gradable = [{"path": s.path, "reasons": reasons} for s, (_, reasons, _) in zip(samples, found) if reasons]
+        noted = [{"path": s.path, "notes": notes} for s, (_, reasons, notes) in zip(samples, found)
+                 if notes and not reasons]
     return {"data": str(data), "images": len(samples), "splits": splits, "patient_overlap": overlap,
-            "file_overlap": file_overlap, "unreadable": unreadable, "not_gradable": not_gradable,
+            "file_overlap": file_overlap, "unreadable": unreadable, "not_gradable": not_gradable, "noted": noted,
             "not_read": [path for _, path in not_read]}
