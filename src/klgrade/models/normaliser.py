@@ -22,10 +22,16 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from kornia.filters import gaussian_blur2d
 
 DETAIL_SIGMA = 1.5
 """Pixels (at the network's resolution) of the blur that the detail band is the image less."""
+
+
+def _gaussian(sigma: float) -> torch.Tensor:
+    """A normalised 1-D Gaussian kernel of radius 3 sigma (here, not kornia: grading starts without it)."""
+    offsets = torch.arange(-math.ceil(3 * sigma), math.ceil(3 * sigma) + 1, dtype=torch.float32)
+    kernel = torch.exp(-offsets**2 / (2 * sigma**2))
+    return kernel / kernel.sum()
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -68,6 +74,13 @@ class ProcessingNormaliser(nn.Module):
         toned = x + offset + gain * x + bend * x * x
         if self.detail_gain is None:
             return toned
-        kernel = 2 * math.ceil(3 * DETAIL_SIGMA) + 1
-        detail = x - gaussian_blur2d(x, kernel, (DETAIL_SIGMA, DETAIL_SIGMA))
-        return toned + F.interpolate(self.detail_gain(fine), size=x.shape[-2:], mode="bilinear") * detail
+        return toned + F.interpolate(self.detail_gain(fine), size=x.shape[-2:], mode="bilinear") * (x - self._blur(x))
+
+    @staticmethod
+    def _blur(x: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian blur of `DETAIL_SIGMA`, the border reflected (the kernel made here: a buffer would
+        stay on the meta device when a checkpoint is loaded, which fills only stored tensors)."""
+        kernel = _gaussian(DETAIL_SIGMA).to(x.device, x.dtype)
+        radius = len(kernel) // 2
+        x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+        return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
