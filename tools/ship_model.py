@@ -210,7 +210,7 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
     if new is None:
         return ""
     columns = ["accuracy", "qwk", "agreement", "not_gradable", "warned", "sharpness_warned", "framing_warned",
-               "framing_wide_warned", "inverted_back", "coverage", "cross_fitted_coverage"]
+               "framing_wide_warned", "inverted_back", "noted", "coverage", "cross_fitted_coverage"]
     columns = [c for c in columns if c in new["clean"] or c == "agreement"]
     before_has = next(iter(before["perturbations"].values())) if before else {}
     before_columns = [c for c in ("accuracy", "qwk", "agreement", "coverage") if c in columns and c in before_has]
@@ -224,7 +224,7 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
         cells = [f"{entry[c]:.3f}" for c in columns] + [f"{old[c]:.3f}" if old else "" for c in before_columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Agreement: the share of knees whose grade is the clean image's; not_gradable: the share flagged `gradable: false`; warned: the share of answers carrying the "
-              "processing warning; sharpness_warned: the share warned that the noise or sharpness differs; framing_warned / framing_wide_warned: the share carrying the warning that the knee is framed tighter / wider than in training; inverted_back: the share graded with its grey levels inverted back because it looked inverted; coverage: the share whose 90% grade set holds the true grade (in-sample: the "
+              "processing warning; sharpness_warned: the share warned that the noise or sharpness differs; framing_warned / framing_wide_warned: the share carrying the warning that the knee is framed tighter / wider than in training; inverted_back: the share graded with its grey levels inverted back because it looked inverted; noted: the share whose answer notes that the image was not square (squeezed to the square); coverage: the share whose 90% grade set holds the true grade (in-sample: the "
               "calibration is fitted on val); cross_fitted_coverage: the same for sets calibrated afresh on the clean "
               "knees of half the patients and scored on the other half, over 20 random halvings."]
     return "\n".join(lines) + "\n"
@@ -306,13 +306,15 @@ def framing_limit(robustness: dict | None) -> str:
         return " / ".join(f"{entry[key]:{form}}" for key in keys)
 
     warned = ", ".join(f"{name} {shares(entry, '.0%')}" for name, entry in framings.items())
+    noted = ", ".join(f"{name} {entry['noted']:.0%}" for name, entry in framings.items() if entry.get("noted"))
+    noted = f" The answer notes that the image is not square for {noted}." if noted else ""
     processed = " / ".join(f"{max(entry[key] for entry in robustness['perturbations'].values()):.1%}" for key in keys)
     return (f"- Framing unlike kneeKL224's crops (`benchmarks/robustness.py`, framings of the val knees; the wider ones "
             f"are the knee shrunk inside a made-up margin, since these crops hold nothing beyond their frame; a uniform "
             f"margin such as black_margin's is trimmed off before grading): {effects}. "
             f"Such answers carry a framing warning (the knee framed tighter / wider than in training): {warned}; "
             f"{shares(robustness['clean'], '.1%')} of the knees as stored (in-sample: the thresholds are set on val) and "
-            f"at most {processed} under any contrast processing. Whether the wider warning also fires on a real wider "
+            f"at most {processed} under any contrast processing.{noted} Whether the wider warning also fires on a real wider "
             "field of view (more shaft and soft tissue in the frame) is unmeasured: no such images here. Crop other "
             "sites' radiographs to the knee as kneeKL224 does (joint centred, the knee filling the frame).\n")
 
