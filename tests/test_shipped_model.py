@@ -273,7 +273,6 @@ def test_a_knee_with_too_few_pixels_or_grey_levels_is_not_gradable_and_says_why(
 
     import cv2
     import numpy as np
-    from PIL import Image
 
     from klgrade.data.io import read_image
     from klgrade.infer.grading import grade, grade_many, load_model
@@ -286,13 +285,7 @@ def test_a_knee_with_too_few_pixels_or_grey_levels_is_not_gradable_and_says_why(
         return lambda knee: np.round(knee / 255 * (levels - 1)) * (255 / (levels - 1))
 
     made = {"48px": shrunk(48), "80px": shrunk(80), "4levels": posterised(4), "16levels": posterised(16)}
-    paths = {name: [] for name in made}
-    for path in sorted((kneekl224 / "val").rglob("*.jpg"))[::80]:
-        knee = read_image(path)
-        for name, make in made.items():
-            paths[name].append(tmp_path / "knees" / path.parent.name / f"{path.stem}_{name}.png")
-            paths[name][-1].parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(make(knee).round().astype(np.uint8)).save(paths[name][-1])
+    paths = made_from_val_knees(kneekl224, tmp_path / "knees", made)
     model = load_model()
     results = {name: list(grade_many(model, files)) for name, files in paths.items()}
     assert all(not r.gradable and r.warnings[0] == TOO_SMALL.format(rows=48, columns=48) for r in results["48px"])
@@ -320,22 +313,12 @@ def test_an_image_not_square_is_graded_with_a_warning_that_says_so(kneekl224, tm
     square or at 1.05:1 does not."""
     import csv
 
-    import numpy as np
-    from PIL import Image
-
-    from klgrade.data.io import read_image
     from klgrade.infer.grading import grade_many, load_model
     from klgrade.uncertainty import SQUEEZED
 
     made = {"square": lambda knee: knee, "near": lambda knee: knee[:, 5:-5],  # 224 x 214
             "portrait": lambda knee: knee[:, 22:-23], "landscape": lambda knee: knee[22:-23]}  # 179 of 224
-    paths = {name: [] for name in made}
-    for path in sorted((kneekl224 / "val").rglob("*.jpg"))[::80]:
-        knee = read_image(path)
-        for name, make in made.items():
-            paths[name].append(tmp_path / "knees" / path.parent.name / f"{path.stem}_{name}.png")
-            paths[name][-1].parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(make(knee).astype(np.uint8)).save(paths[name][-1])
+    paths = made_from_val_knees(kneekl224, tmp_path / "knees", made)
     model = load_model()
     results = {name: list(grade_many(model, files)) for name, files in paths.items()}
     shapes = {"portrait": (224, 179), "landscape": (179, 224)}
@@ -492,3 +475,21 @@ def test_the_recipe_the_card_names_is_the_configuration_the_shipped_weights_were
     assert {key for key in stored if config[key] != stored[key]} <= {"init", "teacher", "out", "resume"}
     assert config["init"] == "runs/grader_2026-11-26.safetensors" and config["teacher"] == [config["init"]]
     assert "git show" in config_file.read_text()
+
+
+def made_from_val_knees(kneekl224: Path, folder: Path, made: dict) -> dict[str, list[Path]]:
+    """Every 80th val knee made over by each of `made` (name -> function of the grey image), saved as PNG in
+    `folder/<grade>/<stem>_<name>.png`; the paths per name."""
+    import numpy as np
+    from PIL import Image
+
+    from klgrade.data.io import read_image
+
+    paths: dict[str, list[Path]] = {name: [] for name in made}
+    for path in sorted((kneekl224 / "val").rglob("*.jpg"))[::80]:
+        knee = read_image(path)
+        for name, make in made.items():
+            paths[name].append(folder / path.parent.name / f"{path.stem}_{name}.png")
+            paths[name][-1].parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.round(make(knee)).astype(np.uint8)).save(paths[name][-1])
+    return paths
