@@ -210,7 +210,11 @@ def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], spli
     """Fit the predictor's temperature (Guo et al. 2017) and its grade sets (conformal scores with their grades,
     as `klgrade calibrate`) on a labelled set disjoint from `scored`, leaving out knees the model was trained on
     (returns the warning that says so, if any). A stored calibration's sets are replaced too: their scores belong to
-    its own temperature."""
+    its own temperature.
+
+    Raises:
+        DataLayoutError: an image of the calibration set is unreadable (`labelled_outputs`).
+    """
     found = find_samples(data)
     samples = pick_split(found, split or ("val" if any(s.split for s in found) else None))
     check_unshared(samples, scored, f"--calibrate-on {data} and --data", "calibrate on data that is not scored")
