@@ -336,7 +336,9 @@ def test_an_image_not_square_is_graded_with_a_warning_that_says_so(kneekl224, tm
             assert ("not square" in rows[path.stem]["warnings"]) == (name in shapes), path.name
             assert rows[path.stem]["predicted"] == str(answer.grade), path.name
     unwarned = sum(not r.warnings for answers in results.values() for r in answers)
-    assert 0 < json.loads(result.stdout)["unwarned_only"]["n"] == unwarned <= len(paths["square"]) * 2
+    metrics = json.loads(result.stdout)
+    assert 0 < metrics["unwarned_only"]["n"] == unwarned <= len(paths["square"]) * 2
+    assert metrics["noted_fraction"] == 0.5  # the portrait and landscape halves
 
 
 def test_a_knee_padded_into_a_larger_canvas_is_graded_as_the_knee_itself(kneekl224):

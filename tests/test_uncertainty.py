@@ -427,7 +427,7 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     metrics = json.loads(result.stdout)
     assert {"coverage", "mean_set_size", "coverage_per_grade", "ungradable_fraction", "ungradable_per_grade",
             "processing_shift_fraction", "sharpness_shift_fraction", "framing_shift_fraction",
-            "framing_wide_shift_fraction", "polarity_shift_fraction"} <= set(metrics)
+            "framing_wide_shift_fraction", "polarity_shift_fraction", "noted_fraction"} <= set(metrics)
     assert len(metrics["coverage_per_grade"]) == 5 and 1 <= metrics["mean_set_size"] <= 5
     table = invoke_cli("evaluate", "--data", str(data), "--checkpoint", str(calibrated))
     assert table.returncode == 0, table.stderr

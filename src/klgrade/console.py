@@ -71,7 +71,8 @@ def print_metrics(metrics: dict) -> None:
                        ("sharpness_shift_fraction", "warned: noise or sharpness differs"),
                        ("framing_shift_fraction", "warned: framed tighter than training"),
                        ("framing_wide_shift_fraction", "warned: framed wider than training"),
-                       ("polarity_shift_fraction", "graded inverted back (looked inverted)")):
+                       ("polarity_shift_fraction", "graded inverted back (looked inverted)"),
+                       ("noted_fraction", "noted: not square (squeezed) or side unknown")):
         if key in metrics:
             table.add_row(label, f"{metrics[key]:.3f}", "")
     console = Console(width=120)

@@ -95,13 +95,15 @@ class Assessment:
     """(N,) per kind of shift seen (`Predictor.shifts`)."""
     warnings: list[list[str]]
     """Per image, what a reader must know (`Grading.warnings`, before any about its explanation)."""
+    noted: list[bool]
+    """Per image, whether its answer notes how the image was prepared (not square; an unknown side)."""
 
     @classmethod
     def concatenate(cls, parts: list["Assessment"]) -> "Assessment":
         """The assessments of consecutive batches, assessed alike (the same alpha), as one."""
         shifts = {kind: np.concatenate([p.shifts[kind] for p in parts]) for kind in parts[0].shifts}
         return cls([s for p in parts for s in p.sets], parts[0].coverage, [g for p in parts for g in p.gradable],
-                   shifts, [w for p in parts for w in p.warnings])
+                   shifts, [w for p in parts for w in p.warnings], [n for p in parts for n in p.noted])
 
 
 def upright_images(images_uint8: np.ndarray, outputs: Outputs) -> np.ndarray:
@@ -378,9 +380,10 @@ class Predictor:
         shifts = self.shifts(images_uint8, outputs)
         for index, said in enumerate(warnings):
             said += shift_warnings([kind for kind, shifted in shifts.items() if shifted[index]])
-        for said, given in zip(warnings, notes or []):
+        notes = notes or [[] for _ in warnings]
+        for said, given in zip(warnings, notes):
             said.extend(given)
-        return Assessment(sets, coverage, gradable, shifts, warnings)
+        return Assessment(sets, coverage, gradable, shifts, warnings, [bool(given) for given in notes])
 
     def shifts(self, images_uint8: np.ndarray, outputs: Outputs) -> dict[str, np.ndarray]:
         """Per kind of shift the calibration can see (`uncertainty.SHIFT_WARNINGS`; none uncalibrated), (N,) True
