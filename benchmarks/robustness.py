@@ -210,7 +210,7 @@ def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> G
     assessment = predictor.assess(graded, outputs, reasons=[p.reasons() for p in prepared],
                                   notes=[p.notes() for p in prepared])
     return Graded(outputs.probabilities, assessment.sets, ~np.array(assessment.gradable), assessment.shifts,
-                  np.array([bool(p.notes()) for p in prepared]))
+                  np.array(assessment.noted))
 
 
 def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: bool) -> dict:

@@ -29,6 +29,7 @@ from klgrade.evaluate.evaluation import evaluate
 from klgrade.evaluate.report import plot_confusion
 from klgrade.infer.predictor import SHIPPED_WEIGHTS, Predictor
 from klgrade.models import load_checkpoint, save_checkpoint
+from klgrade.models.normaliser import DETAIL_SIGMA
 from klgrade.models.weights import read_info
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "klgrade" / "weights"
@@ -322,7 +323,7 @@ def framing_limit(robustness: dict | None) -> str:
 def _normaliser(spec: dict) -> str:
     if not spec["options"].get("normaliser"):
         return ""
-    detail = (", and of a gain on the image's fine detail (its image less a 1.5-px blur)"
+    detail = (f", and of a gain on the image's fine detail (the image less a {DETAIL_SIGMA}-px blur)"
               if spec["options"].get("normaliser_detail") else "")
     undone = ", sharpened, blurred, noisier" if detail else ""
     return (" In front of the backbone, a learned processing normaliser (`klgrade.models.normaliser`: a "
