@@ -14,7 +14,8 @@ with the clean image's grade; `warned`, the share of images that get the process
 `sharpness_warned`, the share warned that the noise or sharpness differs, `framing_warned` and
 `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or wider, than in
 training), `inverted_back`, the share graded inverted back because it looked inverted, `noted`, the share whose
-answer notes how the image was prepared (not square: squeezed to the square), and
+answer notes how the image was prepared (not square: squeezed to the square; a mark painted out), `painted`, the
+share with a bright burnt-in mark painted out before grading (`data.preprocess.burnt_in_marks`), and
 `not_gradable`, the share flagged not gradable; for a calibrated model also
 `coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?),
 `coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`, and, since the model's
@@ -26,7 +27,7 @@ inside a margin of repeated edge pixels or a black one, cropped to a non-square 
 preprocessing stretches to square), and for `markers`, a lead side marker burnt in, in the upper corner or at the
 edge beside the joint line; both kept apart: they are not contrast processing. `--json` prints `{"clean": {...},
 "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "sharpness_warned", "framing_warned",
-"framing_wide_warned", "inverted_back", "noted", "not_gradable", ...}}, "framings": {...}, "markers": {...}}`.
+"framing_wide_warned", "inverted_back", "noted", "painted", "not_gradable", ...}}, "framings": {...}, "markers": {...}}`.
 """
 
 from __future__ import annotations
@@ -194,12 +195,13 @@ SHIFT_KEYS = {"processing": "warned", "sharpness": "sharpness_warned", "framing"
 @dataclass
 class Graded:
     """What the model says about each image of a set: probabilities, grade sets, the not-gradable flag, per
-    kind of shift where it was seen, and which answers note how the image was prepared."""
+    kind of shift where it was seen, which answers note how the image was prepared, and which had marks painted out."""
     probabilities: np.ndarray
     sets: list[list[int]]
     not_gradable: np.ndarray
     shifts: dict[str, np.ndarray]
     noted: np.ndarray
+    painted: np.ndarray
 
 
 def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> Graded:
@@ -210,7 +212,7 @@ def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> G
     assessment = predictor.assess(graded, outputs, reasons=[p.reasons() for p in prepared],
                                   notes=[p.notes() for p in prepared])
     return Graded(outputs.probabilities, assessment.sets, ~np.array(assessment.gradable), assessment.shifts,
-                  np.array(assessment.noted))
+                  np.array(assessment.noted), np.array([p.marks_painted for p in prepared]))
 
 
 def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: bool) -> dict:
@@ -218,7 +220,8 @@ def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: 
     result = {"accuracy": metrics["accuracy"], "qwk": metrics["qwk"],
               **{key: float(graded.shifts[kind].mean()) if kind in graded.shifts else 0.0
                  for kind, key in SHIFT_KEYS.items()},
-              "noted": float(graded.noted.mean()), "not_gradable": float(graded.not_gradable.mean())}
+              "noted": float(graded.noted.mean()), "painted": float(graded.painted.mean()),
+              "not_gradable": float(graded.not_gradable.mean())}
     if calibrated:
         sets = set_metrics(labels, graded.sets)
         result.update(coverage=sets["coverage"], coverage_per_grade=sets["coverage_per_grade"],
@@ -315,13 +318,13 @@ def main() -> None:
           f"{result['n']} images of {args.data}")
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
-          f"{'sharp':>6s} {'framing':>7s} {'wider':>6s} {'inv.':>5s} {'noted':>6s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
+          f"{'sharp':>6s} {'framing':>7s} {'wider':>6s} {'inv.':>5s} {'noted':>6s} {'paint.':>6s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
     rows = {"clean": result["clean"], **{name: entry for group in groups for name, entry in result[group].items()}}
     for name, entry in rows.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
               f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['sharpness_warned']:6.3f} "
               f"{entry['framing_warned']:7.3f} {entry['framing_wide_warned']:6.3f} {entry['inverted_back']:5.3f} "
-              f"{entry['noted']:6.3f} {entry['not_gradable']:9.3f} "
+              f"{entry['noted']:6.3f} {entry['painted']:6.3f} {entry['not_gradable']:9.3f} "
               f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}  "
               f"{' '.join(f'{c:.2f}' for c in entry.get('coverage_per_grade', []) if c is not None)} | "
               f"{entry.get('cross_fitted_coverage', float('nan')):.3f} "

@@ -185,17 +185,21 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     scored = {"accuracy", "qwk", "warned", "sharpness_warned", "framing_warned", "framing_wide_warned", "inverted_back",
-              "noted", "not_gradable", "coverage", "coverage_per_grade", "mean_set_size", "cross_fitted_coverage",
+              "noted", "painted", "not_gradable", "coverage", "coverage_per_grade", "mean_set_size", "cross_fitted_coverage",
               "cross_fitted_coverage_per_grade"}
     assert report["n"] == 8 and set(report["clean"]) == scored
     assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {
         "rotate_7", "crop_0.85", "crop_0.75", "wide_1.2", "black_margin_1.2", "portrait_4:5", "landscape_5:4"}
     assert set(report["markers"]) == {"marker_corner", "marker_joint"}
-    # The non-square crops are answered with the note that says so; nothing else is.
-    noted = {name: entry["noted"] for group in ("perturbations", "framings", "markers")
-             for name, entry in report[group].items()}
+    # The non-square crops are answered with the note that says so, most marked knees with the note that the mark was
+    # painted out; nothing else is noted or painted.
+    noted, painted = ({name: entry[key] for group in ("perturbations", "framings", "markers")
+                       for name, entry in report[group].items()} for key in ("noted", "painted"))
     assert noted.pop("portrait_4:5") == noted.pop("landscape_5:4") == 1.0
-    assert report["clean"]["noted"] == 0.0 and set(noted.values()) == {0.0}
+    for marked in ("marker_corner", "marker_joint"):
+        assert noted.pop(marked) == painted.pop(marked) >= 0.75
+    assert report["clean"]["noted"] == report["clean"]["painted"] == 0.0
+    assert set(noted.values()) == set(painted.values()) == {0.0}
     processed = [entry for group in ("perturbations", "framings", "markers") for entry in report[group].values()]
     for entry in processed:
         assert set(entry) == scored | {"agreement"} and 0 <= entry["agreement"] <= 1
@@ -211,7 +215,7 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     report["markers"]["marker_joint"].update(accuracy=0.0, agreement=0.0)  # the worst row of all
     processing = card.processing_limit(report)
     assert processing and "marker" not in processing
-    assert "beside the joint line changes" in card.marker_limit(report)
+    assert "beside the joint it then changes 100% of grades" in card.marker_limit(report)
     assert "| marker_joint |" in card.robustness_section(report, None)
 
 
@@ -252,7 +256,7 @@ def test_the_benchmarks_cross_fitted_sets_are_the_sets_klgrade_answers():
     robustness = script_module("benchmarks/robustness.py")
     labels = np.array([0, 4, 0, 4])
     probabilities = np.eye(5)[[4, 0, 4, 0]] * 0.95 + 0.01  # every knee confidently wrong
-    graded = robustness.Graded(probabilities, [], np.array([True, True, False, False]), {}, np.zeros(4, dtype=bool))
+    graded = robustness.Graded(probabilities, [], np.array([True, True, False, False]), {}, *np.zeros((2, 4), dtype=bool))
     fit = robustness.CrossFit(np.arange(4), 1.0, np.full(5, 0.5))
     result = robustness.cross_fitted(labels, [fit], graded, temperature=1.0)
     assert result["cross_fitted_coverage"] == 0.5 and result["cross_fitted_coverage_per_grade"][0] == 0.5

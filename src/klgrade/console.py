@@ -72,7 +72,7 @@ def print_metrics(metrics: dict) -> None:
                        ("framing_shift_fraction", "warned: framed tighter than training"),
                        ("framing_wide_shift_fraction", "warned: framed wider than training"),
                        ("polarity_shift_fraction", "graded inverted back (looked inverted)"),
-                       ("noted_fraction", "noted: not square (squeezed) or side unknown")):
+                       ("noted_fraction", "noted: not square, mark painted out, side unknown")):
         if key in metrics:
             table.add_row(label, f"{metrics[key]:.3f}", "")
     console = Console(width=120)
@@ -103,5 +103,5 @@ def print_summary(summary: dict) -> None:
     console.print(f"files that are no image klgrade reads (left out): {len(summary['not_read'])}")
     console.print(f"files not gradable as they are (view, pixels, grey levels): {len(summary['not_gradable'])}",
                   style="red" if summary["not_gradable"] else None)
-    console.print(f"files graded with a note (not square: squeezed to the square): {len(summary['noted'])}",
+    console.print(f"files graded with a note (not square, a mark painted out): {len(summary['noted'])}",
                   style="yellow" if summary["noted"] else None)

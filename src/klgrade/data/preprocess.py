@@ -4,6 +4,9 @@ Uniform margins (a knee padded or letterboxed into a larger canvas by a viewer o
 padded, the knee is smaller in the frame and the margin skews the intensity stretch, which moved 15-24% of the
 shipped model's grades and often flagged the knee not gradable (docs/results.md, framing).
 
+A lead side marker burnt in beside the joint reads to the network as an osteophyte (it moved 17% of val grades,
+docs/results.md): bright, sharp-edged marks are found and painted out (`burnt_in_marks`), and the answer says so.
+
 Training caches the uint8 stage (`to_uint8`) and normalises on the device; inference runs both stages per
 image. The settings travel inside every checkpoint, so a model is always fed as it was trained.
 """
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from klgrade.constants import IMAGE_SIZE
-from klgrade.uncertainty import input_notes, input_reasons
+from klgrade.uncertainty import MARK_PAINTED, input_notes, input_reasons
 
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
@@ -35,6 +38,34 @@ levels) are read on every k-th pixel, at least this many a side: a 7.5 MP radiog
 time, and kneeKL224's crops are read whole (benchmarks/inference.py)."""
 EDGE_BLOCK = 16
 """Lines tested at a time by the margin trim, from each edge inwards (a radiograph's outer lines are mostly busy)."""
+MARK_SIDE = 160
+"""Burnt-in marks are looked for in the stretched image resized to this side, whatever the model's: the settings
+below are in its pixels."""
+MARK_LEVEL = 250
+"""A mark lies at the top of the stretched grey range: lead stops the beam (the marker is the brightest thing in the
+image)."""
+MARK_AREA = (50, 1000)
+"""A mark covers 0.2-4% of the image: a letter 6-18% of the side high (smaller ones moved few grades); a larger bright
+region is not a marker."""
+MARK_ASPECT = 2.5
+"""A mark is a letter, about as high as wide: a longer bright band next to a dark one is the joint's subchondral
+bone plate beside the joint space (equalised knees have it saturated and sharp-edged) or a metal rod."""
+MARK_DROP = 70
+MARK_DROP_ALL_ROUND = 40
+"""The mark's mean grey level exceeds that of its 2-pixel surround by `MARK_DROP` on average and by this much for three
+quarters of it: a marker in front of soft tissue or on a dark box is darker all round, where saturated bone fades into
+bone, the subchondral plate is bright on its far side from the joint space, and metal implants shade into their own
+dimmer rim. No kneeKL224 image (6604) has such a mark; equalised, gamma 1.4 or sharpened val knees none either
+(docs/results.md, session 21)."""
+MARK_BOX_LEVEL = 20
+MARK_BOX_FILL = 0.8
+"""A box drawn behind a mark (digital annotations have one): dark pixels touching the mark that, with it, fill
+`MARK_BOX_FILL` of a rectangle (of at most `MARK_MAX_AREA`); painted out with the mark."""
+MARK_MAX_AREA = 3000
+"""A mark with its box, and all marks together, cover at most 12% of the image: more such shapes make no knee with a
+marker but something else (a checkerboard, a page of text), left as it is for the gradability check to refuse."""
+MARK_GROWTH = 5
+"""Marks are grown by this diameter before painting, to take the letter's anti-aliased edge with them."""
 SIDE_UNKNOWN = ("the knee's side is unknown (not in a manifest, the file name or the DICOM header): this model mirrors "
                 "left knees to see every knee as a right one, so a left knee was graded unmirrored and its grade may "
                 "not hold; name the side (e.g. 9003175L.png, or a manifest's side column)")
@@ -171,6 +202,8 @@ class PreparedImage:
     """Distinct grey levels after the stretch to 0-255, before resizing blends them."""
     side_unknown: bool = False
     """The preprocessing mirrors left knees, but this knee's side was not given."""
+    marks_painted: bool = False
+    """Bright burnt-in marks were painted out (`burnt_in_marks`)."""
 
     def reasons(self, view: str | None = None, laterality: str | None = None) -> list[str]:
         """Why the input is not gradable whatever the network makes of it (`uncertainty.input_reasons`; `view`,
@@ -179,18 +212,21 @@ class PreparedImage:
 
     def notes(self) -> list[str]:
         """What the answer must say about how the input was prepared, without making it ungradable
-        (`uncertainty.input_notes`, an unknown side)."""
-        return input_notes(self.trimmed_shape) + ([SIDE_UNKNOWN] if self.side_unknown else [])
+        (`uncertainty.input_notes`, marks painted out, an unknown side)."""
+        return (input_notes(self.trimmed_shape) + ([MARK_PAINTED] if self.marks_painted else [])
+                + ([SIDE_UNKNOWN] if self.side_unknown else []))
 
 
 def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> PreparedImage:
-    """Trim uniform margins, stretch, optionally enhance, resize and mirror a grey-level image into a (size, size)
-    uint8 array."""
+    """Trim uniform margins, stretch, paint out burnt-in marks, optionally enhance, resize and mirror a grey-level
+    image into a (size, size) uint8 array."""
     image = trim_uniform_margins(image)
     step = _sampling_step(min(image.shape))
-    low, high = np.percentile(image[::step, ::step], config.clip_percentiles)
-    scale = 255.0 / (high - low) if high > low else 0.0
-    grey = np.clip((image - low) * scale, 0, 255).astype(np.uint8)
+    grey = _stretched(image, config.clip_percentiles, image[::step, ::step])
+    marks = burnt_in_marks(grey[::step, ::step])
+    if marks is not None:  # stretched again as if they were not there: a marker at the top of the range darkens the rest
+        outside = cv2.resize(marks, grey.shape[::-1], interpolation=cv2.INTER_NEAREST)[::step, ::step] == 0
+        grey = _stretched(image, config.clip_percentiles, image[::step, ::step][outside])
     grey_levels = int(np.count_nonzero(np.bincount(grey[::step, ::step].ravel(), minlength=256)))
     if config.clahe:
         grey = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(grey)
@@ -198,9 +234,59 @@ def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None 
     shrinking = height > config.size or width > config.size
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     pixels = cv2.resize(grey, (config.size, config.size), interpolation=interpolation)
+    if marks is not None:
+        painted = cv2.resize(marks, (config.size, config.size), interpolation=cv2.INTER_NEAREST)
+        pixels = cv2.inpaint(pixels, painted, 3 * config.size / MARK_SIDE, cv2.INPAINT_TELEA)
     if config.canonical_side and side == "L":
         pixels = np.ascontiguousarray(pixels[:, ::-1])
-    return PreparedImage(pixels, (height, width), grey_levels, config.canonical_side and side is None)
+    return PreparedImage(pixels, (height, width), grey_levels, config.canonical_side and side is None,
+                         marks is not None)
+
+
+def _stretched(image: np.ndarray, clip_percentiles: tuple[float, float], reference: np.ndarray) -> np.ndarray:
+    """`image` as uint8, the `clip_percentiles` of the `reference` pixels mapped to 0 and 255."""
+    low, high = np.percentile(reference, clip_percentiles)
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return np.clip((image - low) * scale, 0, 255).astype(np.uint8)
+
+
+def _box_behind(small: np.ndarray, region: np.ndarray, ring: np.ndarray) -> np.ndarray | None:
+    """The dark box drawn behind a mark (digital annotations have one): the dark regions (`MARK_BOX_LEVEL`) touching
+    the mark's `ring`, when with the mark they fill a rectangle (`MARK_BOX_FILL`) of at most `MARK_MAX_AREA` pixels;
+    otherwise None (a dark joint space or the air beside the leg is no box)."""
+    _, labels = cv2.connectedComponents((small <= MARK_BOX_LEVEL).astype(np.uint8), connectivity=8)
+    touching = np.unique(labels[ring & (labels > 0)])
+    if not len(touching):
+        return None
+    box = np.isin(labels, touching) | cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    rows, columns = np.flatnonzero(box.any(axis=1)), np.flatnonzero(box.any(axis=0))
+    rectangle = (rows[-1] - rows[0] + 1) * (columns[-1] - columns[0] + 1)
+    return box if rectangle <= MARK_MAX_AREA and box.sum() >= MARK_BOX_FILL * rectangle else None
+
+
+def burnt_in_marks(grey: np.ndarray) -> np.ndarray | None:
+    """A (MARK_SIDE, MARK_SIDE) uint8 mask (1 inside) of the bright, sharp-edged marks of a stretched uint8 image, such
+    as a lead side marker: connected regions at the top of the grey range (`MARK_LEVEL`) of `MARK_AREA` pixels whose
+    surround is `MARK_DROP` darker, grown by `MARK_GROWTH`; None when there is none, or more than `MARK_MAX_AREA`."""
+    small = cv2.resize(grey, (MARK_SIDE, MARK_SIDE), interpolation=cv2.INTER_AREA)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats((small >= MARK_LEVEL).astype(np.uint8), connectivity=8)
+    surround = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    marks = np.zeros(small.shape, np.uint8)
+    areas = stats[1:, cv2.CC_STAT_AREA]  # label 0 is the rest of the image
+    for index in 1 + np.flatnonzero((areas >= MARK_AREA[0]) & (areas <= MARK_AREA[1])):
+        width, height = stats[index, cv2.CC_STAT_WIDTH], stats[index, cv2.CC_STAT_HEIGHT]
+        if max(width, height) > MARK_ASPECT * min(width, height):
+            continue
+        region = labels == index
+        ring = cv2.dilate(region.astype(np.uint8), surround).astype(bool) & ~region
+        level, surround_levels = small[region].mean(), small[ring]
+        if (level - surround_levels.mean() >= MARK_DROP
+                and level - np.percentile(surround_levels, 75) >= MARK_DROP_ALL_ROUND):
+            box = _box_behind(small, region, ring)
+            marks[region if box is None else box] = 1
+    if not marks.any() or marks.sum() > MARK_MAX_AREA:
+        return None
+    return cv2.dilate(marks, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (MARK_GROWTH, MARK_GROWTH)))
 
 
 def unknown_sides_warning(config: PreprocessConfig, sides: list[str | None], what: str) -> list[str]:

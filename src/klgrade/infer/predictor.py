@@ -96,7 +96,7 @@ class Assessment:
     warnings: list[list[str]]
     """Per image, what a reader must know (`Grading.warnings`, before any about its explanation)."""
     noted: list[bool]
-    """Per image, whether its answer notes how the image was prepared (not square; an unknown side)."""
+    """Per image, whether its answer notes how the image was prepared (not square; a mark painted out; an unknown side)."""
 
     @classmethod
     def concatenate(cls, parts: list["Assessment"]) -> "Assessment":
@@ -360,8 +360,8 @@ class Predictor:
         seen, and every warning it carries (not gradable, uncertified grades, shifts, notes), in that order.
         `images_uint8`: as graded (`upright_images`); `reasons`: per image, why the input itself is not gradable (a
         DICOM header naming a lateral view, too few pixels or grey levels: `uncertainty.input_reasons`), first among
-        its reasons; `notes`: per image, what preparing it found that the answer must say (an image not square, an
-        unknown side: `data.preprocess.PreparedImage.notes`)."""
+        its reasons; `notes`: per image, what preparing it found that the answer must say (an image not square, a
+        mark painted out, an unknown side: `data.preprocess.PreparedImage.notes`)."""
         alpha = self.alpha if alpha is None else alpha
         if self.is_calibrated:
             sets = grade_sets(outputs.probabilities, self.set_thresholds(alpha))
