@@ -224,7 +224,7 @@ def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None 
     step = _sampling_step(min(image.shape))
     grey = _stretched(image, config.clip_percentiles, image[::step, ::step])
     marks = burnt_in_marks(grey[::step, ::step])
-    if marks is not None:  # stretched again as if they were not there: a marker at the top of the range darkens the rest
+    if marks is not None:  # stretched again without them: a marker at the top of the range darkens the rest
         outside = cv2.resize(marks, grey.shape[::-1], interpolation=cv2.INTER_NEAREST)[::step, ::step] == 0
         grey = _stretched(image, config.clip_percentiles, image[::step, ::step][outside])
     grey_levels = int(np.count_nonzero(np.bincount(grey[::step, ::step].ravel(), minlength=256)))
