@@ -266,6 +266,23 @@ def test_an_empty_map_is_reported_as_a_warning_and_drawn_as_the_plain_radiograph
     assert (picture[..., 0] == picture[..., 2]).all()  # grey: no colour map blended over it
 
 
+def test_the_overlay_caption_wraps_every_warning_inside_the_image():
+    """A warning is a sentence or two; drawn as one row it ran off the overlay's right edge, so the saved heatmap (the
+    page's and the API's too) showed a clinician half of it. Every row now fits: nothing of the caption is drawn in
+    the right margin, and the long warning takes more rows than the short caption lines."""
+    from klgrade.explain.gradcam import OVERLAY_SIDE
+    from klgrade.uncertainty import MARK_PAINTED, PROCESSING_SHIFT
+
+    image = np.full((160, 160), 90, np.uint8)
+    short = np.asarray(overlay(image, None, "KL 2   p=0.60\nknee.png"))
+    long = np.asarray(overlay(image, None, f"KL 2   p=0.60\nknee.png\n! {MARK_PAINTED}\n! {PROCESSING_SHIFT}"))
+    rows = (long.shape[0] - short.shape[0]) // (OVERLAY_SIDE // 14)
+    assert rows >= 5  # two warnings of 190 and 175 characters, at most about 45 to a row
+    caption = long[OVERLAY_SIDE:]
+    assert caption[:, :, 0].max() > 200  # the text is drawn
+    assert caption[:, OVERLAY_SIDE - 4:].max() == 0  # and none of it reaches the right edge
+
+
 def test_onnx_export_matches_torch(tiny_checkpoint, tmp_path):
     path = export_onnx(tiny_checkpoint, tmp_path / "m.onnx")
     torch_model = load_model(tiny_checkpoint, tta=False)

@@ -29,6 +29,8 @@ from klgrade.models import gradcam_layers, ordinal_head
 
 OVERLAY_SIDE = 448
 """Side (pixels) of the saved overlay: twice the network input, readable on screen."""
+CAPTION_MARGIN = 8
+"""Pixels left free either side of the caption's rows."""
 HEATMAP_ALPHA = 0.6
 """Opacity of the colour map where the evidence is strong."""
 FADE_BELOW = 0.3
@@ -148,13 +150,25 @@ def overlay(image_uint8: np.ndarray, heatmap: np.ndarray | None, caption: str) -
         colours = colormaps["jet"](heat)[..., :3] * 255
         opacity = HEATMAP_ALPHA * np.clip(heat / FADE_BELOW, 0, 1)[..., None]
         picture = Image.fromarray((np.asarray(grey) * (1 - opacity) + colours * opacity).round().astype(np.uint8))
-    lines = caption.splitlines() or [""]
     line_height = OVERLAY_SIDE // 14
     font = ImageFont.load_default(size=line_height * 3 // 4)
+    lines = [(row, "yellow" if line.startswith("!") else "white") for line in caption.splitlines() or [""]
+             for row in _wrapped(line, font, OVERLAY_SIDE - 2 * CAPTION_MARGIN)]
     canvas = Image.new("RGB", (OVERLAY_SIDE, OVERLAY_SIDE + line_height * len(lines) + line_height // 3), "black")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for i, line in enumerate(lines):
-        colour = "yellow" if line.startswith("!") else "white"
-        draw.text((8, OVERLAY_SIDE + line_height // 6 + i * line_height), line, fill=colour, font=font)
+    for i, (row, colour) in enumerate(lines):
+        draw.text((CAPTION_MARGIN, OVERLAY_SIDE + line_height // 6 + i * line_height), row, fill=colour, font=font)
     return canvas
+
+
+def _wrapped(line: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """`line` broken between words into rows no wider than `width` pixels in `font` (a warning is a sentence or
+    two: one row cut it off at the image's edge); a word wider than that alone on its row, cut by the edge."""
+    rows: list[str] = []
+    for word in line.split(" "):
+        if rows and font.getlength(f"{rows[-1]} {word}") <= width:
+            rows[-1] = f"{rows[-1]} {word}"
+        else:
+            rows.append(word)
+    return rows or [""]
