@@ -16,11 +16,11 @@ from klgrade.infer.grading import grade, grade_many, load_model
 from klgrade.metrics import set_metrics
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
-from klgrade.uncertainty import (BLANK, FRAMING_UNREAD, PROFILES, SHIFT_WARNINGS, SQUEEZED, FeatureDensity,
-                                 FramingProbe, PolarityProbe, apply_temperature, conformal_scores, conformal_threshold,
-                                 fit_profile, grade_sets, grade_thresholds, gradability, input_notes, input_reasons,
-                                 profile_shift, profile_statistics, shift_warnings, smallest_alpha, uncertified_grades,
-                                 uncertified_warning, view_reason)
+from klgrade.uncertainty import (BLANK, FAR_FROM_TRAINING_KNEES, FRAMING_UNREAD, NOT_A_KNEE, PROFILES, SHIFT_WARNINGS,
+                                 SQUEEZED, FeatureDensity, FramingProbe, PolarityProbe, apply_temperature,
+                                 conformal_scores, conformal_threshold, fit_profile, grade_sets, grade_thresholds,
+                                 gradability, input_notes, input_reasons, profile_shift, profile_statistics,
+                                 shift_warnings, smallest_alpha, uncertified_grades, uncertified_warning, view_reason)
 
 from helpers import EXAMPLES, REPO, copy_real_images, invoke_cli, knee_image, write_dicom
 
@@ -154,6 +154,12 @@ def test_feature_density_flags_far_points_and_blank_images():
     assert (density.distances(rng.normal(6, 1, (100, 8))) > density.threshold).all()
     images = np.stack([knee_image(1), np.full((64, 64), 7, np.uint8)])
     assert gradability(images, None, None) == [[], [BLANK]]
+    # Far in the features: said to be unlike a knee radiograph only where its statistics are unlike one too.
+    images = np.stack([knee_image(seed) for seed in range(3)])
+    far = np.stack([rng.normal(6, 1, 8), rng.normal(6, 1, 8), rng.normal(0, 0.1, 8)])
+    assert gradability(images, far, density, np.array([True, False, True])) == [
+        [FAR_FROM_TRAINING_KNEES], [NOT_A_KNEE], []]
+    assert gradability(images, far, density) == [[NOT_A_KNEE], [NOT_A_KNEE], []]
 
 
 def test_a_knee_read_as_framed_both_tighter_and_wider_gets_one_warning_that_says_so():

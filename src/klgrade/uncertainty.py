@@ -60,6 +60,14 @@ DEFAULT_ALPHA = 0.1
 BLANK_STD = 2.0
 """A preprocessed uint8 image with less spread than this (grey levels) holds nothing to grade."""
 NOT_A_KNEE = "not gradable: the image does not look like the knee radiographs the model was trained on"
+FAR_FROM_TRAINING_KNEES = ("not gradable: the model's features place the image far from every knee it was trained on, "
+                           "though its contrast and detail are like its radiographs' (a severe or operated knee, "
+                           "another joint or view?): the grade given is not backed by the training data")
+"""The reason for an image far from the training knees in the features whose image statistics are within both
+profiles (`PROFILES`): the feature density flags severe knees too (6 of 27 KL4 val knees, session 19: they lie
+among the non-knee images in feature space), whose statistics are a radiograph's, where 48 of the 51 non-knee
+test images lie outside a profile (docs/results.md, session 21). Telling a clinician that a severe knee "does not
+look like" a knee radiograph would be wrong."""
 BLANK = "not gradable: the image is blank or nearly constant"
 NOT_FRONTAL = ("not gradable: the DICOM header names a {kind} view (ViewPosition {view}); Kellgren-Lawrence grades "
                "are read on frontal (AP/PA) knee radiographs")
@@ -495,17 +503,20 @@ def input_notes(trimmed_shape: tuple[int, int]) -> list[str]:
     return [SQUEEZED.format(rows=rows, columns=columns)] if SQUEEZED_ASPECT < ratio <= MAX_ASPECT else []
 
 
-def gradability(images_uint8: np.ndarray, features: np.ndarray | None,
-                density: FeatureDensity | None) -> list[list[str]]:
-    """Per image, the reasons it is not gradable (empty when it is)."""
+def gradability(images_uint8: np.ndarray, features: np.ndarray | None, density: FeatureDensity | None,
+                radiograph_like: np.ndarray | None = None) -> list[list[str]]:
+    """Per image, the reasons it is not gradable (empty when it is). `radiograph_like`: (N,) True where the image's
+    statistics lie within the training images' profiles; one far from the training knees in the features then
+    gets `FAR_FROM_TRAINING_KNEES` instead of `NOT_A_KNEE`."""
     reasons: list[list[str]] = [[] for _ in images_uint8]
     spread = np.asarray(images_uint8, dtype=np.float32).reshape(len(images_uint8), -1).std(axis=1)
     far = density.distances(features) > density.threshold if density is not None else np.zeros(len(reasons), bool)
-    for notes, blank, outlier in zip(reasons, spread < BLANK_STD, far):
+    like = np.zeros(len(reasons), bool) if radiograph_like is None else radiograph_like
+    for notes, blank, outlier, knee_like in zip(reasons, spread < BLANK_STD, far, like):
         if blank:
             notes.append(BLANK)
         elif outlier:
-            notes.append(NOT_A_KNEE)
+            notes.append(FAR_FROM_TRAINING_KNEES if knee_like else NOT_A_KNEE)
     return reasons
 
 

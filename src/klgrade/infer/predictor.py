@@ -368,7 +368,10 @@ class Predictor:
             coverage = 1 - alpha
         else:
             sets, coverage = [[int(g)] for g in outputs.probabilities.argmax(axis=1)], None
-        warnings = gradability(images_uint8, outputs.features, self.density)
+        shifts = self.shifts(images_uint8, outputs)
+        profiled = [shifts[kind] for kind in self.profiles]
+        radiograph_like = ~np.logical_or.reduce(profiled) if profiled else None
+        warnings = gradability(images_uint8, outputs.features, self.density, radiograph_like)
         for said, given in zip(warnings, reasons or []):
             said[:0] = given
         gradable = [not said for said in warnings]
@@ -377,7 +380,6 @@ class Predictor:
         uncertified = self.uncertified_grades(alpha)
         for said in warnings if uncertified else []:
             said.append(uncertified_warning(uncertified, alpha))
-        shifts = self.shifts(images_uint8, outputs)
         for index, said in enumerate(warnings):
             said += shift_warnings([kind for kind, shifted in shifts.items() if shifted[index]])
         notes = notes or [[] for _ in warnings]
