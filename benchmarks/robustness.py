@@ -27,7 +27,8 @@ inside a margin of repeated edge pixels or a black one, cropped to a non-square 
 preprocessing stretches to square), and for `markers`, a lead side marker burnt in, in the upper corner or at the
 edge beside the joint line; both kept apart: they are not contrast processing. `--json` prints `{"clean": {...},
 "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "sharpness_warned", "framing_warned",
-"framing_wide_warned", "inverted_back", "noted", "painted", "not_gradable", ...}}, "framings": {...}, "markers": {...}}`.
+"framing_wide_warned", "inverted_back", "noted", "painted", "not_gradable", ...}}, "framings": {...},
+"markers": {...}}`.
 """
 
 from __future__ import annotations

@@ -185,8 +185,8 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     scored = {"accuracy", "qwk", "warned", "sharpness_warned", "framing_warned", "framing_wide_warned", "inverted_back",
-              "noted", "painted", "not_gradable", "coverage", "coverage_per_grade", "mean_set_size", "cross_fitted_coverage",
-              "cross_fitted_coverage_per_grade"}
+              "noted", "painted", "not_gradable", "coverage", "coverage_per_grade", "mean_set_size",
+              "cross_fitted_coverage", "cross_fitted_coverage_per_grade"}
     assert report["n"] == 8 and set(report["clean"]) == scored
     assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {
         "rotate_7", "crop_0.85", "crop_0.75", "wide_1.2", "black_margin_1.2", "portrait_4:5", "landscape_5:4"}

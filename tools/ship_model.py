@@ -289,8 +289,8 @@ def marker_limit(robustness: dict | None) -> str:
     if entry is None:
         return ""
     corner = robustness["markers"]["marker_corner"]
-    return (f"- A lead side marker (R/L) burnt in is painted out before grading when it is bright and sharp-edged, and "
-            f"the answer says so (the benchmark's marker beside the joint line: {entry['painted']:.0%} of val knees, in "
+    return (f"- A lead side marker (R/L) burnt in is painted out before grading when it is bright and sharp-edged, "
+            f"and the answer says so (the benchmark's marker beside the joint line: {entry['painted']:.0%} of val knees, in "
             f"the corner {corner['painted']:.0%}); beside the joint it then changes {1 - entry['agreement']:.0%} of "
             f"grades (-{100 * (robustness['clean']['accuracy'] - entry['accuracy']):.1f} accuracy points), in the "
             f"corner {1 - corner['agreement']:.0%}. A mark on bone rather than in front of soft tissue is not found; "

@@ -512,11 +512,11 @@ def gradability(images_uint8: np.ndarray, features: np.ndarray | None, density: 
     spread = np.asarray(images_uint8, dtype=np.float32).reshape(len(images_uint8), -1).std(axis=1)
     far = density.distances(features) > density.threshold if density is not None else np.zeros(len(reasons), bool)
     like = np.zeros(len(reasons), bool) if radiograph_like is None else radiograph_like
-    for notes, blank, outlier, knee_like in zip(reasons, spread < BLANK_STD, far, like):
+    for notes, blank, outlier, radiograph in zip(reasons, spread < BLANK_STD, far, like):
         if blank:
             notes.append(BLANK)
         elif outlier:
-            notes.append(FAR_FROM_TRAINING_KNEES if knee_like else NOT_A_KNEE)
+            notes.append(FAR_FROM_TRAINING_KNEES if radiograph else NOT_A_KNEE)
     return reasons
 
 
