@@ -244,9 +244,9 @@ def test_a_knee_padded_into_a_larger_canvas_is_preprocessed_as_the_knee_itself(k
 
 def test_a_lead_marker_burnt_in_is_painted_out_and_the_knee_prepared_as_without_it(kneekl224):
     """A lead letter burnt in beside the joint moved 17% of val grades and darkened the whole stretch (docs/results.md,
-    markers). The benchmark's marker beside the joint, in the corner, and on a black box (a digital annotation) is
-    painted out, the stretch read without it: the knee comes out as without the marker, and the answer says so. No
-    knee as stored, equalised or with metal in it (a plate, a staple) is painted."""
+    markers). The benchmark's marker beside the joint, in the corner, on a black box (a digital annotation), and in
+    an image stored inverted is painted out, the stretch read without it: the knee comes out as without the marker,
+    and the answer says so. No knee as stored, equalised or with metal in it (a plate, a staple) is painted."""
     import cv2
 
     from klgrade.data.io import read_image
@@ -268,6 +268,10 @@ def test_a_lead_marker_burnt_in_is_painted_out_and_the_knee_prepared_as_without_
             prepared = prepare_image(mark(knee), config)
             assert prepared.marks_painted and MARK_PAINTED in prepared.notes(), path.name
             assert np.abs(prepared.pixels - clean).mean() < 2.5, path.name  # 6-24 before, the marker kept
+        # Stored inverted (a MONOCHROME1 export), the marker is the darkest thing in the image: painted out as well.
+        inverted = prepare_image(knee.max() + knee.min() - beside_joint(knee), config)
+        assert inverted.marks_painted, path.name
+        assert np.abs(inverted.pixels - (255 - clean)).mean() < 2.5, path.name
     plate, staple = kneekl224 / "val" / "3" / "9375300L.jpg", kneekl224 / "val" / "4" / "9086204R.jpg"
     for knee in [read_image(path) for path in val[::20] + [plate, staple]] + [
             cv2.equalizeHist(read_image(staple).astype(np.uint8)).astype(np.float32)]:

@@ -93,8 +93,9 @@ every meaning of a non-square crop (docs/results.md, non-square inputs: at 1.1:1
 SQUEEZED = ("the image is {rows} x {columns} pixels (uniform margins trimmed), not square: squeezed to a square for "
             "the model, the knee's proportions change and the grade may change with them; crop it square, the joint "
             "centred")
-MARK_PAINTED = ("a bright, sharp-edged mark burnt into the image (a lead side marker?) was painted out before grading: "
-                "beside the joint such a mark reads as an osteophyte; check it was not metal in the knee")
+MARK_PAINTED = ("a sharp-edged mark burnt into the image at its brightest level (a lead side marker?; at its darkest "
+                "in an image stored inverted) was painted out before grading: beside the joint such a mark reads as "
+                "an osteophyte; check it was not metal in the knee")
 ELONGATED = ("not gradable: the image is {rows} x {columns} pixels (uniform margins trimmed), {ratio:.1f} times as "
              "{longer} as {shorter}: two knees side by side or a full-leg view? Grades are read on one knee framed "
              "about square around the joint")

@@ -265,10 +265,21 @@ def _box_behind(small: np.ndarray, region: np.ndarray, ring: np.ndarray) -> np.n
 
 
 def burnt_in_marks(grey: np.ndarray) -> np.ndarray | None:
-    """A (MARK_SIDE, MARK_SIDE) uint8 mask (1 inside) of the bright, sharp-edged marks of a stretched uint8 image, such
-    as a lead side marker: connected regions at the top of the grey range (`MARK_LEVEL`) of `MARK_AREA` pixels whose
-    surround is `MARK_DROP` darker, grown by `MARK_GROWTH`; None when there is none, or more than `MARK_MAX_AREA`."""
+    """A (MARK_SIDE, MARK_SIDE) uint8 mask (1 inside) of the sharp-edged marks of a stretched uint8 image at the top
+    of its grey range, such as a lead side marker, or at the bottom (the same marker in an image stored inverted,
+    which the predictor grades inverted back: `_bright_marks` of the image and of its negative), grown by
+    `MARK_GROWTH`; None when there is none, or more than `MARK_MAX_AREA`."""
     small = cv2.resize(grey, (MARK_SIDE, MARK_SIDE), interpolation=cv2.INTER_AREA)
+    marks = _bright_marks(small) | _bright_marks(255 - small)
+    if not marks.any() or marks.sum() > MARK_MAX_AREA:
+        return None
+    return cv2.dilate(marks, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (MARK_GROWTH, MARK_GROWTH)))
+
+
+def _bright_marks(small: np.ndarray) -> np.ndarray:
+    """The mask of the connected regions at the top of the grey range (`MARK_LEVEL`) of `MARK_AREA` pixels, about as
+    high as wide (`MARK_ASPECT`), whose surround is darker (`MARK_DROP`, `MARK_DROP_ALL_ROUND`), with any box drawn
+    behind them (`_box_behind`)."""
     _, labels, stats, _ = cv2.connectedComponentsWithStats((small >= MARK_LEVEL).astype(np.uint8), connectivity=8)
     surround = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     marks = np.zeros(small.shape, np.uint8)
@@ -284,9 +295,7 @@ def burnt_in_marks(grey: np.ndarray) -> np.ndarray | None:
                 and level - np.percentile(surround_levels, 75) >= MARK_DROP_ALL_ROUND):
             box = _box_behind(small, region, ring)
             marks[region if box is None else box] = 1
-    if not marks.any() or marks.sum() > MARK_MAX_AREA:
-        return None
-    return cv2.dilate(marks, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (MARK_GROWTH, MARK_GROWTH)))
+    return marks
 
 
 def unknown_sides_warning(config: PreprocessConfig, sides: list[str | None], what: str) -> list[str]:
