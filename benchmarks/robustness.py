@@ -196,7 +196,8 @@ SHIFT_KEYS = {"processing": "warned", "sharpness": "sharpness_warned", "framing"
 @dataclass
 class Graded:
     """What the model says about each image of a set: probabilities, grade sets, the not-gradable flag, per
-    kind of shift where it was seen, which answers note how the image was prepared, and which had marks painted out."""
+    kind of shift where it was seen, which answers note how the image was prepared, and which had marks painted
+    out."""
     probabilities: np.ndarray
     sets: list[list[int]]
     not_gradable: np.ndarray

@@ -203,7 +203,7 @@ class PreparedImage:
     side_unknown: bool = False
     """The preprocessing mirrors left knees, but this knee's side was not given."""
     marks_painted: bool = False
-    """Bright burnt-in marks were painted out (`burnt_in_marks`)."""
+    """Burnt-in marks were painted out (`burnt_in_marks`)."""
 
     def reasons(self, view: str | None = None, laterality: str | None = None) -> list[str]:
         """Why the input is not gradable whatever the network makes of it (`uncertainty.input_reasons`; `view`,

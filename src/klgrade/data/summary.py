@@ -38,7 +38,8 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
     patients and identical files shared between splits (a patient id counts where it names a person:
     `data.provenance`), unreadable files, files not gradable as they are, with their reasons (a lateral,
     oblique or axial view, too few pixels or grey levels), files gradable whose answers will carry a note
-    (`noted`: an image not square, a burnt-in mark painted out), and files in the grade folders that are no image klgrade reads (`not_read`)."""
+    (`noted`: an image not square, a burnt-in mark painted out), and files in the grade folders that are no image
+    klgrade reads (`not_read`)."""
     problems: list[ImageReadError] = []
     not_read: list[tuple[str | None, str]] = []
     samples = find_samples(data, problems, not_read)
