@@ -24,8 +24,10 @@ calibration may have seen these very knees (the shipped one: kneeKL224 val), `cr
 scored on the other half's processed images, both ways, over `--cross-fit` random halvings. The same scores for
 `framings`, another site's framing of the same knee (rotated 7 degrees, cropped 15% and 25% tighter, shrunk 20%
 inside a margin of repeated edge pixels or a black one, cropped to a non-square 4:5 or 5:4 at the same scale, which
-preprocessing stretches to square), and for `markers`, a lead side marker burnt in, in the upper corner or at the
-edge beside the joint line; both kept apart: they are not contrast processing. `--json` prints `{"clean": {...},
+preprocessing stretches to square, or as stored inside a bright border a tenth of the side wide on two sides with
+noise of std 3 grey levels), and for `markers`, a lead side marker burnt in, in the upper corner or at the edge
+beside the joint line, and two lines of small text at the top and bottom edges; both kept apart: they are not
+contrast processing. `--json` prints `{"clean": {...},
 "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "sharpness_warned", "framing_warned",
 "framing_wide_warned", "inverted_back", "noted", "painted", "not_gradable", ...}}, "framings": {...},
 "markers": {...}}`.
@@ -134,9 +136,22 @@ def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], 
     }
 
 
+def _text_lines(image: np.ndarray) -> np.ndarray:
+    """Two lines of small text burnt in at the top and bottom edges at the image's brightest level, as exports label
+    a radiograph (side, view, date, patient id): letters about 4% of the side high."""
+    height, width = image.shape
+    scale = height / 640  # FONT_HERSHEY_SIMPLEX capitals are about 22 px high at scale 1
+    letters = np.zeros(image.shape, np.uint8)
+    for text, row in (("L  WB PA 2019-03-02", 0.055), ("ID 9012345 KNEE", 0.965)):
+        cv2.putText(letters, text, (int(0.02 * width), int(row * height)), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, 1,
+                    cv2.LINE_AA)
+    return np.where(letters > 0, np.maximum(image, image.max() * letters / 255.0), image).astype(np.float32)
+
+
 def markers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """A lead side marker burnt in: in the upper corner, where radiographers put it, and beside the joint line."""
-    return {"marker_corner": _marker(0.06, 0.14), "marker_joint": _marker(0.02, 0.55)}
+    """A lead side marker burnt in: in the upper corner, where radiographers put it, and beside the joint line; and
+    small text burnt in at the edges."""
+    return {"marker_corner": _marker(0.06, 0.14), "marker_joint": _marker(0.02, 0.55), "text_edges": _text_lines}
 
 
 def _rotate(degrees: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -179,13 +194,27 @@ def _non_square(rows: float, columns: float) -> Callable[[np.ndarray], np.ndarra
     return crop
 
 
+def _noisy_border(share: float, level: float, noise: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The knee as stored inside a border `share` of its side wide above and on the left, at `level` with Gaussian
+    noise of std `noise` grey levels, clipped: a collimated region exported unclipped, which preprocessing trims off
+    (a check that it does)."""
+    def border(image: np.ndarray) -> np.ndarray:
+        size = round(share * image.shape[0])
+        framed = cv2.copyMakeBorder(image, size, 0, size, 0, cv2.BORDER_CONSTANT, value=level)
+        framed = framed + np.random.default_rng(SEED).normal(0, noise, framed.shape)
+        framed[size:, size:] = image
+        return np.clip(framed, 0, 255).astype(np.float32)
+    return border
+
+
 def framings() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Another site's framing of the same knee: tilted, cropped tighter around the joint, framed wider (shrunk
-    inside a margin of repeated edge pixels, or of black, which preprocessing trims off: a check that it does), or
-    cropped non-square (portrait: columns cut; landscape: rows cut)."""
+    inside a margin of repeated edge pixels, or of black, which preprocessing trims off: a check that it does),
+    cropped non-square (portrait: columns cut; landscape: rows cut), or as stored inside a noisy bright border."""
     return {"rotate_7": _rotate(7.0), "crop_0.85": _crop(0.85), "crop_0.75": _crop(0.75),
             "wide_1.2": _shrink(1.2, cv2.BORDER_REPLICATE), "black_margin_1.2": _shrink(1.2, cv2.BORDER_CONSTANT),
-            "portrait_4:5": _non_square(1.0, 0.8), "landscape_5:4": _non_square(0.8, 1.0)}
+            "portrait_4:5": _non_square(1.0, 0.8), "landscape_5:4": _non_square(0.8, 1.0),
+            "noisy_border": _noisy_border(0.1, 255.0, 3.0)}
 
 
 SHIFT_KEYS = {"processing": "warned", "sharpness": "sharpness_warned", "framing": "framing_warned",

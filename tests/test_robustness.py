@@ -189,8 +189,9 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
               "cross_fitted_coverage", "cross_fitted_coverage_per_grade"}
     assert report["n"] == 8 and set(report["clean"]) == scored
     assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {
-        "rotate_7", "crop_0.85", "crop_0.75", "wide_1.2", "black_margin_1.2", "portrait_4:5", "landscape_5:4"}
-    assert set(report["markers"]) == {"marker_corner", "marker_joint"}
+        "rotate_7", "crop_0.85", "crop_0.75", "wide_1.2", "black_margin_1.2", "portrait_4:5", "landscape_5:4",
+        "noisy_border"}
+    assert set(report["markers"]) == {"marker_corner", "marker_joint", "text_edges"}
     # The non-square crops are answered with the note that says so, most marked knees with the note that the mark was
     # painted out; nothing else is noted or painted.
     noted, painted = ({name: entry[key] for group in ("perturbations", "framings", "markers")
@@ -216,6 +217,7 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     processing = card.processing_limit(report)
     assert processing and "marker" not in processing
     assert "beside the joint it then changes 100% of grades" in card.marker_limit(report)
+    assert "small text burnt in at the top and bottom edges" in card.marker_limit(report)
     assert "| marker_joint |" in card.robustness_section(report, None)
 
 

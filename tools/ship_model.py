@@ -294,7 +294,19 @@ def marker_limit(robustness: dict | None) -> str:
             f"the corner {corner['painted']:.0%}); beside the joint it then changes {1 - entry['agreement']:.0%} of "
             f"grades (-{100 * (robustness['clean']['accuracy'] - entry['accuracy']):.1f} accuracy points), in the "
             f"corner {1 - corner['agreement']:.0%}. A mark on bone rather than in front of soft tissue is not found; "
-            "crop so that markers stay off the joint (docs/results.md).\n")
+            f"crop so that markers stay off the joint.{text_limit(robustness)} (docs/results.md)\n")
+
+
+def text_limit(robustness: dict) -> str:
+    """A sentence for small text burnt in at the image's edges (the benchmark's `text_edges`), where measured."""
+    entry = robustness["markers"].get("text_edges")
+    if entry is None:
+        return ""
+    warned = max(entry[key] for key in ("warned", "sharpness_warned", "framing_warned", "framing_wide_warned"))
+    return (f" Two lines of small text burnt in at the top and bottom edges (side, date, patient id) change "
+            f"{1 - entry['agreement']:.0%} of grades (-{100 * (robustness['clean']['accuracy'] - entry['accuracy']):.1f} "
+            f"accuracy points): too thin to be found and painted out, and no check is meant for it (the most any one "
+            f"warns: {warned:.0%}); crop the text off.")
 
 
 def framing_limit(robustness: dict | None) -> str:
