@@ -252,7 +252,8 @@ def test_a_lead_marker_burnt_in_is_painted_out_and_the_knee_prepared_as_without_
     from klgrade.data.io import read_image
 
     benchmark = script_module("benchmarks/robustness.py")
-    beside_joint, in_corner = benchmark.markers().values()
+    markers = benchmark.markers()
+    beside_joint, in_corner = markers["marker_joint"], markers["marker_corner"]
 
     def on_a_box(knee: np.ndarray) -> np.ndarray:
         boxed = knee.copy()
