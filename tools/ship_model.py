@@ -290,11 +290,11 @@ def marker_limit(robustness: dict | None) -> str:
         return ""
     corner = robustness["markers"]["marker_corner"]
     return (f"- A lead side marker (R/L) burnt in is painted out before grading when it is bright and sharp-edged, "
-            f"and the answer says so (the benchmark's marker beside the joint line: {entry['painted']:.0%} of val knees, in "
-            f"the corner {corner['painted']:.0%}); beside the joint it then changes {1 - entry['agreement']:.0%} of "
-            f"grades (-{100 * (robustness['clean']['accuracy'] - entry['accuracy']):.1f} accuracy points), in the "
-            f"corner {1 - corner['agreement']:.0%}. A mark on bone rather than in front of soft tissue is not found; "
-            f"crop so that markers stay off the joint.{text_limit(robustness)} (docs/results.md)\n")
+            f"and the answer says so (the benchmark's marker beside the joint line: {entry['painted']:.0%} of val "
+            f"knees, in the corner {corner['painted']:.0%}); beside the joint it then changes "
+            f"{_grade_changes(entry, robustness['clean'])}, in the corner {1 - corner['agreement']:.0%}. A mark on bone "
+            f"rather than in front of soft tissue is not found; crop so that markers stay off the joint."
+            f"{text_limit(robustness)} (docs/results.md)\n")
 
 
 def text_limit(robustness: dict) -> str:
@@ -304,9 +304,14 @@ def text_limit(robustness: dict) -> str:
         return ""
     warned = max(entry[key] for key in ("warned", "sharpness_warned", "framing_warned", "framing_wide_warned"))
     return (f" Two lines of small text burnt in at the top and bottom edges (side, date, patient id) change "
-            f"{1 - entry['agreement']:.0%} of grades (-{100 * (robustness['clean']['accuracy'] - entry['accuracy']):.1f} "
-            f"accuracy points): too thin to be found and painted out, and no check is meant for it (the most any one "
-            f"warns: {warned:.0%}); crop the text off.")
+            f"{_grade_changes(entry, robustness['clean'])}: too thin to be found and painted out, and no check is "
+            f"meant for it (the most any one warns: {warned:.0%}); crop the text off.")
+
+
+def _grade_changes(entry: dict, clean: dict) -> str:
+    """What a benchmark row does to the grades: "12% of grades (-1.5 accuracy points)", against the clean row."""
+    change = 100 * (entry["accuracy"] - clean["accuracy"])
+    return f"{1 - entry['agreement']:.0%} of grades ({change:+.1f} accuracy points)"
 
 
 def framing_limit(robustness: dict | None) -> str:
@@ -314,9 +319,8 @@ def framing_limit(robustness: dict | None) -> str:
     framings = (robustness or {}).get("framings")
     if not framings:
         return ""
-    clean = robustness["clean"]["accuracy"]
-    effects = "; ".join(f"{name} changes {1 - entry['agreement']:.0%} of grades "
-                        f"({100 * (entry['accuracy'] - clean):+.1f} accuracy points)" for name, entry in framings.items())
+    effects = "; ".join(f"{name} changes {_grade_changes(entry, robustness['clean'])}"
+                        for name, entry in framings.items())
     keys = ("framing_warned", "framing_wide_warned")
 
     def shares(entry: dict, form: str) -> str:

@@ -261,15 +261,16 @@ def _stretched(image: np.ndarray, clip_percentiles: tuple[float, float], referen
     return np.clip((image - low) * scale, 0, 255).astype(np.uint8)
 
 
-def _box_behind(small: np.ndarray, region: np.ndarray, ring: np.ndarray) -> np.ndarray | None:
-    """The dark box drawn behind a mark (digital annotations have one): the dark regions (`MARK_BOX_LEVEL`) touching
-    the mark's `ring`, when with the mark they fill a rectangle (`MARK_BOX_FILL`) of at most `MARK_MAX_AREA` pixels;
-    otherwise None (a dark joint space or the air beside the leg is no box)."""
-    _, labels = cv2.connectedComponents((small <= MARK_BOX_LEVEL).astype(np.uint8), connectivity=8)
-    touching = np.unique(labels[ring & (labels > 0)])
+def _box_behind(dark_labels: np.ndarray, region: np.ndarray, ring: np.ndarray) -> np.ndarray | None:
+    """The dark box drawn behind a mark (digital annotations have one): the dark regions (`dark_labels`, the connected
+    pixels at or below `MARK_BOX_LEVEL`) touching the mark's `ring`, when with the mark they fill a rectangle
+    (`MARK_BOX_FILL`) of at most `MARK_MAX_AREA` pixels; otherwise None (a dark joint space or the air beside the leg
+    is no box)."""
+    touching = np.unique(dark_labels[ring & (dark_labels > 0)])
     if not len(touching):
         return None
-    box = np.isin(labels, touching) | cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    halo = cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    box = np.isin(dark_labels, touching) | halo
     rows, columns = np.flatnonzero(box.any(axis=1)), np.flatnonzero(box.any(axis=0))
     rectangle = (rows[-1] - rows[0] + 1) * (columns[-1] - columns[0] + 1)
     return box if rectangle <= MARK_MAX_AREA and box.sum() >= MARK_BOX_FILL * rectangle else None
@@ -293,7 +294,7 @@ def _bright_marks(small: np.ndarray) -> np.ndarray:
     behind them (`_box_behind`)."""
     _, labels, stats, _ = cv2.connectedComponentsWithStats((small >= MARK_LEVEL).astype(np.uint8), connectivity=8)
     surround = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
-    marks = np.zeros(small.shape, np.uint8)
+    found = []
     areas = stats[1:, cv2.CC_STAT_AREA]  # label 0 is the rest of the image
     for index in 1 + np.flatnonzero((areas >= MARK_AREA[0]) & (areas <= MARK_AREA[1])):
         width, height = stats[index, cv2.CC_STAT_WIDTH], stats[index, cv2.CC_STAT_HEIGHT]
@@ -304,7 +305,12 @@ def _bright_marks(small: np.ndarray) -> np.ndarray:
         level, surround_levels = small[region].mean(), small[ring]
         if (level - surround_levels.mean() >= MARK_DROP
                 and level - np.percentile(surround_levels, 75) >= MARK_DROP_ALL_ROUND):
-            box = _box_behind(small, region, ring)
+            found.append((region, ring))
+    marks = np.zeros(small.shape, np.uint8)
+    if found:  # the dark regions once per image, where a mark is found (no kneeKL224 knee has one)
+        _, dark_labels = cv2.connectedComponents((small <= MARK_BOX_LEVEL).astype(np.uint8), connectivity=8)
+        for region, ring in found:
+            box = _box_behind(dark_labels, region, ring)
             marks[region if box is None else box] = 1
     return marks
 
