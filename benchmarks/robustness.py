@@ -5,7 +5,7 @@
 
 Each perturbation is applied to the decoded image as a radiograph viewer or PACS would, with OpenCV (not the
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
-copy, towards an unenhanced radiograph), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
+copy, towards an unenhanced radiograph: by half, and to a fifth), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
 downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise (sigma 8 and 20 grey levels of 255),
 Gaussian blur (sigma 2 px at 224 px), edge enhancement (unsharp masking, sigma 2 px, amount 1, as CR/DX
 processing sharpens), and the grey levels inverted (a MONOCHROME1 radiograph saved without its
@@ -15,7 +15,8 @@ with the clean image's grade; `warned`, the share of images that get the process
 `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or wider, than in
 training), `inverted_back`, the share graded inverted back because it looked inverted, `noted`, the share whose
 answer notes how the image was prepared (not square: squeezed to the square; a mark painted out), `painted`, the
-share with a bright burnt-in mark painted out before grading (`data.preprocess.burnt_in_marks`), and
+share with a bright burnt-in mark painted out before grading (`data.preprocess.burnt_in_marks`), `enhanced`, the
+share CLAHE-enhanced before grading as looking unenhanced (`data.preprocess.looks_unenhanced`), and
 `not_gradable`, the share flagged not gradable; for a calibrated model also
 `coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?),
 `coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`, and, since the model's
@@ -29,7 +30,7 @@ noise of std 3 grey levels), and for `markers`, a lead side marker burnt in, in 
 beside the joint line, and two lines of small text at the top and bottom edges; both kept apart: they are not
 contrast processing. `--json` prints `{"clean": {...},
 "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "sharpness_warned", "framing_warned",
-"framing_wide_warned", "inverted_back", "noted", "painted", "not_gradable", ...}}, "framings": {...},
+"framing_wide_warned", "inverted_back", "noted", "painted", "enhanced", "not_gradable", ...}}, "framings": {...},
 "markers": {...}}`.
 """
 
@@ -73,9 +74,8 @@ def _clahe(clip: float) -> Callable[[np.ndarray], np.ndarray]:
     return lambda image: cv2.createCLAHE(clipLimit=clip, tileGridSize=(8, 8)).apply(_uint8(image)).astype(np.float32)
 
 
-def _soften(image: np.ndarray) -> np.ndarray:
-    sigma = 0.1 * image.shape[0]
-    return 0.5 * image + 0.5 * cv2.GaussianBlur(image, (0, 0), sigma)
+def _soften(blend: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda image: (1 - blend) * image + blend * cv2.GaussianBlur(image, (0, 0), 0.1 * image.shape[0])
 
 
 def _gamma(gamma: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -126,7 +126,8 @@ def _marker(x: float, y: float) -> Callable[[np.ndarray], np.ndarray]:
 
 def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     return {
-        "clahe_2": _clahe(2.0), "clahe_4": _clahe(4.0), "contrast_reduced": _soften,
+        "clahe_2": _clahe(2.0), "clahe_4": _clahe(4.0), "contrast_reduced": _soften(0.5),
+        "contrast_reduced_0.8": _soften(0.8),
         "gamma_0.7": _gamma(0.7), "gamma_1.4": _gamma(1.4),
         "equalize": lambda image: cv2.equalizeHist(_uint8(image)).astype(np.float32),
         "jpeg_q30": _jpeg, "downsample_112": _resample, "png_16bit": _sixteen_bit,
@@ -225,14 +226,15 @@ SHIFT_KEYS = {"processing": "warned", "sharpness": "sharpness_warned", "framing"
 @dataclass
 class Graded:
     """What the model says about each image of a set: probabilities, grade sets, the not-gradable flag, per
-    kind of shift where it was seen, which answers note how the image was prepared, and which had marks painted
-    out."""
+    kind of shift where it was seen, which answers note how the image was prepared, which had marks painted
+    out, and which were enhanced as looking unenhanced."""
     probabilities: np.ndarray
     sets: list[list[int]]
     not_gradable: np.ndarray
     shifts: dict[str, np.ndarray]
     noted: np.ndarray
     painted: np.ndarray
+    enhanced: np.ndarray
 
 
 def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> Graded:
@@ -243,7 +245,8 @@ def grades_of(predictor, images: list[np.ndarray], sides: list[str | None]) -> G
     assessment = predictor.assess(graded, outputs, reasons=[p.reasons() for p in prepared],
                                   notes=[p.notes() for p in prepared])
     return Graded(outputs.probabilities, assessment.sets, ~np.array(assessment.gradable), assessment.shifts,
-                  np.array(assessment.noted), np.array([p.marks_painted for p in prepared]))
+                  np.array(assessment.noted), np.array([p.marks_painted for p in prepared]),
+                  np.array([p.enhanced for p in prepared]))
 
 
 def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: bool) -> dict:
@@ -252,6 +255,7 @@ def scores(labels: list[int], graded: Graded, clean: Graded | None, calibrated: 
               **{key: float(graded.shifts[kind].mean()) if kind in graded.shifts else 0.0
                  for kind, key in SHIFT_KEYS.items()},
               "noted": float(graded.noted.mean()), "painted": float(graded.painted.mean()),
+              "enhanced": float(graded.enhanced.mean()),
               "not_gradable": float(graded.not_gradable.mean())}
     if calibrated:
         sets = set_metrics(labels, graded.sets)
@@ -349,13 +353,13 @@ def main() -> None:
           f"{result['n']} images of {args.data}")
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
-          f"{'sharp':>6s} {'framing':>7s} {'wider':>6s} {'inv.':>5s} {'noted':>6s} {'paint.':>6s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
+          f"{'sharp':>6s} {'framing':>7s} {'wider':>6s} {'inv.':>5s} {'noted':>6s} {'paint.':>6s} {'enh.':>5s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
     rows = {"clean": result["clean"], **{name: entry for group in groups for name, entry in result[group].items()}}
     for name, entry in rows.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
               f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['sharpness_warned']:6.3f} "
               f"{entry['framing_warned']:7.3f} {entry['framing_wide_warned']:6.3f} {entry['inverted_back']:5.3f} "
-              f"{entry['noted']:6.3f} {entry['painted']:6.3f} {entry['not_gradable']:9.3f} "
+              f"{entry['noted']:6.3f} {entry['painted']:6.3f} {entry['enhanced']:5.3f} {entry['not_gradable']:9.3f} "
               f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}  "
               f"{' '.join(f'{c:.2f}' for c in entry.get('coverage_per_grade', []) if c is not None)} | "
               f"{entry.get('cross_fitted_coverage', float('nan')):.3f} "

@@ -211,7 +211,8 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
     if new is None:
         return ""
     columns = ["accuracy", "qwk", "agreement", "not_gradable", "warned", "sharpness_warned", "framing_warned",
-               "framing_wide_warned", "inverted_back", "noted", "painted", "coverage", "cross_fitted_coverage"]
+               "framing_wide_warned", "inverted_back", "noted", "painted", "enhanced", "coverage",
+               "cross_fitted_coverage"]
     columns = [c for c in columns if c in new["clean"] or c == "agreement"]
     before_has = next(iter(before["perturbations"].values())) if before else {}
     before_columns = [c for c in ("accuracy", "qwk", "agreement", "coverage") if c in columns and c in before_has]
@@ -225,7 +226,7 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
         cells = [f"{entry[c]:.3f}" for c in columns] + [f"{old[c]:.3f}" if old else "" for c in before_columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Agreement: the share of knees whose grade is the clean image's; not_gradable: the share flagged `gradable: false`; warned: the share of answers carrying the "
-              "processing warning; sharpness_warned: the share warned that the noise or sharpness differs; framing_warned / framing_wide_warned: the share carrying the warning that the knee is framed tighter / wider than in training; inverted_back: the share graded with its grey levels inverted back because it looked inverted; noted: the share whose answer notes how the image was prepared (not square: squeezed to the square; a mark painted out); painted: the share with a bright burnt-in mark painted out before grading; coverage: the share whose 90% grade set holds the true grade (in-sample: the "
+              "processing warning; sharpness_warned: the share warned that the noise or sharpness differs; framing_warned / framing_wide_warned: the share carrying the warning that the knee is framed tighter / wider than in training; inverted_back: the share graded with its grey levels inverted back because it looked inverted; noted: the share whose answer notes how the image was prepared (not square: squeezed to the square; a mark painted out; enhanced); painted: the share with a bright burnt-in mark painted out before grading; enhanced: the share CLAHE-enhanced before grading as looking unenhanced; coverage: the share whose 90% grade set holds the true grade (in-sample: the "
               "calibration is fitted on val); cross_fitted_coverage: the same for sets calibrated afresh on the clean "
               "knees of half the patients and scored on the other half, over 20 random halvings."]
     return "\n".join(lines) + "\n"

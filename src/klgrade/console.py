@@ -103,5 +103,5 @@ def print_summary(summary: dict) -> None:
     console.print(f"files that are no image klgrade reads (left out): {len(summary['not_read'])}")
     console.print(f"files not gradable as they are (view, pixels, grey levels): {len(summary['not_gradable'])}",
                   style="red" if summary["not_gradable"] else None)
-    console.print(f"files graded with a note (not square, a mark painted out): {len(summary['noted'])}",
+    console.print(f"files graded with a note (not square, a mark painted out, enhanced): {len(summary['noted'])}",
                   style="yellow" if summary["noted"] else None)

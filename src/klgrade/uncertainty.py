@@ -96,6 +96,8 @@ SQUEEZED = ("the image is {rows} x {columns} pixels (uniform margins trimmed), n
 MARK_PAINTED = ("a sharp-edged mark burnt into the image at its brightest level (a lead side marker?; at its darkest "
                 "in an image stored inverted) was painted out before grading: beside the joint such a mark reads as "
                 "an osteophyte; check it was not metal in the knee")
+ENHANCED = ("the image looked unenhanced (CLAHE raised its fine detail more than it raises any training image's): "
+            "CLAHE-enhanced before grading, as the training images were; a grade near a boundary can still move")
 ELONGATED = ("not gradable: the image is {rows} x {columns} pixels (uniform margins trimmed), {ratio:.1f} times as "
              "{longer} as {shorter}: two knees side by side or a full-leg view? Grades are read on one knee framed "
              "about square around the joint")
@@ -521,6 +523,11 @@ def gradability(images_uint8: np.ndarray, features: np.ndarray | None, density: 
     return reasons
 
 
+def fine_detail(grey: np.ndarray) -> float:
+    """Mean |Laplacian| of a grey-level image after a 1.5-px blur (so that noise and JPEG blocks weigh little)."""
+    return float(np.abs(cv2.Laplacian(cv2.GaussianBlur(np.asarray(grey, np.float32), (0, 0), 1.5), cv2.CV_32F)).mean())
+
+
 def processing_statistics(images_uint8: np.ndarray) -> np.ndarray:
     """(N, 3) per preprocessed image: grey-level spread, mean local spread over it, mean fine detail (|Laplacian|
     after a slight blur, so that noise and JPEG blocks weigh little). CLAHE raises the last two, equalisation
@@ -532,8 +539,7 @@ def processing_statistics(images_uint8: np.ndarray) -> np.ndarray:
         window = (max(3, grey.shape[0] // 10),) * 2
         mean = cv2.blur(grey, window)
         local = float(np.sqrt(np.maximum(cv2.blur(grey * grey, window) - mean * mean, 0)).mean())
-        detail = float(np.abs(cv2.Laplacian(cv2.GaussianBlur(grey, (0, 0), 1.5), cv2.CV_32F)).mean())
-        rows.append([spread, local / max(spread, 1e-3), detail])
+        rows.append([spread, local / max(spread, 1e-3), fine_detail(grey)])
     return np.array(rows, dtype=np.float64).reshape(-1, len(PROCESSING_STATISTICS))
 
 

@@ -7,6 +7,9 @@ shipped model's grades and often flagged the knee not gradable (docs/results.md,
 A lead side marker burnt in beside the joint reads to the network as an osteophyte (it moved 17% of val grades,
 docs/results.md): bright, sharp-edged marks are found and painted out (`burnt_in_marks`), and the answer says so.
 
+kneeKL224's images were CLAHE-enhanced before we had them; an image that looks unenhanced (an export of the radiograph
+as acquired) is enhanced the same way before grading (`looks_unenhanced`), and the answer says so.
+
 Training caches the uint8 stage (`to_uint8`) and normalises on the device; inference runs both stages per
 image. The settings travel inside every checkpoint, so a model is always fed as it was trained.
 """
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from klgrade.constants import IMAGE_SIZE
-from klgrade.uncertainty import MARK_PAINTED, input_notes, input_reasons
+from klgrade.uncertainty import ENHANCED, MARK_PAINTED, fine_detail, input_notes, input_reasons
 
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
@@ -70,6 +73,13 @@ MARK_MAX_AREA = 3000
 marker but something else (a checkerboard, a page of text), left as it is for the gradability check to refuse."""
 MARK_GROWTH = 5
 """Marks are grown by this diameter before painting, to take the letter's anti-aliased edge with them."""
+UNENHANCED_GAIN = 2.0
+"""An image is taken for an unenhanced radiograph, and CLAHE-enhanced as the training images were, when CLAHE raises
+its fine detail (`uncertainty.fine_detail`) more than this many times: enhancing an enhanced image again raises it
+less (kneeKL224's 6604 images: at most 1.94 times)."""
+UNENHANCED_MIN_DETAIL = 0.1
+"""...of an image with fine detail of its own (grey levels of mean |Laplacian|): CLAHE on a smooth ramp raises only its
+quantisation steps."""
 SIDE_UNKNOWN = ("the knee's side is unknown (not in a manifest, the file name or the DICOM header): this model mirrors "
                 "left knees to see every knee as a right one, so a left knee was graded unmirrored and its grade may "
                 "not hold; name the side (e.g. 9003175L.png, or a manifest's side column)")
@@ -80,7 +90,8 @@ class PreprocessConfig:
     """Args:
     size: output side in pixels (square).
     clip_percentiles: intensity percentiles mapped to 0 and 1 (robust to burnt-in labels and collimation).
-    clahe: apply CLAHE (OpenCV) after the stretch; kneeKL224 is already CLAHE-enhanced, so off by default.
+    clahe: apply CLAHE (OpenCV) after the stretch to every image; kneeKL224 is already CLAHE-enhanced, so off by
+        default, and then applied only to an image that looks unenhanced (`looks_unenhanced`).
     canonical_side: mirror left knees so every knee looks like a right knee (the side of a manifest, the file name
         or the DICOM header; a knee without one is seen as stored, with a warning).
     """
@@ -215,6 +226,8 @@ class PreparedImage:
     """The preprocessing mirrors left knees, but this knee's side was not given."""
     marks_painted: bool = False
     """Burnt-in marks were painted out (`burnt_in_marks`)."""
+    enhanced: bool = False
+    """The image looked unenhanced and was CLAHE-enhanced as the training images were (`looks_unenhanced`)."""
 
     def reasons(self, view: str | None = None, laterality: str | None = None) -> list[str]:
         """Why the input is not gradable whatever the network makes of it (`uncertainty.input_reasons`; `view`,
@@ -223,9 +236,9 @@ class PreparedImage:
 
     def notes(self) -> list[str]:
         """What the answer must say about how the input was prepared, without making it ungradable
-        (`uncertainty.input_notes`, marks painted out, an unknown side)."""
+        (`uncertainty.input_notes`, marks painted out, enhanced, an unknown side)."""
         return (input_notes(self.trimmed_shape) + ([MARK_PAINTED] if self.marks_painted else [])
-                + ([SIDE_UNKNOWN] if self.side_unknown else []))
+                + ([ENHANCED] if self.enhanced else []) + ([SIDE_UNKNOWN] if self.side_unknown else []))
 
 
 def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None = None) -> PreparedImage:
@@ -239,8 +252,9 @@ def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None 
         outside = cv2.resize(marks, grey.shape[::-1], interpolation=cv2.INTER_NEAREST)[::step, ::step] == 0
         grey = _stretched(image, config.clip_percentiles, image[::step, ::step][outside])
     grey_levels = int(np.count_nonzero(np.bincount(grey[::step, ::step].ravel(), minlength=256)))
-    if config.clahe:
-        grey = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(grey)
+    enhanced = not config.clahe and looks_unenhanced(grey[::step, ::step])
+    if config.clahe or enhanced:
+        grey = _clahe(grey)
     height, width = grey.shape
     shrinking = height > config.size or width > config.size
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
@@ -251,7 +265,18 @@ def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None 
     if config.canonical_side and side == "L":
         pixels = np.ascontiguousarray(pixels[:, ::-1])
     return PreparedImage(pixels, (height, width), grey_levels, config.canonical_side and side is None,
-                         marks is not None)
+                         marks is not None, enhanced)
+
+
+def _clahe(grey: np.ndarray) -> np.ndarray:
+    return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(grey)
+
+
+def looks_unenhanced(grey: np.ndarray) -> bool:
+    """Whether a stretched uint8 image with fine detail of its own gains more from CLAHE than an enhanced one can
+    (`UNENHANCED_GAIN`, `UNENHANCED_MIN_DETAIL`)."""
+    detail = fine_detail(grey)
+    return detail >= UNENHANCED_MIN_DETAIL and fine_detail(_clahe(grey)) > UNENHANCED_GAIN * detail
 
 
 def _stretched(image: np.ndarray, clip_percentiles: tuple[float, float], reference: np.ndarray) -> np.ndarray:

@@ -96,8 +96,8 @@ class Assessment:
     warnings: list[list[str]]
     """Per image, what a reader must know (`Grading.warnings`, before any about its explanation)."""
     noted: list[bool]
-    """Per image, whether its answer notes how the image was prepared (not square, a mark painted out, an unknown
-    side)."""
+    """Per image, whether its answer notes how the image was prepared (not square, a mark painted out, enhanced, an
+    unknown side)."""
 
     @classmethod
     def concatenate(cls, parts: list["Assessment"]) -> "Assessment":
