@@ -306,7 +306,9 @@ def test_a_knee_that_looks_unenhanced_is_clahe_enhanced_as_the_training_images_w
     contrast. Val knees with theirs cut to a tenth (the benchmark's softening) are enhanced with the same CLAHE as
     `clahe: true` applies, and say so; their fine detail comes back at least a quarter of the way to the stored
     knee's (29-49% on these). No stored knee is enhanced (none of all 6604: CLAHE raises their fine detail at most
-    1.94 times)."""
+    1.94 times); enlarged to 1024 px, one of these 41 (read at the image's own scale: 9)."""
+    import cv2
+
     from klgrade.data import preprocess as module
     from klgrade.data.io import read_image
     from klgrade.uncertainty import ENHANCED, fine_detail
@@ -314,10 +316,12 @@ def test_a_knee_that_looks_unenhanced_is_clahe_enhanced_as_the_training_images_w
     soften = script_module("benchmarks/robustness.py")._soften(0.9)
     config = PreprocessConfig(size=160)
     val, train = sorted((kneekl224 / "val").rglob("*.jpg")), sorted((kneekl224 / "train").rglob("*.jpg"))
+    enlarged_enhanced = 0
     for path in val[::40] + train[::300]:
         knee = read_image(path)
         stored = prepare_image(knee, config)
         assert not stored.enhanced and stored.notes() == [], path.name
+        enlarged_enhanced += prepare_image(cv2.resize(knee, (1024, 1024), interpolation=cv2.INTER_CUBIC), config).enhanced
         enhanced = prepare_image(soften(knee), config)
         assert enhanced.enhanced and ENHANCED in enhanced.notes(), path.name
         always = prepare_image(soften(knee), replace(config, clahe=True))
@@ -328,6 +332,7 @@ def test_a_knee_that_looks_unenhanced_is_clahe_enhanced_as_the_training_images_w
         assert not as_given.enhanced and as_given.notes() == []
         gap = fine_detail(stored.pixels) - fine_detail(as_given.pixels)
         assert gap > 0 and fine_detail(enhanced.pixels) - fine_detail(as_given.pixels) > 0.25 * gap, path.name
+    assert enlarged_enhanced <= 1
 
 
 def test_a_knee_inside_a_noisy_margin_is_prepared_as_the_knee_itself(kneekl224):

@@ -73,10 +73,12 @@ MARK_MAX_AREA = 3000
 marker but something else (a checkerboard, a page of text), left as it is for the gradability check to refuse."""
 MARK_GROWTH = 5
 """Marks are grown by this diameter before painting, to take the letter's anti-aliased edge with them."""
+UNENHANCED_SIDE = 224
 UNENHANCED_GAIN = 2.0
 """An image is taken for an unenhanced radiograph, and CLAHE-enhanced as the training images were, when CLAHE raises
-its fine detail (`uncertainty.fine_detail`) more than this many times: enhancing an enhanced image again raises it
-less (kneeKL224's 6604 images: at most 1.94 times)."""
+its fine detail (`uncertainty.fine_detail`, read at kneeKL224's side whatever the image's: a stored knee enlarged to
+1024 px and read there was taken for unenhanced in 8 of 42 cases, read at 224 px in 1) more than this many times:
+enhancing an enhanced image again raises it less (kneeKL224's 6604 images: at most 1.94 times)."""
 UNENHANCED_MIN_DETAIL = 0.1
 """...of an image with fine detail of its own (grey levels of mean |Laplacian|): CLAHE on a smooth ramp raises only its
 quantisation steps."""
@@ -274,7 +276,10 @@ def _clahe(grey: np.ndarray) -> np.ndarray:
 
 def looks_unenhanced(grey: np.ndarray) -> bool:
     """Whether a stretched uint8 image with fine detail of its own gains more from CLAHE than an enhanced one can
-    (`UNENHANCED_GAIN`, `UNENHANCED_MIN_DETAIL`)."""
+    (`UNENHANCED_SIDE`, `UNENHANCED_GAIN`, `UNENHANCED_MIN_DETAIL`)."""
+    shrinking = min(grey.shape) > UNENHANCED_SIDE
+    grey = cv2.resize(grey, (UNENHANCED_SIDE, UNENHANCED_SIDE),
+                      interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     detail = fine_detail(grey)
     return detail >= UNENHANCED_MIN_DETAIL and fine_detail(_clahe(grey)) > UNENHANCED_GAIN * detail
 
