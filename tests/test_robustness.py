@@ -264,7 +264,7 @@ def test_the_benchmarks_cross_fitted_sets_are_the_sets_klgrade_answers():
     robustness = script_module("benchmarks/robustness.py")
     labels = np.array([0, 4, 0, 4])
     probabilities = np.eye(5)[[4, 0, 4, 0]] * 0.95 + 0.01  # every knee confidently wrong
-    graded = robustness.Graded(probabilities, [], np.array([True, True, False, False]), {}, *np.zeros((2, 4), dtype=bool))
+    graded = robustness.Graded(probabilities, [], np.array([True, True, False, False]), {}, *np.zeros((3, 4), dtype=bool))
     fit = robustness.CrossFit(np.arange(4), 1.0, np.full(5, 0.5))
     result = robustness.cross_fitted(labels, [fit], graded, temperature=1.0)
     assert result["cross_fitted_coverage"] == 0.5 and result["cross_fitted_coverage_per_grade"][0] == 0.5

@@ -318,12 +318,14 @@ def enhanced_limit(robustness: dict | None) -> str:
         return ""
     effects = "; ".join(f"{name} {entry['enhanced']:.0%} enhanced, changing {_grade_changes(entry, robustness['clean'])}"
                         for name, entry in softened.items())
-    others = max(entry["enhanced"] for name, entry in perturbed.items() if name not in softened)
+    others = max(entry["enhanced"] for group in ("perturbations", "framings", "markers")
+                 for name, entry in robustness.get(group, {}).items() if name not in softened)
     return ("- An image that looks unenhanced (CLAHE raises its fine detail more than twice; kneeKL224's images at "
             "most 1.94 times) is CLAHE-enhanced before grading as the training images were, and the answer says so. "
             f"Val knees with their local contrast reduced (by half, to a fifth): {effects}; as stored "
-            f"{robustness['clean']['enhanced']:.0%}, under any other processing at most {others:.1%}. How closely the "
-            "softening imitates a radiograph as acquired is unmeasured: no unenhanced copies of these knees here.\n")
+            f"{robustness['clean']['enhanced']:.0%}, under any other processing or framing at most {others:.1%}. How "
+            "closely the softening imitates a radiograph as acquired is unmeasured: no unenhanced copies of these "
+            "knees here.\n")
 
 
 def _grade_changes(entry: dict, clean: dict) -> str:

@@ -76,9 +76,9 @@ MARK_GROWTH = 5
 UNENHANCED_SIDE = 224
 UNENHANCED_GAIN = 2.0
 """An image is taken for an unenhanced radiograph, and CLAHE-enhanced as the training images were, when CLAHE raises
-its fine detail (`uncertainty.fine_detail`, read at kneeKL224's side whatever the image's: a stored knee enlarged to
-1024 px and read there was taken for unenhanced in 8 of 42 cases, read at 224 px in 1) more than this many times:
-enhancing an enhanced image again raises it less (kneeKL224's 6604 images: at most 1.94 times)."""
+its fine detail (`uncertainty.fine_detail`, read with the longer side at kneeKL224's whatever the image's: a stored
+knee enlarged to 1024 px and read there was taken for unenhanced 9 of 41 times, read at 224 px once) more than this
+many times: enhancing an enhanced image again raises it less (kneeKL224's 6604 images: at most 1.94 times)."""
 UNENHANCED_MIN_DETAIL = 0.1
 """...of an image with fine detail of its own (grey levels of mean |Laplacian|): CLAHE on a smooth ramp raises only its
 quantisation steps."""
@@ -277,9 +277,9 @@ def _clahe(grey: np.ndarray) -> np.ndarray:
 def looks_unenhanced(grey: np.ndarray) -> bool:
     """Whether a stretched uint8 image with fine detail of its own gains more from CLAHE than an enhanced one can
     (`UNENHANCED_SIDE`, `UNENHANCED_GAIN`, `UNENHANCED_MIN_DETAIL`)."""
-    shrinking = min(grey.shape) > UNENHANCED_SIDE
-    grey = cv2.resize(grey, (UNENHANCED_SIDE, UNENHANCED_SIDE),
-                      interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    scale = UNENHANCED_SIDE / max(grey.shape)
+    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+    grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     detail = fine_detail(grey)
     return detail >= UNENHANCED_MIN_DETAIL and fine_detail(_clahe(grey)) > UNENHANCED_GAIN * detail
 
