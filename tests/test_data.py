@@ -303,10 +303,10 @@ def test_any_image_with_bright_and_dark_shapes_is_prepared_and_said_so_when_pain
 
 def test_a_knee_that_looks_unenhanced_is_clahe_enhanced_as_the_training_images_were(kneekl224, monkeypatch):
     """kneeKL224 was CLAHE-enhanced before we had it; an export of the radiograph as acquired has far less local
-    contrast. Val knees with theirs cut to a tenth (the benchmark's softening) are enhanced with the same CLAHE as
-    `clahe: true` applies, and say so; their fine detail comes back at least a quarter of the way to the stored
-    knee's (29-49% on these). No stored knee is enhanced (none of all 6604: CLAHE raises their fine detail at most
-    1.94 times); enlarged to 1024 px, one of these 41 (read at the image's own scale: 9)."""
+    contrast. Val knees with theirs cut to a tenth (the benchmark's softening) and saved as 8-bit: most (33 of these
+    41; before the dequantising blur 3) are enhanced with the same CLAHE as `clahe: true` applies, and say so; their
+    fine detail comes back at least a quarter of the way to the stored knee's (28-39% on these). No stored knee is
+    enhanced (none of all 6604), nor one enlarged to 1024 px (read at the image's own scale: 9 of these 41)."""
     import cv2
 
     from klgrade.data import preprocess as module
@@ -316,23 +316,29 @@ def test_a_knee_that_looks_unenhanced_is_clahe_enhanced_as_the_training_images_w
     soften = script_module("benchmarks/robustness.py")._soften(0.9)
     config = PreprocessConfig(size=160)
     val, train = sorted((kneekl224 / "val").rglob("*.jpg")), sorted((kneekl224 / "train").rglob("*.jpg"))
-    enlarged_enhanced = 0
-    for path in val[::40] + train[::300]:
+    knees = val[::40] + train[::300]
+    enhanced_count = 0
+    for path in knees:
         knee = read_image(path)
         stored = prepare_image(knee, config)
         assert not stored.enhanced and stored.notes() == [], path.name
-        enlarged_enhanced += prepare_image(cv2.resize(knee, (1024, 1024), interpolation=cv2.INTER_CUBIC), config).enhanced
-        enhanced = prepare_image(soften(knee), config)
-        assert enhanced.enhanced and ENHANCED in enhanced.notes(), path.name
-        always = prepare_image(soften(knee), replace(config, clahe=True))
+        enlarged = prepare_image(cv2.resize(knee, (1024, 1024), interpolation=cv2.INTER_CUBIC), config)
+        assert not enlarged.enhanced, path.name
+        softened = np.round(soften(knee))
+        enhanced = prepare_image(softened, config)
+        assert (ENHANCED in enhanced.notes()) == enhanced.enhanced, path.name
+        if not enhanced.enhanced:
+            continue
+        enhanced_count += 1
+        always = prepare_image(softened, replace(config, clahe=True))
         assert np.array_equal(always.pixels, enhanced.pixels) and always.notes() == [], path.name
         with monkeypatch.context() as patch:
             patch.setattr(module, "UNENHANCED_GAIN", np.inf)
-            as_given = prepare_image(soften(knee), config)
+            as_given = prepare_image(softened, config)
         assert not as_given.enhanced and as_given.notes() == []
         gap = fine_detail(stored.pixels) - fine_detail(as_given.pixels)
         assert gap > 0 and fine_detail(enhanced.pixels) - fine_detail(as_given.pixels) > 0.25 * gap, path.name
-    assert enlarged_enhanced <= 1
+    assert enhanced_count >= 0.7 * len(knees)
 
 
 def test_a_knee_inside_a_noisy_margin_is_prepared_as_the_knee_itself(kneekl224):

