@@ -320,8 +320,8 @@ def enhanced_limit(robustness: dict | None) -> str:
                         for name, entry in softened.items())
     others = max(entry["enhanced"] for group in ("perturbations", "framings", "markers")
                  for name, entry in robustness.get(group, {}).items() if name not in softened)
-    return ("- An image that looks unenhanced (CLAHE raises its fine detail more than twice; kneeKL224's images at "
-            "most 1.94 times) is CLAHE-enhanced before grading as the training images were, and the answer says so. "
+    return ("- An image that looks unenhanced (CLAHE raises its fine detail more than 2.15 times; kneeKL224's images "
+            "at most 2.10 times) is CLAHE-enhanced before grading as the training images were, and the answer says so. "
             f"Val knees with their local contrast reduced (by half, to a fifth): {effects}; as stored "
             f"{robustness['clean']['enhanced']:.0%}, under any other processing or framing at most {others:.1%}. How "
             "closely the softening imitates a radiograph as acquired is unmeasured: no unenhanced copies of these "
