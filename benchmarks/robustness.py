@@ -5,8 +5,8 @@
 
 Each perturbation is applied to the decoded image as a radiograph viewer or PACS would, with OpenCV (not the
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
-copy, towards an unenhanced radiograph: by half, and to a fifth), gamma 0.7 and 1.4, histogram equalisation, JPEG at quality 30,
-downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise (sigma 8 and 20 grey levels of 255),
+copy, towards an unenhanced radiograph: by half, and to a fifth), gamma 0.7 and 1.4, histogram equalisation, JPEG
+at quality 30, downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise (sigma 8 and 20 grey levels of 255),
 Gaussian blur (sigma 2 px at 224 px), edge enhancement (unsharp masking, sigma 2 px, amount 1, as CR/DX
 processing sharpens), and the grey levels inverted (a MONOCHROME1 radiograph saved without its
 inversion). Per perturbation: accuracy, QWK, and agreement of the grade
@@ -14,9 +14,9 @@ with the clean image's grade; `warned`, the share of images that get the process
 `sharpness_warned`, the share warned that the noise or sharpness differs, `framing_warned` and
 `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or wider, than in
 training), `inverted_back`, the share graded inverted back because it looked inverted, `noted`, the share whose
-answer notes how the image was prepared (not square: squeezed to the square; a mark painted out), `painted`, the
-share with a bright burnt-in mark painted out before grading (`data.preprocess.burnt_in_marks`), `enhanced`, the
-share CLAHE-enhanced before grading as looking unenhanced (`data.preprocess.looks_unenhanced`), and
+answer notes how the image was prepared (not square: squeezed to the square; a mark painted out; enhanced),
+`painted`, the share with a bright burnt-in mark painted out before grading (`data.preprocess.burnt_in_marks`),
+`enhanced`, the share CLAHE-enhanced before grading as looking unenhanced (`data.preprocess.looks_unenhanced`), and
 `not_gradable`, the share flagged not gradable; for a calibrated model also
 `coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?),
 `coverage_per_grade` (its share among the knees of each true grade) and `mean_set_size`, and, since the model's

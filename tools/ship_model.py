@@ -316,8 +316,8 @@ def enhanced_limit(robustness: dict | None) -> str:
     softened = {name: entry for name, entry in perturbed.items() if name.startswith("contrast_reduced")}
     if not softened or not all("enhanced" in entry for entry in softened.values()):
         return ""
-    effects = "; ".join(f"{name} {entry['enhanced']:.0%} enhanced, changing {_grade_changes(entry, robustness['clean'])}"
-                        for name, entry in softened.items())
+    effects = "; ".join(f"{name} {entry['enhanced']:.0%} enhanced, changing "
+                        f"{_grade_changes(entry, robustness['clean'])}" for name, entry in softened.items())
     others = max(entry["enhanced"] for group in ("perturbations", "framings", "markers")
                  for name, entry in robustness.get(group, {}).items() if name not in softened)
     return ("- An image that looks unenhanced (CLAHE raises its fine detail more than 2.15 times; kneeKL224's images "

@@ -85,8 +85,8 @@ DEQUANTISE_SIGMA = 0.5
 enhance it less (val knees with their local contrast cut to a fifth and saved as 8-bit were read as unenhanced as
 often as the same knees unrounded with it, 7 times less often without it)."""
 UNENHANCED_MIN_DETAIL = 0.1
-"""...of an image with fine detail of its own (grey levels of mean |Laplacian|): CLAHE on a smooth ramp raises only its
-quantisation steps."""
+"""An image with less fine detail of its own (grey levels of mean |Laplacian|) is never taken for unenhanced: CLAHE on
+a smooth ramp raises only its quantisation steps."""
 SIDE_UNKNOWN = ("the knee's side is unknown (not in a manifest, the file name or the DICOM header): this model mirrors "
                 "left knees to see every knee as a right one, so a left knee was graded unmirrored and its grade may "
                 "not hold; name the side (e.g. 9003175L.png, or a manifest's side column)")
