@@ -72,7 +72,7 @@ def print_metrics(metrics: dict) -> None:
                        ("framing_shift_fraction", "warned: framed tighter than training"),
                        ("framing_wide_shift_fraction", "warned: framed wider than training"),
                        ("polarity_shift_fraction", "graded inverted back (looked inverted)"),
-                       ("noted_fraction", "noted: not square, mark painted out, side unknown")):
+                       ("noted_fraction", "noted: not square, mark painted out, enhanced, side unknown")):
         if key in metrics:
             table.add_row(label, f"{metrics[key]:.3f}", "")
     console = Console(width=120)
