@@ -304,7 +304,7 @@ def test_any_image_with_bright_and_dark_shapes_is_prepared_and_said_so_when_pain
 def test_a_knee_that_looks_unenhanced_is_clahe_enhanced_as_the_training_images_were(kneekl224, monkeypatch):
     """kneeKL224 was CLAHE-enhanced before we had it; an export of the radiograph as acquired has far less local
     contrast. Val knees with theirs cut to a tenth (the benchmark's softening) and saved as 8-bit: most (33 of these
-    41; before the dequantising blur 3) are enhanced with the same CLAHE as `clahe: true` applies, and say so; their
+    41; before the dequantising blur 1) are enhanced with the same CLAHE as `clahe: true` applies, and say so; their
     fine detail comes back at least a quarter of the way to the stored knee's (28-39% on these). No stored knee is
     enhanced (none of all 6604), nor one enlarged to 1024 px (read at the image's own scale: 9 of these 41)."""
     import cv2
