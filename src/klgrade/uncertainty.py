@@ -556,7 +556,7 @@ def sharpness_statistics(images_uint8: np.ndarray) -> np.ndarray:
         grey = image.astype(np.float32)
         noise = np.sqrt(np.pi / 2) / 6 * float(np.abs(cv2.filter2D(grey, -1, NOISE_KERNEL))[1:-1, 1:-1].mean())
         fine = float(np.abs(cv2.Laplacian(grey, cv2.CV_32F)).mean())
-        mid = float(np.abs(cv2.Laplacian(cv2.GaussianBlur(grey, (0, 0), 1.5), cv2.CV_32F)).mean())
+        mid = fine_detail(grey)
         rows.append([np.log(noise + 1e-3), np.log((fine + 1e-3) / (mid + 1e-3))])
     return np.array(rows, dtype=np.float64).reshape(-1, len(SHARPNESS_STATISTICS))
 
