@@ -200,7 +200,7 @@ def data_summary(
 ) -> None:
     """Counts per split x grade, patients per split, cross-split patient overlap, unreadable files, files not
     gradable as they are (a lateral, oblique or axial view, too few pixels or grey levels), files graded with a note
-    (not square, a burnt-in mark painted out)."""
+    (not square, a burnt-in mark painted out, enhanced as looking unenhanced)."""
     from klgrade.data.summary import summarize
     from klgrade.console import print_summary
 

@@ -1,7 +1,8 @@
 """`klgrade data summary`: what a dataset holds, whether patients leak across splits, which files are unreadable,
 which are not gradable as they are (a DICOM header naming a view other than the frontal one KL grades are read
 on, too few pixels or grey levels): training and `evaluate` would take them as any other; and which are graded with
-a note about their preparation (an image not square, squeezed to the square; a burnt-in mark painted out)."""
+a note about their preparation (an image not square, squeezed to the square; a burnt-in mark painted out; an image
+that looks unenhanced, CLAHE-enhanced)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
     patients and identical files shared between splits (a patient id counts where it names a person:
     `data.provenance`), unreadable files, files not gradable as they are, with their reasons (a lateral,
     oblique or axial view, too few pixels or grey levels), files gradable whose answers will carry a note
-    (`noted`: an image not square, a burnt-in mark painted out), and files in the grade folders that are no image
-    klgrade reads (`not_read`)."""
+    (`noted`: an image not square, a burnt-in mark painted out, an image that looks unenhanced), and files in the
+    grade folders that are no image klgrade reads (`not_read`)."""
     problems: list[ImageReadError] = []
     not_read: list[tuple[str | None, str]] = []
     samples = find_samples(data, problems, not_read)

@@ -243,7 +243,7 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     does, `framing_shift_fraction` and `framing_wide_shift_fraction`, the shares that look framed tighter or wider
     (an external set cropped otherwise shows here), and `polarity_shift_fraction`, the share graded inverted back;
     `noted_fraction` is the share whose answer notes how the image was prepared (not square, a burnt-in mark painted
-    out, an unknown side).
+    out, enhanced as looking unenhanced, an unknown side).
 
     Files in the scored split's grade folders that are no image klgrade reads are left out (`files_not_read` counts
     them, a warning names one). Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the

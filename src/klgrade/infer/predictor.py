@@ -362,7 +362,7 @@ class Predictor:
         `images_uint8`: as graded (`upright_images`); `reasons`: per image, why the input itself is not gradable (a
         DICOM header naming a lateral view, too few pixels or grey levels: `uncertainty.input_reasons`), first among
         its reasons; `notes`: per image, what preparing it found that the answer must say (an image not square, a
-        mark painted out, an unknown side: `data.preprocess.PreparedImage.notes`)."""
+        mark painted out, enhanced, an unknown side: `data.preprocess.PreparedImage.notes`)."""
         alpha = self.alpha if alpha is None else alpha
         if self.is_calibrated:
             sets = grade_sets(outputs.probabilities, self.set_thresholds(alpha))
