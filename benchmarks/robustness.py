@@ -6,8 +6,8 @@
 Each perturbation is applied to the decoded image as a radiograph viewer or PACS would, with OpenCV (not the
 training augmentation's code): CLAHE again at two strengths, local contrast reduced (blend with a smoothed
 copy, towards an unenhanced radiograph: by half, and to a fifth), gamma 0.7 and 1.4, histogram equalisation, JPEG
-at quality 30, downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise (sigma 8 and 20 grey levels of 255),
-Gaussian blur (sigma 2 px at 224 px), edge enhancement (unsharp masking, sigma 2 px, amount 1, as CR/DX
+at quality 30, downsampling to 112 px and back, a 16-bit PNG re-encode, Gaussian noise (sigma 8 and 20 grey levels
+of 255), Gaussian blur (sigma 2 px at 224 px), edge enhancement (unsharp masking, sigma 2 px, amount 1, as CR/DX
 processing sharpens), and the grey levels inverted (a MONOCHROME1 radiograph saved without its
 inversion). Per perturbation: accuracy, QWK, and agreement of the grade
 with the clean image's grade; `warned`, the share of images that get the processing-shift warning,
