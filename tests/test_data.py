@@ -15,7 +15,7 @@ from klgrade.data.preprocess import PreprocessConfig, prepare_image, preprocess,
 from klgrade.data.provenance import check_unshared, shared_knees
 from klgrade.data.sources import (PLACEHOLDER_FILES, Sample, find_samples, is_image_file, parse_grade, parse_knee_name,
                                   parse_side)
-from klgrade.data.splits import knee_groups, patient_folds
+from klgrade.data.splits import knee_groups, patient_folds, unnamed_patients_warning
 from klgrade.data.summary import summarize
 from klgrade.errors import DataLayoutError, KLGradeError
 from klgrade.uncertainty import MARK_PAINTED, NOT_FRONTAL, SQUEEZED, TOO_FEW_GREY_LEVELS, TOO_SMALL
@@ -598,6 +598,7 @@ def test_summary_of_real_data(kneekl224):
     assert summary["splits"]["train"]["copies"] == summary["splits"]["val"]["copies"] == 0
     assert summary["splits"]["train"]["copies_of_two_grades"] == summary["splits"]["val"]["copies_of_two_grades"] == 0
     assert summary["unreadable"] == [] and summary["not_gradable"] == []
+    assert summary["warnings"] == [] and summary["splits"]["train"]["unnamed_knees"] == 0  # OAI ids name them all
 
 
 def test_summary_lists_bad_files_and_still_counts_the_rest(tmp_path):
@@ -649,6 +650,34 @@ def test_summary_names_the_files_not_gradable_as_they_are_and_still_counts_them(
     assert noted.stderr.count("warning: ") == 4 and "warning: 2 files will be graded with a note, e.g." in noted.stderr
     table = invoke_cli("data", "summary", str(tmp_path))
     assert "files graded with a note (not square, a mark painted out, enhanced): 2" in table.stdout
+
+
+def test_knees_that_name_no_patient_are_counted_and_said_a_copy_of_a_named_knee_being_that_knee(tmp_path):
+    """Files whose names carry no patient id (and no manifest or DICOM header gives one) are each a patient of their
+    own: folds and the checks between splits cannot keep a person's two knees together, and patient-level intervals
+    take them as independent. The summary counts them per split and warns; a copy of a named knee's file is that
+    knee; a manifest's patient_id names them."""
+    for split, seed in (("train", 0), ("val", 10)):
+        for grade in range(3):
+            _write(tmp_path / split / str(grade) / f"knee{grade}.png", seed=seed + grade)
+    named = _write(tmp_path / "train" / "0" / "9000001L.png", seed=20)
+    (tmp_path / "train" / "0" / "copy.png").write_bytes(named.read_bytes())
+    result = invoke_cli("data", "summary", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["splits"]["train"]["unnamed_knees"] == summary["splits"]["val"]["unnamed_knees"] == 3
+    expected = (f"{tmp_path}: 6 of 8 knees name no patient (no manifest patient_id, OAI id in the file name or DICOM "
+                f"PatientID; e.g. {tmp_path / 'train' / '0' / 'knee0.png'}): each counts as a patient of its own")
+    assert len(summary["warnings"]) == 1 and summary["warnings"][0].startswith(expected)
+    assert f"warning: {summary['warnings'][0]}\n" in result.stderr
+    table = invoke_cli("data", "summary", str(tmp_path))
+    assert "knees in val that name no patient (each counted as a patient of its own): 3" in table.stdout
+    manifest = tmp_path / "knees.csv"
+    manifest.write_text("path,grade,patient_id\n" + "".join(
+        f"{split}/{grade}/knee{grade}.png,{grade},person{grade}\n" for split in ("train", "val") for grade in range(3)))
+    assert unnamed_patients_warning(find_samples(manifest), "knees.csv") == []
+    assert unnamed_patients_warning(find_samples(tmp_path / "train"), "train") == [
+        summary["warnings"][0].replace(f"{tmp_path}: 6 of 8", "train: 3 of 5")]
 
 
 def test_summary_of_a_bad_layout_is_one_line(tmp_path):

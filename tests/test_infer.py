@@ -20,7 +20,7 @@ from klgrade.infer.grading import NamedBytes, load_model, prepare_input
 from klgrade.models import create_model, load_checkpoint
 
 from helpers import (EXAMPLES, copy_real_images, invoke_cli, knee_image, mirroring_left_knees, run_cli, save_msa_net,
-                     write_dicom)
+                     save, write_dicom)
 
 
 def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp_path):
@@ -150,6 +150,24 @@ def test_a_mirroring_model_says_when_it_does_not_know_a_knees_side(tiny_checkpoi
         f"{tmp_path / 'set'}: 1 of 2 knees have no side (not in a manifest, the file name or the DICOM header): the "
         f"model mirrors left knees, so a left knee among them is seen unmirrored"]
     assert not [w for w in evaluate(plain, tmp_path / "set", n_boot=0).warnings if "no side" in w]
+
+
+def test_a_scored_set_whose_knees_name_no_patient_says_its_intervals_take_each_for_a_person(tiny_checkpoint, tmp_path):
+    """The 95% intervals resample patients: knees that name none are each a person of their own there (two knees of
+    one person resampled as two people make the intervals narrower than they are), and the answer says so."""
+    model = load_model(tiny_checkpoint)
+    for grade in range(2):
+        for side in "LR":
+            knee = Image.fromarray(knee_image(2 * grade + "LR".index(side)))
+            save(knee, tmp_path / "named" / str(grade) / f"900000{grade}{side}.png")
+            save(knee, tmp_path / "unnamed" / str(grade) / f"scan_{grade}{side}.png")
+    assert not [w for w in evaluate(model, tmp_path / "named", n_boot=0).warnings if "name no patient" in w]
+    warnings = [w for w in evaluate(model, tmp_path / "unnamed", n_boot=0).warnings if "name no patient" in w]
+    assert warnings == [f"{tmp_path / 'unnamed'}: 4 of 4 knees name no patient (no manifest patient_id, OAI id in the "
+                        f"file name or DICOM PatientID; e.g. {tmp_path / 'unnamed' / '0' / 'scan_0L.png'}): each "
+                        f"counts as a patient of its own, so one person's knees or visits may be split between folds "
+                        f"or sets and intervals take them as independent; give patient ids in a manifest's "
+                        f"patient_id column"]
 
 
 def test_the_split_scored_is_the_one_named_else_test_then_val():

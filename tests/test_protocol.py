@@ -28,11 +28,12 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     (data / "train" / "0" / "again.jpg").write_bytes(knees[0].read_bytes())  # scored once
     regraded = data / "train" / "3" / "regraded.jpg"
     regraded.write_bytes(knees[9].read_bytes())  # a grade-1 knee filed as 3 too: neither is scored
+    unnamed = save(Image.fromarray(knee_image()), data / "train" / "2" / "scan.png")  # its own patient, and said so
     result = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((out / "oof_predictions.csv").open()))
     assert {int(r["fold"]) for r in rows} == {0, 1, 2}
-    assert len(rows) == 39 and {r["path"] for r in rows}.isdisjoint({str(knees[9]), str(regraded)})
+    assert len(rows) == 40 and {r["path"] for r in rows}.isdisjoint({str(knees[9]), str(regraded)})
     assert listed == [str(data)] * 3
     assert "repeat the bytes of another" in result.stderr
     assert "share their bytes with a file of another grade" in result.stderr
@@ -44,6 +45,10 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     assert len(summary["per_fold"]) == 3
     assert {"accuracy", "f1_macro", "mcc", "qwk", "mae"} <= set(summary["mean_sd"])
     assert "mean +/- sd" in (out / "cv_summary.md").read_text()
+    # The copies are the named knees they copy; the one knee that names no patient is said, in the summary too.
+    assert [w.split(" (")[0] for w in summary["warnings"]] == ["cross-validated knees: 1 of 43 knees name no patient"]
+    assert f"e.g. {unnamed}" in summary["warnings"][0] and f"Warning: {summary['warnings'][0]}." in (
+        out / "cv_summary.md").read_text()
     for fold in range(3):  # the scored model was chosen by nothing that saw the fold's patients
         selection = json.loads((out / f"fold{fold}" / "selection.json").read_text())
         assert selection["checkpoint"] == "last.safetensors" and selection["selection_patients"] == []
@@ -98,6 +103,7 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     kd = json.loads((out / "runs" / "msa_net_kd" / "fold0" / "metrics.json").read_text())
     assert len(kd["config"]["teacher"]) == 4
     assert results["unfinished"] == [] and "time budget" not in report
+    assert results["warnings"] == [] and "## Warnings" not in report  # OAI ids name every knee left in
     from klgrade.experiments import protocol
 
     graded = []  # a rerun grades no validation set again whose fold models and images are unchanged
@@ -171,6 +177,8 @@ def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(
     entry["internal"] = {"mean_sd": mean_sd([metrics])}
     with_val = _markdown(results, None)
     assert "internal validation of every fold model on `val`" in with_val and "## Internal validation" in with_val
+    results["warnings"] = ["cross-validated knees: 3 of 9 knees name no patient"]
+    assert "## Warnings\n\n- cross-validated knees: 3 of 9 knees name no patient\n" in _markdown(results, None)
 
 
 def test_a_validation_set_with_no_knee_outside_the_train_split_or_an_unreadable_image_stops_before_training(

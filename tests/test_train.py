@@ -211,11 +211,12 @@ def test_a_split_root_of_numbered_files_trains_and_a_file_copied_across_its_spli
     data = select_data(TrainConfig(data=str(tmp_path)))
     assert len(data.train) == 9 and {str(tmp_path / "train" / "2" / "1.png"), str(regraded)}.isdisjoint(
         s.path for s in data.train)
-    assert [note.split(":")[0] for note in data.notes] == ["training data"] * 2
+    assert [note.split(":")[0] for note in data.notes] == ["training data"] * 2 + ["training and validation data"]
+    assert data.notes[2].startswith("training and validation data: 19 of 19 knees name no patient")
     # A model that mirrors left knees is told which knees have no side (these names give none): it sees them as stored.
     mirroring = select_data(TrainConfig(data=str(tmp_path), canonical_side=True))
-    assert [note.split(" (")[0] for note in mirroring.notes[2:]] == ["training data: 9 of 9 knees have no side",
-                                                                     "validation data: 10 of 10 knees have no side"]
+    assert [note.split(" (")[0] for note in mirroring.notes[2:4]] == ["training data: 9 of 9 knees have no side",
+                                                                      "validation data: 10 of 10 knees have no side"]
 
 
 def test_yaml_config_with_cli_overrides(tmp_path):

@@ -198,9 +198,9 @@ def data_summary(
     data: Annotated[str, typer.Argument(help="Dataset folder or CSV manifest.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Counts per split x grade, patients per split, cross-split patient overlap, unreadable files, files not
-    gradable as they are (a lateral, oblique or axial view, too few pixels or grey levels), files graded with a note
-    (not square, a burnt-in mark painted out, enhanced as looking unenhanced)."""
+    """Counts per split x grade, patients per split (and knees that name none), cross-split patient overlap,
+    unreadable files, files not gradable as they are (a lateral, oblique or axial view, too few pixels or grey
+    levels), files graded with a note (not square, a burnt-in mark painted out, enhanced as looking unenhanced)."""
     from klgrade.data.summary import summarize
     from klgrade.console import print_summary
 
@@ -211,6 +211,8 @@ def data_summary(
         print_summary(summary)
     for item in summary["unreadable"]:
         typer.echo(f"error: {item['path']}: {item['reason']}", err=True)
+    for warning in summary["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
     for item in summary["not_gradable"]:
         for reason in item["reasons"]:
             typer.echo(f"warning: {item['path']}: {reason}", err=True)

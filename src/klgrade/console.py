@@ -94,6 +94,9 @@ def print_summary(summary: dict) -> None:
     for pair, shared in summary["file_overlap"].items():
         console.print(f"identical files shared {pair}: {shared}", style="red" if shared else None)
     for name, split in summary["splits"].items():
+        if split["unnamed_knees"]:
+            console.print(f"knees in {name} that name no patient (each counted as a patient of its own): "
+                          f"{split['unnamed_knees']}", style="yellow")
         if split["copies"]:
             console.print(f"files in {name} that copy another of its files: {split['copies']}", style="red")
         if split["copies_of_two_grades"]:

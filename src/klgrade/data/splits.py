@@ -12,7 +12,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from klgrade.constants import NUM_GRADES
 from klgrade.data.provenance import copy_groups
-from klgrade.data.sources import Sample
+from klgrade.data.sources import Sample, names_a_patient
 from klgrade.errors import DataLayoutError
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,29 @@ def knee_groups(samples: list[Sample]) -> tuple[str, ...]:
         for index in group[1:]:
             parent[root(samples[index].patient_id)] = root(first)
     return tuple(root(s.patient_id) for s in samples)
+
+
+def unnamed_knees(samples: list[Sample]) -> list[Sample]:
+    """The samples that name no patient (`sources.names_a_patient`), but for copies of a named knee's file, which are
+    that knee (`knee_groups`)."""
+    if all(names_a_patient(sample) for sample in samples):
+        return []
+    groups = knee_groups(samples)
+    named = {group for group, sample in zip(groups, samples) if names_a_patient(sample)}
+    return [sample for group, sample in zip(groups, samples) if group not in named]
+
+
+def unnamed_patients_warning(samples: list[Sample], what: str) -> list[str]:
+    """A warning saying how many knees of `what` name no patient (`unnamed_knees`), if any: each is then a patient of
+    its own, so folds and the checks between sets keep a person's knees together only where they are the same file,
+    and patient-level intervals resample them as independent people (figures that can look better than they are)."""
+    unnamed = unnamed_knees(samples)
+    if not unnamed:
+        return []
+    return [f"{what}: {len(unnamed)} of {len(samples)} knees name no patient (no manifest patient_id, OAI id in the "
+            f"file name or DICOM PatientID; e.g. {unnamed[0].path}): each counts as a patient of its own, so one "
+            f"person's knees or visits may be split between folds or sets and intervals take them as independent; "
+            f"give patient ids in a manifest's patient_id column"]
 
 
 def patient_folds(samples: list[Sample], folds: int = 5, seed: int = 0) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ from klgrade.data.io import read_radiograph
 from klgrade.data.preprocess import PreprocessConfig, prepare_image
 from klgrade.data.provenance import copy_groups, knee_record
 from klgrade.data.sources import find_samples
+from klgrade.data.splits import unnamed_knees, unnamed_patients_warning
 from klgrade.errors import ImageReadError
 
 UNSPLIT = "all"
@@ -34,8 +35,9 @@ def _problems(path: str) -> tuple[str | None, list[str], list[str]]:
 
 
 def summarize(data: str | Path, check_images: bool = True) -> dict:
-    """Counts per split x grade, patients per split, files per split that copy another of its files (`copies`) and
-    that share their bytes with a file of another grade (`copies_of_two_grades`: no reference grade),
+    """Counts per split x grade, patients per split and the knees among them that name no patient
+    (`unnamed_knees`: each its own, which `warnings` says), files per split that copy another of its files
+    (`copies`) and that share their bytes with a file of another grade (`copies_of_two_grades`: no reference grade),
     patients and identical files shared between splits (a patient id counts where it names a person:
     `data.provenance`), unreadable files, files not gradable as they are, with their reasons (a lateral,
     oblique or axial view, too few pixels or grey levels), files gradable whose answers will carry a note
@@ -54,6 +56,7 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
             counts[sample.grade] += 1
         groups = copy_groups(members)
         splits[name] = {"counts": counts, "images": len(members), "patients": len({s.patient_id for s in members}),
+                        "unnamed_knees": len(unnamed_knees(members)),
                         "copies": sum(len(group) - 1 for group in groups),
                         "copies_of_two_grades": sum(len(group) for group in groups
                                                     if len({members[i].grade for i in group}) > 1)}
@@ -73,4 +76,4 @@ def summarize(data: str | Path, check_images: bool = True) -> dict:
                  if notes and not reasons]
     return {"data": str(data), "images": len(samples), "splits": splits, "patient_overlap": overlap,
             "file_overlap": file_overlap, "unreadable": unreadable, "not_gradable": not_gradable, "noted": noted,
-            "not_read": [path for _, path in not_read]}
+            "not_read": [path for _, path in not_read], "warnings": unnamed_patients_warning(samples, str(data))}

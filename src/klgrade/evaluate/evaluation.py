@@ -14,6 +14,7 @@ from klgrade.data.cache import CHUNK, decode_all
 from klgrade.data.preprocess import unknown_sides_warning
 from klgrade.data.provenance import check_unshared, distinct_knees, knee_record, seen_knees, unseen_knees
 from klgrade.data.sources import Sample, find_samples, not_read_warning
+from klgrade.data.splits import unnamed_patients_warning
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
 from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
@@ -248,8 +249,9 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     Files in the scored split's grade folders that are no image klgrade reads are left out (`files_not_read` counts
     them, a warning names one). Each image is scored once (`provenance.distinct_knees`; `copies_left_out` counts the
     files left out), and knees the model was trained on are left out (`seen_trained` counts them); `seen_chosen` and
-    `seen_calibrated` count the scored knees it was chosen and calibrated on; `warnings` says what each means, and
-    how many knees have no side where the model mirrors left knees.
+    `seen_calibrated` count the scored knees it was chosen and calibrated on; `warnings` says what each means, how
+    many knees have no side where the model mirrors left knees, and how many name no patient (the intervals, which
+    resample patients, then take each such knee for a person of its own).
     """
     problems: list[ImageReadError] = []
     found_beside: list[tuple[str | None, str]] = []
@@ -258,7 +260,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     distinct, warnings = distinct_knees(listed, str(data))
     warnings[:0] = [not_read_warning(data, not_read)] if not_read else []
     samples, trained = untrained_knees(predictor, distinct, str(data), "score")
-    warnings += trained + unknown_sides_warning(predictor.preprocess, [s.side for s in samples], str(data))
+    warnings += (trained + unknown_sides_warning(predictor.preprocess, [s.side for s in samples], str(data))
+                 + unnamed_patients_warning(samples, str(data)))
     if calibrate_on is not None:
         warnings += calibrate(predictor, calibrate_on, samples)
     scored, probabilities, assessment, failures = assess_samples(predictor, samples, alpha)

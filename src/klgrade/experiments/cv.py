@@ -24,8 +24,8 @@ import numpy as np
 
 from klgrade.constants import NUM_GRADES, REPORT_METRICS
 from klgrade.data.provenance import check_unshared
-from klgrade.data.sources import find_samples
-from klgrade.data.splits import patient_folds
+from klgrade.data.sources import Sample, find_samples
+from klgrade.data.splits import patient_folds, unnamed_patients_warning
 from klgrade.evaluate.evaluation import predict_samples
 from klgrade.errors import KLGradeError
 from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
@@ -112,19 +112,21 @@ def mean_sd(per_fold: list[dict], names=REPORT_METRICS) -> dict:
 
 def cross_validate(config: TrainConfig) -> dict:
     """Run every fold (or read the finished ones); write oof_predictions.csv, cv_metrics.json and cv_summary.md
-    under `config.out`."""
+    under `config.out`, with `warnings` (knees that name no patient: folds may split a person's knees)."""
     out = Path(config.out)
     if config.patience > 0:
         raise KLGradeError("--patience would stop each fold on the patients it is scored on; cross-validation "
                            "trains a fixed schedule and scores its last epoch")
-    check_folds_disjoint(config)
+    pool = fold_pool(find_samples(config.data))
+    check_folds_disjoint(pool, config)
     all_rows, per_fold = [], []
     for fold in range(config.folds):
         rows = run_fold(config, fold)
         per_fold.append(rows_metrics(rows))
         all_rows.extend(rows)
     summary = {"model": config.model, "model_options": config.model_options, "folds": config.folds,
-               "per_fold": per_fold, "mean_sd": mean_sd(per_fold), "pooled_oof": rows_metrics(all_rows)}
+               "per_fold": per_fold, "mean_sd": mean_sd(per_fold), "pooled_oof": rows_metrics(all_rows),
+               "warnings": unnamed_patients_warning(pool, "cross-validated knees")}
     write_text_atomic(out / "oof_predictions.csv", rows_to_csv(all_rows, OOF_COLUMNS))
     write_json_atomic(out / "cv_metrics.json", summary)
     write_text_atomic(out / "cv_summary.md", cv_markdown(summary))
@@ -138,12 +140,12 @@ def cv_markdown(summary: dict) -> str:
         lines.append(f"| {k} | " + " | ".join(f"{metrics[n]:.3f}" for n in REPORT_METRICS) + " |")
     lines.append("| mean +/- sd | " + " | ".join(f"{v['mean']:.3f} +/- {v['sd']:.3f}"
                                                  for v in summary["mean_sd"].values()) + " |")
+    lines += [f"\nWarning: {warning}." for warning in summary["warnings"]]
     return "\n".join(lines) + "\n"
 
 
-def check_folds_disjoint(config: TrainConfig) -> None:
-    """Raise if any two held-out folds share a patient or a file (they never should)."""
-    pool = fold_pool(find_samples(config.data))
+def check_folds_disjoint(pool: list[Sample], config: TrainConfig) -> None:
+    """Raise if any two held-out folds of `pool` share a patient or a file (they never should)."""
     held = [[pool[i] for i in fold] for fold in patient_folds(pool, config.folds, config.seed)]
     for i in range(len(held)):
         for j in range(i + 1, len(held)):

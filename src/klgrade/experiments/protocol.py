@@ -27,6 +27,7 @@ from klgrade.data.io import file_version, read_image
 from klgrade.data.preprocess import PreprocessConfig, unknown_sides_warning
 from klgrade.data.provenance import distinct_knees, knee_record, shared_knees, unseen_knees
 from klgrade.data.sources import Sample, find_samples
+from klgrade.data.splits import unnamed_patients_warning
 from klgrade.errors import KLGradeError
 from klgrade.evaluate.evaluation import batched_outputs
 from klgrade.experiments.cv import cross_validate, fold_dir, fold_model, mean_sd, run_name
@@ -196,7 +197,8 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
         variants: run only these (see `select_variants`), e.g. to spend a GPU budget on two models.
 
     Knees of val or --external that the train split holds (the same patient or the same file) are left out of
-    their validation, with a warning and a line in the report.
+    their validation, with a warning and a line in the report. Knees that name no patient (`warnings`) are said
+    in the report too: for them, folds and these checks can keep together only copies of one file.
 
     Raises:
         KLGradeError: an unknown variant, or (DataLayoutError) a val or external set with an unreadable image or
@@ -209,7 +211,8 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     base, extra = profile_config(profile, data, out, device, seed)
     samples = find_samples(data)  # listed once: the folds, the validation sets and the Grad-CAM panel come from it
     val = [s for s in samples if s.split == "val"]
-    train = knee_record(fold_pool(samples))
+    pool = fold_pool(samples)
+    train = knee_record(pool)
     listed = {"internal": ("val", val),
               "external": (f"--external {external}", find_samples(external) if external else [])}
     validation = {which: validation_set(found, what, train, base.preprocess(), extra["val_limit"], base.cache_dir)
@@ -217,7 +220,12 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     results = {"profile": profile, "data": data, "external": external, "folds": base.folds, "variants": {},
                "cv_on": "the train split" if any(s.split for s in samples) else "all its images (no splits)",
                "selected": [variant.name for variant in selected], "unfinished": [], "device": device_name(device),
-               "jobs": jobs, "left_out": {which: v.left_out for which, v in validation.items() if v.left_out}}
+               "jobs": jobs, "left_out": {which: v.left_out for which, v in validation.items() if v.left_out},
+               "warnings": unnamed_patients_warning(pool, "cross-validated knees")
+               + [warning for which, v in validation.items()
+                  for warning in unnamed_patients_warning(v.samples, listed[which][0])]}
+    for warning in results["warnings"]:
+        log.warning(warning)
     if "external" in validation:
         results["external_in_val"] = knees_in_val(val, validation["external"].samples, listed["external"][0])
     configs = {variant.name: variant_config(variant, base, extra, out) for variant in selected}

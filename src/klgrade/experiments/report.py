@@ -66,6 +66,8 @@ def _markdown(results: dict, panel: Path | None) -> str:
     lines += [f"Trained on {results['device']}, {results['jobs']} fold training(s) at once; this invocation "
               f"took {results['wall_s']:.0f} s (training, validation and this report).", ""]
     lines += [f"Variants run ({len(results['selected'])}; `--variant` chooses): {', '.join(results['selected'])}.", ""]
+    if results.get("warnings"):  # knees that name no patient
+        lines += ["## Warnings", "", *(f"- {warning}" for warning in results["warnings"]), ""]
     if results.get("unfinished"):
         lines += [f"**Stopped by the time budget**; not finished (rerun the same command to continue): "
                   f"{', '.join(results['unfinished'])}.", ""]

@@ -30,7 +30,7 @@ from klgrade.data.cache import cache_key, load_cached
 from klgrade.data.preprocess import PreprocessConfig, unknown_sides_warning
 from klgrade.data.provenance import check_unshared, distinct_knees, knee_record, merge_records
 from klgrade.data.sources import Sample, find_samples, limit_samples, select_split
-from klgrade.data.splits import fold_split
+from klgrade.data.splits import fold_split, unnamed_patients_warning
 from klgrade.errors import CheckpointError, KLGradeError
 from klgrade.files import atomic_path, write_json_atomic
 from klgrade.models import create_model, load_checkpoint, save_checkpoint
@@ -84,7 +84,8 @@ def select_data(config: TrainConfig) -> RunData:
     preprocess = config.preprocess()
     sideless = [note for samples, what in ((train, "training data"), (val, "validation data"))
                 for note in unknown_sides_warning(preprocess, [s.side for s in samples], what)]
-    return RunData(train, val, preprocess, train_notes + val_notes + sideless)
+    unnamed = unnamed_patients_warning(train + val, "training and validation data")
+    return RunData(train, val, preprocess, train_notes + val_notes + sideless + unnamed)
 
 
 def seen_records(data: RunData, init: str | None, early_stopping: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
