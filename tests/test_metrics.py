@@ -3,8 +3,8 @@ import pytest
 from sklearn.metrics import (accuracy_score, cohen_kappa_score, confusion_matrix, f1_score, matthews_corrcoef,
                              mean_absolute_error, precision_score, recall_score, roc_auc_score)
 
-from klgrade.metrics import (bootstrap_ci, compute_metrics, confusion_metrics, expected_calibration_error,
-                                      fit_temperature, set_metrics, share_per_grade)
+from klgrade.metrics import (CI_METRICS, bootstrap_ci, compute_metrics, confusion_metrics, expected_calibration_error,
+                             fit_temperature, paired_difference, set_metrics, share_per_grade)
 
 DESIGN_KEYS = {"n", "accuracy", "precision_macro", "precision_weighted", "recall_macro", "f1_macro", "f1_weighted",
                "mcc", "qwk", "mae", "confusion_matrix", "adjacent_error_rate", "extreme_errors", "ci95"}
@@ -88,6 +88,34 @@ def test_bootstrap_is_seeded_patient_level_and_covers_the_estimate():
         assert high > low
     perfect = bootstrap_ci(y, y, patients, n_boot=100)
     assert perfect["accuracy"] == [1.0, 1.0]
+
+
+def test_a_paired_difference_is_the_difference_of_fold_means_and_its_interval_tells_models_apart_only_when_they_are():
+    """Two models graded on the same knees of five folds: the difference is that of their fold means (what an
+    ablation table shows), its interval resamples each fold's patients for both at once; a model that grades a
+    tenth of the knees one grade better is told apart, one that differs by chance is not, and pairing makes the
+    interval narrower than the two models' own intervals side by side."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 1000)
+    patients, folds = np.repeat(np.arange(500), 2), np.repeat(np.arange(500) % 5, 2)
+    base = np.where(rng.random(1000) < 0.35, np.clip(y + rng.choice([-1, 1], 1000), 0, 4), y)
+    better = np.where(rng.random(1000) < 0.1, y, base)  # a tenth of the knees mended
+    noisy = np.where(rng.random(1000) < 0.05, np.clip(base + rng.choice([-1, 1], 1000), 0, 4), base)
+    noisy = np.where(rng.random(1000) < 0.05, y, noisy)  # as many mended as spoilt, about
+    difference = paired_difference(y, base, better, patients, folds, n_boot=500, seed=1)
+    for name in CI_METRICS:
+        per_fold = [confusion_metrics(confusion_matrix(y[folds == k], model[folds == k], labels=range(5)))[name]
+                    for model in (base, better) for k in range(5)]
+        assert difference[name]["difference"] == pytest.approx(np.mean(per_fold[5:]) - np.mean(per_fold[:5]))
+        low, high = difference[name]["ci95"]
+        assert low <= difference[name]["difference"] <= high
+    assert difference["accuracy"]["ci95"][0] > 0 and difference["qwk"]["ci95"][0] > 0
+    assert difference["mae"]["ci95"][1] < 0  # fewer grades off: a lower error
+    chance = paired_difference(y, base, noisy, patients, folds, n_boot=500, seed=1)
+    assert chance["accuracy"]["ci95"][0] < 0 < chance["accuracy"]["ci95"][1]
+    assert paired_difference(y, base, base, patients, folds, n_boot=50)["qwk"] == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    alone = [bootstrap_ci(y, model, patients, n_boot=500, seed=1)["accuracy"] for model in (base, noisy)]
+    assert np.diff(chance["accuracy"]["ci95"])[0] < 0.5 * min(high - low for low, high in alone)
 
 
 def test_calibration_and_temperature():

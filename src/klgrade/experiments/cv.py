@@ -72,7 +72,7 @@ def run_fold(config: TrainConfig, fold: int) -> list[dict]:
     oof_path = out / "oof.csv"
     if fold_done(config.out, fold):
         log.info("fold %d already done: %s", fold, oof_path)
-        return _read_oof(oof_path)
+        return read_oof(oof_path)
     fold_config = replace(config, fold=fold, out=str(out), resume=(out / "last.ckpt").exists())
     data = select_data(fold_config)  # once per fold (0.3 s for kneeKL224, more for larger data)
     fit(fold_config, data=data)
@@ -89,7 +89,8 @@ def run_fold(config: TrainConfig, fold: int) -> list[dict]:
     return rows
 
 
-def _read_oof(path: Path) -> list[dict]:
+def read_oof(path: Path) -> list[dict]:
+    """Out-of-fold prediction rows (`OOF_COLUMNS`) as written, their numbers as numbers."""
     with path.open() as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:

@@ -30,13 +30,13 @@ from klgrade.data.sources import Sample, find_samples
 from klgrade.data.splits import unnamed_patients_warning
 from klgrade.errors import KLGradeError
 from klgrade.evaluate.evaluation import batched_outputs
-from klgrade.experiments.cv import cross_validate, fold_dir, fold_model, mean_sd, run_name
+from klgrade.experiments.cv import cross_validate, fold_dir, fold_model, mean_sd, read_oof, run_name
 from klgrade.experiments.jobs import FoldJob, run_fold_jobs
 from klgrade.experiments.report import PanelImage, write_report
 from klgrade.files import write_json_atomic
 from klgrade.fingerprint import source_digest
 from klgrade.infer.predictor import Predictor
-from klgrade.metrics import compute_metrics
+from klgrade.metrics import compute_metrics, paired_difference
 from klgrade.train.config import TrainConfig
 from klgrade.train.fit import fold_pool
 
@@ -245,11 +245,34 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
         for which, validation_data in validation.items():
             entry[which] = validate_fold_models(run, base.folds, validation_data, which)
         results["variants"][variant.name] = entry
+    differences_to_full_model(out, results["variants"])
     results["wall_s"] = time.monotonic() - started
     panel_model = fold_model(out / "runs" / run_name("msa_net"), 0)
     panel_pool = validation["internal"].samples if "internal" in validation else samples
     write_report(results, out, gradcam_panel(panel_pool, panel_model) if "msa_net" in results["selected"] else [])
     return results
+
+
+def differences_to_full_model(out: Path, variants: dict) -> None:
+    """For each ablation and the distilled msa_net, once msa_net itself has run: `cv.difference_to_msa_net`, how
+    much better it scored than msa_net on the same held-out knees of the same folds (`metrics.paired_difference`:
+    the difference of the fold means, with a paired patient-level 95% interval), so that a reader can tell an
+    ablation's effect from fold noise."""
+    if "msa_net" not in variants:
+        return
+    full = {row["path"]: row for row in read_oof(out / "runs" / run_name("msa_net") / "oof_predictions.csv")}
+    for name, entry in variants.items():
+        if not (entry["ablation"] or entry["distilled"]):
+            continue
+        rows = read_oof(out / "runs" / run_name(name) / "oof_predictions.csv")
+        if {row["path"] for row in rows} != set(full) or any(full[row["path"]]["fold"] != row["fold"] for row in rows):
+            log.warning("%s: its folds hold other knees than msa_net's (a run folder left by other data or "
+                        "settings?): no paired difference", name)
+            continue
+        entry["cv"]["difference_to_msa_net"] = paired_difference(
+            [row["true"] for row in rows], [full[row["path"]]["predicted"] for row in rows],
+            [row["predicted"] for row in rows], groups=[row["patient_id"] for row in rows],
+            strata=[row["fold"] for row in rows])
 
 
 def device_name(device: str) -> str:
