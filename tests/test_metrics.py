@@ -116,6 +116,11 @@ def test_a_paired_difference_is_the_difference_of_fold_means_and_its_interval_te
     assert paired_difference(y, base, base, patients, folds, n_boot=50)["qwk"] == {"difference": 0.0, "ci95": [0.0, 0.0]}
     alone = [bootstrap_ci(y, model, patients, n_boot=500, seed=1)["accuracy"] for model in (base, noisy)]
     assert np.diff(chance["accuracy"]["ci95"])[0] < 0.5 * min(high - low for low, high in alone)
+    # Fold models of each kind all graded on one validation set: the difference of their mean metrics.
+    on_val = paired_difference(y, np.stack([base, noisy]), np.stack([better, better]), patients, n_boot=200)
+    mean_accuracy = [np.mean([accuracy_score(y, model) for model in models]) for models in ((base, noisy), (better,))]
+    assert on_val["accuracy"]["difference"] == pytest.approx(mean_accuracy[1] - mean_accuracy[0])
+    assert on_val["accuracy"]["ci95"][0] > 0
 
 
 def test_calibration_and_temperature():

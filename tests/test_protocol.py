@@ -105,22 +105,24 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     assert len(kd["config"]["teacher"]) == 4
     assert results["unfinished"] == [] and "time budget" not in report
     assert results["warnings"] == [] and "## Warnings" not in report  # OAI ids name every knee left in
-    # Each ablation and the distilled model against msa_net on the same held-out knees, with a paired interval.
-    full = results["variants"]["msa_net"]["cv"]["mean_sd"]
+    # Each ablation and the distilled model against msa_net on the same knees (held out in CV; val; external), with
+    # a paired interval: the difference of the fold means.
     compared = [name for name, entry in results["variants"].items() if entry["ablation"] or entry["distilled"]]
     assert compared == ["msa_net+kd", "msa_net -fpn", "msa_net -se", "msa_net -attention"]
-    for name in compared:
-        paired = results["variants"][name]["cv"]["difference_to_msa_net"]
-        for metric in ("accuracy", "qwk", "mcc"):
-            mean = results["variants"][name]["cv"]["mean_sd"][metric]["mean"]
-            assert paired[metric]["difference"] == pytest.approx(mean - full[metric]["mean"], abs=1e-9)
-            low, high = paired[metric]["ci95"]
-            assert low <= paired[metric]["difference"] <= high
-            assert f"| {mean:.3f} | {paired[metric]['difference']:+.3f} [{low:+.3f}, {high:+.3f}] |" in report
+    for which in ("cv", "internal", "external"):
+        full = results["variants"]["msa_net"][which]["mean_sd"]
+        for name in compared:
+            paired = results["variants"][name][which]["difference_to_msa_net"]
+            for metric in ("accuracy", "qwk", "mcc"):
+                mean = results["variants"][name][which]["mean_sd"][metric]["mean"]
+                assert paired[metric]["difference"] == pytest.approx(mean - full[metric]["mean"], abs=1e-9)
+                low, high = paired[metric]["ci95"]
+                assert low <= paired[metric]["difference"] <= high
+                assert f"| {mean:.3f} | {paired[metric]['difference']:+.3f} [{low:+.3f}, {high:+.3f}] |" in report
     differences = list(csv.DictReader((out / "differences.csv").open()))
-    assert [(row["variant"], row["metric"]) for row in differences][:2] == [("msa_net+kd", "accuracy"),
-                                                                            ("msa_net+kd", "f1_macro")]
-    assert len(differences) == 4 * 5
+    assert [(row["variant"], row["set"], row["metric"]) for row in differences][:2] == [
+        ("msa_net+kd", "cv", "accuracy"), ("msa_net+kd", "cv", "f1_macro")]
+    assert len(differences) == 4 * 3 * 5
     from klgrade.experiments import protocol
 
     graded = []  # a rerun grades no validation set again whose fold models and images are unchanged
@@ -200,6 +202,8 @@ def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(
             name: {"difference": -0.0123, "ci95": [-0.031, 0.0064]} for name in ("accuracy", "qwk", "mcc")}}}}
     ablations = _markdown(results, None).split("## Ablations")[1]
     assert "| msa_net -se | 1.000 | -0.012 [-0.031, +0.006] | 1.000 | -0.012 [-0.031, +0.006] |" in ablations
+    assert "### CV mean" in ablations and "### internal validation" in ablations  # with no paired difference there:
+    assert ablations.count("| msa_net -se | 1.000 | +0.000 | 1.000 | +0.000 | 1.000 | +0.000 |") == 1
     assert "## Warnings\n\n- cross-validated knees: 3 of 9 knees name no patient\n" in _markdown(results, None)
 
 

@@ -164,15 +164,21 @@ def bootstrap_ci(y_true, y_pred, groups=None, n_boot: int = 1000, seed: int = 0,
 
 def paired_difference(y_true, pred_a, pred_b, groups=None, strata=None, n_boot: int = 1000, seed: int = 0,
                       num_classes: int = NUM_GRADES) -> dict[str, dict]:
-    """How much better predictions `pred_b` score than `pred_a` on the same images, per metric of `CI_METRICS`: the
-    mean over `strata` (cross-validation folds; one stratum when None) of each stratum's difference b - a, which
-    is the difference of the two models' fold means, with a percentile 95% interval over paired patient-level
-    resamples: the patients of each stratum are drawn again, the same ones for both models, so what the two share
-    (which knees are hard) cancels and only how differently they grade them is left. An interval that holds 0
-    does not tell the two apart."""
+    """How much better predictions `pred_b` score than `pred_a` on the same images, per metric of `CI_METRICS`, with
+    a percentile 95% interval over paired patient-level resamples: the patients are drawn again, the same ones for
+    both, so what the two share (which knees are hard) cancels and only how differently they grade them is left.
+    An interval that holds 0 does not tell the two apart.
+
+    Args:
+        pred_a, pred_b: (N,) predicted grades, or (F, N): F models of each kind (the fold models) on the same images,
+            the difference then being that of the F models' mean metric.
+        strata: (N,) cross-validation folds: the difference is the mean over folds of each fold's difference (that
+            of the fold means), and each fold's patients are resampled apart.
+    """
     y_true = np.asarray(y_true, dtype=int)
     groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
     strata = np.zeros(len(y_true), dtype=int) if strata is None else np.asarray(strata)
+    pred_a, pred_b = np.atleast_2d(pred_a), np.atleast_2d(pred_b)
     rng = np.random.default_rng(seed)
     estimate = {name: 0.0 for name in CI_METRICS}
     resampled = {name: np.zeros(n_boot) for name in CI_METRICS}
@@ -182,14 +188,15 @@ def paired_difference(y_true, pred_a, pred_b, groups=None, strata=None, n_boot: 
         _, group_index = np.unique(groups[inside], return_inverse=True)
         n_groups = group_index.max() + 1
         draws = _draws(rng, n_groups, n_boot)
-        for sign, predicted in ((-1, pred_a), (1, pred_b)):
-            per_group = _group_confusions(y_true[inside], np.asarray(predicted)[inside], group_index, n_groups,
-                                          num_classes)
-            whole = confusion_metrics(per_group.sum(axis=0).reshape(num_classes, num_classes))
-            draws_values = confusion_metrics((draws @ per_group).reshape(n_boot, num_classes, num_classes))
-            for name in CI_METRICS:
-                estimate[name] += sign * float(whole[name]) / len(stratum_values)
-                resampled[name] += sign * draws_values[name] / len(stratum_values)
+        for sign, models in ((-1, pred_a), (1, pred_b)):
+            weight = sign / (len(stratum_values) * len(models))
+            for predicted in models:
+                per_group = _group_confusions(y_true[inside], predicted[inside], group_index, n_groups, num_classes)
+                whole = confusion_metrics(per_group.sum(axis=0).reshape(num_classes, num_classes))
+                draws_values = confusion_metrics((draws @ per_group).reshape(n_boot, num_classes, num_classes))
+                for name in CI_METRICS:
+                    estimate[name] += weight * float(whole[name])
+                    resampled[name] += weight * draws_values[name]
     return {name: {"difference": estimate[name], "ci95": [float(np.percentile(resampled[name], 2.5)),
                                                           float(np.percentile(resampled[name], 97.5))]}
             for name in CI_METRICS}

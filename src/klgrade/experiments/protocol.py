@@ -158,14 +158,15 @@ def validation_key(run: Path, folds: int, validation: ValidationSet) -> str:
 def validate_fold_models(run: Path, folds: int, validation: ValidationSet, name: str) -> dict:
     """Every fold model on an independent labelled set: per-fold metrics, mean +/- sd, and the fold ensemble.
 
-    Written to `run/validation_<name>.json` with its `validation_key`: a rerun (a time budget's continuation) reads
+    Written to `run/validation_<name>.json` with its `validation_key` and each fold model's grades
+    (`fold_grades`, for the paired differences between variants): a rerun (a time budget's continuation) reads
     the figures of a variant whose fold models and set are unchanged instead of grading the set again with each of
     them."""
     saved = run / f"validation_{name}.json"
     key = validation_key(run, folds, validation)
     if saved.exists():
         stored = json.loads(saved.read_text())
-        if stored.get("key") == key:
+        if stored.get("key") == key and "grades" in stored:
             return stored["result"]
     labels = [s.grade for s in validation.samples]
     groups = [s.patient_id for s in validation.samples]
@@ -180,8 +181,14 @@ def validate_fold_models(run: Path, folds: int, validation: ValidationSet, name:
     ensemble = compute_metrics(labels, np.mean(all_probabilities, axis=0), groups=groups, n_boot=500)
     result = {"n": len(validation.samples), "per_fold": per_fold, "mean_sd": mean_sd(per_fold),
               "fold_ensemble": ensemble}
-    write_json_atomic(saved, {"key": key, "result": result})
+    grades = [probabilities.argmax(axis=1).tolist() for probabilities in all_probabilities]
+    write_json_atomic(saved, {"key": key, "result": result, "grades": grades})
     return result
+
+
+def fold_grades(run: Path, name: str) -> np.ndarray:
+    """(folds, N) the grades each fold model gave the images of the validation set `name` (`validate_fold_models`)."""
+    return np.array(json.loads((run / f"validation_{name}.json").read_text())["grades"])
 
 
 def reproduce(data: str, out: str | Path, profile: str = "quick", external: str | None = None,
@@ -245,7 +252,7 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
         for which, validation_data in validation.items():
             entry[which] = validate_fold_models(run, base.folds, validation_data, which)
         results["variants"][variant.name] = entry
-    differences_to_full_model(out, results["variants"])
+    differences_to_full_model(out, results["variants"], validation)
     results["wall_s"] = time.monotonic() - started
     panel_model = fold_model(out / "runs" / run_name("msa_net"), 0)
     panel_pool = validation["internal"].samples if "internal" in validation else samples
@@ -253,18 +260,24 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
     return results
 
 
-def differences_to_full_model(out: Path, variants: dict) -> None:
-    """For each ablation and the distilled msa_net, once msa_net itself has run: `cv.difference_to_msa_net`, how
-    much better it scored than msa_net on the same held-out knees of the same folds (`metrics.paired_difference`:
+def differences_to_full_model(out: Path, variants: dict, validation: dict[str, ValidationSet]) -> None:
+    """For each ablation and the distilled msa_net, once msa_net itself has run: `difference_to_msa_net` under
+    `cv`, how much better it scored than msa_net on the same held-out knees of the same folds, and under each
+    validation set, how much better its fold models scored there than msa_net's (`metrics.paired_difference`:
     the difference of the fold means, with a paired patient-level 95% interval), so that a reader can tell an
     ablation's effect from fold noise."""
     if "msa_net" not in variants:
         return
-    full = {row["path"]: row for row in read_oof(out / "runs" / run_name("msa_net") / "oof_predictions.csv")}
+    runs = out / "runs"
+    full = {row["path"]: row for row in read_oof(runs / run_name("msa_net") / "oof_predictions.csv")}
     for name, entry in variants.items():
         if not (entry["ablation"] or entry["distilled"]):
             continue
-        rows = read_oof(out / "runs" / run_name(name) / "oof_predictions.csv")
+        for which, validation_data in validation.items():
+            entry[which]["difference_to_msa_net"] = paired_difference(
+                [s.grade for s in validation_data.samples], fold_grades(runs / run_name("msa_net"), which),
+                fold_grades(runs / run_name(name), which), groups=[s.patient_id for s in validation_data.samples])
+        rows = read_oof(runs / run_name(name) / "oof_predictions.csv")
         if {row["path"] for row in rows} != set(full) or any(full[row["path"]]["fold"] != row["fold"] for row in rows):
             log.warning("%s: its folds hold other knees than msa_net's (a run folder left by other data or "
                         "settings?): no paired difference", name)

@@ -42,10 +42,10 @@ def write_report(results: dict, out: Path, panel: list[PanelImage]) -> None:
                 for metric, stats in entry[which]["mean_sd"].items():
                     rows.append({"variant": name, "set": which, "metric": metric, **stats})
     write_text_atomic(out / "results.csv", rows_to_csv(rows, ["variant", "set", "metric", "mean", "sd"]))
-    differences = [{"variant": name, "metric": metric, "difference": paired["difference"],
+    differences = [{"variant": name, "set": which, "metric": metric, "difference": paired["difference"],
                     "ci95_low": paired["ci95"][0], "ci95_high": paired["ci95"][1]}
-                   for name, entry in results["variants"].items()
-                   for metric, paired in entry["cv"].get("difference_to_msa_net", {}).items()]
+                   for name, entry in results["variants"].items() for which in SETS if which in entry
+                   for metric, paired in entry[which].get("difference_to_msa_net", {}).items()]
     if differences:  # the ablations (and the distilled model) against msa_net, on the same held-out knees
         write_text_atomic(out / "differences.csv", rows_to_csv(differences, list(differences[0])))
     for name, entry in results["variants"].items():
@@ -101,22 +101,19 @@ def _markdown(results: dict, panel: Path | None) -> str:
     lines += ["", "## Training time (sum over folds of each fold's wall time; folds run at once overlap)", "",
               "| model | seconds |", "|---|---|"]
     lines += [f"| {name} | {entry['train_s']:.0f} |" for name, entry in variants.items()]
-    full = variants.get("msa_net", {}).get("cv", {}).get("mean_sd")
     compared = [name for name, entry in variants.items() if entry["ablation"] or entry["distilled"]]
-    if full and compared:  # the full model and at least one variant to hold against it
-        lines += ["", "## Ablations of msa_net (CV mean; difference to the full model)", "",
-                  "The difference is on the same held-out knees of the same folds; in brackets its 95% interval, "
-                  "each fold's patients resampled for both models at once (an interval that holds 0 does not tell "
-                  "the variant from the full model).", "",
-                  "| variant | accuracy | delta | qwk | delta | mcc | delta |", "|---|---|---|---|---|---|---|"]
-        for name in ["msa_net", *compared]:
-            cv = variants[name]["cv"]
-            paired = cv.get("difference_to_msa_net", {})
-            cells = [f"{cv['mean_sd'][m]['mean']:.3f} | " + (_difference(paired[m]) if m in paired else
-                                                             f"{cv['mean_sd'][m]['mean'] - full[m]['mean']:+.3f}")
-                     for m in ("accuracy", "qwk", "mcc")]
-            label = "msa_net (full, no distillation)" if name == "msa_net" else name
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if "msa_net" in variants and compared:  # the full model and at least one variant to hold against it
+        lines += ["", "## Ablations of msa_net (difference to the full model)", "",
+                  "Each difference is on the same knees: the same held-out knees of the same folds (CV), the same "
+                  "validation images (fold models' mean); in brackets its 95% interval, the patients resampled for "
+                  "both models at once (an interval that holds 0 does not tell the variant from the full model)."]
+        for which, title in (("cv", "CV mean"), ("internal", "internal validation on `val`"),
+                             ("external", "external validation")):
+            if which in variants["msa_net"]:
+                lines += ["", f"### {title}", "", "| variant | accuracy | delta | qwk | delta | mcc | delta |",
+                          "|---|---|---|---|---|---|---|"]
+                lines += [_ablation_row(name, variants[name][which], variants["msa_net"][which]["mean_sd"])
+                          for name in ["msa_net", *compared] if which in variants[name]]
     lines += ["", "## Figures", "", "Per-fold accuracy and QWK: ![folds](figures/folds.png)", "",
               "Validation QWK per epoch (fold 0): ![curves](figures/curves.png)", ""]
     for name in variants:
@@ -127,10 +124,20 @@ def _markdown(results: dict, panel: Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _difference(paired: dict) -> str:
-    """A paired difference (`metrics.paired_difference`) and its interval, as a table cell."""
-    low, high = paired["ci95"]
-    return f"{paired['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+def _ablation_row(name: str, scores: dict, full: dict) -> str:
+    """A variant's mean accuracy, QWK and MCC on one set, each with its difference to msa_net's (`full`) and, where
+    computed, that difference's paired interval (`metrics.paired_difference`)."""
+    paired = scores.get("difference_to_msa_net", {})
+    cells = []
+    for metric in ("accuracy", "qwk", "mcc"):
+        mean = scores["mean_sd"][metric]["mean"]
+        if metric in paired:
+            low, high = paired[metric]["ci95"]
+            cells.append(f"{mean:.3f} | {paired[metric]['difference']:+.3f} [{low:+.3f}, {high:+.3f}]")
+        else:
+            cells.append(f"{mean:.3f} | {mean - full[metric]['mean']:+.3f}")
+    label = "msa_net (full, no distillation)" if name == "msa_net" else name
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def _plot_fold_bars(results: dict, path: Path) -> None:
