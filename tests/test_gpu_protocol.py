@@ -9,7 +9,7 @@ import tarfile
 from helpers import REPO, copy_real_images
 
 TINY = {"PROTOCOL_PROFILE": "quick", "PROTOCOL_DEVICE": "cpu", "PROTOCOL_JOBS": "2", "PYTHON": sys.executable,
-        "PROTOCOL_VARIANTS": "resnet18 msa_net_no_se",
+        "PROTOCOL_VARIANTS": "msa_net msa_net_no_se",
         "THROUGHPUT_ARGS": "--models resnet18 --batch 8 --size 64 --steps 2 --warmup 1 --concurrency 2"}
 """Two of the nine variants: tests/test_protocol.py runs them all; this test is about the script."""
 
@@ -33,13 +33,14 @@ def test_gpu_protocol_script_writes_throughput_and_the_whole_report_to_few_files
     throughput = json.loads((out / "throughput.json").read_text())["models"]["resnet18"]
     assert throughput["klgrade"] > 0 and throughput["bare"] > 0 and throughput["concurrent"]["2"] > 0
     results = json.loads((out / "results.json").read_text())
-    assert results["unfinished"] == [] and list(results["variants"]) == ["resnet18", "msa_net -se"]
+    assert results["unfinished"] == [] and list(results["variants"]) == ["msa_net", "msa_net -se"]
     assert results["jobs"] == 2 and all(v["train_s"] > 0 for v in results["variants"].values())
     assert "2 fold training(s) at once" in (out / "report.md").read_text()
     with tarfile.open(out / "protocol.tar.gz") as archive:
         names = archive.getnames()
     assert "figures/folds.png" in names and "runs/msa_net_no_se/fold1/timing.json" in names
-    assert not any(name.startswith("runs/msa_net/") for name in names)
+    assert "differences.csv" in names and "results.csv" in names  # the ablation against msa_net, with its interval
+    assert not any(name.startswith("runs/resnet18/") for name in names)
     assert not list((tmp_path / "tmp").iterdir())  # the work folder (checkpoints, image cache) is gone
 
 

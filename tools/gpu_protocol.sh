@@ -13,7 +13,7 @@
 #   PROTOCOL_DEVICE [cuda], PROTOCOL_VARIANTS (run folder names, e.g. "resnet18 msa_net") [all nine],
 #   THROUGHPUT_ARGS [--batch 128 --size 160 --steps 30 --concurrency 2 4], PYTHON [python3].
 # OUT gets: machine.txt, throughput.txt, throughput.json, protocol.log, report.md, results.json and
-# protocol.tar.gz (tables, figures, per-fold metrics and timings).
+# protocol.tar.gz (tables, differences to msa_net, figures, per-fold metrics and timings).
 set -euo pipefail
 out=$(realpath -m "${1:?usage: tools/gpu_protocol.sh OUT [MINUTES]}")
 minutes=${2:-6}
@@ -53,6 +53,6 @@ start=$(date +%s)
 echo "reproduce wall time: $(( $(date +%s) - start )) s" | tee -a "$out/protocol.log"
 
 cp "$work/protocol/report.md" "$work/protocol/results.json" "$out/"
-tar -czf "$out/protocol.tar.gz" -C "$work/protocol" report.md results.json results.csv figures \
+tar -czf "$out/protocol.tar.gz" -C "$work/protocol" report.md results.json $(cd "$work/protocol" && ls *.csv) figures \
     $(cd "$work/protocol" && find runs -name "*.json" -o -name "*.md" -o -name "*.csv")
 ls -la "$out"

@@ -261,17 +261,17 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
 
 
 def differences_to_full_model(out: Path, variants: dict, validation: dict[str, ValidationSet]) -> None:
-    """For each ablation and the distilled msa_net, once msa_net itself has run: `difference_to_msa_net` under
-    `cv`, how much better it scored than msa_net on the same held-out knees of the same folds, and under each
+    """For every other variant (baseline, ablation, distilled), once msa_net itself has run: `difference_to_msa_net`
+    under `cv`, how much better it scored than msa_net on the same held-out knees of the same folds, and under each
     validation set, how much better its fold models scored there than msa_net's (`metrics.paired_difference`:
-    the difference of the fold means, with a paired patient-level 95% interval), so that a reader can tell an
-    ablation's effect from fold noise."""
+    the difference of the fold means, with a paired patient-level 95% interval), so that a reader can tell a
+    model's or an ablation's effect from fold noise."""
     if "msa_net" not in variants:
         return
     runs = out / "runs"
     full = {row["path"]: row for row in read_oof(runs / run_name("msa_net") / "oof_predictions.csv")}
     for name, entry in variants.items():
-        if not (entry["ablation"] or entry["distilled"]):
+        if name == "msa_net":
             continue
         for which, validation_data in validation.items():
             entry[which]["difference_to_msa_net"] = paired_difference(

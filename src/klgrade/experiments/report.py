@@ -101,12 +101,12 @@ def _markdown(results: dict, panel: Path | None) -> str:
     lines += ["", "## Training time (sum over folds of each fold's wall time; folds run at once overlap)", "",
               "| model | seconds |", "|---|---|"]
     lines += [f"| {name} | {entry['train_s']:.0f} |" for name, entry in variants.items()]
-    compared = [name for name, entry in variants.items() if entry["ablation"] or entry["distilled"]]
+    compared = [name for name in variants if name != "msa_net"]
     if "msa_net" in variants and compared:  # the full model and at least one variant to hold against it
-        lines += ["", "## Ablations of msa_net (difference to the full model)", "",
+        lines += ["", "## Against msa_net: the baselines and the ablations (difference to the full model)", "",
                   "Each difference is on the same knees: the same held-out knees of the same folds (CV), the same "
                   "validation images (fold models' mean); in brackets its 95% interval, the patients resampled for "
-                  "both models at once (an interval that holds 0 does not tell the variant from the full model)."]
+                  "both models at once (an interval that holds 0 does not tell the model from msa_net)."]
         for which, title in (("cv", "CV mean"), ("internal", "internal validation on `val`"),
                              ("external", "external validation")):
             if which in variants["msa_net"]:
