@@ -51,8 +51,10 @@ def test_evaluate_leaves_out_a_trained_knee_by_its_patient_or_its_bytes_and_not_
         metrics = json.loads(result.stdout)
         expected = (f"{mixed}: 1 of 2 knees are in the training data of {metrics['model']} (the same patient or the "
                     f"same file, e.g. {mixed}/0/knee.jpg): left out, the other 1 kept")
-        assert metrics["n"] == 1 and metrics["seen_trained"] == 1 and metrics["warnings"] == [expected]
-        assert result.stderr == f"warning: {expected}\n"
+        unnamed = f"{mixed}: 1 of 1 knees name no patient (no manifest patient_id, OAI id in the file name or DICOM"
+        assert metrics["n"] == 1 and metrics["seen_trained"] == 1 and metrics["warnings"][0] == expected
+        assert len(metrics["warnings"]) == 2 and metrics["warnings"][1].startswith(unnamed)
+        assert result.stderr == "".join(f"warning: {warning}\n" for warning in metrics["warnings"])
         written = invoke_cli("evaluate", "--data", mixed, "--checkpoint", *checkpoints, "--out", str(tmp_path / "out"))
         assert written.returncode == 0, written.stderr
         assert (tmp_path / "out" / "left_out.csv").read_text().splitlines() == [
@@ -67,8 +69,9 @@ def test_evaluate_leaves_out_a_trained_knee_by_its_patient_or_its_bytes_and_not_
                         str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
-    assert metrics["n"] == 2 and metrics["seen_trained"] == metrics["seen_chosen"] == 0 and metrics["warnings"] == []
-    assert result.stderr == ""
+    assert metrics["n"] == 2 and metrics["seen_trained"] == metrics["seen_chosen"] == 0
+    assert [warning.split(" (")[0] for warning in metrics["warnings"]] == [f"{other}: 2 of 2 knees name no patient"]
+    assert result.stderr == f"warning: {metrics['warnings'][0]}\n"
     assert (tmp_path / "out" / "left_out.csv").read_text().splitlines() == ["path,patient_id,true,reason"]  # none
 
 
@@ -101,9 +104,10 @@ def test_calibration_leaves_out_knees_the_model_was_trained_on(seen_checkpoint, 
                         str(root / "val"), "--json")
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
-    assert metrics["warnings"] == [f"--calibrate-on {root / 'val'}: 1 of 3 knees are in the training data of msa_net "
-                                   f"(the same patient or the same file, e.g. {root}/val/0/9003126L.jpg): left out, "
-                                   "the other 2 kept"]
+    assert metrics["warnings"][1:] == [f"--calibrate-on {root / 'val'}: 1 of 3 knees are in the training data of "
+                                       f"msa_net (the same patient or the same file, e.g. {root}/val/0/9003126L.jpg): "
+                                       "left out, the other 2 kept"]
+    assert metrics["warnings"][0].startswith(f"{scored}: 1 of 1 knees name no patient")  # c.jpg
     assert metrics["seen_trained"] == metrics["seen_calibrated"] == 0  # the fresh calibration is not on the scored
 
 

@@ -459,6 +459,17 @@ def test_evaluate_reports_set_coverage_and_refuses_calibrating_on_scored_data(ca
     assert f"1 unreadable --calibrate-on {calibration} image(s): {calibration / '3' / 'broken.png'}" in broken.stderr
 
 
+def _close(first, second, tolerance=1e-9) -> bool:
+    """Equal JSON-like values, floats within `tolerance`."""
+    if isinstance(first, dict):
+        return first.keys() == second.keys() and all(_close(first[k], second[k], tolerance) for k in first)
+    if isinstance(first, list):
+        return len(first) == len(second) and all(_close(a, b, tolerance) for a, b in zip(first, second))
+    if isinstance(first, float) and isinstance(second, float):
+        return abs(first - second) <= tolerance
+    return first == second
+
+
 def test_evaluate_decodes_a_bounded_number_of_images_at_a_time(calibrated, kneekl224, tmp_path, monkeypatch):
     """A set was decoded whole before the network saw it (26 MB per 1000 knees at 160 px, gigabytes for a cohort):
     now `CHUNK` images at a time, with the same answers, an unreadable file among them."""
@@ -474,9 +485,10 @@ def test_evaluate_decodes_a_bounded_number_of_images_at_a_time(calibrated, kneek
     monkeypatch.setattr(evaluation, "CHUNK", 3, raising=False)
     chunked = evaluation.evaluate(load_model(calibrated), data, n_boot=0)
     assert decoded == [3, 3, 3, 2]
-    assert json.dumps(chunked.metrics) == json.dumps(whole.metrics) and chunked.metrics["n"] == 10
+    # The network sees other batches: on a CPU whose kernels depend on the batch size (AVX-512 Xeon), the last bits.
+    assert _close(chunked.metrics, whole.metrics) and chunked.metrics["n"] == 10
     assert [s.path for s in chunked.samples] == [s.path for s in whole.samples] == [str(p) for p in copied]
-    assert np.array_equal(chunked.probabilities, whole.probabilities)
+    np.testing.assert_allclose(chunked.probabilities, whole.probabilities, rtol=0, atol=1e-6)
     assert [str(f) for f in chunked.failures] == [str(f) for f in whole.failures] and len(whole.failures) == 1
     for part in ("sets", "coverage", "gradable", "warnings"):
         assert getattr(chunked.assessment, part) == getattr(whole.assessment, part)
