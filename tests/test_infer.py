@@ -170,6 +170,48 @@ def test_a_scored_set_whose_knees_name_no_patient_says_its_intervals_take_each_f
                         f"patient_id column"]
 
 
+def test_evaluate_against_another_model_scores_both_on_the_same_knees_with_a_paired_difference(
+        tiny_checkpoint, kneekl224, tmp_path):
+    """Is my model better than that one on these knees? Both are scored on the same knees (those the other was
+    trained on left out, and said), the difference with a paired interval; a model against itself differs by
+    nothing."""
+    from klgrade.data.provenance import knee_record
+    from klgrade.data.sources import find_samples
+    from klgrade.metrics import CI_METRICS
+    from klgrade.models import save_checkpoint
+
+    copy_real_images(kneekl224, tmp_path / "set", 4)
+    torch.manual_seed(1)
+    other = save_msa_net(tmp_path / "other.safetensors", create_model("msa_net", width=32, heads=2),
+                         {"width": 32, "heads": 2}, size=64)
+    model = load_model(tiny_checkpoint)
+    result = evaluate(model, tmp_path / "set", n_boot=200, against=load_model(other)).metrics
+    compared, alone = result["compared_with"], evaluate(load_model(other), tmp_path / "set", n_boot=0).metrics
+    assert compared["n"] == result["n"] == 20
+    assert (compared["this_model"], compared["model"]) == ("msa_net (tiny.safetensors)", "msa_net (other.safetensors)")
+    for name in CI_METRICS:
+        assert compared["this"][name] == pytest.approx(result[name]) and compared["other"][name] == pytest.approx(
+            alone[name])
+        difference = compared["difference"][name]
+        assert difference["difference"] == pytest.approx(result[name] - alone[name], abs=1e-9)
+        assert difference["ci95"][0] <= difference["difference"] <= difference["ci95"][1]
+    itself = evaluate(model, tmp_path / "set", n_boot=50, against=load_model(tiny_checkpoint)).metrics
+    assert all(paired == {"difference": 0.0, "ci95": [0.0, 0.0]} for paired in itself["compared_with"]["difference"].values())
+    # The other model trained on the grade-0 knees: compared on the other 16, and said.
+    trained, info = load_checkpoint(other)
+    info["seen"] = {"trained": knee_record(find_samples(tmp_path / "set")[:4])}
+    seen = save_checkpoint(tmp_path / "seen.safetensors", trained, info)
+    cli = invoke_cli("evaluate", "--data", str(tmp_path / "set"), "--checkpoint", str(tiny_checkpoint), "--against",
+                     str(seen), "--json")
+    assert cli.returncode == 0, cli.stderr
+    metrics = json.loads(cli.stdout)
+    assert metrics["n"] == 20 and metrics["compared_with"]["n"] == 16
+    assert f"{tmp_path / 'set'}: 4 of 20 knees are in the training data of msa_net" in cli.stderr
+    table = invoke_cli("evaluate", "--data", str(tmp_path / "set"), "--checkpoint", str(tiny_checkpoint), "--against",
+                       str(other))
+    assert "against" in table.stdout and "difference (paired 95% CI)" in table.stdout
+
+
 def test_the_split_scored_is_the_one_named_else_test_then_val():
     samples = [Sample(f"{split}/0/a.png", 0, "9000001", "L", split) for split in ("train", "val")]
     assert {s.split for s in pick_split(samples, None)} == {"val"}

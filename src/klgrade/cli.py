@@ -249,6 +249,9 @@ def evaluate(
                                                       "folder first (its val split for a split root; must not share "
                                                       "files or patients with --data).")] = None,
     alpha: Alpha = None,
+    against: Annotated[Optional[list[Path]], typer.Option(
+        "--against", help="Also grade the same knees with this checkpoint (several = ensemble) and give how much "
+                          "better --checkpoint scores, with a paired 95% interval.")] = None,
 ) -> None:
     """Score checkpoint(s) on a labelled folder: accuracy, F1, MCC, QWK, MAE, confusion, 95% intervals."""
     from klgrade.evaluate.evaluation import evaluate as run_evaluation
@@ -259,7 +262,9 @@ def evaluate(
     _setup_logging(quiet=True)
     output_folder(out)
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
-    result = run_evaluation(predictor, data, split=split, seed=seed, alpha=alpha, calibrate_on=calibrate_on)
+    other = load_model(against, device=device, tta=tta, backend=backend) if against else None
+    result = run_evaluation(predictor, data, split=split, seed=seed, alpha=alpha, calibrate_on=calibrate_on,
+                            against=other)
     if out is not None:
         write_evaluation(result, out)
     if as_json:

@@ -48,6 +48,21 @@ def print_predictions(rows: list[dict], output_format: str) -> None:
         Console(width=160).print(table)
 
 
+def comparison_table(comparison: dict) -> Table:
+    """Two models' main metrics on the same knees and the difference, with its paired 95% interval where computed
+    (`evaluate.evaluation.compare`)."""
+    this, other = comparison["this_model"], comparison["model"]
+    table = Table("metric", this, other, "difference (paired 95% CI)",
+                  title=Text(f"{this} against {other} on the same {comparison['n']} knees"))
+    for name in REPORT_METRICS:
+        paired = comparison["difference"].get(name)
+        difference = comparison["this"][name] - comparison["other"][name]
+        interval = f" ({paired['ci95'][0]:+.3f} to {paired['ci95'][1]:+.3f})" if paired else ""
+        table.add_row(name, f"{comparison['this'][name]:.4f}", f"{comparison['other'][name]:.4f}",
+                      f"{difference:+.4f}{interval}")
+    return table
+
+
 def print_metrics(metrics: dict) -> None:
     table = Table("metric", "value", "95% CI", title=Text(f"{metrics.get('model', '')} on {metrics['n']} images"))
     intervals = metrics.get("ci95", {})
@@ -77,6 +92,8 @@ def print_metrics(metrics: dict) -> None:
             table.add_row(label, f"{metrics[key]:.3f}", "")
     console = Console(width=120)
     console.print(table)
+    if "compared_with" in metrics:
+        console.print(comparison_table(metrics["compared_with"]))
     confusion = Table("true \\ predicted", *(str(k) for k in range(NUM_GRADES)), title="confusion matrix")
     for k, row in enumerate(metrics["confusion_matrix"]):
         confusion.add_row(str(k), *(str(v) for v in row))

@@ -17,7 +17,7 @@ from klgrade.data.sources import Sample, find_samples, not_read_warning
 from klgrade.data.splits import unnamed_patients_warning
 from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.infer.predictor import Assessment, Outputs, Predictor, upright_images
-from klgrade.metrics import compute_metrics, fit_temperature, set_metrics, share_per_grade
+from klgrade.metrics import compute_metrics, fit_temperature, paired_difference, set_metrics, share_per_grade
 from klgrade.uncertainty import PROFILES, apply_temperature, conformal_scores, log_probabilities, profile_statistics
 
 log = logging.getLogger(__name__)
@@ -231,8 +231,41 @@ def calibrate(predictor: Predictor, data: str | Path, scored: list[Sample], spli
     return warnings
 
 
+def checkpoint_label(predictor: Predictor) -> str:
+    """The model and its checkpoint files, e.g. `msa_net (run1.safetensors)`: two checkpoints of one architecture
+    share a name."""
+    return f"{predictor.name} ({', '.join(Path(path).name for path in predictor.paths)})"
+
+
+def compare(predictor: Predictor, other: Predictor, scored: list[Sample], probabilities: np.ndarray, what: str,
+            n_boot: int = 1000, seed: int = 0) -> tuple[dict, list[str]]:
+    """`other` (another checkpoint or ensemble) graded on the knees `predictor` was scored on, less those `other` was
+    trained on: both models' main metrics there and how much better `predictor` scored (`metrics.paired_difference`:
+    the same patients resampled for both, so the knees' own difficulty cancels), with warnings saying which knees
+    were left out and which of them `other` was chosen or calibrated on."""
+    both, trained = untrained_knees(other, scored, what, f"compare {predictor.name} with {other.name} on")
+    graded = {}
+    for predictions, _ in predict_chunks(other, both):  # a file that reads for one model reads for the other
+        graded.update(zip(predictions.samples, predictions.outputs.probabilities))
+    index = [i for i, sample in enumerate(scored) if sample in graded]
+    if not index:
+        raise DataLayoutError(f"{what}: no knee left to compare {predictor.name} with {other.name} on")
+    samples = [scored[i] for i in index]
+    labels, groups = [s.grade for s in samples], [s.patient_id for s in samples]
+    this, that = probabilities[index], np.stack([graded[s] for s in samples])
+    _, seen_on = seen_warnings(other, samples)
+    everyone = np.ones(len(samples), dtype=bool)
+    comparison = {"this_model": checkpoint_label(predictor), "model": checkpoint_label(other), "n": len(samples),
+                  "this": subset_metrics(labels, this, everyone),
+                  "other": subset_metrics(labels, that, everyone),
+                  "difference": paired_difference(labels, that.argmax(1), this.argmax(1), groups, n_boot=n_boot,
+                                                  seed=seed)}
+    return comparison, trained + [f"{other.name}: {warning}" for warning in seen_on]
+
+
 def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n_boot: int = 1000,
-             seed: int = 0, alpha: float | None = None, calibrate_on: str | Path | None = None) -> Evaluation:
+             seed: int = 0, alpha: float | None = None, calibrate_on: str | Path | None = None,
+             against: Predictor | None = None) -> Evaluation:
     """Metrics of `predictor` on the labelled images of `data` (unreadable images are reported, not scored).
 
     With a calibrated model (or `calibrate_on`, which fits a temperature and the grade sets first), the metrics
@@ -252,6 +285,9 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     `seen_calibrated` count the scored knees it was chosen and calibrated on; `warnings` says what each means, how
     many knees have no side where the model mirrors left knees, and how many name no patient (the intervals, which
     resample patients, then take each such knee for a person of its own).
+
+    `against`, another checkpoint or ensemble, adds `compared_with` (`compare`): both models on the same knees and
+    the difference with its paired 95% interval.
     """
     problems: list[ImageReadError] = []
     found_beside: list[tuple[str | None, str]] = []
@@ -287,6 +323,10 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     metrics["seen_trained"] = len(distinct) - len(samples)
     metrics["seen_chosen"], metrics["seen_calibrated"] = seen["chosen"], seen["calibrated"]
     metrics["warnings"] = warnings + seen_on
+    if against is not None:
+        metrics["compared_with"], compared_on = compare(predictor, against, scored, probabilities, str(data), n_boot,
+                                                        seed)
+        metrics["warnings"] += compared_on
     metrics["model"] = predictor.name
     metrics["tta"] = predictor.tta
     metrics["temperature"] = predictor.temperature
