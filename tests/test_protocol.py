@@ -38,6 +38,8 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     assert listed == [str(data)] * 3
     assert "repeat the bytes of another" in result.stderr
     assert "share their bytes with a file of another grade" in result.stderr
+    said = result.stderr.splitlines()
+    assert len(said) == len(set(said))  # a note on the data once, not once per fold
     patients = [{r["patient_id"] for r in rows if r["fold"] == str(k)} for k in range(3)]
     assert all(patients[i].isdisjoint(patients[j]) for i in range(3) for j in range(i + 1, 3))
     for row in rows:

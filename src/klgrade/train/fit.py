@@ -12,6 +12,7 @@ Run folder:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import warnings
@@ -62,6 +63,13 @@ class RunData:
 def fold_pool(samples: list[Sample]) -> list[Sample]:
     """What folds are cut from: the train split, or every sample when the data has no splits."""
     return select_split(samples, "train") if any(s.split for s in samples) else samples
+
+
+@functools.lru_cache(maxsize=256)
+def say_once(note: str) -> None:
+    """A note on a run's data, said once per process: `cv` and `reproduce` train every fold of every variant on the
+    same data, and the same note 45 times would bury the rest."""
+    log.warning(note)
 
 
 def select_data(config: TrainConfig) -> RunData:
@@ -234,7 +242,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
     L.seed_everything(config.seed, verbose=False)
     data = select_data(config) if data is None else data
     for note in data.notes:
-        log.warning(note)
+        say_once(note)
     train_images = load_cached(data.train, data.preprocess, config.cache_dir)
     val_images = load_cached(data.val, data.preprocess, config.cache_dir, "validation data")
     train_labels = np.array([s.grade for s in data.train])
