@@ -46,7 +46,7 @@ def write_report(results: dict, out: Path, panel: list[PanelImage]) -> None:
                     "ci95_low": paired["ci95"][0], "ci95_high": paired["ci95"][1]}
                    for name, entry in results["variants"].items() for which in SETS if which in entry
                    for metric, paired in entry[which].get("difference_to_msa_net", {}).items()]
-    if differences:  # the ablations (and the distilled model) against msa_net, on the same held-out knees
+    if differences:  # every other variant against msa_net, on the same knees
         write_text_atomic(out / "differences.csv", rows_to_csv(differences, list(differences[0])))
     for name, entry in results["variants"].items():
         plot_confusion(entry["cv"]["pooled_oof"]["confusion_matrix"], f"{name}: out-of-fold",
@@ -112,7 +112,7 @@ def _markdown(results: dict, panel: Path | None) -> str:
             if which in variants["msa_net"]:
                 lines += ["", f"### {title}", "", "| variant | accuracy | delta | qwk | delta | mcc | delta |",
                           "|---|---|---|---|---|---|---|"]
-                lines += [_ablation_row(name, variants[name][which], variants["msa_net"][which]["mean_sd"])
+                lines += [_against_msa_net_row(name, variants[name][which], variants["msa_net"][which]["mean_sd"])
                           for name in ["msa_net", *compared] if which in variants[name]]
     lines += ["", "## Figures", "", "Per-fold accuracy and QWK: ![folds](figures/folds.png)", "",
               "Validation QWK per epoch (fold 0): ![curves](figures/curves.png)", ""]
@@ -124,7 +124,7 @@ def _markdown(results: dict, panel: Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ablation_row(name: str, scores: dict, full: dict) -> str:
+def _against_msa_net_row(name: str, scores: dict, full: dict) -> str:
     """A variant's mean accuracy, QWK and MCC on one set, each with its difference to msa_net's (`full`) and, where
     computed, that difference's paired interval (`metrics.paired_difference`)."""
     paired = scores.get("difference_to_msa_net", {})

@@ -66,7 +66,7 @@ def fold_pool(samples: list[Sample]) -> list[Sample]:
 
 
 @functools.lru_cache(maxsize=256)
-def say_once(note: str) -> None:
+def _say_once(note: str) -> None:
     """A note on a run's data, said once per process: `cv` and `reproduce` train every fold of every variant on the
     same data, and the same note 45 times would bury the rest."""
     log.warning(note)
@@ -242,7 +242,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
     L.seed_everything(config.seed, verbose=False)
     data = select_data(config) if data is None else data
     for note in data.notes:
-        say_once(note)
+        _say_once(note)
     train_images = load_cached(data.train, data.preprocess, config.cache_dir)
     val_images = load_cached(data.val, data.preprocess, config.cache_dir, "validation data")
     train_labels = np.array([s.grade for s in data.train])
