@@ -185,6 +185,8 @@ def reproduce(
     typer.echo(f"report: {out / 'report.md'}")
 
 
+SHIPPED = "shipped"
+"""What `evaluate --against` takes for the model shipped with klgrade (a fine-tuned model against it)."""
 Checkpoints = Annotated[Optional[list[Path]], typer.Option("--checkpoint", help="Checkpoint(s); several = ensemble [shipped model].")]
 Backend = Annotated[str, typer.Option(help="Inference backend: torch or onnx.")]
 Tta = Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average with the flipped image [as the model recommends].")]
@@ -250,8 +252,9 @@ def evaluate(
                                                       "files or patients with --data).")] = None,
     alpha: Alpha = None,
     against: Annotated[Optional[list[Path]], typer.Option(
-        "--against", help="Also grade the same knees with this checkpoint (several = ensemble) and give how much "
-                          "better --checkpoint scores, with a paired 95% interval.")] = None,
+        "--against", help="Also grade the same knees with this checkpoint (several = ensemble; `shipped`: the model "
+                          "shipped with klgrade) and give how much better --checkpoint scores, with a paired 95% "
+                          "interval.")] = None,
 ) -> None:
     """Score checkpoint(s) on a labelled folder: accuracy, F1, MCC, QWK, MAE, confusion, 95% intervals."""
     from klgrade.evaluate.evaluation import evaluate as run_evaluation
@@ -262,7 +265,10 @@ def evaluate(
     _setup_logging(quiet=True)
     output_folder(out)
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
-    other = load_model(against, device=device, tta=tta, backend=backend) if against else None
+    other = None
+    if against:
+        shipped = [str(path) for path in against] == [SHIPPED]
+        other = load_model(None if shipped else against, device=device, tta=tta, backend=backend)
     result = run_evaluation(predictor, data, split=split, seed=seed, alpha=alpha, calibrate_on=calibrate_on,
                             against=other)
     if out is not None:
