@@ -680,6 +680,39 @@ def test_knees_that_name_no_patient_are_counted_and_said_a_copy_of_a_named_knee_
         summary["warnings"][0].replace(f"{tmp_path}: 6 of 8", "train: 3 of 5")]
 
 
+def test_a_manifest_written_from_a_folder_lists_the_same_knees_and_once_filled_in_names_their_patients(tmp_path):
+    """`klgrade data manifest` writes what klgrade found (paths relative to the manifest, grades, the patients that
+    are named, sides, splits): read back, the same knees; with the blank patient ids filled in, a person's two knees
+    are one patient and nothing is said of unnamed knees. A manifest that exists is not overwritten."""
+    data = tmp_path / "data"
+    for split, seed in (("train", 0), ("val", 10)):
+        for grade in range(3):
+            _write(data / split / str(grade) / f"scan{grade}.png", seed=seed + grade)
+    _write(data / "train" / "4" / "9000001L.png", seed=20)
+    out = tmp_path / "lists" / "knees.csv"
+    result = invoke_cli("data", "manifest", str(data), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{out}: 7 knees, 6 with no patient_id to fill in\n"
+    lines = out.read_text().splitlines()
+    assert lines[0] == "path,grade,patient_id,side,split"
+    assert "../data/train/4/9000001L.png,4,9000001,L,train" in lines and "../data/val/2/scan2.png,2,,,val" in lines
+    found, listed = find_samples(data), find_samples(out)
+    assert [(os.path.realpath(s.path), s.grade, s.side, s.split) for s in listed] == [
+        (os.path.realpath(s.path), s.grade, s.side, s.split) for s in found]
+    assert [s.patient_id for s in listed if s.patient_id == "9000001"] == ["9000001"]
+    assert unnamed_patients_warning(listed, "knees.csv")[0].startswith("knees.csv: 6 of 7 knees name no patient")
+    # Filled in: train's and val's scan0.png are one person's knees.
+    out.write_text(out.read_text().replace("scan0.png,0,,", "scan0.png,0,person0,"))
+    grouped = find_samples(out)
+    assert len(set(knee_groups(grouped))) == 6
+    assert unnamed_patients_warning(grouped, "knees.csv")[0].startswith("knees.csv: 4 of 7 knees name no patient")
+    kept = out.read_text()
+    again = invoke_cli("data", "manifest", str(data), "--out", str(out))
+    assert again.returncode == 1 and again.stderr == (f"error: {out}: exists, not overwritten (a manifest filled in by "
+                                                      "hand would be lost); remove it or choose another --out\n")
+    assert out.read_text() == kept
+
+
 def test_summary_of_a_bad_layout_is_one_line(tmp_path):
     _write(tmp_path / "nine" / "a.png")
     result = invoke_cli("data", "summary", str(tmp_path))

@@ -167,7 +167,7 @@ def test_a_scored_set_whose_knees_name_no_patient_says_its_intervals_take_each_f
                         f"file name or DICOM PatientID; e.g. {tmp_path / 'unnamed' / '0' / 'scan_0L.png'}): each "
                         f"counts as a patient of its own, so one person's knees or visits may be split between folds "
                         f"or sets and intervals take them as independent; give patient ids in a manifest's "
-                        f"patient_id column"]
+                        f"patient_id column (`klgrade data manifest` writes one to fill in)"]
 
 
 def test_evaluate_against_another_model_scores_both_on_the_same_knees_with_a_paired_difference(

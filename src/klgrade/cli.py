@@ -226,6 +226,22 @@ def data_summary(
         raise typer.Exit(1)
 
 
+@data_app.command("manifest")
+@user_errors
+def data_manifest(
+    data: Annotated[str, typer.Argument(help="Dataset folder or CSV manifest.")],
+    out: Annotated[Path, typer.Option(help="The manifest to write (CSV; not overwritten).")],
+) -> None:
+    """Write the knees found in DATA as a CSV manifest (path, grade, patient_id, side, split): fill in the patient
+    ids no file names, then give the manifest as DATA."""
+    from klgrade.data.manifest import write_manifest
+    from klgrade.data.splits import unnamed_knees
+
+    samples = write_manifest(data, out)
+    unnamed = len(unnamed_knees(samples))
+    typer.echo(f"{out}: {len(samples)} knees" + (f", {unnamed} with no patient_id to fill in" if unnamed else ""))
+
+
 @app.command()
 @user_errors
 def models() -> None:

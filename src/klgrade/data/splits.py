@@ -55,7 +55,7 @@ def unnamed_patients_warning(samples: list[Sample], what: str) -> list[str]:
     return [f"{what}: {len(unnamed)} of {len(samples)} knees name no patient (no manifest patient_id, OAI id in the "
             f"file name or DICOM PatientID; e.g. {unnamed[0].path}): each counts as a patient of its own, so one "
             f"person's knees or visits may be split between folds or sets and intervals take them as independent; "
-            f"give patient ids in a manifest's patient_id column"]
+            f"give patient ids in a manifest's patient_id column (`klgrade data manifest` writes one to fill in)"]
 
 
 def patient_folds(samples: list[Sample], folds: int = 5, seed: int = 0) -> list[np.ndarray]:
