@@ -53,9 +53,16 @@ Data = Annotated[str, typer.Option("--data", help="Dataset folder (split/grade/i
 
 
 def output_folder(path: str | Path | None) -> None:
-    """A one-line error, before any work, when --out names something that is not a folder."""
-    if path is not None and Path(path).exists() and not Path(path).is_dir():
+    """A one-line error, before any work, when --out names something that is not a folder or a folder that cannot be
+    made (a path through a file, a place not writable): the folder is made here, not after the work."""
+    if path is None:
+        return
+    if Path(path).exists() and not Path(path).is_dir():
         raise KLGradeError(f"{path}: --out names an existing file; give a folder")
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KLGradeError(f"{path}: --out cannot be made ({exc.strerror or exc})") from None
 
 
 def _train_overrides(values: dict) -> dict:
