@@ -250,8 +250,10 @@ def test_bad_devices_and_outputs_are_one_line_errors(tiny_checkpoint, tmp_path):
     through_a_file = str(existing / "out")  # a folder that cannot be made: said before any work, not a traceback
     one_line_error(invoke_cli("predict", str(EXAMPLE), *checkpoint, "--out", through_a_file),
                    f"{through_a_file}: --out cannot be made (")
-    one_line_error(invoke_cli("data", "manifest", str(tmp_path), "--out", f"{through_a_file}/knees.csv"),
-                   f"{through_a_file}/knees.csv: its folder cannot be made (")
+    for command in (["data", "manifest", str(tmp_path)], ["export-onnx", *checkpoint],
+                    ["calibrate", *checkpoint, "--data", str(tmp_path)]):
+        one_line_error(invoke_cli(*command, "--out", f"{through_a_file}/m.safetensors"),
+                       f"{through_a_file}/m.safetensors: its folder cannot be made (")
     one_line_error(invoke_cli("predict", str(EXAMPLE), *checkpoint, "--device", "banana"), "banana", "not a device")
     one_line_error(invoke_cli("predict", str(EXAMPLE), *checkpoint, "--device", "cuda"), "no CUDA GPU")
     exported = invoke_cli("export-onnx", *checkpoint, "--out", str(tmp_path / "new" / "folder" / "m.onnx"))

@@ -65,6 +65,14 @@ def output_folder(path: str | Path | None) -> None:
         raise KLGradeError(f"{path}: --out cannot be made ({exc.strerror or exc})") from None
 
 
+def output_file(path: Path) -> None:
+    """A one-line error, before any work, when the folder of the file --out names cannot be made."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KLGradeError(f"{path}: its folder cannot be made ({exc.strerror or exc})") from None
+
+
 def _train_overrides(values: dict) -> dict:
     """CLI values -> TrainConfig overrides (None = not given); `--option key=value` pairs become model_options."""
     overrides = dict(values)
@@ -244,6 +252,7 @@ def data_manifest(
     from klgrade.data.manifest import write_manifest
     from klgrade.data.splits import unnamed_knees
 
+    output_file(out)
     samples = write_manifest(data, out)
     unnamed = len(unnamed_knees(samples))
     typer.echo(f"{out}: {len(samples)} knees" + (f", {unnamed} with no patient_id to fill in" if unnamed else ""))
@@ -378,6 +387,8 @@ def calibrate(
         raise KLGradeError(f"{out}: --out must name a .safetensors file")
     if len(checkpoint) > 1:
         output_folder(out)
+    else:
+        output_file(out)
     samples = find_samples(data)
     has_splits = any(s.split for s in samples)
     calibration = pick_split(samples, split if has_splits else None)
@@ -412,6 +423,7 @@ def export_onnx_command(
 
     if out.is_dir():
         raise KLGradeError(f"{out}: --out names a folder; give a file name such as model.onnx")
+    output_file(out)
     path = export_onnx(checkpoint or shipped_checkpoint(), out)
     typer.echo(str(path))
 

@@ -31,17 +31,13 @@ def write_manifest(data: str | Path, out: str | Path) -> list[Sample]:
     """Write the manifest of `data` to `out` (atomically) and return the knees it lists.
 
     Raises:
-        KLGradeError: `out` exists (a manifest edited by hand is not overwritten), or its folder cannot be made.
+        KLGradeError: `out` exists (a manifest edited by hand is not overwritten).
         DataLayoutError: `data` is no supported layout, or a manifest with a bad row.
     """
     out = Path(out)
     if out.exists():
         raise KLGradeError(f"{out}: exists, not overwritten (a manifest filled in by hand would be lost); remove it "
                            "or choose another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KLGradeError(f"{out}: its folder cannot be made ({exc.strerror or exc})") from None
     samples = find_samples(data)
     folder = out.resolve().parent
     write_text_atomic(out, rows_to_csv([manifest_row(sample, folder) for sample in samples], COLUMNS))
