@@ -270,12 +270,13 @@ def differences_to_full_model(out: Path, variants: dict, validation: dict[str, V
         return
     runs = out / "runs"
     full = {row["path"]: row for row in read_oof(runs / run_name("msa_net") / "oof_predictions.csv")}
+    full_grades = {which: fold_grades(runs / run_name("msa_net"), which) for which in validation}
     for name, entry in variants.items():
         if name == "msa_net":
             continue
         for which, validation_data in validation.items():
             entry[which]["difference_to_msa_net"] = paired_difference(
-                [s.grade for s in validation_data.samples], fold_grades(runs / run_name("msa_net"), which),
+                [s.grade for s in validation_data.samples], full_grades[which],
                 fold_grades(runs / run_name(name), which), groups=[s.patient_id for s in validation_data.samples])
         rows = read_oof(runs / run_name(name) / "oof_predictions.csv")
         if {row["path"] for row in rows} != set(full) or any(full[row["path"]]["fold"] != row["fold"] for row in rows):
