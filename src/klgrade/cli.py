@@ -59,18 +59,20 @@ def output_folder(path: str | Path | None) -> None:
         return
     if Path(path).exists() and not Path(path).is_dir():
         raise KLGradeError(f"{path}: --out names an existing file; give a folder")
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KLGradeError(f"{path}: --out cannot be made ({exc.strerror or exc})") from None
+    _make_folder(Path(path), f"{path}: --out cannot be made")
 
 
 def output_file(path: Path) -> None:
     """A one-line error, before any work, when the folder of the file --out names cannot be made."""
+    _make_folder(path.parent, f"{path}: its folder cannot be made")
+
+
+def _make_folder(folder: Path, error: str) -> None:
+    """Make `folder` (and its parents); `error` and the system's reason as a KLGradeError where it cannot be made."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise KLGradeError(f"{path}: its folder cannot be made ({exc.strerror or exc})") from None
+        raise KLGradeError(f"{error} ({exc.strerror or exc})") from None
 
 
 def _train_overrides(values: dict) -> dict:
