@@ -261,6 +261,23 @@ def test_bad_devices_and_outputs_are_one_line_errors(tiny_checkpoint, tmp_path):
     assert (tmp_path / "new" / "folder" / "m.onnx").stat().st_size > 1000
 
 
+def test_a_failed_command_leaves_no_empty_output_folder_of_its_making(tiny_checkpoint, tmp_path):
+    empty_data = tmp_path / "data"
+    empty_data.mkdir()
+    made = tmp_path / "new" / "deep" / "out"  # made when the options are checked, before the data fails
+    one_line_error(invoke_cli("evaluate", "--data", str(empty_data), "--out", str(made),
+                              "--checkpoint", str(tiny_checkpoint)), "no grade or split folders")
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"  # a folder that was there before is not the command's to remove
+    kept.mkdir()
+    one_line_error(invoke_cli("train", "--data", str(empty_data), "--out", str(kept), "--epochs", "1"),
+                   "no grade or split folders")
+    assert kept.is_dir()
+    written = invoke_cli("predict", str(tmp_path / "absent.png"), "--out", str(tmp_path / "answers"),
+                         "--checkpoint", str(tiny_checkpoint))  # failed, but it wrote its answer: all stays
+    assert written.returncode == 1 and (tmp_path / "answers" / "predictions.csv").is_file()
+
+
 # 8, 9: names, empty folders, formats, DICOM --------------------------------------------------------------------
 
 def test_same_named_inputs_get_distinct_heatmaps(tiny_checkpoint, tmp_path):

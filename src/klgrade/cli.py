@@ -22,18 +22,36 @@ data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True, rich_mark
 app.add_typer(data_app, name="data")
 
 
+_made_folders: list[Path] = []  # the folders this command made for its output, the deepest first
+
+
 def user_errors(command):
-    """Turn KLGradeError into `error: <one line>` on stderr and exit code 1 (no traceback)."""
+    """Turn KLGradeError into `error: <one line>` on stderr and exit code 1 (no traceback). A command that fails
+    leaves no empty output folder of its own making behind (`output_folder` makes it before the work)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        _made_folders.clear()
         try:
             return command(*args, **kwargs)
         except KLGradeError as exc:
+            _remove_empty(_made_folders)
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except BaseException:  # an interrupt, or an exit after the work
+            _remove_empty(_made_folders)
+            raise
 
     return wrapper
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` that are still empty (what a failed command wrote stays, and its folder)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 class _DropAdverts(logging.Filter):
@@ -68,11 +86,14 @@ def output_file(path: Path) -> None:
 
 
 def _make_folder(folder: Path, error: str) -> None:
-    """Make `folder` (and its parents); `error` and the system's reason as a KLGradeError where it cannot be made."""
+    """Make `folder` (and its parents); `error` and the system's reason as a KLGradeError where it cannot be made.
+    The folders made are noted, so that a command failing later removes them again while they are empty."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KLGradeError(f"{error} ({exc.strerror or exc})") from None
+    _made_folders[:0] = missing
 
 
 def _train_overrides(values: dict) -> dict:
