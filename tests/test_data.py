@@ -713,6 +713,36 @@ def test_a_manifest_written_from_a_folder_lists_the_same_knees_and_once_filled_i
     assert out.read_text() == kept
 
 
+def test_a_manifest_may_take_patients_from_the_folders_below_the_grade_folders(tmp_path):
+    """A PACS-style export files each patient's images in a folder (`2/PAT1/STUDY/IMG.png`): with
+    `--patient-from-folder` that folder names the knee's patient (in either layout), so one person's knees in two
+    grade folders or two splits are one patient; a named knee keeps its name, a file in the grade folder stays blank."""
+    data = tmp_path / "data"
+    _write(data / "train" / "0" / "PAT1" / "study1" / "img1.png", seed=0)
+    _write(data / "train" / "2" / "PAT1" / "study1" / "img2.png", seed=1)
+    _write(data / "train" / "1" / "PAT2" / "img4.png", seed=2)
+    _write(data / "val" / "3" / "PAT1" / "img3.png", seed=3)
+    _write(data / "train" / "4" / "loose.png", seed=4)
+    _write(data / "train" / "4" / "PAT3" / "9000001L.png", seed=5)
+    out = tmp_path / "knees.csv"
+    result = invoke_cli("data", "manifest", str(data), "--out", str(out), "--patient-from-folder")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{out}: 6 knees, 1 with no patient_id to fill in\n"
+    patients = {os.path.basename(s.path): s.patient_id for s in find_samples(out)}
+    assert {name: patients[name] for name in ("img1.png", "img2.png", "img3.png", "img4.png", "9000001L.png")} == {
+        "img1.png": "PAT1", "img2.png": "PAT1", "img3.png": "PAT1", "img4.png": "PAT2", "9000001L.png": "9000001"}
+    assert "data/train/0/PAT1/study1/img1.png,0,PAT1,,train" in out.read_text()
+    assert "data/train/4/loose.png,4,,,train" in out.read_text()
+    single = tmp_path / "single.csv"  # a single split in grade/image layout
+    assert invoke_cli("data", "manifest", str(data / "train"), "--out", str(single), "--patient-from-folder"
+                      ).returncode == 0
+    assert "data/train/2/PAT1/study1/img2.png,2,PAT1,," in single.read_text()
+    refused = invoke_cli("data", "manifest", str(out), "--out", str(tmp_path / "again.csv"), "--patient-from-folder")
+    assert refused.returncode == 1 and refused.stderr == (
+        f"error: {out}: --patient-from-folder reads the folders of a folder layout; a manifest names its patients in "
+        "its patient_id column\n")
+
+
 def test_summary_of_a_bad_layout_is_one_line(tmp_path):
     _write(tmp_path / "nine" / "a.png")
     result = invoke_cli("data", "summary", str(tmp_path))

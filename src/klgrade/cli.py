@@ -269,6 +269,9 @@ def data_summary(
 def data_manifest(
     data: Annotated[str, typer.Argument(help="Dataset folder or CSV manifest.")],
     out: Annotated[Path, typer.Option(help="The manifest to write (CSV; not overwritten).")],
+    patient_from_folder: Annotated[bool, typer.Option(
+        "--patient-from-folder", help="A knee that names no patient gets the name of its folder below the grade "
+        "folder as its patient_id (`2/PAT0042/IMG1.png` -> PAT0042): check them before use.")] = False,
 ) -> None:
     """Write the knees found in DATA as a CSV manifest (path, grade, patient_id, side, split): fill in the patient
     ids no file names, then give the manifest as DATA."""
@@ -276,7 +279,7 @@ def data_manifest(
     from klgrade.data.splits import unnamed_knees
 
     output_file(out)
-    samples = write_manifest(data, out)
+    samples = write_manifest(data, out, patient_from_folder)
     unnamed = len(unnamed_knees(samples))
     typer.echo(f"{out}: {len(samples)} knees" + (f", {unnamed} with no patient_id to fill in" if unnamed else ""))
 

@@ -4,6 +4,7 @@ no file names (a patient id above all) can be filled in by hand and the manifest
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from klgrade.data.sources import Sample, find_samples, names_a_patient
@@ -27,18 +28,39 @@ def manifest_row(sample: Sample, folder: Path) -> dict:
             "split": sample.split or ""}
 
 
-def write_manifest(data: str | Path, out: str | Path) -> list[Sample]:
+def with_folder_patient(sample: Sample, data: Path) -> Sample:
+    """A knee that names no patient, with the name of its first folder below the grade folder in the folder layout
+    `data` as its patient (a PACS export files each patient's images in a folder of their own:
+    `2/PAT0042/STUDY1/IMG0001`); as it is when it names one, or lies in the grade folder itself."""
+    parts = Path(os.path.relpath(sample.path, data)).parts
+    below_grade = parts[2:] if sample.split else parts[1:]  # split/grade/... or grade/...
+    if names_a_patient(sample) or len(below_grade) < 2:
+        return sample
+    return replace(sample, patient_id=below_grade[0])
+
+
+def write_manifest(data: str | Path, out: str | Path, patient_from_folder: bool = False) -> list[Sample]:
     """Write the manifest of `data` to `out` (atomically) and return the knees it lists.
 
+    Args:
+        patient_from_folder: a knee that names no patient gets its folder's name as its patient
+            (`with_folder_patient`), for the user to check before the manifest is used.
+
     Raises:
-        KLGradeError: `out` exists (a manifest edited by hand is not overwritten).
+        KLGradeError: `out` exists (a manifest edited by hand is not overwritten), or `patient_from_folder` with a
+            manifest as `data` (its patients are its patient_id column).
         DataLayoutError: `data` is no supported layout, or a manifest with a bad row.
     """
-    out = Path(out)
+    out, data = Path(out), Path(data)
     if out.exists():
         raise KLGradeError(f"{out}: exists, not overwritten (a manifest filled in by hand would be lost); remove it "
                            "or choose another --out")
+    if patient_from_folder and data.is_file():
+        raise KLGradeError(f"{data}: --patient-from-folder reads the folders of a folder layout; a manifest names its "
+                           "patients in its patient_id column")
     samples = find_samples(data)
+    if patient_from_folder:
+        samples = [with_folder_patient(sample, data) for sample in samples]
     folder = out.resolve().parent
     write_text_atomic(out, rows_to_csv([manifest_row(sample, folder) for sample in samples], COLUMNS))
     return samples
