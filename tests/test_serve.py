@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import time
 
 import httpx
 import numpy as np
@@ -93,13 +94,11 @@ def test_real_server_on_loopback(server):
     assert junk.status_code == 415
 
 
-@pytest.mark.browser
-def test_web_page_in_headless_chromium(server, tmp_path):
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium, driven by Selenium (one per module: starting it takes seconds)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
@@ -108,32 +107,74 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         options.add_argument(flag)
     options.add_argument("--window-size=1280,900")
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        driver.get(server + "/")
-        driver.find_element(By.ID, "file-input").send_keys(str(EXAMPLE.resolve()))
-        wait = WebDriverWait(driver, 60)
-        wait.until(ec.text_to_be_present_in_element((By.ID, "grade"), "KL"))
-        grade_text = driver.find_element(By.ID, "grade").text
-        assert grade_text.startswith("KL ") and int(grade_text.split()[1]) in range(5)
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#probabilities .bar-row")) == 5
-        wait.until(lambda d: d.execute_script(
-            "const i = document.getElementById('heatmap'); return i.complete && i.naturalWidth > 0;"))
-        assert driver.find_element(By.ID, "heatmap").is_displayed()
-        assert driver.find_element(By.ID, "error").text == ""
-        assert "with 90% confidence" in driver.find_element(By.ID, "grade-set").text
-        assert driver.find_elements(By.CSS_SELECTOR, "#warnings li") == []
-        assert driver.save_screenshot(str(tmp_path / "page.png"))
-        blank = tmp_path / "blank.png"
-        Image.fromarray(np.zeros((128, 128), np.uint8)).save(blank)
-        driver.find_element(By.ID, "file-input").send_keys(str(blank))
-        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Graded blank.png"))
-        assert driver.find_element(By.ID, "grade").text.endswith("?")
-        warnings = [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#warnings li")]
-        assert any("not gradable" in text and "blank" in text for text in warnings), warnings
-        assert driver.save_screenshot(str(tmp_path / "page_blank.png"))
-    finally:
-        driver.quit()
+    yield driver
+    driver.quit()
 
+
+@pytest.mark.browser
+def test_web_page_in_headless_chromium(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    driver.get(server + "/")
+    driver.find_element(By.ID, "file-input").send_keys(str(EXAMPLE.resolve()))
+    wait = WebDriverWait(driver, 60)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "grade"), "KL"))
+    grade_text = driver.find_element(By.ID, "grade").text
+    assert grade_text.startswith("KL ") and int(grade_text.split()[1]) in range(5)
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#probabilities .bar-row")) == 5
+    wait.until(lambda d: d.execute_script(
+        "const i = document.getElementById('heatmap'); return i.complete && i.naturalWidth > 0;"))
+    assert driver.find_element(By.ID, "heatmap").is_displayed()
+    assert driver.find_element(By.ID, "error").text == ""
+    assert "with 90% confidence" in driver.find_element(By.ID, "grade-set").text
+    assert driver.find_elements(By.CSS_SELECTOR, "#warnings li") == []
+    assert driver.save_screenshot(str(tmp_path / "page.png"))
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((128, 128), np.uint8)).save(blank)
+    driver.find_element(By.ID, "file-input").send_keys(str(blank))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Graded blank.png"))
+    assert driver.find_element(By.ID, "grade").text.endswith("?")
+    warnings = [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#warnings li")]
+    assert any("not gradable" in text and "blank" in text for text in warnings), warnings
+    assert driver.save_screenshot(str(tmp_path / "page_blank.png"))
+
+
+@pytest.mark.browser
+def test_web_page_shows_no_answer_but_the_latest_file_s(server, browser, tmp_path):
+    """A grade on the page is only ever the latest chosen file's, named: a file that fails takes the previous answer
+    away, and an earlier file's answer arriving late (here held back 3 s) does not replace a later file's."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, wait = browser, WebDriverWait(browser, 60)
+    driver.get(server + "/")
+    file_input = driver.find_element(By.ID, "file-input")
+    file_input.send_keys(str(EXAMPLE.resolve()))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), f"Graded {EXAMPLE.name}"))
+    assert driver.find_element(By.ID, "graded-file").text == EXAMPLE.name
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    file_input.send_keys(str(broken))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "error"), "Could not grade broken.png"))
+    assert not driver.find_element(By.ID, "result").is_displayed()
+    assert not driver.find_element(By.ID, "heatmap").is_displayed()
+    driver.execute_script("""
+        const send = window.fetch; let uploads = 0;
+        window.fetch = (url, options) => new Promise(done => setTimeout(done, ++uploads === 1 ? 3000 : 0))
+            .then(() => send(url, options));""")
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((128, 128), np.uint8)).save(blank)
+    file_input.send_keys(str(EXAMPLE.resolve()))  # held back 3 s
+    file_input.send_keys(str(blank))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Graded blank.png"))
+    time.sleep(4)  # the example's answer has arrived meanwhile
+    assert driver.find_element(By.ID, "graded-file").text == "blank.png"
+    assert driver.find_element(By.ID, "grade").text.endswith("?")
+    assert driver.find_element(By.ID, "status").text == "Graded blank.png"
 
 
 def test_cli_and_service_grade_the_same_file_the_same_way(tiny_checkpoint, tmp_path):
