@@ -142,6 +142,16 @@ def test_csv_manifest(tmp_path):
     assert [(s.grade, s.patient_id, s.side) for s in samples] == [(2, "P1", "R"), (4, "9000005", "L")]
 
 
+@pytest.mark.parametrize("header, separator", [("Path,Grade,Patient_ID,Side", ","), ("path;grade;patient_id;side", ";"),
+                                               ("PATH\tGRADE\tPATIENT_ID\tSIDE", "\t")])
+def test_a_manifest_may_name_its_columns_in_any_case_and_separate_them_as_excel_does(tmp_path, header, separator):
+    """Excel saves CSV with `;` where the decimal mark is a comma, and text with tabs; people write `Path,Grade`."""
+    _write(tmp_path / "img" / "a.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"{header}\n" + separator.join(["img/a.png", "KL 2", "P1", "left"]) + "\n")
+    assert [(s.grade, s.patient_id, s.side) for s in find_samples(manifest)] == [(2, "P1", "L")]
+
+
 def test_a_manifest_written_on_windows_finds_its_files(tmp_path):
     _write(tmp_path / "img" / "0" / "a.png")
     manifest = tmp_path / "list.csv"

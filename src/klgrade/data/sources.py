@@ -329,23 +329,32 @@ def files_below(folder: Path, problems: list[ImageReadError] | None) -> tuple[li
     return sorted(found, key=lambda item: item[1]), others
 
 
+MANIFEST_DELIMITERS = ",;\t"
+"""What may separate a manifest's fields: Excel writes `;` where the decimal mark is a comma, and a tab as text."""
+
+
 def _manifest_rows(csv_path: Path) -> list[dict]:
-    """The rows of a UTF-8 manifest (an Excel byte-order mark is fine), checked for the needed header."""
+    """The rows of a UTF-8 manifest (an Excel byte-order mark is fine), checked for the needed header. Its fields are
+    separated by whichever of `MANIFEST_DELIMITERS` its header holds most of, and its column names are read in any
+    case (`Path,Grade`)."""
     problem = regular_file_problem(csv_path)
     if problem is not None:
         raise DataLayoutError(f"{csv_path}: {problem}")
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            first_line = handle.readline()
+            handle.seek(0)
+            delimiter = max(MANIFEST_DELIMITERS, key=first_line.count)
+            reader = csv.DictReader(handle, delimiter=delimiter)
             rows = list(reader)
     except UnicodeDecodeError:
         raise DataLayoutError(f"{csv_path}: manifest is not UTF-8 text (save it as CSV UTF-8)") from None
     except (OSError, csv.Error) as exc:
         raise DataLayoutError(f"{csv_path}: cannot read manifest ({exc})") from None
     header = [name.strip() for name in reader.fieldnames or []]
-    if not {"path", "grade"} <= set(header):
+    if not {"path", "grade"} <= {name.lower() for name in header}:
         raise DataLayoutError(f"{csv_path}: manifest needs a header with at least 'path,grade' (found {header})")
-    return [{(key or "").strip(): value for key, value in row.items()} for row in rows]
+    return [{(key or "").strip().lower(): value for key, value in row.items()} for row in rows]
 
 
 def parse_grade(text: str | None) -> int:
