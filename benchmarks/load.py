@@ -1,12 +1,13 @@
 """Load test of `klgrade serve` on loopback: throughput, latency percentiles, errors and server memory.
 
     python benchmarks/load.py [--requests 1000] [--concurrency 16] [--backends torch onnx] [--explain-requests 100]
-                              [--huge 16] [--max-upload-mp 30] [--checkpoint CKPT] [--json]
+                              [--huge 16] [--large 40] [--max-upload-mp 30] [--checkpoint CKPT] [--json]
 
 For each backend: a server is started on 127.0.0.1, warmed up, then `--requests` POST /v1/grade (the example
 radiographs, no heatmap) are sent by `--concurrency` clients, then `--explain-requests` with `explain=true`.
 `--huge N` then sends N concurrent uploads of a 7999x7999 16-bit PNG (124 KB on the wire, 64 MP decoded) to
-the torch server. Server RSS (VmRSS now, VmHWM peak) is read from /proc. Every phase is bounded in count and
+the torch server; `--large N`, N concurrent uploads of `LARGE_MB` MiB each (random bytes: refused as no image
+once held, so what is measured is the holding), the bound on uploads held at once. Server RSS (VmRSS now, VmHWM peak) is read from /proc. Every phase is bounded in count and
 time (`PHASE_SECONDS`) and the server stops with the script. Client and server share the machine's cores.
 """
 
@@ -32,6 +33,7 @@ from klgrade.serve.local import local_server  # noqa: E402
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PHASE_SECONDS = 300
 HUGE_SIDE = 7999
+LARGE_MB = 30
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -100,6 +102,10 @@ def run_backend(backend: str, checkpoint: Path | None, args) -> dict:
             huge = [("huge.png", huge_png())] * args.huge
             result["huge_uploads"] = asyncio.run(send_all(server.url, huge, args.huge, False))
             result["memory_after_huge"] = memory_mb(server.pid)
+        if args.large and backend == "torch":
+            large = [("large.png", np.random.default_rng(0).bytes(LARGE_MB * 2**20))] * args.large
+            result["large_uploads"] = asyncio.run(send_all(server.url, large, args.large, False))
+            result["memory_after_large"] = memory_mb(server.pid)
     return result
 
 
@@ -109,6 +115,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--explain-requests", type=int, default=100)
     parser.add_argument("--huge", type=int, default=16, help="Concurrent 7999x7999 16-bit uploads (0 = none).")
+    parser.add_argument("--large", type=int, default=40, help=f"Concurrent {LARGE_MB} MiB uploads (0 = none).")
     parser.add_argument("--backends", nargs="+", default=["torch", "onnx"])
     parser.add_argument("--max-upload-mp", type=float, default=30.0, help="The server's upload pixel limit.")
     parser.add_argument("--checkpoint", type=Path, default=None, help="Default: the shipped model.")
@@ -121,7 +128,7 @@ def main() -> None:
     print(f"machine: {results['machine']}; client and server on the same cores, loopback")
     print(f"{'backend':8s} {'phase':14s} {'n':>5s} {'conc':>4s} {'req/s':>7s} {'p50':>6s} {'p95':>6s} {'p99':>6s} {'errors':>6s}")
     for entry in results["backends"]:
-        for phase in ("plain", "explain", "huge_uploads"):
+        for phase in ("plain", "explain", "huge_uploads", "large_uploads"):
             if phase in entry:
                 r = entry[phase]
                 print(f"{entry['backend']:8s} {phase:14s} {r['requests']:5d} {r['concurrency']:4d} {r['req_per_s']:7.1f} "

@@ -464,7 +464,11 @@ def serve(
     tta: Tta = None,
     max_upload_mb: Annotated[int, typer.Option(min=1, help="Largest accepted upload, MiB.")] = 32,
     max_upload_mp: Annotated[float, typer.Option(min=0.001, help="Largest accepted image, megapixels.")] = 30.0,
-    body_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds an upload may take to arrive.")] = 15.0,
+    body_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds an upload may take to arrive, and may wait "
+                                                              "for room among the uploads held.")] = 15.0,
+    max_held_mb: Annotated[Optional[int], typer.Option(min=1, help="MiB of uploads held at once, all requests "
+                                                                   "together [4 x --max-upload-mb]; more wait their "
+                                                                   "turn (503 after --body-timeout).")] = None,
 ) -> None:
     """Serve the grading API (/v1/grade, /v1/model, /v1/health, /docs) and the web page (/)."""
     import uvicorn
@@ -473,9 +477,12 @@ def serve(
     from klgrade.serve.app import Settings, create_app
 
     _setup_logging(quiet=False)
+    if max_held_mb is not None and max_held_mb < max_upload_mb:
+        raise KLGradeError(f"--max-held-mb {max_held_mb} leaves no room for an upload of --max-upload-mb "
+                           f"{max_upload_mb}")
     settings = Settings(checkpoints=[str(p) for p in checkpoint] if checkpoint else None, backend=backend, tta=tta,
                         max_upload_bytes=max_upload_mb * 2**20, max_upload_pixels=int(max_upload_mp * 1e6),
-                        body_timeout_s=body_timeout)
+                        body_timeout_s=body_timeout, max_held_bytes=max_held_mb * 2**20 if max_held_mb else None)
     listener = _listening_socket(host, port)  # a taken port fails here, before the model loads
     predictor = load_model(settings.checkpoints, tta=tta, backend=backend)  # a bad checkpoint fails here, in one line
     server = uvicorn.Server(uvicorn.Config(create_app(settings, predictor), host=host, port=port, log_level="info"))

@@ -1,8 +1,8 @@
 """`klgrade serve`: the grading API and its web page, over the same input -> grade path as the CLI.
 
-Uploads are held in memory only (never written to disk), limited in size (413) and in the time their body may
-take to arrive (408), decoded under a pixel limit of their own and at most `decode_slots` at a time (bounded
-memory), and graded by one inference thread that takes every request waiting as one batch (throughput without
+Uploads are held in memory only (never written to disk), limited in size (413), in the time their body may take
+to arrive (408) and, all together, in the bytes held at once (`max_held_bytes`: more wait their turn, else 503),
+decoded under a pixel limit of their own and at most `decode_slots` at a time (bounded memory), and graded by one inference thread that takes every request waiting as one batch (throughput without
 oversubscribing the cores). Undecodable uploads get 415/422 with a JSON `detail`; DICOM header fields are never
 logged or returned.
 """
@@ -22,7 +22,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
 
@@ -48,7 +48,21 @@ class Settings(BaseModel):
     tta: bool | None = None
     max_upload_bytes: int = Field(32 * 1024 * 1024, gt=0)
     max_upload_pixels: int = Field(30_000_000, gt=0, description="Larger uploads are refused before decoding (422).")
-    body_timeout_s: float = Field(15.0, gt=0, description="Time a request body may take to arrive (else 408).")
+    body_timeout_s: float = Field(15.0, gt=0, description="Time a request body may take to arrive (else 408), and "
+                                                          "the longest an upload waits for room (else 503).")
+    max_held_bytes: int | None = Field(None, gt=0, description="Bytes of uploads held at once, all requests together "
+                                                               "[4 x max_upload_bytes]; more wait for room.")
+
+    @model_validator(mode="after")
+    def _room_for_one_upload(self):
+        if self.held_bytes < self.max_upload_bytes:
+            raise ValueError(f"uploads held at once ({self.held_bytes / 2**20:g} MiB) must leave room for the largest "
+                             f"upload ({self.max_upload_bytes / 2**20:g} MiB)")
+        return self
+
+    @property
+    def held_bytes(self) -> int:
+        return self.max_held_bytes or 4 * self.max_upload_bytes
     decode_slots: int = Field(max(1, os.cpu_count() or 1), gt=0, description="Uploads decoded at the same time.")
 
 
@@ -132,12 +146,40 @@ class BatchGrader:
                         job.result.set_result(result)
 
 
-class BodyLimits:
-    """ASGI middleware for POST: a Content-Length within the limit (else 411/413), a body that arrives within
-    `timeout_s` (else 408) and is no longer than it promised (else 400); the app then gets it in one piece."""
+class UploadRoom:
+    """Bytes of request bodies the service holds at once, all requests together: each request's body, and its copies
+    while it is parsed and graded, live until its answer is sent, so without a bound N concurrent uploads of the
+    largest size hold N times that (40 of 30 MiB took a server to 4.7 GB). A request waits for room."""
 
-    def __init__(self, app, max_bytes: int, timeout_s: float):
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self.freed = asyncio.Event()
+
+    async def take(self, size: int, timeout_s: float) -> bool:
+        """Hold `size` bytes (give them back with `give`); False when no room is made within `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.held + size > self.limit:
+                    self.freed.clear()
+                    await self.freed.wait()
+        except TimeoutError:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+        self.freed.set()  # every waiter looks again
+
+
+class BodyLimits:
+    """ASGI middleware for POST: a Content-Length within the limit (else 411/413), room for it among the bodies held
+    (`UploadRoom`; waits up to `timeout_s`, else 503), a body that arrives within `timeout_s` (else 408) and is no
+    longer than it promised (else 400); the app then gets it in one piece."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float, held_bytes: int):
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+        self.room = UploadRoom(held_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -147,6 +189,14 @@ class BodyLimits:
             return await _json_error(411, "Content-Length header required")(scope, receive, send)
         if not length.isdigit() or int(length) > self.max_bytes:
             return await _json_error(413, f"upload larger than {self.max_bytes / 2**20:g} MiB")(scope, receive, send)
+        if not await self.room.take(int(length), self.timeout_s):
+            return await _json_error(503, "too many uploads in progress; try again shortly")(scope, receive, send)
+        try:
+            return await self._read_and_answer(int(length), scope, receive, send)
+        finally:
+            self.room.give(int(length))
+
+    async def _read_and_answer(self, length: int, scope, receive, send):
         chunks, size = [], 0
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -156,22 +206,20 @@ class BodyLimits:
                         return None
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
-                    if size > int(length):
+                    if size > length:
                         return await _json_error(400, "body longer than its Content-Length")(scope, receive, send)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
             return await _json_error(408, f"request body did not arrive within {self.timeout_s:g} s")(
                 scope, receive, send)
-        body = b"".join(chunks)
-        delivered = False
+        body = [b"".join(chunks)]
+        chunks.clear()
 
         async def replay():
-            nonlocal delivered
-            if delivered:
+            if not body:
                 return await receive()
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body.pop(), "more_body": False}  # held by the app alone
 
         return await self.app(scope, replay, send)
 
@@ -196,7 +244,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     app = FastAPI(title="klgrade", version=klgrade.__version__, lifespan=lifespan,
                   description="Kellgren-Lawrence grading of knee radiographs with Grad-CAM explanations. "
                               "Research use only; not a medical device.")
-    app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s,
+                       held_bytes=settings.held_bytes)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -219,6 +268,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                                       411: {"description": "No Content-Length"},
                                       413: {"description": "Upload too large"},
                                       415: {"description": "Not an image type"},
+                                      503: {"description": "Too many uploads in progress; try again"},
                                       422: {"description": "Unreadable image, too many pixels, more than one "
                                                             "file, or a bad query value"}})
     async def grade_upload(request: Request, predictor: Annotated[Predictor, Depends(get_predictor)],
@@ -231,6 +281,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         if len(files) > 1:
             raise HTTPException(422, detail=f"one radiograph per request, not {len(files)} files")
         data = await file.read()
+        await file.close()  # its in-memory copy goes now, not after the answer
         declared = (file.content_type or "").lower()
         source = NamedBytes(data, file.filename or "upload")  # the name gives the knee side and marks .dcm files
         try:
