@@ -42,9 +42,14 @@ class CrashMidEpoch(Callback):
 
 def test_train_cli_leaves_a_checkpoint_that_evaluate_reads(kneekl224, tmp_path):
     run = tmp_path / "run"
-    result = run_cli("train", "--data", str(kneekl224), "--model", "msa_net", "--epochs", "1", "--limit", "64",
+    result = run_cli("train", "--data", str(kneekl224), "--model", "msa_net", "--epochs", "2", "--limit", "64",
                      "--image-size", "96", "--device", "cpu", "--out", str(run))
     assert result.returncode == 0, result.stderr[-2000:]
+    selection = json.loads((run / "metrics.json").read_text())["selection"]  # the cost of choosing the epoch on val
+    assert result.stdout.splitlines()[-1] == (
+        f"chosen on val, so optimistic there: an epoch chosen on half the val patients scores on the other half qwk "
+        f"{selection['cross_fitted']['qwk']:.4f} (chosen epoch on all: {selection['chosen']['qwk']:.4f}), accuracy "
+        f"{selection['cross_fitted']['accuracy']:.4f} ({selection['chosen']['accuracy']:.4f})")
     log = result.stderr + result.stdout
     assert log.count("GPU available") == 1 and "litlogger" not in log  # one line per message, no adverts
     assert {"best.safetensors", "last.safetensors", "last.ckpt", "metrics.json"} <= {p.name for p in run.iterdir()}
@@ -61,11 +66,15 @@ def test_train_cli_leaves_a_checkpoint_that_evaluate_reads(kneekl224, tmp_path):
 
 def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(kneekl224, tmp_path):
     base = {**TINY, "data": str(kneekl224), "epochs": 3, "ema": 0.9}
-    fit(TrainConfig(**base, out=str(tmp_path / "straight")))
+    straight_run = fit(TrainConfig(**base, out=str(tmp_path / "straight")))
     with pytest.raises(Interrupt):
         fit(TrainConfig(**base, out=str(tmp_path / "killed")), callbacks=[CrashMidEpoch(epoch=1, batch=2)])
     assert (tmp_path / "killed" / "last.ckpt").exists()
-    fit(TrainConfig(**base, out=str(tmp_path / "killed"), resume=True))
+    resumed_run = fit(TrainConfig(**base, out=str(tmp_path / "killed"), resume=True))
+    # The cost of choosing the epoch on val is read from every epoch's val grades, kept across the resume.
+    selection = straight_run["selection"]
+    assert selection == resumed_run["selection"] and selection["chosen_epoch"] == straight_run["best_epoch"]
+    assert selection["chosen"]["qwk"] == pytest.approx(max(h["qwk"] for h in straight_run["history"]), abs=1e-6)
     straight = load_file(str(tmp_path / "straight" / "last.safetensors"))
     resumed = load_file(str(tmp_path / "killed" / "last.safetensors"))
     assert straight.keys() == resumed.keys()

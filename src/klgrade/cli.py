@@ -176,6 +176,16 @@ def train(config) -> None:
     summary = fit(config)
     if summary["rank"] == 0:  # under DDP every process returns here; one reports
         typer.echo(f"best epoch {summary['best_epoch']}: val qwk {summary['best_qwk']:.4f} -> {Path(config.out) / 'best.safetensors'}")
+        if summary["selection"]:
+            typer.echo(selection_line(summary["selection"]))
+
+
+def selection_line(selection: dict) -> str:
+    """What choosing the epoch on val costs its val figures, in a line (`metrics.selection_estimate`)."""
+    chosen, crossed = selection["chosen"], selection["cross_fitted"]
+    return (f"chosen on val, so optimistic there: an epoch chosen on half the val patients scores on the other half "
+            f"qwk {crossed['qwk']:.4f} (chosen epoch on all: {chosen['qwk']:.4f}), accuracy {crossed['accuracy']:.4f} "
+            f"({chosen['accuracy']:.4f})")
 
 
 @app.command()

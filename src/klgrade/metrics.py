@@ -202,6 +202,47 @@ def paired_difference(y_true, pred_a, pred_b, groups=None, strata=None, n_boot: 
             for name in CI_METRICS}
 
 
+def selection_estimate(y_true, epoch_grades, groups=None, metric: str = "qwk", repeats: int = 100, seed: int = 0,
+                       num_classes: int = NUM_GRADES) -> dict:
+    """What choosing the best of several epochs (or models) on a validation set costs its figures: the chosen
+    epoch's score there is the best of many noisy scores, so it is optimistic. Cross-fitted instead: the patients are
+    split in two halves, the epoch is chosen by `metric` on one half and scored on the other, both ways, over
+    `repeats` random splits (a slight underestimate: each choice sees half the knees).
+
+    Args:
+        epoch_grades: (E, N) the grades each epoch gave the N validation images.
+
+    Returns:
+        `metric`, `chosen_epoch` (the best on all knees, the first of ties), and `CI_METRICS` of that epoch on all
+        knees (`chosen`) and of the epochs chosen on halves, on the other halves (`cross_fitted`, means).
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    epoch_grades = np.atleast_2d(epoch_grades)
+    groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
+    _, group_index = np.unique(groups, return_inverse=True)
+    n_groups = group_index.max() + 1
+    per_group = np.stack([_group_confusions(y_true, grades, group_index, n_groups, num_classes)
+                          for grades in epoch_grades])  # (E, G, K*K)
+
+    def scores(in_half: np.ndarray) -> dict[str, np.ndarray]:  # every epoch's metrics on the patients in_half
+        return confusion_metrics(per_group[:, in_half].sum(axis=1).reshape(-1, num_classes, num_classes))
+
+    everyone = scores(np.ones(n_groups, dtype=bool))
+    chosen_epoch = int(np.argmax(everyone[metric]))
+    rng = np.random.default_rng(seed)
+    cross_fitted = {name: [] for name in CI_METRICS}
+    for _ in range(repeats):
+        half = rng.permutation(n_groups) < n_groups // 2
+        for choose_on, score_on in ((half, ~half), (~half, half)):
+            chosen = int(np.argmax(scores(choose_on)[metric]))
+            scored = scores(score_on)
+            for name in CI_METRICS:
+                cross_fitted[name].append(float(scored[name][chosen]))
+    return {"metric": metric, "chosen_epoch": chosen_epoch, "repeats": repeats,
+            "chosen": {name: float(everyone[name][chosen_epoch]) for name in CI_METRICS},
+            "cross_fitted": {name: float(np.mean(values)) for name, values in cross_fitted.items()}}
+
+
 def set_metrics(y_true, sets: list[list[int]], num_classes: int = NUM_GRADES) -> dict:
     """How prediction sets did: share holding the true grade (overall and per true grade), mean size."""
     covered = [y in s for y, s in zip(y_true, sets)]

@@ -5,7 +5,7 @@ Run folder:
                        preprocessing, data fingerprint and metrics in its metadata
     last.safetensors   the same for the latest epoch
     last.ckpt          full Lightning state (optimizer, scheduler, EMA, epoch) for `--resume`
-    metrics.json       per-epoch validation metrics and the best epoch
+    metrics.json       per-epoch validation metrics, the best epoch, and what choosing it cost (`selection`)
     logs/              CSV logs (training curves; `--resume` keeps the rows logged up to the checkpoint)
 """
 
@@ -34,6 +34,7 @@ from klgrade.data.sources import Sample, find_samples, limit_samples, select_spl
 from klgrade.data.splits import fold_split, unnamed_patients_warning
 from klgrade.errors import CheckpointError, KLGradeError
 from klgrade.files import atomic_path, write_json_atomic
+from klgrade.metrics import selection_estimate
 from klgrade.models import create_model, load_checkpoint, save_checkpoint
 from klgrade.models.weights import read_info
 from klgrade.train.batches import class_balanced_weights, inverse_frequency, make_loader
@@ -224,6 +225,16 @@ class ResumedCSVLogger(CSVLogger):
         return writer
 
 
+def selection_cost(module: GradingModule, val_labels: np.ndarray, val_patients: list[str]) -> dict | None:
+    """`metrics.selection_estimate` of the epochs validated: how optimistic the best epoch's validation figures are
+    (None with fewer than two epochs, or a run resumed from a checkpoint that kept no grades per epoch)."""
+    if len(module.history) < 2 or len(module.val_grades) != len(module.history):
+        return None
+    selection = selection_estimate(val_labels, module.val_grades, val_patients, metric=MAIN_METRIC)
+    selection["chosen_epoch"] = module.history[selection["chosen_epoch"]]["epoch"]
+    return selection
+
+
 def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunData | None = None) -> dict:
     """Train one model as `config` says; returns the summary also written to `metrics.json`. `data`: what
     `select_data(config)` selects, where the caller has it already (a protocol fold scores its held-out knees too).
@@ -278,7 +289,8 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
     summary = {"rank": trainer.global_rank, "best_epoch": exporter.best_epoch, f"best_{MAIN_METRIC}": exporter.best_score,
-               "history": module.history, "config": config.to_dict(), "n_train": len(data.train), "n_val": len(data.val)}
+               "history": module.history, "config": config.to_dict(), "n_train": len(data.train), "n_val": len(data.val),
+               "selection": selection_cost(module, val_labels, [s.patient_id for s in data.val])}
     if trainer.is_global_zero:
         write_json_atomic(out / "metrics.json", summary)
     return summary

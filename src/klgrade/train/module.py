@@ -68,6 +68,7 @@ class GradingModule(L.LightningModule):
         self._val_logits: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
         self.history: list[dict] = []
+        self.val_grades: list[list[int]] = []  # each epoch's grades of the validation images, in their order
 
     def eval_model(self) -> nn.Module:
         """The weights that are validated and exported."""
@@ -155,12 +156,15 @@ class GradingModule(L.LightningModule):
             self.log(f"val/{name}", value, prog_bar=name in ("accuracy", MAIN_METRIC), sync_dist=True)
         if not self.trainer.sanity_checking:
             self.history.append({"epoch": self.current_epoch, **values})
+            self.val_grades.append(logits.argmax(1).tolist())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["klgrade_history"] = self.history
+        checkpoint["klgrade_val_grades"] = self.val_grades
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history = checkpoint.get("klgrade_history", [])
+        self.val_grades = checkpoint.get("klgrade_val_grades", [])
 
     def configure_optimizers(self):
         trained = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
