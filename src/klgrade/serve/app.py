@@ -2,9 +2,9 @@
 
 Uploads are held in memory only (never written to disk), limited in size (413), in the time their body may take
 to arrive (408) and, all together, in the bytes held at once (`max_held_bytes`: more wait their turn, else 503),
-decoded under a pixel limit of their own and at most `decode_slots` at a time (bounded memory), and graded by one inference thread that takes every request waiting as one batch (throughput without
-oversubscribing the cores). Undecodable uploads get 415/422 with a JSON `detail`; DICOM header fields are never
-logged or returned.
+decoded under a pixel limit of their own and at most `decode_slots` at a time (bounded memory), and graded by one
+inference thread that takes every request waiting as one batch (throughput without oversubscribing the cores).
+Undecodable uploads get 415/422 with a JSON `detail`; DICOM header fields are never logged or returned.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class Settings(BaseModel):
                                                           "the longest an upload waits for room (else 503).")
     max_held_bytes: int | None = Field(None, gt=0, description="Bytes of uploads held at once, all requests together "
                                                                "[4 x max_upload_bytes]; more wait for room.")
+    decode_slots: int = Field(max(1, os.cpu_count() or 1), gt=0, description="Uploads decoded at the same time.")
 
     @model_validator(mode="after")
     def _room_for_one_upload(self):
@@ -63,7 +64,6 @@ class Settings(BaseModel):
     @property
     def held_bytes(self) -> int:
         return self.max_held_bytes or 4 * self.max_upload_bytes
-    decode_slots: int = Field(max(1, os.cpu_count() or 1), gt=0, description="Uploads decoded at the same time.")
 
 
 class GradeResponse(BaseModel):
