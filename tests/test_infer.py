@@ -430,3 +430,26 @@ def test_a_model_with_a_trained_normaliser_exports_to_onnx_and_agrees(tmp_path, 
     onnx_path = export_onnx(checkpoint, tmp_path / "normalised.onnx")
     b = np.array([g.probabilities for g in load_model(onnx_path, tta=False, backend="onnx").grade_arrays(images)])
     assert (a.argmax(1) == b.argmax(1)).all() and np.abs(a - b).max() < 1e-4
+
+
+def test_a_large_batch_goes_through_the_network_in_bounded_parts(tiny_checkpoint, monkeypatch):
+    """`--batch-size 512` put 1024 views (flip TTA) through the network at once: 4.5 GB for `predict` on val. Now at
+    most `FORWARD_IMAGES` images (twice the views) pass at a time, for grading and for Grad-CAM, with the same answers."""
+    from klgrade.infer import predictor as predictor_module
+
+    model = load_model(tiny_checkpoint, tta=True)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (150, model.preprocess.size, model.preprocess.size), dtype=np.uint8)
+    alone = [model.grade_prepared(images[i:i + 1], explain=True)[0] for i in (0, 70, 149)]
+    passes, explained = [], []
+    forward, explain = predictor_module.Predictor._forward, predictor_module.gradcam
+    monkeypatch.setattr(predictor_module.Predictor, "_forward",
+                        lambda self, m, x: passes.append(len(x)) or forward(self, m, x))
+    monkeypatch.setattr(predictor_module, "gradcam", lambda m, x, t: explained.append(len(x)) or explain(m, x, t))
+    together = model.grade_prepared(images, explain=True)
+    limit = predictor_module.FORWARD_IMAGES
+    assert max(passes) == 2 * limit and sum(passes) >= 2 * 150 and max(explained) == limit and sum(explained) == 150
+    for single, i in zip(alone, (0, 70, 149)):
+        assert together[i].grade == single.grade
+        np.testing.assert_allclose(together[i].probabilities, single.probabilities, atol=1e-6)
+        np.testing.assert_allclose(together[i].heatmap, single.heatmap, atol=1e-5)
