@@ -364,7 +364,8 @@ def predict(
     tta: Tta = None,
     backend: Backend = "torch",
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images decoded and graded together (the network takes at most 64 of them at a time).")] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images decoded and graded together (the network takes at "
+                                                        "most 64 of them at a time).")] = 16,
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding images ahead.")] = 2,
     alpha: Alpha = None,
 ) -> None:
