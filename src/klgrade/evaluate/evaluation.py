@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 EVAL_SPLIT_ORDER = ("test", "val", "auto_test")
 """With a split root, the split evaluated when none is named: the held-out test set first."""
-BATCH = 64
 
 
 @dataclass
@@ -90,12 +89,11 @@ def predict_samples(predictor: Predictor, samples: list[Sample], raw: bool = Fal
 
 
 def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False) -> Outputs:
-    """(N, H, W) uint8 images -> outputs (calibrated, or `raw`), `BATCH` images per forward pass."""
-    run = predictor.raw_outputs if raw else predictor.outputs
-    parts = [run(images[i:i + BATCH]) for i in range(0, len(images), BATCH)]
-    if not parts:
+    """(N, H, W) uint8 images -> outputs (calibrated, or `raw`), N >= 0 (the predictor passes them through its network
+    in bounded parts, `infer.predictor.FORWARD_IMAGES`)."""
+    if not len(images):
         return Outputs(np.zeros((0, NUM_GRADES)), np.zeros((0, 0)), np.zeros(0, dtype=bool))
-    return Outputs.concatenate(parts)
+    return predictor.raw_outputs(images) if raw else predictor.outputs(images)
 
 
 def predict_chunks(predictor: Predictor, samples: list[Sample], raw: bool = False
