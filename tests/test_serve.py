@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import time
 
 import httpx
@@ -177,6 +178,27 @@ def test_web_page_shows_no_answer_but_the_latest_file_s(server, browser, tmp_pat
     assert driver.find_element(By.ID, "graded-file").text == "blank.png"
     assert driver.find_element(By.ID, "grade").text.endswith("?")
     assert driver.find_element(By.ID, "status").text == "Graded blank.png"
+
+
+@pytest.mark.browser
+def test_the_api_docs_need_no_network(server, browser):
+    """FastAPI's /docs and /redoc load Swagger UI and ReDoc from CDNs (and fonts from Google): blank on a hospital
+    network with no way out, and every visit announced to third parties. Every file they load comes from the
+    service itself, and Swagger UI renders the grading endpoint in a browser that reaches nothing else."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(server + page, timeout=30)
+        assert html.status_code == 200
+        loaded = re.findall(r'(?:src|href)=["\']([^"\']+)', html.text)
+        assert loaded and not [url for url in loaded if "://" in url and not url.startswith(server)], loaded
+        for url in loaded:
+            assert httpx.get(server + url if url.startswith("/") else url, timeout=30).status_code == 200, url
+    browser.get(server + "/docs")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {item.text for item in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert "/v1/grade" in paths
 
 
 def test_uploads_held_at_once_are_bounded_and_the_rest_wait_their_turn():

@@ -22,6 +22,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
@@ -241,9 +242,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         worker.cancel()
         app.state.grader.thread.shutdown(wait=False)
 
-    app = FastAPI(title="klgrade", version=klgrade.__version__, lifespan=lifespan,
-                  description="Kellgren-Lawrence grading of knee radiographs with Grad-CAM explanations. "
-                              "Research use only; not a medical device.")
+    # FastAPI's /docs and /redoc would load Swagger UI and ReDoc from CDNs: served from the package instead.
+    app = FastAPIOffline(title="klgrade", version=klgrade.__version__, lifespan=lifespan,
+                         description="Kellgren-Lawrence grading of knee radiographs with Grad-CAM explanations. "
+                                     "Research use only; not a medical device.")
     app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s,
                        held_bytes=settings.held_bytes)
 
