@@ -5,7 +5,6 @@ import base64
 import io
 import json
 import re
-import time
 
 import httpx
 import numpy as np
@@ -166,15 +165,18 @@ def test_web_page_shows_no_answer_but_the_latest_file_s(server, browser, tmp_pat
     assert not driver.find_element(By.ID, "result").is_displayed()
     assert not driver.find_element(By.ID, "heatmap").is_displayed()
     driver.execute_script("""
-        const send = window.fetch; let uploads = 0;
-        window.fetch = (url, options) => new Promise(done => setTimeout(done, ++uploads === 1 ? 3000 : 0))
-            .then(() => send(url, options));""")
+        const send = window.fetch; let uploads = 0; window.lateAnswered = false;
+        window.fetch = (url, options) => {
+            const first = ++uploads === 1;
+            return new Promise(done => setTimeout(done, first ? 3000 : 0)).then(() => send(url, options))
+                .then(response => { if (first) setTimeout(() => { window.lateAnswered = true; }, 500); return response; });
+        };""")
     blank = tmp_path / "blank.png"
     Image.fromarray(np.zeros((128, 128), np.uint8)).save(blank)
     file_input.send_keys(str(EXAMPLE.resolve()))  # held back 3 s
     file_input.send_keys(str(blank))
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Graded blank.png"))
-    time.sleep(4)  # the example's answer has arrived meanwhile
+    wait.until(lambda d: d.execute_script("return window.lateAnswered"))  # the example's answer came, and was read
     assert driver.find_element(By.ID, "graded-file").text == "blank.png"
     assert driver.find_element(By.ID, "grade").text.endswith("?")
     assert driver.find_element(By.ID, "status").text == "Graded blank.png"
