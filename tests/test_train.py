@@ -62,6 +62,17 @@ def test_train_cli_leaves_a_checkpoint_that_evaluate_reads(kneekl224, tmp_path):
                             "--json")
     assert evaluation.returncode == 0, evaluation.stderr
     assert json.loads(evaluation.stdout)["n"] == 20
+    # Scored on the very knees its epoch was chosen on, the warning says how much that choice cost there.
+    chosen_on = select_data(TrainConfig(data=str(kneekl224), limit=64)).val
+    listed = tmp_path / "chosen_on.csv"
+    listed.write_text("path,grade\n" + "".join(f"{s.path},{s.grade}\n" for s in chosen_on))
+    evaluation = invoke_cli("evaluate", "--checkpoint", str(run / "best.safetensors"), "--data", str(listed), "--json")
+    cost = (f"; at training, an epoch chosen on half of its validation patients scored "
+            f"{selection['chosen']['qwk'] - selection['cross_fitted']['qwk']:.3f} QWK and "
+            f"{selection['chosen']['accuracy'] - selection['cross_fitted']['accuracy']:.3f} accuracy less on the "
+            f"other half than the chosen epoch on all of them")
+    assert (f"the model was chosen on {len(chosen_on)} of these {len(chosen_on)} knees: its scores on them are "
+            f"optimistic (selection bias){cost}") in json.loads(evaluation.stdout)["warnings"]
 
 
 def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(kneekl224, tmp_path):

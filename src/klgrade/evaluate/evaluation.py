@@ -188,13 +188,26 @@ def untrained_knees(predictor: Predictor, samples: list[Sample], what: str, purp
 
 
 def seen_warnings(predictor: Predictor, samples: list[Sample]) -> tuple[dict[str, int], list[str]]:
-    """How many of `samples` the model was chosen on and its grade sets calibrated on, and what that means."""
+    """How many of `samples` the model was chosen on and its grade sets calibrated on, and what that means (with how
+    much choosing cost on its validation knees, where its training measured it: `metrics.selection_estimate`)."""
     counts = {role: int(seen_knees(predictor.seen.get(role, {}), samples).sum()) for role in ("chosen", "calibrated")}
-    meaning = {"chosen": "its scores on them are optimistic (selection bias)",
+    meaning = {"chosen": "its scores on them are optimistic (selection bias)" + selection_cost(predictor),
                "calibrated": "the coverage of its grade sets on them is not a test"}
     warnings = [f"the model was {role} on {count} of these {len(samples)} knees: {meaning[role]}"
                 for role, count in counts.items() if count]
     return counts, warnings
+
+
+def selection_cost(predictor: Predictor) -> str:
+    """What choosing its epoch cost a single checkpoint's validation figures, as its training measured it; "" where
+    it did not (an ensemble, weights trained before it was measured)."""
+    selection = predictor.infos[0].get("selection") if len(predictor.infos) == 1 else None
+    if not selection:
+        return ""
+    chosen, crossed = selection["chosen"], selection["cross_fitted"]
+    return (f"; at training, an epoch chosen on half of its validation patients scored "
+            f"{chosen['qwk'] - crossed['qwk']:.3f} QWK and {chosen['accuracy'] - crossed['accuracy']:.3f} accuracy "
+            f"less on the other half than the chosen epoch on all of them")
 
 
 def fit_grade_sets(probabilities: np.ndarray, labels) -> tuple[float, np.ndarray]:

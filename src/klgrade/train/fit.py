@@ -292,5 +292,8 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
                "history": module.history, "config": config.to_dict(), "n_train": len(data.train), "n_val": len(data.val),
                "selection": selection_cost(module, val_labels, [s.patient_id for s in data.val])}
     if trainer.is_global_zero:
+        if summary["selection"]:  # carried by the weights it speaks for: `evaluate` on these val knees says it
+            best, best_info = load_checkpoint(out / "best.safetensors")
+            save_checkpoint(out / "best.safetensors", best, {**best_info, "selection": summary["selection"]})
         write_json_atomic(out / "metrics.json", summary)
     return summary
