@@ -186,7 +186,7 @@ def test_web_page_shows_no_answer_but_the_latest_file_s(server, browser, tmp_pat
 def test_the_api_docs_need_no_network(server, browser):
     """FastAPI's /docs and /redoc load Swagger UI and ReDoc from CDNs (and fonts from Google): blank on a hospital
     network with no way out, and every visit announced to third parties. Every file they load comes from the
-    service itself, and Swagger UI renders the grading endpoint in a browser that reaches nothing else."""
+    service itself, and Swagger UI renders the grading endpoint from them."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
