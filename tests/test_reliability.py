@@ -261,6 +261,33 @@ def test_bad_devices_and_outputs_are_one_line_errors(tiny_checkpoint, tmp_path):
     assert (tmp_path / "new" / "folder" / "m.onnx").stat().st_size > 1000
 
 
+def test_an_output_folder_that_cannot_be_written_is_a_one_line_error_before_the_work(tiny_checkpoint, tmp_path,
+                                                                                    monkeypatch):
+    """A read-only --out (a mount, a share, a folder of another user) was found only when the first file was
+    written, after the work: a traceback. Now each command tries a file there when it checks its options. The
+    refusal is the system's own, simulated here (this suite may run as root, whom permissions do not stop)."""
+    import tempfile
+
+    from klgrade import cli
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == read_only:
+            raise OSError(30, "Read-only file system")
+        return tempfile.TemporaryFile(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(cli, "TemporaryFile", refuse)
+    checkpoint = ["--checkpoint", str(tiny_checkpoint)]
+    for command, named in ((["predict", str(EXAMPLE), *checkpoint, "--out", str(read_only)], "--out"),
+                           (["evaluate", "--data", str(tmp_path / "absent"), *checkpoint, "--out", str(read_only)],
+                            "--out"),
+                           (["export-onnx", *checkpoint, "--out", str(read_only / "m.onnx")], "its folder"),
+                           (["data", "manifest", str(tmp_path), "--out", str(read_only / "k.csv")], "its folder")):
+        one_line_error(invoke_cli(*command), f"{named} cannot be written there (Read-only file system)")
+
+
 def test_a_failed_command_leaves_no_empty_output_folder_of_its_making(tiny_checkpoint, tmp_path):
     empty_data = tmp_path / "data"
     empty_data.mkdir()

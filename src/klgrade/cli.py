@@ -9,6 +9,7 @@ import socket
 import sys
 import warnings
 from pathlib import Path
+from tempfile import TemporaryFile
 from typing import Annotated, Optional
 
 import typer
@@ -71,29 +72,35 @@ Data = Annotated[str, typer.Option("--data", help="Dataset folder (split/grade/i
 
 
 def output_folder(path: str | Path | None) -> None:
-    """A one-line error, before any work, when --out names something that is not a folder or a folder that cannot be
-    made (a path through a file, a place not writable): the folder is made here, not after the work."""
+    """A one-line error, before any work, when --out names something that is not a folder, or a folder that cannot
+    be made (a path through a file) or written (a read-only mount): the folder is made here, not after the work."""
     if path is None:
         return
     if Path(path).exists() and not Path(path).is_dir():
         raise KLGradeError(f"{path}: --out names an existing file; give a folder")
-    _make_folder(Path(path), f"{path}: --out cannot be made")
+    _make_folder(Path(path), f"{path}: --out")
 
 
 def output_file(path: Path) -> None:
-    """A one-line error, before any work, when the folder of the file --out names cannot be made."""
-    _make_folder(path.parent, f"{path}: its folder cannot be made")
+    """A one-line error, before any work, when the folder of the file --out names cannot be made or written."""
+    _make_folder(path.parent, f"{path}: its folder")
 
 
-def _make_folder(folder: Path, error: str) -> None:
-    """Make `folder` (and its parents); `error` and the system's reason as a KLGradeError where it cannot be made.
-    The folders made are noted, so that a command failing later removes them again while they are empty."""
+def _make_folder(folder: Path, what: str) -> None:
+    """Make `folder` (and its parents) and try a file in it; `what` "cannot be made" / "cannot be written there" and
+    the system's reason as a KLGradeError where that fails. The folders made are noted, so that a command failing
+    later removes them again while they are empty."""
     missing = [f for f in (folder, *folder.parents) if not f.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise KLGradeError(f"{error} ({exc.strerror or exc})") from None
+        raise KLGradeError(f"{what} cannot be made ({exc.strerror or exc})") from None
     _made_folders[:0] = missing
+    try:
+        with TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise KLGradeError(f"{what} cannot be written there ({exc.strerror or exc})") from None
 
 
 def _train_overrides(values: dict) -> dict:
