@@ -288,6 +288,23 @@ def test_an_output_folder_that_cannot_be_written_is_a_one_line_error_before_the_
         one_line_error(invoke_cli(*command), f"{named} cannot be written there (Read-only file system)")
 
 
+def test_a_full_disk_mid_run_is_a_one_line_error_naming_the_file(tiny_checkpoint, tmp_path, monkeypatch):
+    """A write the system refuses mid-run (here the disk fills at the first heatmap: PIL meets it on a file handle,
+    so its error names no file) was a traceback; now `error: <the file being written>: <the system's reason>`, exit
+    1, and no half-written file."""
+    from PIL import Image as PILImage
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PILImage.Image, "save", disk_full)
+    out = tmp_path / "out"
+    one_line_error(invoke_cli("predict", str(EXAMPLE), "--explain", "--out", str(out), "--checkpoint",
+                              str(tiny_checkpoint)),
+                   f"{out / 'heatmaps' / (EXAMPLE.stem + '_gradcam.png')}: No space left on device")
+    assert not [path for path in out.rglob("*") if path.is_file()]
+
+
 def test_a_failed_command_leaves_no_empty_output_folder_of_its_making(tiny_checkpoint, tmp_path):
     empty_data = tmp_path / "data"
     empty_data.mkdir()

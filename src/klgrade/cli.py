@@ -27,8 +27,9 @@ _made_folders: list[Path] = []  # the folders this command made for its output, 
 
 
 def user_errors(command):
-    """Turn KLGradeError into `error: <one line>` on stderr and exit code 1 (no traceback). A command that fails
-    leaves no empty output folder of its own making behind (`output_folder` makes it before the work)."""
+    """Turn KLGradeError, and an OSError the system raised mid-run (a full disk), into `error: <one line>` on stderr
+    and exit code 1 (no traceback). A command that fails leaves no empty output folder of its own making behind
+    (`output_folder` makes it before the work)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -38,6 +39,11 @@ def user_errors(command):
         except KLGradeError as exc:
             _remove_empty(_made_folders)
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:  # the system refused a read or write mid-run: a full disk, a lost share
+            _remove_empty(_made_folders)
+            where = f"{exc.filename}: " if exc.filename else ""
+            typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
             raise typer.Exit(1) from None
         except BaseException:  # an interrupt, or an exit after the work
             _remove_empty(_made_folders)

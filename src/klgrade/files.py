@@ -20,7 +20,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffix, so writers that infer the format still work).
 
     Whatever is written there replaces `path` when the block ends normally; on an exception it is removed.
-    The parent folder is created when missing.
+    The parent folder is created when missing. An OSError that names no file (a full disk, met by a writer that
+    only holds a handle) is raised again naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +29,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         temporary.unlink(missing_ok=True)
 
