@@ -538,6 +538,22 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not an array"])
+def test_a_damaged_cache_file_is_built_again(tmp_path, damage, caplog):
+    """The cache is written whole, but a disk or a copy can damage it later: np.load raised (a truncated file:
+    'mmap length is greater than file size') and training stopped with a traceback. Now it is built again."""
+    for k in range(3):
+        _write(tmp_path / "data" / str(k) / f"900000{k}L.png", seed=k)
+    samples = find_samples(tmp_path / "data")
+    config = PreprocessConfig(size=32)
+    first = np.array(load_cached(samples, config, tmp_path / "cache"))
+    [cached] = (tmp_path / "cache").glob("*.npy")
+    cached.write_bytes(cached.read_bytes()[:-100] if damage == "truncated" else b"garbage")
+    np.testing.assert_array_equal(load_cached(samples, config, tmp_path / "cache"), first)
+    assert f"image cache {cached} is damaged: building it again" in caplog.text
+    np.testing.assert_array_equal(np.load(cached), first)
+
+
 def test_cache_is_rebuilt_by_other_decoding_code(tmp_path, monkeypatch):
     """Pixels cached by another klgrade (an upgrade whose decoding differs) or another decoder library are not read
     back as this one's: a cache format number raised by hand was missed by three decoding changes."""

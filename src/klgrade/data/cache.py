@@ -99,14 +99,20 @@ def load_cached(samples: list[Sample], config: PreprocessConfig, cache_dir: str 
         DataLayoutError: naming `what`: some files are unreadable (a few are named; every label is needed).
     """
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    shape = (len(samples), config.size, config.size)
     path = directory / f"images-{cache_key(samples, config)}-{len(samples)}x{config.size}.npy"
     if path.exists():
         log.info("reading image cache %s", path)
-        return np.load(path, mmap_mode="r")
+        try:
+            cached = np.load(path, mmap_mode="r")
+            if cached.shape == shape and cached.dtype == np.uint8:
+                return cached
+        except (ValueError, OSError):  # written whole (atomic_path): damaged afterwards, by a disk or a copy
+            pass
+        log.warning("image cache %s is damaged: building it again", path)
     log.info("building image cache of %d images at %s", len(samples), path)
     failures: list[ImageReadError] = []
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (len(samples), config.size, config.size)}
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
     with atomic_path(path) as temporary, temporary.open("wb") as handle:  # written, not mapped: no page held
         np.lib.format.write_array_header_1_0(handle, header)
         for start in range(0, len(samples), CHUNK):
