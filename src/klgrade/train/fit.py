@@ -225,7 +225,7 @@ class ResumedCSVLogger(CSVLogger):
         return writer
 
 
-def selection_cost(module: GradingModule, val_labels: np.ndarray, val_patients: list[str]) -> dict | None:
+def epoch_selection(module: GradingModule, val_labels: np.ndarray, val_patients: list[str]) -> dict | None:
     """`metrics.selection_estimate` of the epochs validated: how optimistic the best epoch's validation figures are
     (None with fewer than two epochs, or a run resumed from a checkpoint that kept no grades per epoch)."""
     if len(module.history) < 2 or len(module.val_grades) != len(module.history):
@@ -290,7 +290,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
     summary = {"rank": trainer.global_rank, "best_epoch": exporter.best_epoch, f"best_{MAIN_METRIC}": exporter.best_score,
                "history": module.history, "config": config.to_dict(), "n_train": len(data.train), "n_val": len(data.val),
-               "selection": selection_cost(module, val_labels, [s.patient_id for s in data.val])}
+               "selection": epoch_selection(module, val_labels, [s.patient_id for s in data.val])}
     if trainer.is_global_zero:
         if summary["selection"]:  # carried by the weights it speaks for: `evaluate` on these val knees says it
             best, best_info = load_checkpoint(out / "best.safetensors")
