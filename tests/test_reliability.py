@@ -6,6 +6,8 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -303,6 +305,31 @@ def test_a_full_disk_mid_run_is_a_one_line_error_naming_the_file(tiny_checkpoint
                               str(tiny_checkpoint)),
                    f"{out / 'heatmaps' / (EXAMPLE.stem + '_gradcam.png')}: No space left on device")
     assert not [path for path in out.rglob("*") if path.is_file()]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name that is no UTF-8 needs a filesystem that takes bytes")
+def test_file_names_that_are_no_utf8_or_hold_a_line_break_are_graded_and_written(tiny_checkpoint, tmp_path,
+                                                                                  monkeypatch):
+    """Linux allows any bytes in a name: `knee\xff.jpg` printed fine but stopped `predict --out` with a
+    UnicodeEncodeError (a traceback) when predictions.csv was written. Its bytes now go into the files as read."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in (b"knee\xff.jpg", b"line\nbreak.jpg"):
+        Path(os.fsdecode(os.fsencode(inputs) + b"/" + name)).write_bytes(EXAMPLE.read_bytes())
+    out = tmp_path / "out"
+    result = invoke_cli("predict", str(inputs), "--explain", "--out", str(out), "--checkpoint", str(tiny_checkpoint),
+                        "--format", "json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = (out / "predictions.csv").read_bytes()
+    assert b"knee\xff.jpg" in written and b'line\nbreak.jpg"' in written
+    assert len(list((out / "heatmaps").iterdir())) == 2
+    # Printed, under a locale whose stdout refuses such names (en_US.UTF-8): the bytes, as `ls` prints them.
+    monkeypatch.setenv("PYTHONIOENCODING", "utf-8:strict")
+    for output_format in ("csv", "table"):
+        printed = subprocess.run([sys.executable, "-m", "klgrade", "predict", str(inputs), "--checkpoint",
+                                  str(tiny_checkpoint), "--format", output_format], capture_output=True, timeout=300)
+        assert printed.returncode == 0 and b"Traceback" not in printed.stderr, printed.stderr[-2000:]
+        assert b"knee\xff.jpg" in printed.stdout
 
 
 def test_a_failed_command_leaves_no_empty_output_folder_of_its_making(tiny_checkpoint, tmp_path):

@@ -553,6 +553,9 @@ def expand_multi_values(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Console entry point (`klgrade`, `python -m klgrade`)."""
+    # A file name that is no UTF-8 (Linux allows any bytes) is printed as the bytes it is, as `ls` does, whatever the
+    # locale: under en_US.UTF-8 Python's stdout refused it, and `predict --format csv` stopped with a traceback.
+    sys.stdout.reconfigure(errors="surrogateescape")
     # pydicom warns and logs, per file, what it met reading a damaged file (a truncated pixel sequence, a wrong VR):
     # the file's answer or its one-line error is what a user needs, not two more lines of pydicom's.
     warnings.filterwarnings("ignore", module="pydicom")

@@ -38,8 +38,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
+    """UTF-8; a file name that is no UTF-8 (Linux allows any bytes) is written back as the bytes it was read as."""
     with atomic_path(path) as temporary:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8", errors="surrogateescape")
     return Path(path)
 
 
