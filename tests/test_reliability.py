@@ -351,6 +351,31 @@ def test_a_failed_command_leaves_no_empty_output_folder_of_its_making(tiny_check
 
 # 8, 9: names, empty folders, formats, DICOM --------------------------------------------------------------------
 
+def test_inputs_with_names_near_the_file_system_s_limit_get_heatmaps(tiny_checkpoint, tmp_path):
+    """A 248-byte file name is legal; `<it>_gradcam.png` is not (255 bytes a name): `predict --explain` stopped
+    there. Overlay names keep at most 150 bytes of the input's, and two inputs cut to one name stay distinct."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("k" * 240 + "_left.jpg", "k" * 240 + "_right.jpg", "ä" * 120 + ".jpg"):  # 2 bytes per ä
+        (inputs / name).write_bytes(EXAMPLE.read_bytes())
+    result, rows = predict_json(str(inputs), "--explain", "--out", str(tmp_path / "out"), "--checkpoint",
+                                str(tiny_checkpoint))
+    assert result.returncode == 0, result.stderr[-2000:]
+    heatmaps = [Path(row["heatmap"]) for row in rows]
+    assert len(set(heatmaps)) == 3 and all(path.is_file() for path in heatmaps)
+    assert max(len(os.fsencode(path.name)) for path in heatmaps) <= 150 + len("_2_gradcam.png")
+
+
+def test_an_output_named_near_the_limit_is_written_whole(tmp_path):
+    """Its temporary name (`.<stem>.tmp<pid><suffix>`) was 14 bytes longer than the output's own: a legal 250-byte
+    name could not be written."""
+    from klgrade.files import write_text_atomic
+
+    target = tmp_path / ("x" * 246 + ".csv")
+    write_text_atomic(target, "path,grade\n")
+    assert target.read_text() == "path,grade\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_same_named_inputs_get_distinct_heatmaps(tiny_checkpoint, tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

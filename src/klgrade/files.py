@@ -25,7 +25,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    temporary = path.with_name(f".{name_within(path.stem, 200)}.tmp{os.getpid()}{path.suffix}")  # a name <= 255 B
     try:
         yield temporary
         os.replace(temporary, path)
@@ -35,6 +35,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def name_within(name: str, limit: int) -> str:
+    """`name`, whole characters dropped from its end until it takes at most `limit` bytes as a file name (a file
+    system takes 255 bytes a name)."""
+    while len(os.fsencode(name)) > limit:
+        name = name[:-1]
+    return name
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

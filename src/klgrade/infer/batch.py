@@ -15,7 +15,7 @@ from klgrade.constants import NUM_GRADES
 from klgrade.data.sources import files_below, not_read_warning
 from klgrade.errors import ImageReadError
 from klgrade.explain.gradcam import overlay
-from klgrade.files import atomic_path
+from klgrade.files import atomic_path, name_within
 from klgrade.infer.grading import grade_many
 from klgrade.infer.predictor import Grading, Predictor
 from klgrade.uncertainty import set_label
@@ -51,9 +51,15 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return paths
 
 
+HEATMAP_STEM_BYTES = 150
+"""Most bytes of an input's name kept in its overlay's name: a file system takes 255 per name, and a 248-byte input
+name plus `_gradcam.png` (and the temporary name it is written under) stopped `predict --explain`."""
+
+
 def heatmap_names(paths: list[str]) -> list[str]:
-    """A distinct overlay file name per input: `<stem>_gradcam.png`, with the input's index where stems repeat."""
-    stems = [Path(p).stem for p in paths]
+    """A distinct overlay file name per input: `<stem>_gradcam.png`, the stem cut to `HEATMAP_STEM_BYTES`, with the
+    input's index where (cut) stems repeat."""
+    stems = [name_within(Path(p).stem, HEATMAP_STEM_BYTES) for p in paths]
     repeated = {stem for stem, count in Counter(stems).items() if count > 1}
     return [f"{stem}_{i}_gradcam.png" if stem in repeated else f"{stem}_gradcam.png" for i, stem in enumerate(stems)]
 
