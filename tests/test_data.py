@@ -554,6 +554,17 @@ def test_a_damaged_cache_file_is_built_again(tmp_path, damage, caplog):
     np.testing.assert_array_equal(np.load(cached), first)
 
 
+def test_a_cache_folder_that_cannot_be_made_says_so_and_how_to_choose_another(tmp_path, monkeypatch):
+    """A home without a writable ~/.cache (a service account, a read-only home) gave `error: /proc/nonexistent: No
+    such file or directory`, naming neither the cache nor the way out."""
+    _write(tmp_path / "data" / "0" / "9000000L.png")
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(KLGradeError, match=rf"^{blocked / 'cache'}: the image cache cannot be made there \(Not a "
+                                           r"directory\); set KLGRADE_CACHE_DIR to a folder that can be written$"):
+        load_cached(find_samples(tmp_path / "data"), PreprocessConfig(size=32), blocked / "cache")
+
+
 def test_cache_is_rebuilt_by_other_decoding_code(tmp_path, monkeypatch):
     """Pixels cached by another klgrade (an upgrade whose decoding differs) or another decoder library are not read
     back as this one's: a cache format number raised by hand was missed by three decoding changes."""

@@ -21,7 +21,7 @@ import numpy as np
 from klgrade.data.io import read_radiograph
 from klgrade.data.preprocess import PreprocessConfig, prepare_image
 from klgrade.data.sources import Sample
-from klgrade.errors import DataLayoutError, ImageReadError
+from klgrade.errors import DataLayoutError, ImageReadError, KLGradeError
 from klgrade.files import atomic_path
 from klgrade.fingerprint import PACKAGE, source_digest
 
@@ -111,6 +111,11 @@ def load_cached(samples: list[Sample], config: PreprocessConfig, cache_dir: str 
             pass
         log.warning("image cache %s is damaged: building it again", path)
     log.info("building image cache of %d images at %s", len(samples), path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KLGradeError(f"{directory}: the image cache cannot be made there ({exc.strerror or exc}); set "
+                           "KLGRADE_CACHE_DIR to a folder that can be written") from None
     failures: list[ImageReadError] = []
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
     with atomic_path(path) as temporary, temporary.open("wb") as handle:  # written, not mapped: no page held
