@@ -146,6 +146,14 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     assert not list((tmp_path / "fresh" / "runs").rglob("*.safetensors"))
     for figure in ("folds.png", "curves.png", "gradcam_panel.png", "confusion_msa_net.png"):
         assert (out / "figures" / figure).stat().st_size > 1000
+    (out / "runs" / "resnet18" / "validation_internal.json").write_text('{"key": "trunc')  # damaged after the run
+    again = invoke_cli("reproduce", "--data", str(kneekl224), "--out", str(out), "--profile", "quick", "--device",
+                       "cpu", "--time-budget", "0", "--variant", "resnet18")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(graded) == 2  # resnet18's two fold models graded val again; the same figures
+    regraded = json.loads((out / "results.json").read_text())["variants"]["resnet18"]["internal"]
+    assert regraded == {key: value for key, value in results["variants"]["resnet18"]["internal"].items()
+                        if key != "difference_to_msa_net"}  # msa_net is not in this run
 
 
 def test_an_external_set_is_said_to_repeat_val_only_where_it_shares_a_knee_with_it(kneekl224, tmp_path):

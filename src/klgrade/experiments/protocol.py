@@ -165,7 +165,10 @@ def validate_fold_models(run: Path, folds: int, validation: ValidationSet, name:
     saved = run / f"validation_{name}.json"
     key = validation_key(run, folds, validation)
     if saved.exists():
-        stored = json.loads(saved.read_text())
+        try:
+            stored = json.loads(saved.read_text())
+        except ValueError:  # written whole, damaged afterwards: graded again
+            stored = {}
         if stored.get("key") == key and "grades" in stored:
             return stored["result"]
     labels = [s.grade for s in validation.samples]
