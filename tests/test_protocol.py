@@ -108,6 +108,11 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     assert len(kd["config"]["teacher"]) == 4
     assert results["unfinished"] == [] and "time budget" not in report
     assert results["warnings"] == [] and "## Warnings" not in report  # OAI ids name every knee left in
+    # Each validation set also shows each variant's fold ensemble (one model's figures), with its intervals.
+    assert report.count("Fold ensemble (the mean of each variant's fold models' probabilities)") == 2
+    ensemble = results["variants"]["msa_net"]["external"]["fold_ensemble"]
+    assert (f"| msa_net | {ensemble['accuracy']:.3f} [{ensemble['ci95']['accuracy'][0]:.3f}, "
+            f"{ensemble['ci95']['accuracy'][1]:.3f}] |") in report
     # Every other model against msa_net on the same knees (held out in CV; val; external), with a paired interval:
     # the difference of the fold means.
     compared = [name for name in results["variants"] if name != "msa_net"]

@@ -15,6 +15,7 @@ from klgrade.experiments.cv import fold_dir, run_name
 from klgrade.explain.gradcam import overlay
 from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
 from klgrade.infer.predictor import Grading
+from klgrade.metrics import CI_METRICS
 
 SETS = ("cv", "internal", "external")
 
@@ -88,6 +89,8 @@ def _markdown(results: dict, panel: Path | None) -> str:
             if which in entry:
                 lines.append(f"| {name} | " + " | ".join(_cell(entry[which]["mean_sd"][m]) for m in REPORT_METRICS) + " |")
         lines.append("")
+        if which != "cv":
+            lines += _fold_ensemble_table(variants, which)
         if which in results.get("left_out", {}):  # knees of the train split's patients or files
             lines += [f"Not scored: {results['left_out'][which]}.", ""]
         if which == "external" and results.get("external_in_val"):
@@ -122,6 +125,19 @@ def _markdown(results: dict, panel: Path | None) -> str:
         lines += ["", "Grad-CAM of msa_net (fold 0), one validation image per grade:",
                   f"![gradcam](figures/{panel.name})"]
     return "\n".join(lines) + "\n"
+
+
+def _fold_ensemble_table(variants: dict, which: str) -> list[str]:
+    """Each variant's fold ensemble on a validation set (its fold models' probabilities averaged: one model's
+    figures, as a paper reports one model's), with 95% intervals."""
+    lines = ["Fold ensemble (the mean of each variant's fold models' probabilities), [95% CI] by patient:", "",
+             "| model | " + " | ".join(CI_METRICS) + " |", "|---" * (len(CI_METRICS) + 1) + "|"]
+    for name, entry in variants.items():
+        if which in entry:
+            scores = entry[which]["fold_ensemble"]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{scores[m]:.3f} [{scores['ci95'][m][0]:.3f}, {scores['ci95'][m][1]:.3f}]" for m in CI_METRICS) + " |")
+    return lines + [""]
 
 
 def _against_msa_net_row(name: str, scores: dict, full: dict) -> str:
