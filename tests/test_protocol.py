@@ -209,7 +209,8 @@ def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(
         warnings.simplefilter("error")  # no training curve to draw (no fold 0 ran here): no empty legend either
         write_report(results, tmp_path, [])
     assert (tmp_path / "figures" / "curves.png").stat().st_size > 1000
-    entry["internal"] = {"mean_sd": mean_sd([metrics])}
+    entry["internal"] = {"mean_sd": mean_sd([metrics]),
+                         "fold_ensemble": compute_metrics([0, 1, 2, 3, 4], np.eye(5), n_boot=10)}
     with_val = _markdown(results, None)
     assert "internal validation of every fold model on `val`" in with_val and "## Internal validation" in with_val
     results["warnings"] = ["cross-validated knees: 3 of 9 knees name no patient"]
