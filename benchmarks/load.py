@@ -7,8 +7,9 @@ For each backend: a server is started on 127.0.0.1, warmed up, then `--requests`
 radiographs, no heatmap) are sent by `--concurrency` clients, then `--explain-requests` with `explain=true`.
 `--huge N` then sends N concurrent uploads of a 7999x7999 16-bit PNG (124 KB on the wire, 64 MP decoded) to
 the torch server; `--large N`, N concurrent uploads of `LARGE_MB` MiB each (random bytes: refused as no image
-once held, so what is measured is the holding), the bound on uploads held at once. Server RSS (VmRSS now, VmHWM peak) is read from /proc. Every phase is bounded in count and
-time (`PHASE_SECONDS`) and the server stops with the script. Client and server share the machine's cores.
+once held, so what is measured is the holding), the bound on uploads held at once. Server RSS (VmRSS now, VmHWM
+peak) is read from /proc. Every phase is bounded in count and time (`PHASE_SECONDS`) and the server stops with
+the script. Client and server share the machine's cores.
 """
 
 from __future__ import annotations
