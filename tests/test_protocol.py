@@ -69,6 +69,47 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     again = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
     assert again.returncode == 0
     assert (out / "fold1" / "oof.csv").stat().st_mtime_ns == finished
+    # A fold's predictions cut short (a copied run folder): graded again by the fold's model, not trained again.
+    whole, model_made = (out / "fold1" / "oof.csv").read_text(), (out / "fold1" / "last.safetensors").stat().st_mtime_ns
+    (out / "fold1" / "oof.csv").write_text(whole[: len(whole) // 2])
+    regraded = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
+    assert regraded.returncode == 0, regraded.stderr[-2000:]
+    assert f"{out / 'fold1' / 'oof.csv'} is damaged" in regraded.stderr and "graded again by its model" in regraded.stderr
+    assert (out / "fold1" / "oof.csv").read_text() == whole
+    assert (out / "fold1" / "last.safetensors").stat().st_mtime_ns == model_made
+
+
+@pytest.mark.parametrize("cut", ["mid_row", "mid_number", "header_only", "no_fields"])
+def test_out_of_fold_predictions_no_longer_whole_are_told_from_whole_ones(tmp_path, cut):
+    from klgrade.experiments.cv import OOF_COLUMNS, read_oof
+    from klgrade.files import rows_to_csv
+
+    rows = [{"fold": 0, "path": f"0/{k}.png", "patient_id": str(k), "true": k % 5, "predicted": 2,
+             "prob_0": 0.123456, "prob_1": 0.2, "prob_2": 0.3, "prob_3": 0.1, "prob_4": 0.276544} for k in range(4)]
+    whole = rows_to_csv(rows, OOF_COLUMNS)
+    (tmp_path / "whole.csv").write_text(whole)
+    assert read_oof(tmp_path / "whole.csv") == rows
+    damaged = {"mid_row": whole[: whole.rindex(",0.2,")], "mid_number": whole[:-4] + "\n",
+               "header_only": whole.splitlines(keepends=True)[0], "no_fields": "fold;path\n0;x\n"}[cut]
+    (tmp_path / "damaged.csv").write_text(damaged)
+    assert read_oof(tmp_path / "damaged.csv") is None
+
+
+def test_a_damaged_timing_or_training_log_is_left_out_with_a_warning(tmp_path, caplog):
+    from klgrade.experiments.protocol import training_seconds
+    from klgrade.experiments.report import _plot_curves
+
+    run = tmp_path / "runs" / "msa_net"
+    for fold, text in enumerate(['{"seconds": 12.5}', '{"seconds": 4', "[1, 2]"]):
+        (run / f"fold{fold}").mkdir(parents=True)
+        (run / f"fold{fold}" / "timing.json").write_text(text)
+    assert training_seconds(run, 4) == 12.5  # fold 3 has not run
+    assert f"{run / 'fold1' / 'timing.json'} is damaged" in caplog.text
+    assert f"{run / 'fold2' / 'timing.json'} is damaged" in caplog.text
+    (run / "fold0" / "metrics.json").write_text('{"history": [{"epoch": 0, "qwk": 0.')
+    _plot_curves({"variants": {"msa_net": {}}}, tmp_path, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert f"{run / 'fold0' / 'metrics.json'} is damaged (a copy cut short, an edit?): no curve of it" in caplog.text
 
 
 def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl224, tmp_path, monkeypatch):

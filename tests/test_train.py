@@ -95,6 +95,15 @@ def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(kneekl224, tmp
     assert [h["epoch"] for h in history] == [0, 1, 2]
 
 
+def test_a_damaged_resume_state_is_said_and_the_run_starts_from_scratch(kneekl224, tmp_path, caplog):
+    """A `last.ckpt` cut short (a copied run folder) stopped `--resume` and every rerun of a CV with the system's
+    words alone ("error: Invalid argument")."""
+    (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04" + bytes(3000))
+    run = fit(TrainConfig(**{**TINY, "limit": 24}, data=str(kneekl224), epochs=1, out=str(tmp_path), resume=True))
+    assert [h["epoch"] for h in run["history"]] == [0]
+    assert f"--resume: {tmp_path / 'last.ckpt'} is damaged" in caplog.text and "starting from scratch" in caplog.text
+
+
 def _logged_rows(run) -> list[dict]:
     with open(run / "logs" / "metrics.csv", newline="") as file:
         return list(csv.DictReader(file))
@@ -123,6 +132,18 @@ def test_the_resumed_log_drops_rows_after_the_checkpoint_and_appends_under_the_s
     rows = _logged_rows(tmp_path)
     assert [(row["step"], row["train/loss"], row["val/qwk"]) for row in rows] == [
         ("4", "1.5", ""), ("4", "", "0.2"), ("9", "1.1", "")]
+
+
+@pytest.mark.parametrize("cut_short", ["1,", "1", "1,9x"])
+def test_the_resumed_log_keeps_the_whole_rows_of_a_log_cut_short(tmp_path, cut_short):
+    from klgrade.train.fit import ResumedCSVLogger
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text(f"epoch,step,train/loss\n0,4,1.5\n{cut_short}")
+    logger = ResumedCSVLogger(tmp_path, name="logs", version="", before_step=5)
+    logger.log_metrics({"epoch": 1, "train/loss": 1.1}, step=6)
+    logger.save()
+    assert [(row["step"], row["train/loss"]) for row in _logged_rows(tmp_path)] == [("4", "1.5"), ("6", "1.1")]
 
 
 def test_same_seed_same_weights_on_cpu(kneekl224, tmp_path):

@@ -10,9 +10,12 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -54,6 +57,22 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, value) -> Path:
     return write_text_atomic(path, json.dumps(value, indent=2))
+
+
+def read_json_whole(path: str | Path, then: str) -> dict | None:
+    """The JSON object in `path`, a file this project wrote whole; None where there is none, or where it was
+    damaged afterwards (a copy cut short, an edit): said in a warning that ends with `then`, what the caller does
+    instead (makes it again, or does without)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # no JSON, or no UTF-8
+        value = None
+    if not isinstance(value, dict):
+        log.warning("%s is damaged (a copy cut short, an edit?): %s", path, then)
+        return None
+    return value
 
 
 WARNING_SEPARATOR = "; "

@@ -16,6 +16,7 @@ gigabytes behind.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -70,12 +71,18 @@ def run_fold(config: TrainConfig, fold: int) -> list[dict]:
     """Train fold `fold` (unless already done) and return its out-of-fold prediction rows."""
     out = fold_dir(config.out, fold)
     oof_path = out / "oof.csv"
-    if fold_done(config.out, fold):
-        log.info("fold %d already done: %s", fold, oof_path)
-        return read_oof(oof_path)
+    trained = fold_done(config.out, fold)
+    if trained:
+        rows = read_oof(oof_path)
+        if rows is not None:
+            log.info("fold %d already done: %s", fold, oof_path)
+            return rows
+        log.warning("%s is damaged (a copy cut short, an edit?): fold %d's held-out knees are graded again by its "
+                    "model", oof_path, fold)
     fold_config = replace(config, fold=fold, out=str(out), resume=(out / "last.ckpt").exists())
     data = select_data(fold_config)  # once per fold (0.3 s for kneeKL224, more for larger data)
-    fit(fold_config, data=data)
+    if not trained:
+        fit(fold_config, data=data)
     held_out = data.val  # each image once (`select_data`)
     write_json_atomic(out / "selection.json", {**SELECTION, "epochs": config.epochs})
     predictor = Predictor([fold_model(config.out, fold)], tta=False)
@@ -89,15 +96,22 @@ def run_fold(config: TrainConfig, fold: int) -> list[dict]:
     return rows
 
 
-def read_oof(path: Path) -> list[dict]:
-    """Out-of-fold prediction rows (`OOF_COLUMNS`) as written, their numbers as numbers."""
-    with path.open() as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        row["fold"], row["true"], row["predicted"] = int(row["fold"]), int(row["true"]), int(row["predicted"])
-        for k in range(NUM_GRADES):
-            row[f"prob_{k}"] = float(row[f"prob_{k}"])
-    return rows
+def read_oof(path: Path) -> list[dict] | None:
+    """Out-of-fold prediction rows (`OOF_COLUMNS`) as written, their numbers as numbers; None where the file is no
+    longer whole as `rows_to_csv` wrote it (cut short: no final newline, a row short of fields, probabilities that
+    no longer sum to 1; or edited into something else)."""
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        for row in rows:
+            row["fold"], row["true"], row["predicted"] = int(row["fold"]), int(row["true"]), int(row["predicted"])
+            for k in range(NUM_GRADES):
+                row[f"prob_{k}"] = float(row[f"prob_{k}"])
+    except (csv.Error, KeyError, TypeError, ValueError):
+        return None
+    whole = text.endswith("\n") and all(abs(sum(row[f"prob_{k}"] for k in range(NUM_GRADES)) - 1) < 1e-4
+                                         for row in rows)
+    return rows if rows and whole else None
 
 
 def rows_metrics(rows: list[dict], n_boot: int = 200) -> dict:

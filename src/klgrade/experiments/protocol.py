@@ -33,7 +33,7 @@ from klgrade.evaluate.evaluation import batched_outputs
 from klgrade.experiments.cv import cross_validate, fold_dir, fold_model, mean_sd, read_oof, run_name
 from klgrade.experiments.jobs import FoldJob, run_fold_jobs
 from klgrade.experiments.report import PanelImage, write_report
-from klgrade.files import write_json_atomic
+from klgrade.files import read_json_whole, write_json_atomic
 from klgrade.fingerprint import source_digest
 from klgrade.infer.predictor import Predictor
 from klgrade.metrics import compute_metrics, paired_difference
@@ -164,13 +164,9 @@ def validate_fold_models(run: Path, folds: int, validation: ValidationSet, name:
     them."""
     saved = run / f"validation_{name}.json"
     key = validation_key(run, folds, validation)
-    if saved.exists():
-        try:
-            stored = json.loads(saved.read_text())
-        except ValueError:  # written whole, damaged afterwards: graded again
-            stored = {}
-        if stored.get("key") == key and "grades" in stored:
-            return stored["result"]
+    stored = read_json_whole(saved, "the set is graded again") or {}
+    if stored.get("key") == key and "grades" in stored and "result" in stored:
+        return stored["result"]
     labels = [s.grade for s in validation.samples]
     groups = [s.patient_id for s in validation.samples]
     predictors = [Predictor([fold_model(run, fold)], tta=False) for fold in range(folds)]
@@ -301,8 +297,9 @@ def device_name(device: str) -> str:
 
 def training_seconds(run: Path, folds: int) -> float:
     """Wall time of a variant's fold trainings, summed (each fold's `timing.json`; concurrent folds overlap)."""
-    timings = [fold_dir(run, fold) / "timing.json" for fold in range(folds)]
-    return float(sum(json.loads(path.read_text())["seconds"] for path in timings if path.exists()))
+    timings = [read_json_whole(fold_dir(run, fold) / "timing.json", "that fold's time is left out of the sum")
+               for fold in range(folds)]
+    return float(sum(timing.get("seconds", 0) for timing in timings if timing))
 
 
 def variant_config(variant: Variant, base: TrainConfig, extra: dict, out: Path) -> TrainConfig:

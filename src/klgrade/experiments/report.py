@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from klgrade.constants import REPORT_METRICS
 from klgrade.evaluate.report import plot_confusion, save_figure
 from klgrade.experiments.cv import fold_dir, run_name
 from klgrade.explain.gradcam import overlay
-from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
+from klgrade.files import read_json_whole, rows_to_csv, write_json_atomic, write_text_atomic
 from klgrade.infer.predictor import Grading
 from klgrade.metrics import CI_METRICS
 
@@ -173,9 +172,9 @@ def _plot_fold_bars(results: dict, path: Path) -> None:
 def _plot_curves(results: dict, out: Path, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for name in results["variants"]:
-        metrics = fold_dir(out / "runs" / run_name(name), 0) / "metrics.json"
-        if metrics.exists():
-            history = json.loads(metrics.read_text())["history"]
+        metrics = read_json_whole(fold_dir(out / "runs" / run_name(name), 0) / "metrics.json", "no curve of it")
+        if metrics and metrics.get("history"):
+            history = metrics["history"]
             axis.plot([h["epoch"] for h in history], [h["qwk"] for h in history], marker="o", label=name)
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation QWK")

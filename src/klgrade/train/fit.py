@@ -15,6 +15,7 @@ import csv
 import functools
 import io
 import logging
+import pickle
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -200,8 +201,8 @@ def build_trainer(config: TrainConfig, out: Path, callbacks: list[Callback],
 
 class ResumedCSVLogger(CSVLogger):
     """A CSV logger that keeps the rows a resumed run logged up to its checkpoint: Lightning's writer deletes an
-    existing metrics.csv when it starts; this puts back the rows before `before_step` (later ones are redone) and
-    tells the writer their columns, so new rows append."""
+    existing metrics.csv when it starts; this puts back the rows before `before_step` (later ones are redone; a
+    row cut short, with no step, is dropped) and tells the writer their columns, so new rows append."""
 
     def __init__(self, *args, before_step: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -216,7 +217,7 @@ class ResumedCSVLogger(CSVLogger):
         writer = super().experiment
         if history and hasattr(writer, "metrics_keys"):  # rank zero's real writer, not a dummy
             reader = csv.DictReader(io.StringIO(history))
-            rows = [row for row in reader if int(row["step"]) < self.before_step]
+            rows = [row for row in reader if (row["step"] or "").isdigit() and int(row["step"]) < self.before_step]
             with atomic_path(metrics_file) as temporary, open(temporary, "w", newline="") as file:
                 table = csv.DictWriter(file, fieldnames=reader.fieldnames)
                 table.writeheader()
@@ -233,6 +234,19 @@ def epoch_selection(module: GradingModule, val_labels: np.ndarray, val_patients:
     selection = selection_estimate(val_labels, module.val_grades, val_patients, metric=MAIN_METRIC)
     selection["chosen_epoch"] = module.history[selection["chosen_epoch"]]["epoch"]
     return selection
+
+
+def resume_step(checkpoint: Path) -> int | None:
+    """The training step the resume state `checkpoint` was saved at; None, said in a warning, where there is none
+    or it is damaged (a copy cut short): the run then starts from scratch, as a fold of `cv` that was never begun."""
+    if not checkpoint.exists():
+        log.warning("--resume: no %s yet, starting from scratch", checkpoint)
+        return None
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except (EOFError, KeyError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        log.warning("--resume: %s is damaged (%s): starting from scratch", checkpoint, exc)
+        return None
 
 
 def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunData | None = None) -> dict:
@@ -277,11 +291,8 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
     steps_per_epoch = train_loader.batch_sampler.batches_per_process(config.devices * config.num_nodes)
     module = GradingModule(model, config, steps_per_epoch, class_weights, load_teachers(config.teacher, data.preprocess))
     exporter = ExportWeights(out, info, seen)
-    resume_from = out / "last.ckpt" if config.resume and (out / "last.ckpt").exists() else None
-    if config.resume and resume_from is None:
-        log.warning("--resume: no %s yet, starting from scratch", out / "last.ckpt")
-    resumed_step = None if resume_from is None else int(
-        torch.load(resume_from, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    resumed_step = resume_step(out / "last.ckpt") if config.resume else None
+    resume_from = None if resumed_step is None else out / "last.ckpt"
     trainer = build_trainer(config, out, [exporter, DatasetOnDevice([train_loader, val_loader]), *(callbacks or [])],
                             resumed_step)
     with warnings.catch_warnings():
