@@ -332,6 +332,32 @@ def test_file_names_that_are_no_utf8_or_hold_a_line_break_are_graded_and_written
         assert b"knee\xff.jpg" in printed.stdout
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name that is no UTF-8 needs a filesystem that takes bytes")
+def test_a_file_name_that_is_no_utf8_goes_through_a_manifest_and_into_the_training_cache(tmp_path):
+    """`data manifest` wrote such a name as its bytes and the manifest reader then refused the manifest as "not
+    UTF-8"; the training cache's key could not be made of it (a traceback in `train`, `cv` and `reproduce`)."""
+    from klgrade.data.cache import cache_key
+    from klgrade.data.preprocess import PreprocessConfig
+
+    data = tmp_path / "data"
+    for grade in range(2):
+        save(Image.fromarray(knee_image(grade)), data / str(grade) / f"900000{grade}L.png")
+    odd = Path(os.fsdecode(os.fsencode(data / "1") + b"/caf\xe9.png"))
+    odd.write_bytes((data / "1" / "9000001L.png").read_bytes())
+    assert len(cache_key(find_samples(data), PreprocessConfig())) == 20
+    manifest = tmp_path / "knees.csv"
+    assert invoke_cli("data", "manifest", str(data), "--out", str(manifest)).returncode == 0
+    assert b"1/caf\xe9.png,1," in manifest.read_bytes()
+    listed = find_samples(manifest)
+    assert sorted(s.path for s in listed) == sorted(s.path for s in find_samples(data)) and str(odd) in {
+        s.path for s in listed}
+    # Such bytes anywhere but in a path naming a file by them: a manifest saved in another encoding, as before.
+    for row in (b"data/1/caf\xe9.png,1,P\xe9\n", b"data/1/cafe\xe9.png,1,P\n"):
+        (tmp_path / "cp1252.csv").write_bytes(b"path,grade,patient_id\n" + row)
+        with pytest.raises(DataLayoutError, match="not UTF-8"):
+            find_samples(tmp_path / "cp1252.csv")
+
+
 def test_a_failed_command_leaves_no_empty_output_folder_of_its_making(tiny_checkpoint, tmp_path):
     empty_data = tmp_path / "data"
     empty_data.mkdir()

@@ -50,7 +50,7 @@ def cache_key(samples: list[Sample], config: PreprocessConfig) -> str:
             size, mtime = stat.st_size, stat.st_mtime_ns
         except OSError:  # unreadable entries are reported when decoded; here they only need a stable key
             size, mtime = -1, -1
-        digest.update(f"{sample.path}\0{size}\0{mtime}\0{sample.side}\n".encode())
+        digest.update(f"{sample.path}\0{size}\0{mtime}\0{sample.side}\n".encode(errors="surrogateescape"))  # any bytes
     return digest.hexdigest()[:20]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import logging
 import os
 import re
@@ -336,25 +337,35 @@ MANIFEST_DELIMITERS = ",;\t"
 def _manifest_rows(csv_path: Path) -> list[dict]:
     """The rows of a UTF-8 manifest (an Excel byte-order mark is fine), checked for the needed header. Its fields are
     separated by whichever of `MANIFEST_DELIMITERS` its header holds most of, and its column names are read in any
-    case (`Path,Grade`)."""
+    case (`Path,Grade`). Bytes that are no UTF-8 are taken only in a path that names a file by them (Linux allows
+    any bytes in a name; `data manifest` writes such a name as its bytes); anywhere else the manifest was saved in
+    another encoding."""
     problem = regular_file_problem(csv_path)
     if problem is not None:
         raise DataLayoutError(f"{csv_path}: {problem}")
+    not_utf8 = DataLayoutError(f"{csv_path}: manifest is not UTF-8 text (save it as CSV UTF-8)")
     try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            first_line = handle.readline()
-            handle.seek(0)
-            delimiter = max(MANIFEST_DELIMITERS, key=first_line.count)
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            rows = list(reader)
-    except UnicodeDecodeError:
-        raise DataLayoutError(f"{csv_path}: manifest is not UTF-8 text (save it as CSV UTF-8)") from None
+        text = csv_path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        reader = csv.DictReader(io.StringIO(text, newline=""),
+                                delimiter=max(MANIFEST_DELIMITERS, key=text.partition("\n")[0].count))
+        rows = list(reader)
     except (OSError, csv.Error) as exc:
         raise DataLayoutError(f"{csv_path}: cannot read manifest ({exc})") from None
     header = [name.strip() for name in reader.fieldnames or []]
+    if _UNDECODED.search(" ".join(header)):
+        raise not_utf8
     if not {"path", "grade"} <= {name.lower() for name in header}:
         raise DataLayoutError(f"{csv_path}: manifest needs a header with at least 'path,grade' (found {header})")
-    return [{(key or "").strip().lower(): value for key, value in row.items()} for row in rows]
+    rows = [{(key or "").strip().lower(): value for key, value in row.items()} for row in rows]
+    if _UNDECODED.search(text) and any(_UNDECODED.search(str(value)) and not (
+            key == "path" and os.path.lexists(_manifest_path(csv_path, value.strip())))
+            for row in rows for key, value in row.items()):
+        raise not_utf8
+    return rows
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")
+"""A byte that is no UTF-8, as `errors="surrogateescape"` decodes it."""
 
 
 def parse_grade(text: str | None) -> int:
