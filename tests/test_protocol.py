@@ -168,10 +168,22 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
                 low, high = paired[metric]["ci95"]
                 assert low <= paired[metric]["difference"] <= high
                 assert f"| {mean:.3f} | {paired[metric]['difference']:+.3f} [{low:+.3f}, {high:+.3f}] |" in report
+    # The fold ensembles too, each against msa_net's on the same validation images.
+    for which in ("internal", "external"):
+        full = results["variants"]["msa_net"][which]["fold_ensemble"]
+        for name in compared:
+            ensemble = results["variants"][name][which]["fold_ensemble"]
+            paired = ensemble["difference_to_msa_net"]["qwk"]
+            assert paired["difference"] == pytest.approx(ensemble["qwk"] - full["qwk"], abs=1e-9)
+            assert paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
+            assert f"| {ensemble['qwk']:.3f} | {paired['difference']:+.3f} [{paired['ci95'][0]:+.3f}, " in report
+    assert "### internal validation on `val`, fold ensembles" in report
     differences = list(csv.DictReader((out / "differences.csv").open()))
     assert [(row["variant"], row["set"], row["metric"]) for row in differences][:2] == [
         ("resnet18", "cv", "accuracy"), ("resnet18", "cv", "f1_macro")]
-    assert len(differences) == 8 * 3 * 5
+    assert {row["set"] for row in differences} == {"cv", "internal", "external", "internal fold ensemble",
+                                                   "external fold ensemble"}
+    assert len(differences) == 8 * 5 * 5
     from klgrade.experiments import protocol
 
     graded = []  # a rerun grades no validation set again whose fold models and images are unchanged
@@ -198,8 +210,9 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(graded) == 2  # resnet18's two fold models graded val again; the same figures
     regraded = json.loads((out / "results.json").read_text())["variants"]["resnet18"]["internal"]
-    assert regraded == {key: value for key, value in results["variants"]["resnet18"]["internal"].items()
-                        if key != "difference_to_msa_net"}  # msa_net is not in this run
+    before = results["variants"]["resnet18"]["internal"]
+    before["fold_ensemble"].pop("difference_to_msa_net")  # msa_net is not in this run
+    assert regraded == {key: value for key, value in before.items() if key != "difference_to_msa_net"}
 
 
 def test_an_external_set_is_said_to_repeat_val_only_where_it_shares_a_knee_with_it(kneekl224, tmp_path):
@@ -261,7 +274,8 @@ def test_the_report_claims_internal_validation_only_where_there_was_a_val_split(
     ablations = _markdown(results, None).split("## Against msa_net")[1]
     assert "| msa_net -se | 1.000 | -0.012 [-0.031, +0.006] | 1.000 | -0.012 [-0.031, +0.006] |" in ablations
     assert "### CV mean" in ablations and "### internal validation" in ablations  # with no paired difference there:
-    assert ablations.count("| msa_net -se | 1.000 | +0.000 | 1.000 | +0.000 | 1.000 | +0.000 |") == 1
+    assert "### internal validation on `val`, fold ensembles" in ablations
+    assert ablations.count("| msa_net -se | 1.000 | +0.000 | 1.000 | +0.000 | 1.000 | +0.000 |") == 2
     assert "## Warnings\n\n- cross-validated knees: 3 of 9 knees name no patient\n" in _markdown(results, None)
 
 

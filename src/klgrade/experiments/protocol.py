@@ -158,14 +158,14 @@ def validation_key(run: Path, folds: int, validation: ValidationSet) -> str:
 def validate_fold_models(run: Path, folds: int, validation: ValidationSet, name: str) -> dict:
     """Every fold model on an independent labelled set: per-fold metrics, mean +/- sd, and the fold ensemble.
 
-    Written to `run/validation_<name>.json` with its `validation_key` and each fold model's grades
-    (`fold_grades`, for the paired differences between variants): a rerun (a time budget's continuation) reads
-    the figures of a variant whose fold models and set are unchanged instead of grading the set again with each of
-    them."""
+    Written to `run/validation_<name>.json` with its `validation_key`, each fold model's grades and the fold
+    ensemble's (`stored_grades`, for the paired differences between variants): a rerun (a time budget's
+    continuation) reads the figures of a variant whose fold models and set are unchanged instead of grading the set
+    again with each of them."""
     saved = run / f"validation_{name}.json"
     key = validation_key(run, folds, validation)
     stored = read_json_whole(saved, "the set is graded again") or {}
-    if stored.get("key") == key and "grades" in stored and "result" in stored:
+    if stored.get("key") == key and {"grades", "ensemble_grades", "result"} <= set(stored):
         return stored["result"]
     labels = [s.grade for s in validation.samples]
     groups = [s.patient_id for s in validation.samples]
@@ -177,17 +177,21 @@ def validate_fold_models(run: Path, folds: int, validation: ValidationSet, name:
         probabilities = batched_outputs(predictor, validation.images).probabilities
         per_fold.append(compute_metrics(labels, probabilities, groups=groups, n_boot=0))
         all_probabilities.append(probabilities)
-    ensemble = compute_metrics(labels, np.mean(all_probabilities, axis=0), groups=groups, n_boot=500)
+    ensemble_probabilities = np.mean(all_probabilities, axis=0)
+    ensemble = compute_metrics(labels, ensemble_probabilities, groups=groups, n_boot=500)
     result = {"n": len(validation.samples), "per_fold": per_fold, "mean_sd": mean_sd(per_fold),
               "fold_ensemble": ensemble}
     grades = [probabilities.argmax(axis=1).tolist() for probabilities in all_probabilities]
-    write_json_atomic(saved, {"key": key, "result": result, "grades": grades})
+    write_json_atomic(saved, {"key": key, "result": result, "grades": grades,
+                              "ensemble_grades": ensemble_probabilities.argmax(axis=1).tolist()})
     return result
 
 
-def fold_grades(run: Path, name: str) -> np.ndarray:
-    """(folds, N) the grades each fold model gave the images of the validation set `name` (`validate_fold_models`)."""
-    return np.array(json.loads((run / f"validation_{name}.json").read_text())["grades"])
+def stored_grades(run: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The grades each fold model (folds, N) and the fold ensemble (N,) gave the images of the validation set `name`
+    (`validate_fold_models`)."""
+    stored = json.loads((run / f"validation_{name}.json").read_text())
+    return np.array(stored["grades"]), np.array(stored["ensemble_grades"])
 
 
 def reproduce(data: str, out: str | Path, profile: str = "quick", external: str | None = None,
@@ -263,20 +267,23 @@ def differences_to_full_model(out: Path, variants: dict, validation: dict[str, V
     """For every other variant (baseline, ablation, distilled), once msa_net itself has run: `difference_to_msa_net`
     under `cv`, how much better it scored than msa_net on the same held-out knees of the same folds, and under each
     validation set, how much better its fold models scored there than msa_net's (`metrics.paired_difference`:
-    the difference of the fold means, with a paired patient-level 95% interval), so that a reader can tell a
-    model's or an ablation's effect from fold noise."""
+    the difference of the fold means, with a paired patient-level 95% interval), and its fold ensemble than
+    msa_net's (under `fold_ensemble`), so that a reader can tell a model's or an ablation's effect from noise."""
     if "msa_net" not in variants:
         return
     runs = out / "runs"
     full = {row["path"]: row for row in read_oof(runs / run_name("msa_net") / "oof_predictions.csv")}
-    full_grades = {which: fold_grades(runs / run_name("msa_net"), which) for which in validation}
+    full_grades = {which: stored_grades(runs / run_name("msa_net"), which) for which in validation}
     for name, entry in variants.items():
         if name == "msa_net":
             continue
         for which, validation_data in validation.items():
-            entry[which]["difference_to_msa_net"] = paired_difference(
-                [s.grade for s in validation_data.samples], full_grades[which],
-                fold_grades(runs / run_name(name), which), groups=[s.patient_id for s in validation_data.samples])
+            labels, groups = [s.grade for s in validation_data.samples], [s.patient_id for s in validation_data.samples]
+            (full_folds, full_ensemble), (folds, ensemble) = full_grades[which], stored_grades(runs / run_name(name),
+                                                                                               which)
+            entry[which]["difference_to_msa_net"] = paired_difference(labels, full_folds, folds, groups=groups)
+            entry[which]["fold_ensemble"]["difference_to_msa_net"] = paired_difference(labels, full_ensemble, ensemble,
+                                                                                       groups=groups)
         rows = read_oof(runs / run_name(name) / "oof_predictions.csv")
         if {row["path"] for row in rows} != set(full) or any(full[row["path"]]["fold"] != row["fold"] for row in rows):
             log.warning("%s: its folds hold other knees than msa_net's (a run folder left by other data or "

@@ -42,10 +42,10 @@ def write_report(results: dict, out: Path, panel: list[PanelImage]) -> None:
                 for metric, stats in entry[which]["mean_sd"].items():
                     rows.append({"variant": name, "set": which, "metric": metric, **stats})
     write_text_atomic(out / "results.csv", rows_to_csv(rows, ["variant", "set", "metric", "mean", "sd"]))
-    differences = [{"variant": name, "set": which, "metric": metric, "difference": paired["difference"],
+    differences = [{"variant": name, "set": where, "metric": metric, "difference": paired["difference"],
                     "ci95_low": paired["ci95"][0], "ci95_high": paired["ci95"][1]}
-                   for name, entry in results["variants"].items() for which in SETS if which in entry
-                   for metric, paired in entry[which].get("difference_to_msa_net", {}).items()]
+                   for name, entry in results["variants"].items() for where, scores in _compared_scores(entry)
+                   for metric, paired in scores.get("difference_to_msa_net", {}).items()]
     if differences:  # every other variant against msa_net, on the same knees
         write_text_atomic(out / "differences.csv", rows_to_csv(differences, list(differences[0])))
     for name, entry in results["variants"].items():
@@ -55,6 +55,13 @@ def write_report(results: dict, out: Path, panel: list[PanelImage]) -> None:
     _plot_curves(results, out, figures / "curves.png")
     panel_path = _plot_gradcam_panel(panel, figures / "gradcam_panel.png") if panel else None
     write_text_atomic(out / "report.md", _markdown(results, panel_path))
+
+
+def _compared_scores(entry: dict) -> list[tuple[str, dict]]:
+    """A variant's scores that may hold a `difference_to_msa_net`, by name: each set's fold models (`cv`,
+    `internal`, `external`) and each validation set's fold ensemble (`internal fold ensemble`, ...)."""
+    compared = [(which, entry[which]) for which in SETS if which in entry]
+    return compared + [(f"{which} fold ensemble", entry[which]["fold_ensemble"]) for which in SETS[1:] if which in entry]
 
 
 def _markdown(results: dict, panel: Path | None) -> str:
@@ -107,15 +114,18 @@ def _markdown(results: dict, panel: Path | None) -> str:
     if "msa_net" in variants and compared:  # the full model and at least one variant to hold against it
         lines += ["", "## Against msa_net: the baselines and the ablations (difference to the full model)", "",
                   "Each difference is on the same knees: the same held-out knees of the same folds (CV), the same "
-                  "validation images (fold models' mean); in brackets its 95% interval, the patients resampled for "
+                  "validation images (the fold models' mean; then the fold ensembles); in brackets its 95% interval, the patients resampled for "
                   "both models at once (an interval that holds 0 does not tell the model from msa_net)."]
         for which, title in (("cv", "CV mean"), ("internal", "internal validation on `val`"),
                              ("external", "external validation")):
-            if which in variants["msa_net"]:
-                lines += ["", f"### {title}", "", "| variant | accuracy | delta | qwk | delta | mcc | delta |",
-                          "|---|---|---|---|---|---|---|"]
-                lines += [_against_msa_net_row(name, variants[name][which], variants["msa_net"][which]["mean_sd"])
-                          for name in ["msa_net", *compared] if which in variants[name]]
+            if which not in variants["msa_net"]:
+                continue
+            names = [name for name in ["msa_net", *compared] if which in variants[name]]
+            means = {name: {m: variants[name][which]["mean_sd"][m]["mean"] for m in AGAINST_METRICS} for name in names}
+            lines += _against_msa_net_table(title, means, {name: variants[name][which] for name in names})
+            if which != "cv":
+                ensembles = {name: variants[name][which]["fold_ensemble"] for name in names}
+                lines += _against_msa_net_table(f"{title}, fold ensembles", ensembles, ensembles)
     lines += ["", "## Figures", "", "Per-fold accuracy and QWK: ![folds](figures/folds.png)", "",
               "Validation QWK per epoch (fold 0): ![curves](figures/curves.png)", ""]
     for name in variants:
@@ -139,20 +149,27 @@ def _fold_ensemble_table(variants: dict, which: str) -> list[str]:
     return lines + [""]
 
 
-def _against_msa_net_row(name: str, scores: dict, full: dict) -> str:
-    """A variant's mean accuracy, QWK and MCC on one set, each with its difference to msa_net's (`full`) and, where
-    computed, that difference's paired interval (`metrics.paired_difference`)."""
-    paired = scores.get("difference_to_msa_net", {})
-    cells = []
-    for metric in ("accuracy", "qwk", "mcc"):
-        mean = scores["mean_sd"][metric]["mean"]
-        if metric in paired:
-            low, high = paired[metric]["ci95"]
-            cells.append(f"{mean:.3f} | {paired[metric]['difference']:+.3f} [{low:+.3f}, {high:+.3f}]")
-        else:
-            cells.append(f"{mean:.3f} | {mean - full[metric]['mean']:+.3f}")
-    label = "msa_net (full, no distillation)" if name == "msa_net" else name
-    return f"| {label} | " + " | ".join(cells) + " |"
+AGAINST_METRICS = ("accuracy", "qwk", "mcc")
+"""The metrics of the report's tables against msa_net."""
+
+
+def _against_msa_net_table(title: str, values: dict[str, dict], scores: dict[str, dict]) -> list[str]:
+    """One table of the variants' accuracy, QWK and MCC on one set (`values` by variant, msa_net's first: the fold
+    models' means, or the fold ensemble's), each with its difference to msa_net's and, where computed, that
+    difference's paired interval (`difference_to_msa_net` of the variant's `scores`, `metrics.paired_difference`)."""
+    lines = ["", f"### {title}", "", "| variant | accuracy | delta | qwk | delta | mcc | delta |",
+             "|---|---|---|---|---|---|---|"]
+    for name, value in values.items():
+        paired, cells = scores[name].get("difference_to_msa_net", {}), []
+        for metric in AGAINST_METRICS:
+            if metric in paired:
+                low, high = paired[metric]["ci95"]
+                cells.append(f"{value[metric]:.3f} | {paired[metric]['difference']:+.3f} [{low:+.3f}, {high:+.3f}]")
+            else:
+                cells.append(f"{value[metric]:.3f} | {value[metric] - values['msa_net'][metric]:+.3f}")
+        label = "msa_net (full, no distillation)" if name == "msa_net" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plot_fold_bars(results: dict, path: Path) -> None:
