@@ -209,15 +209,17 @@ def test_uploads_held_at_once_are_bounded_and_the_rest_wait_their_turn():
     does not fit waits, unread, until answers make room, and gets 503 when none is made within the timeout."""
     from klgrade.serve.app import BodyLimits
 
+    state = {}
+
+    async def app(scope, receive, send):  # holds every request until `answer` is set
+        state["entered"].append(len((await receive())["body"]))
+        await state["answer"].wait()
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+    limits = BodyLimits(app, max_bytes=10, timeout_s=0.5, held_bytes=20)
+
     async def scenario():
-        entered, answer = [], asyncio.Event()
-
-        async def app(scope, receive, send):  # holds every request until `answer` is set
-            entered.append(len((await receive())["body"]))
-            await answer.wait()
-            await JSONResponse({"ok": True})(scope, receive, send)
-
-        limits = BodyLimits(app, max_bytes=10, timeout_s=0.5, held_bytes=20)
+        entered, answer = state["entered"], state["answer"] = [], asyncio.Event()
 
         def post(size: int):
             sent = []
@@ -251,6 +253,7 @@ def test_uploads_held_at_once_are_bounded_and_the_rest_wait_their_turn():
         assert limits.room.held == 0
 
     asyncio.run(scenario())
+    asyncio.run(scenario())  # the same app on another event loop (a second TestClient, a restarted server)
 
 
 def test_serve_refuses_a_held_bound_smaller_than_one_upload():

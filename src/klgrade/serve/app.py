@@ -154,15 +154,25 @@ class UploadRoom:
 
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0
-        self.freed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._freed: asyncio.Event | None = None
+
+    def _freed_here(self) -> asyncio.Event:
+        """The event that says room was made, of the running event loop: an asyncio.Event serves the loop it first
+        waited in only, and one app may serve on several loops one after another (a TestClient each, a restart)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._freed = loop, asyncio.Event()
+        return self._freed
 
     async def take(self, size: int, timeout_s: float) -> bool:
         """Hold `size` bytes (give them back with `give`); False when no room is made within `timeout_s`."""
         try:
             async with asyncio.timeout(timeout_s):
                 while self.held + size > self.limit:
-                    self.freed.clear()
-                    await self.freed.wait()
+                    freed = self._freed_here()
+                    freed.clear()
+                    await freed.wait()
         except TimeoutError:
             return False
         self.held += size
@@ -170,7 +180,7 @@ class UploadRoom:
 
     def give(self, size: int) -> None:
         self.held -= size
-        self.freed.set()  # every waiter looks again
+        self._freed_here().set()  # every waiter looks again
 
 
 class BodyLimits:
