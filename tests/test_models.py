@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -20,12 +22,30 @@ def test_registry_names_and_unknown_name():
 
 
 @pytest.mark.parametrize("options", [{"width": -5}, {"heads": 0}, {"width": "abc"}, {"backbone": "resnet999"},
-                                     {"normaliser_detail": True}])
+                                     {"normaliser_detail": True}, {"levels": 0}, {"levels": 9}, {"heads": 3},
+                                     {"fpn": "maybe"}, {"drop_rate": 1}])
 def test_a_model_option_its_layers_cannot_take_is_a_one_line_error(options):
-    """`--option width=-5` or `heads=0` failed with a traceback from inside torch."""
+    """`--option width=-5` or `heads=0` failed with a traceback from inside torch; `levels=0` and `heads=3` (128
+    channels do not split into 3 heads) did still, and `width=abc` said "not all arguments converted during string
+    formatting"."""
     key, value = next(iter(options.items()))
-    with pytest.raises(KLGradeError, match=f"^bad option for model 'msa_net' \\({key}={value!r}\\): "):
+    with pytest.raises(KLGradeError, match=f"^bad option for model 'msa_net' \\({key}={value!r}\\): ") as raised:
         create_model("msa_net", **options)
+    assert "string formatting" not in str(raised.value)
+
+
+@pytest.mark.parametrize("name, options, problem", [
+    ("msa_net", {"width": "abc"}, "width takes a whole number, not 'abc'"),
+    ("msa_net", {"attention": 1}, "attention takes true or false, not 1"),
+    ("msa_net", {"heads": 3}, "width 128 must be a multiple of heads 3"),
+    ("msa_net", {"levels": 9}, "levels 9: backbone resnet18 has fewer feature levels"),
+    ("resnet18", {"drop_rate": "abc"}, "drop_rate takes a number, not 'abc'"),
+    ("resnet50", {"drop_rate": 2}, "drop_rate is a dropout probability, at least 0 and below 1, not 2")])
+def test_a_model_option_of_the_wrong_type_or_range_is_named_before_training(name, options, problem):
+    """A baseline built with `drop_rate=abc` or `2` failed only in training's first forward pass, with a traceback."""
+    with pytest.raises(KLGradeError, match=re.escape(problem)):
+        create_model(name, **options)
+    assert create_model("msa_net", heads=3, attention=False) is not None  # no attention: any number of heads
 
 
 @pytest.mark.parametrize("name", ["msa_net", "resnet18", "resnet50", "mobilenet_v2", "densenet121"])

@@ -358,6 +358,15 @@ def test_a_file_name_that_is_no_utf8_goes_through_a_manifest_and_into_the_traini
             find_samples(tmp_path / "cp1252.csv")
 
 
+def test_an_error_naming_a_file_with_a_line_break_stays_one_line(tmp_path):
+    """A name may hold a line break (Linux allows it): the error printed it as two lines, which a script reading
+    one line per error splits in two. Written as `\\n`, as `ls` writes it."""
+    missing = tmp_path / "two\nlines"
+    result = invoke_cli("evaluate", "--data", str(missing))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {tmp_path}/two\\nlines")
+
+
 def test_a_failed_command_leaves_no_empty_output_folder_of_its_making(tiny_checkpoint, tmp_path):
     empty_data = tmp_path / "data"
     empty_data.mkdir()

@@ -295,6 +295,26 @@ def test_a_config_value_out_of_range_or_of_the_wrong_type_is_a_one_line_error(tm
         load_config(path, {"data": "d"})
 
 
+@pytest.mark.parametrize("text, message", [
+    (b"epochs: 2\n\tlr: 1\n", "not valid YAML (found character '\\t' that cannot start any token at line 2, column 1)"),
+    (b"augment: [1,\n", "not valid YAML (expected the node content, but found '<stream end>' at line 2, column 1)"),
+    (b"\xff\xd8\xff\xe0 a JPEG", "config is not UTF-8 text (a YAML file of option: value)")])
+def test_a_config_that_is_no_yaml_is_a_one_line_error(tmp_path, kneekl224, text, message):
+    """PyYAML's messages span four lines and quote the line; a binary file (a picture given by mistake) was a
+    traceback (UnicodeDecodeError)."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text)
+    result = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--config", str(path))
+    assert result.returncode == 1 and result.stderr == f"error: {path}: {message}\n"
+
+
+def test_a_model_option_that_is_no_yaml_value_is_taken_as_written(tmp_path, kneekl224):
+    """`--option width=[1,` was a traceback from PyYAML."""
+    result = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--option", "width=[1,")
+    assert result.returncode == 1
+    assert result.stderr == "error: bad option for model 'msa_net' (width='[1,'): width takes a whole number, not '[1,'\n"
+
+
 def test_a_yaml_number_without_a_decimal_point_is_a_number(tmp_path):
     """YAML 1.1 reads `1e-3` as text: AdamW then failed comparing it with 0."""
     path = tmp_path / "c.yaml"

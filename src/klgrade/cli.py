@@ -38,18 +38,24 @@ def user_errors(command):
             return command(*args, **kwargs)
         except KLGradeError as exc:
             _remove_empty(_made_folders)
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {one_line(str(exc))}", err=True)
             raise typer.Exit(1) from None
         except OSError as exc:  # the system refused a read or write mid-run: a full disk, a lost share
             _remove_empty(_made_folders)
             where = f"{exc.filename}: " if exc.filename else ""
-            typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            typer.echo(f"error: {one_line(f'{where}{exc.strerror or exc}')}", err=True)
             raise typer.Exit(1) from None
         except BaseException:  # an interrupt, or an exit after the work
             _remove_empty(_made_folders)
             raise
 
     return wrapper
+
+
+def one_line(message: str) -> str:
+    """`message` on one line: a line break in it (a library's message, a file name that holds one) written as `\\n`,
+    as `ls` writes such a name, so that every error stays the one line a script reads."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -117,7 +123,10 @@ def _train_overrides(values: dict) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise KLGradeError(f"--option '{item}' must look like key=value")
-        options[key] = yaml.safe_load(value)  # numbers, true/false/False, lists; anything else stays a string
+        try:
+            options[key] = yaml.safe_load(value)  # numbers, true/false/False, lists; anything else stays a string
+        except yaml.YAMLError:  # `[1,`: no YAML value
+            options[key] = value
     overrides["model_options"] = options or None
     for flag in ("teacher", "train_only", "quiet", "resume"):  # empty list / False mean "not given", so YAML values stand
         overrides[flag] = overrides.get(flag) or None

@@ -94,9 +94,17 @@ class MultiScaleAttentionNet(nn.Module):
         super().__init__()
         if normaliser_detail and not normaliser:
             raise ValueError("normaliser_detail needs normaliser")
+        if levels < 1 or width < 1 or heads < 1:
+            raise ValueError("levels, width and heads must each be at least 1")
+        if attention and width % heads:
+            raise ValueError(f"width {width} must be a multiple of heads {heads} (each head attends over "
+                             "width / heads channels)")
         self.normaliser = ProcessingNormaliser(detail=normaliser_detail) if normaliser else nn.Identity()
-        self.backbone = timm.create_model(backbone, features_only=True, in_chans=in_chans, pretrained=pretrained,
-                                          out_indices=tuple(range(-levels, 0)))
+        try:
+            self.backbone = timm.create_model(backbone, features_only=True, in_chans=in_chans, pretrained=pretrained,
+                                              out_indices=tuple(range(-levels, 0)))
+        except IndexError:
+            raise ValueError(f"levels {levels}: backbone {backbone} has fewer feature levels") from None
         in_channels = self.backbone.feature_info.channels()
         self.neck = FeaturePyramid(in_channels, width) if fpn else TopLevelProjection(in_channels, width)
         n_levels = levels if fpn else 1

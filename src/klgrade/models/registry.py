@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Callable
@@ -59,11 +60,20 @@ def create_model(name: str, num_classes: int = NUM_GRADES, in_chans: int = 1, pr
     """
     if name not in _BUILDERS:
         raise KLGradeError(f"unknown model '{name}'; choose one of: {', '.join(list_models())}")
-    try:
-        model = _BUILDERS[name](num_classes=num_classes, in_chans=in_chans, pretrained=pretrained == "timm", **options)
-    except (TypeError, ValueError, RuntimeError) as exc:  # an unknown option, or a value the layers cannot take
-        given = ", ".join(f"{key}={value!r}" for key, value in options.items())
-        raise KLGradeError(f"bad option for model '{name}' ({given}): {exc}") from None
+    given = ", ".join(f"{key}={value!r}" for key, value in options.items())
+    # msa_net's options are checked before it is built (a wrong type fails deep in torch, in words about something
+    # else), a baseline's once timm has built it (its class is known then; a wrong drop rate fails only in training).
+    problem = _option_problem(MultiScaleAttentionNet, options) if name == "msa_net" else None
+    if problem is None:
+        try:
+            model = _BUILDERS[name](num_classes=num_classes, in_chans=in_chans, pretrained=pretrained == "timm",
+                                    **options)
+        except (TypeError, ValueError, RuntimeError) as exc:  # an unknown option, or a value the layers cannot take
+            problem = str(exc)
+        else:
+            problem = _option_problem(type(model), options)
+    if problem is not None:
+        raise KLGradeError(f"bad option for model '{name}' ({given}): {problem}")
     if ordinal:
         classifier_name = "fc" if name == "msa_net" else model.default_cfg.get("classifier", "fc")
         in_features = getattr(model, "num_features")
@@ -73,6 +83,27 @@ def create_model(name: str, num_classes: int = NUM_GRADES, in_chans: int = 1, pr
     if pretrained not in (None, "timm"):
         _load_pretrained(model, Path(pretrained))
     return model
+
+
+def _option_problem(model_class: type, options: dict) -> str | None:
+    """What is wrong with the first of `options` whose value does not fit `model_class`'s constructor: not of the type
+    of its default (`width=abc`), or a `..._rate` outside [0, 1); None when all fit. Options it does not declare are
+    left to the constructor to refuse."""
+    defaults = {key: parameter.default for key, parameter in inspect.signature(model_class).parameters.items()}
+    for key, value in options.items():
+        expected = type(defaults.get(key))
+        if expected not in NAMES_OF_TYPES:
+            continue
+        fits = isinstance(value, expected) or (expected is float and isinstance(value, int))
+        if not fits or (expected is not bool and isinstance(value, bool)):
+            return f"{key} takes {NAMES_OF_TYPES[expected]}, not {value!r}"
+        if key.endswith("_rate") and not 0 <= value < 1:
+            return f"{key} is a dropout probability, at least 0 and below 1, not {value!r}"
+    return None
+
+
+NAMES_OF_TYPES = {bool: "true or false", int: "a whole number", float: "a number", str: "a name"}
+"""The types of model options klgrade checks, as an error names them."""
 
 
 def _load_pretrained(model: nn.Module, path: Path) -> None:

@@ -202,14 +202,26 @@ def _yaml_numbers(values: dict) -> dict:
     return read
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's complaint in one line, where it is: `found character '\\t' that cannot start any token at line 2,
+    column 1` (its own message spans lines and quotes the line)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
+
+
 def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     """Defaults <- YAML file <- explicit overrides (None values in `overrides` mean 'not given')."""
     values: dict = {}
     if path is not None:
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise KLGradeError(f"{path}: cannot read config ({exc})") from None
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise KLGradeError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise KLGradeError(f"{path}: config is not UTF-8 text (a YAML file of option: value)") from None
+        except yaml.YAMLError as exc:
+            raise KLGradeError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
         if not isinstance(values, dict):
             raise KLGradeError(f"{path}: config must be a mapping of option: value")
     known = {f.name for f in fields(TrainConfig)}
