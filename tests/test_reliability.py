@@ -27,7 +27,7 @@ from klgrade.models.weights import METADATA_KEY
 from klgrade.serve.app import Settings, create_app
 from klgrade.serve.local import local_server
 
-from helpers import EXAMPLES, invoke_cli, knee_image, run_cli, save, write_dicom
+from helpers import EXAMPLES, copy_real_images, invoke_cli, knee_image, run_cli, save, write_dicom
 
 EXAMPLE = sorted(EXAMPLES.glob("KL3_*.jpg"))[0]
 CLI_SECONDS = 120  # a hang fails the test instead of the suite
@@ -365,6 +365,62 @@ def test_an_error_naming_a_file_with_a_line_break_stays_one_line(tmp_path):
     result = invoke_cli("evaluate", "--data", str(missing))
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"error: {tmp_path}/two\\nlines")
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (Linux's /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _terminated_once(command: list[str], started, timeout: float = 240) -> tuple[subprocess.Popen, str, set[int]]:
+    """Run `command` (klgrade's arguments), send it SIGTERM once `started()` holds; return the process, its stderr and
+    the processes it had started by then."""
+    process = subprocess.Popen([sys.executable, "-m", "klgrade", *command], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not started(process) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    children = _children(process.pid)
+    process.terminate()
+    _, stderr = process.communicate(timeout=60)
+    return process, stderr, children
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_stops_a_training_with_a_failure_status_and_a_resumable_run(kneekl224, tmp_path):
+    """Lightning's own SIGTERM handler ended `train` at the end of a step with exit status 0 and no word, so a
+    batch script or a scheduler took a stopped training for a finished one."""
+    out = tmp_path / "run"
+    process, stderr, _ = _terminated_once(
+        ["train", "--data", str(kneekl224), "--out", str(out), "--epochs", "500", "--limit", "24", "--image-size", "64",
+         "--option", "width=32", "--option", "heads=2", "--device", "cpu", "--quiet"],
+        lambda _: (out / "last.ckpt").exists())
+    assert process.returncode == 128 + 15 and stderr.endswith("error: stopped by SIGTERM\n"), stderr[-2000:]
+    assert not (out / "metrics.json").exists() and not list(out.rglob(".*.tmp*"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_to_reproduce_stops_its_fold_workers_too(kneekl224, tmp_path):
+    """Only the parent of `reproduce --jobs 2` died: its two workers went on training, orphaned, into the run folder
+    a rerun would write to as well."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    copy_real_images(kneekl224, data / "train", 6, split="train")
+    copy_real_images(kneekl224, data / "val", 1, split="val")
+    process, stderr, workers = _terminated_once(
+        ["reproduce", "--data", str(data), "--out", str(out), "--profile", "paper", "--device", "cpu", "--jobs", "2"],
+        lambda process: len(_children(process.pid)) >= 2 and len(list(out.rglob("logs"))) >= 2)
+    assert process.returncode == 128 + 15 and "error: stopped by SIGTERM" in stderr, stderr[-2000:]
+    assert len(workers) >= 2
+    time.sleep(2)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
 
 
 def test_a_failed_command_leaves_no_empty_output_folder_of_its_making(tiny_checkpoint, tmp_path):

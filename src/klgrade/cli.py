@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import socket
 import sys
 import warnings
@@ -15,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 import yaml
 
-from klgrade.errors import KLGradeError
+from klgrade.errors import KLGradeError, Terminated, stop_on_sigterm
 
 app = typer.Typer(help="Kellgren-Lawrence grading of knee radiographs.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False, rich_markup_mode="markdown")
@@ -45,6 +46,10 @@ def user_errors(command):
             where = f"{exc.filename}: " if exc.filename else ""
             typer.echo(f"error: {one_line(f'{where}{exc.strerror or exc}')}", err=True)
             raise typer.Exit(1) from None
+        except Terminated:
+            _remove_empty(_made_folders)
+            typer.echo("error: stopped by SIGTERM", err=True)
+            raise
         except BaseException:  # an interrupt, or an exit after the work
             _remove_empty(_made_folders)
             raise
@@ -522,7 +527,8 @@ def serve(
     address = f"[{host}]" if ":" in host else host  # uvicorn says where only for the sockets it binds itself
     logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", address,
                                             listener.getsockname()[1])
-    server.run(sockets=[listener])
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn shuts down gracefully, then ends by the signal as a
+    server.run(sockets=[listener])                   # service manager expects, not with `Terminated`'s exit status
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -565,6 +571,7 @@ def main() -> None:
     # A file name that is no UTF-8 (Linux allows any bytes) is printed as the bytes it is, as `ls` does, whatever the
     # locale: under en_US.UTF-8 Python's stdout refused it, and `predict --format csv` stopped with a traceback.
     sys.stdout.reconfigure(errors="surrogateescape")
+    stop_on_sigterm()
     # pydicom warns and logs, per file, what it met reading a damaged file (a truncated pixel sequence, a wrong VR):
     # the file's answer or its one-line error is what a user needs, not two more lines of pydicom's.
     warnings.filterwarnings("ignore", module="pydicom")

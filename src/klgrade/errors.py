@@ -1,5 +1,7 @@
-"""Errors a user can cause. The CLI turns each into one line on stderr and a non-zero exit code."""
+"""Errors a user can cause, and the stop the system can ask for. The CLI turns each into one line on stderr and a
+non-zero exit code."""
 
+import signal
 from pathlib import Path
 
 
@@ -22,3 +24,21 @@ class DataLayoutError(KLGradeError):
 
 class CheckpointError(KLGradeError):
     """A checkpoint is missing, corrupt, or of another architecture than expected."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM (`kill`, a batch scheduler's time limit) raised where the process is, so that it stops as Ctrl-C stops
+    it: `finally` blocks run (no temporary file is left), a training stops at once, and the exit status is 143.
+    Lightning's own handler only stopped a training at the end of its step and exited 0, as if it had finished."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM raise `Terminated` in this process (the CLI's, and each fold worker's of `reproduce --jobs`)."""
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)

@@ -17,6 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from klgrade.errors import stop_on_sigterm
 from klgrade.experiments.cv import fold_dir, fold_done, fold_model, run_fold
 from klgrade.files import write_json_atomic
 from klgrade.train.config import TrainConfig
@@ -87,7 +88,8 @@ def run_fold_jobs(jobs: list[FoldJob], workers: int = 1, deadline: float | None 
     if workers > 1:
         pending = [replace(job, config=replace(job.config, threads=job.config.threads or threads_per_job(workers)))
                    for job in pending]
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=stop_on_sigterm) if workers > 1 else None
     running: dict[Future, FoldJob] = {}
     try:
         while pending or running:
@@ -102,6 +104,10 @@ def run_fold_jobs(jobs: list[FoldJob], workers: int = 1, deadline: float | None 
             for future in finished:
                 running.pop(future)
                 future.result()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM (`Terminated`) here: the workers' trainings stop too,
+        for worker in multiprocessing.active_children():  # as they would not until done when only this process was
+            worker.terminate()                             # told (their finished folds stay; a rerun continues)
+        raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
