@@ -278,6 +278,9 @@ def test_yaml_config_with_cli_overrides(tmp_path):
     ("kd_temperature: 0", "--kd-temperature must be above 0, not 0"), ("weight_decay: -0.1", "must be at least 0"),
     ("warmup_epochs: -1", "--warmup-epochs must be at least 0"), ("patience: -2", "--patience must be at least 0"),
     ("threads: 0", "--threads must be at least 1"), ("epochs: 3.5", "option epochs must be a whole number, not 3.5"),
+    ("seed: -1", "--seed must be in [0, 2**32), not -1"),
+    ("image_size: 100000", "--image-size must be from 32 to 1024 px, not 100000"),
+    ("image_size: 16", "--image-size must be from 32 to 1024 px, not 16"),
     ("clahe: 'no'", "option clahe must be true or false, not 'no'"),
     ("teacher: a.safetensors", "option teacher must be a list of texts"),
     ("augment: 5", "option augment must be a mapping, not 5"),
@@ -313,6 +316,15 @@ def test_a_model_option_that_is_no_yaml_value_is_taken_as_written(tmp_path, knee
     result = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--option", "width=[1,")
     assert result.returncode == 1
     assert result.stderr == "error: bad option for model 'msa_net' (width='[1,'): width takes a whole number, not '[1,'\n"
+
+
+def test_too_few_images_for_a_batch_on_every_process_is_refused_before_training(kneekl224, tmp_path):
+    """10 images make one batch of 32, which 2 processes cannot share: Lightning trained nothing, said so in a
+    warning, and the run ended "best epoch -1: val qwk -inf" with exit status 0."""
+    config = TrainConfig(**{**TINY, "limit": 10, "batch_size": 32}, data=str(kneekl224), devices=2, out=str(tmp_path))
+    with pytest.raises(KLGradeError, match="10 training images make fewer batches of --batch-size 32 than the 2 "
+                                           "processes"):
+        fit(config)
 
 
 def test_a_yaml_number_without_a_decimal_point_is_a_number(tmp_path):
@@ -357,6 +369,11 @@ def test_epoch_batches_shard_across_ddp_processes_without_overlap():
     assert len(shards[0]) == len(shards[1]) == 3
     seen = [i for shard in shards for batch in shard for i in batch]
     assert len(seen) == len(set(seen)) == 48
+    # The steps the schedule is built for are the steps each process takes (10 images, batch 32, drop_last: one).
+    for n, batch_size, drop_last, world in ((50, 8, True, 2), (10, 32, True, 1), (10, 32, True, 2), (33, 8, False, 3),
+                                            (32, 8, True, 1), (7, 8, False, 1)):
+        taken = EpochBatchSampler(n, batch_size, shuffle=True, drop_last=drop_last, shard_source=lambda: (0, world))
+        assert taken.batches_per_process(world) == len(list(taken)), (n, batch_size, drop_last, world)
 
 
 def test_ddp_with_two_cpu_processes_and_ema(kneekl224, tmp_path):

@@ -75,9 +75,12 @@ class EpochBatchSampler(Sampler[list[int]]):
         return batches[rank:usable:world_size]
 
     def batches_per_process(self, world_size: int) -> int:
-        """Optimizer steps per epoch for each of `world_size` processes (known before DDP starts)."""
-        n_batches = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
-        return max(1, n_batches // world_size)
+        """Optimizer steps per epoch for each of `world_size` processes (known before DDP starts), as `_batches`
+        makes them: a last partial batch is dropped with `drop_last` unless it is the only one. 0 where there are
+        fewer batches than processes."""
+        full, rest = divmod(self.n, self.batch_size)
+        n_batches = full + (1 if rest and (not self.drop_last or full == 0) else 0)
+        return n_batches // world_size
 
     def __iter__(self):
         return (batch.tolist() for batch in self._batches())

@@ -288,7 +288,12 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
                                epoch_source=lambda: trainer.fit_loop.epoch_progress.current.processed,
                                shard_source=lambda: (trainer.global_rank, trainer.world_size))
     val_loader = make_loader(val_images, val_labels, max(config.batch_size, 64), shuffle=False)
-    steps_per_epoch = train_loader.batch_sampler.batches_per_process(config.devices * config.num_nodes)
+    processes = config.devices * config.num_nodes
+    steps_per_epoch = train_loader.batch_sampler.batches_per_process(processes)
+    if steps_per_epoch == 0:  # Lightning would train nothing and say so only in a warning
+        raise KLGradeError(f"{len(train_labels)} training images make fewer batches of --batch-size "
+                           f"{config.batch_size} than the {processes} processes (--devices x --num-nodes) that each "
+                           "need one: lower --batch-size or train on more images")
     module = GradingModule(model, config, steps_per_epoch, class_weights, load_teachers(config.teacher, data.preprocess))
     exporter = ExportWeights(out, info, seen)
     resumed_step = resume_step(out / "last.ckpt") if config.resume else None
