@@ -279,8 +279,8 @@ def differences_to_full_model(out: Path, variants: dict, validation: dict[str, V
             continue
         for which, validation_data in validation.items():
             labels, groups = [s.grade for s in validation_data.samples], [s.patient_id for s in validation_data.samples]
-            (full_folds, full_ensemble), (folds, ensemble) = full_grades[which], stored_grades(runs / run_name(name),
-                                                                                               which)
+            full_folds, full_ensemble = full_grades[which]
+            folds, ensemble = stored_grades(runs / run_name(name), which)
             entry[which]["difference_to_msa_net"] = paired_difference(labels, full_folds, folds, groups=groups)
             entry[which]["fold_ensemble"]["difference_to_msa_net"] = paired_difference(labels, full_ensemble, ensemble,
                                                                                        groups=groups)

@@ -60,8 +60,9 @@ def write_report(results: dict, out: Path, panel: list[PanelImage]) -> None:
 def _compared_scores(entry: dict) -> list[tuple[str, dict]]:
     """A variant's scores that may hold a `difference_to_msa_net`, by name: each set's fold models (`cv`,
     `internal`, `external`) and each validation set's fold ensemble (`internal fold ensemble`, ...)."""
-    compared = [(which, entry[which]) for which in SETS if which in entry]
-    return compared + [(f"{which} fold ensemble", entry[which]["fold_ensemble"]) for which in SETS[1:] if which in entry]
+    fold_models = [(which, entry[which]) for which in SETS if which in entry]
+    ensembles = [(f"{which} fold ensemble", entry[which]["fold_ensemble"]) for which in SETS[1:] if which in entry]
+    return fold_models + ensembles
 
 
 def _markdown(results: dict, panel: Path | None) -> str:
@@ -114,8 +115,9 @@ def _markdown(results: dict, panel: Path | None) -> str:
     if "msa_net" in variants and compared:  # the full model and at least one variant to hold against it
         lines += ["", "## Against msa_net: the baselines and the ablations (difference to the full model)", "",
                   "Each difference is on the same knees: the same held-out knees of the same folds (CV), the same "
-                  "validation images (the fold models' mean; then the fold ensembles); in brackets its 95% interval, the patients resampled for "
-                  "both models at once (an interval that holds 0 does not tell the model from msa_net)."]
+                  "validation images (the fold models' mean; then the fold ensembles); in brackets its 95% interval, "
+                  "the patients resampled for both models at once (an interval that holds 0 does not tell the model "
+                  "from msa_net)."]
         for which, title in (("cv", "CV mean"), ("internal", "internal validation on `val`"),
                              ("external", "external validation")):
             if which not in variants["msa_net"]:
