@@ -423,6 +423,24 @@ def test_sigterm_to_reproduce_stops_its_fold_workers_too(kneekl224, tmp_path):
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
 
 
+def test_heatmaps_written_into_the_folder_graded_next_are_refused_not_graded(tiny_checkpoint, tmp_path):
+    """`predict scans --explain --out scans`, then `predict scans`: klgrade graded its own Grad-CAM overlays as knees
+    (some answered gradable, with a grade)."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for example in sorted(EXAMPLES.glob("KL*.jpg"))[:3]:
+        (scans / example.name).write_bytes(example.read_bytes())
+    first = invoke_cli("predict", str(scans), "--explain", "--out", str(scans), "--checkpoint", str(tiny_checkpoint))
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = invoke_cli("predict", str(scans), "--checkpoint", str(tiny_checkpoint), "--format", "json")
+    rows = json.loads(again.stdout)
+    assert again.returncode == 1 and len(rows) == 6
+    refused = [row for row in rows if Path(row["path"]).parent.name == "heatmaps"]
+    assert len(refused) == 3 and all(row["error"] == "a klgrade heatmap (Grad-CAM overlay), not a radiograph: grade "
+                                     "the radiograph it was made from" for row in refused)
+    assert all(row.get("grade") is not None for row in rows if row not in refused)
+
+
 def test_a_failed_command_leaves_no_empty_output_folder_of_its_making(tiny_checkpoint, tmp_path):
     empty_data = tmp_path / "data"
     empty_data.mkdir()

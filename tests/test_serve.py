@@ -48,6 +48,9 @@ def test_grade_a_real_radiograph_with_heatmap(client):
     assert heatmap.size[0] >= 224
     plain = client.post("/v1/grade", files={"file": ("x.jpg", EXAMPLE.read_bytes(), "image/jpeg")}).json()
     assert plain["heatmap_png"] is None and plain["grade"] == body["grade"]
+    # The heatmap downloaded and uploaded again is refused, not graded as a knee.
+    again = client.post("/v1/grade", files={"file": ("h.png", base64.b64decode(body["heatmap_png"]), "image/png")})
+    assert again.status_code == 422 and "a klgrade heatmap (Grad-CAM overlay), not a radiograph" in again.text
 
 
 def test_dicom_upload_is_graded_and_patient_fields_never_returned(client, tmp_path):

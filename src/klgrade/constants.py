@@ -14,3 +14,6 @@ MAIN_METRIC = "qwk"
 
 REPORT_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "mcc", "qwk", "mae")
 """The metrics every table of klgrade shows (evaluate, cv, reproduce), in this order."""
+HEATMAP_MARK = ("klgrade", "Grad-CAM overlay, not a radiograph")
+"""The PNG text chunk (keyword, text) of every heatmap overlay klgrade writes: read back as input (an overlay saved
+into the folder graded next, a downloaded one uploaded), such a file is refused, not graded as a knee."""

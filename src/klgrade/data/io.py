@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from klgrade.constants import HEATMAP_MARK
 from klgrade.errors import ImageReadError
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,9 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+            if image.info.get(HEATMAP_MARK[0]) == HEATMAP_MARK[1]:
+                raise ImageReadError(label, "a klgrade heatmap (Grad-CAM overlay), not a radiograph: grade the "
+                                            "radiograph it was made from")
             _check_size(*image.size, label, max_pixels)
             _check_one_image(image, label)
             image.load()

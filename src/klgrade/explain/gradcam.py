@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
+from klgrade.constants import HEATMAP_MARK
 from klgrade.models import gradcam_layers, ordinal_head
 
 OVERLAY_SIDE = 448
@@ -131,6 +133,13 @@ def joint_fraction(heatmap: np.ndarray, band: tuple[float, float] = JOINT_BAND) 
     top, bottom = int(round(band[0] * height)), int(round(band[1] * height))
     total = float(heatmap.sum())
     return float(heatmap[top:bottom].sum()) / total if total > 0 else 0.0
+
+
+def save_overlay_png(picture: Image.Image, target) -> None:
+    """Save an `overlay` as PNG to a path or a binary file, marked with `HEATMAP_MARK`."""
+    marked = PngInfo()
+    marked.add_text(*HEATMAP_MARK)
+    picture.save(target, format="PNG", pnginfo=marked)
 
 
 def overlay(image_uint8: np.ndarray, heatmap: np.ndarray | None, caption: str) -> Image.Image:

@@ -14,7 +14,7 @@ from typing import Iterator
 from klgrade.constants import NUM_GRADES
 from klgrade.data.sources import files_below, not_read_warning
 from klgrade.errors import ImageReadError
-from klgrade.explain.gradcam import overlay
+from klgrade.explain.gradcam import overlay, save_overlay_png
 from klgrade.files import atomic_path, name_within
 from klgrade.infer.grading import grade_many
 from klgrade.infer.predictor import Grading, Predictor
@@ -75,7 +75,7 @@ def caption(grading: Grading) -> str:
 
 def save_overlay(target: Path, grading: Grading) -> str:
     with atomic_path(target) as temporary:
-        overlay(grading.image, grading.heatmap, caption(grading)).save(temporary)
+        save_overlay_png(overlay(grading.image, grading.heatmap, caption(grading)), temporary)
     return str(target)
 
 

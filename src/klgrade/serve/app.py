@@ -29,7 +29,7 @@ from starlette.formparsers import MultiPartParser
 
 import klgrade
 from klgrade.errors import ImageReadError
-from klgrade.explain.gradcam import overlay
+from klgrade.explain.gradcam import overlay, save_overlay_png
 from klgrade.infer.batch import caption
 from klgrade.infer.grading import NamedBytes, PreparedInput, grade_prepared, load_model, prepare_input
 from klgrade.infer.predictor import Grading, Predictor
@@ -314,7 +314,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
 def _overlay_png(result: Grading) -> str:
     buffer = io.BytesIO()
-    overlay(result.image, result.heatmap, caption(result)).save(buffer, format="PNG")
+    save_overlay_png(overlay(result.image, result.heatmap, caption(result)), buffer)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
