@@ -748,6 +748,9 @@ def test_a_manifest_written_from_a_folder_lists_the_same_knees_and_once_filled_i
     assert again.returncode == 1 and again.stderr == (f"error: {out}: exists, not overwritten (a manifest filled in by "
                                                       "hand would be lost); remove it or choose another --out\n")
     assert out.read_text() == kept
+    folder = invoke_cli("data", "manifest", str(data), "--out", str(tmp_path))  # was "exists, not overwritten"
+    assert folder.returncode == 1 and folder.stderr == (f"error: {tmp_path}: --out names a folder; give a file name "
+                                                        f"such as {tmp_path / 'knees.csv'}\n")
 
 
 def test_a_manifest_may_take_patients_from_the_folders_below_the_grade_folders(tmp_path):

@@ -52,6 +52,8 @@ def write_manifest(data: str | Path, out: str | Path, patient_from_folder: bool 
         DataLayoutError: `data` is no supported layout, or a manifest with a bad row.
     """
     out, data = Path(out), Path(data)
+    if out.is_dir():
+        raise KLGradeError(f"{out}: --out names a folder; give a file name such as {out / 'knees.csv'}")
     if out.exists():
         raise KLGradeError(f"{out}: exists, not overwritten (a manifest filled in by hand would be lost); remove it "
                            "or choose another --out")
