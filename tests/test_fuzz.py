@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import schemathesis
@@ -11,8 +12,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from schemathesis.checks import not_a_server_error
 
+from klgrade.constants import NUM_GRADES
 from klgrade.data.io import read_image
-from klgrade.errors import ImageReadError
+from klgrade.data.sources import find_samples
+from klgrade.errors import DataLayoutError, ImageReadError
 from klgrade.serve.local import local_server
 
 from helpers import EXAMPLES, compress_dicom, knee_image, write_dicom
@@ -78,6 +81,35 @@ def test_mutated_images_raise_only_image_read_errors(tmp_path_factory):
         assert array.ndim == 2 and array.dtype == np.float32 and np.isfinite(array).all()
 
     decode()
+
+
+def test_mutated_manifests_give_knees_or_one_data_layout_error(tmp_path_factory):
+    """A manifest as people and spreadsheets damage it (bytes flipped, cut short, another encoding, stray quotes or
+    separators): its knees, bad rows reported one per line, or one DataLayoutError, never another exception."""
+    folder = tmp_path_factory.mktemp("manifest")
+    for grade in range(3):
+        Image.fromarray(knee_image(grade)).save(folder / f"900000{grade}L.png")
+    (folder / "caf\u00e9.png").write_bytes((folder / "9000000L.png").read_bytes())
+    seeds = ["path,grade,patient_id,side\n9000000L.png,0,P1,L\n9000001L.png,KL1,P1,R\ncaf\u00e9.png,2.0,,\n",
+             "\ufeffPath;Grade\r\n9000002L.png;2\r\n", "path\tgrade\tsplit\n9000001L.png\t1\tval\n"]
+    seed_bytes = [seed.encode(encoding, errors="replace") for seed in seeds for encoding in ("utf-8", "latin-1")]
+    manifest = folder / "knees.csv"
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(data=mutated(seed_bytes) | st.binary(max_size=200))
+    def read(data: bytes) -> None:
+        manifest.write_bytes(data)
+        problems: list[ImageReadError] = []
+        try:
+            samples = find_samples(manifest, problems)
+        except DataLayoutError as exc:
+            assert "\n" not in str(exc)
+            return
+        assert samples and all(0 <= s.grade < NUM_GRADES and Path(s.path).exists() for s in samples)
+        assert all("\n" not in str(problem) for problem in problems)
+
+    read()
 
 
 def test_no_generated_request_gets_a_server_error(tiny_checkpoint):
