@@ -83,6 +83,14 @@ def test_python_api_grades_paths_bytes_and_arrays(tiny_checkpoint):
         klgrade.grade(b"nope", model=model)
 
 
+@pytest.mark.parametrize("alpha", [5, 1, 0, -0.1])
+def test_python_api_refuses_an_alpha_no_grade_set_can_honour(calibrated, alpha):
+    """`klgrade.grade(..., alpha=5)` on a calibrated model failed with an IndexError from the conformal quantile."""
+    model = klgrade.load_model(calibrated)
+    with pytest.raises(ValueError, match=f"between 0 and 1, not {alpha}"):
+        klgrade.grade(sorted(EXAMPLES.glob("KL2_*.jpg"))[0], model=model, alpha=alpha)
+
+
 def test_a_dicom_named_by_uids_is_mirrored_by_the_side_its_header_names(tiny_checkpoint, tmp_path):
     """A model that mirrors left knees (canonical_side) must know the side of a PACS export's file: its header's,
     where the name gives none; the name's, where it does."""

@@ -378,6 +378,9 @@ class Predictor:
         its reasons; `notes`: per image, what preparing it found that the answer must say (an image not square, a
         mark painted out, enhanced, an unknown side: `data.preprocess.PreparedImage.notes`)."""
         alpha = self.alpha if alpha is None else alpha
+        if not 0 < alpha < 1:  # the CLI and the service bound it; `klgrade.grade(alpha=5)` met an IndexError
+            raise ValueError(f"alpha is the share of grade sets allowed to miss the true grade: between 0 and 1, "
+                             f"not {alpha}")
         if self.is_calibrated:
             sets = grade_sets(outputs.probabilities, self.set_thresholds(alpha))
             coverage = 1 - alpha
