@@ -83,6 +83,16 @@ def test_python_api_grades_paths_bytes_and_arrays(tiny_checkpoint):
         klgrade.grade(b"nope", model=model)
 
 
+def test_grade_many_given_one_input_says_so(tiny_checkpoint):
+    """`grade_many(model, "knee.png")` graded each character of the path as a file ("/: is a folder")."""
+    model = klgrade.load_model(tiny_checkpoint)
+    path = sorted(EXAMPLES.glob("KL2_*.jpg"))[0]
+    for one in (str(path), path, path.read_bytes()):
+        with pytest.raises(TypeError, match="grade one with grade"):
+            list(klgrade.grade_many(model, one))
+    assert len(list(klgrade.grade_many(model, [path]))) == 1
+
+
 @pytest.mark.parametrize("alpha", [5, 1, 0, -0.1])
 def test_python_api_refuses_an_alpha_no_grade_set_can_honour(calibrated, alpha):
     """`klgrade.grade(..., alpha=5)` on a calibrated model failed with an IndexError from the conformal quantile."""
