@@ -386,6 +386,10 @@ def test_export_cli_and_bad_checkpoints(tiny_checkpoint, tmp_path):
     result = run_cli("export-onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.onnx"))
     assert result.returncode == 0 and result.stderr == "", result.stderr  # no exporter or tracer warnings
     assert (tmp_path / "x.onnx").stat().st_size > 100_000
+    two = invoke_cli("export-onnx", "--checkpoint", str(tiny_checkpoint), str(tmp_path / "other.safetensors"), "--out",
+                     str(tmp_path / "y.onnx"))  # the last was exported without a word
+    assert two.returncode == 1 and "export-onnx exports one checkpoint, not 2" in two.stderr
+    assert not (tmp_path / "y.onnx").exists()
     (tmp_path / "bad.safetensors").write_bytes(b"bad")
     result = invoke_cli("predict", str(EXAMPLES), "--checkpoint", str(tmp_path / "bad.safetensors"))
     assert result.returncode == 1 and "bad.safetensors" in result.stderr and "Traceback" not in result.stderr

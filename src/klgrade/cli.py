@@ -479,16 +479,19 @@ def calibrate(
 @user_errors
 def export_onnx_command(
     out: Annotated[Path, typer.Option("--out", help="Target .onnx file.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint to export [shipped model].")] = None,
+    checkpoint: Annotated[Optional[list[Path]], typer.Option(help="Checkpoint to export [shipped model].")] = None,
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch) for ONNX Runtime and other engines."""
     from klgrade.infer.onnx import export_onnx
     from klgrade.infer.predictor import shipped_checkpoint
 
+    if checkpoint and len(checkpoint) > 1:  # typer kept the last of several and exported it without a word
+        raise KLGradeError(f"export-onnx exports one checkpoint, not {len(checkpoint)}: export each, then grade them "
+                           "as an ensemble with --backend onnx --checkpoint a.onnx b.onnx")
     if out.is_dir():
         raise KLGradeError(f"{out}: --out names a folder; give a file name such as model.onnx")
     output_file(out)
-    path = export_onnx(checkpoint or shipped_checkpoint(), out)
+    path = export_onnx(checkpoint[0] if checkpoint else shipped_checkpoint(), out)
     typer.echo(str(path))
 
 
