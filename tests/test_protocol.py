@@ -77,6 +77,16 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     assert f"{out / 'fold1' / 'oof.csv'} is damaged" in regraded.stderr and "graded again by its model" in regraded.stderr
     assert (out / "fold1" / "oof.csv").read_text() == whole
     assert (out / "fold1" / "last.safetensors").stat().st_mtime_ns == model_made
+    # Other options or other knees: the finished folds would have been read as if made with them.
+    longer = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out),
+                        *TINY_CV[:1], "2", *TINY_CV[2:])
+    assert longer.returncode == 1 and longer.stderr == (
+        f"error: {out}: its folds were made with other --epochs than now (the data or the options changed since?): "
+        "their figures would be mixed with new ones; give another --out, or delete it to start again\n")
+    save(Image.fromarray(knee_image()), data / "train" / "4" / "added.png")
+    grown = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
+    assert grown.returncode == 1 and "made with other knees than now" in grown.stderr
+    assert (out / "fold1" / "oof.csv").read_text() == whole
 
 
 @pytest.mark.parametrize("cut", ["mid_row", "mid_number", "header_only", "no_fields"])
@@ -213,6 +223,15 @@ def test_reproduce_quick_profile_reports_every_model_ablation_and_metric(kneekl2
     before = results["variants"]["resnet18"]["internal"]
     before["fold_ensemble"].pop("difference_to_msa_net")  # msa_net is not in this run
     assert regraded == {key: value for key, value in before.items() if key != "difference_to_msa_net"}
+    # A run folder made with other options is refused before anything is trained or graded.
+    recorded = json.loads((out / "runs" / "resnet18" / "cv_run.json").read_text())
+    recorded["options"]["epochs"] += 1
+    (out / "runs" / "resnet18" / "cv_run.json").write_text(json.dumps(recorded))
+    graded.clear()
+    refused = invoke_cli("reproduce", "--data", str(kneekl224), "--out", str(out), "--profile", "quick", "--device",
+                         "cpu", "--variant", "resnet18")
+    assert refused.returncode == 1 and graded == []
+    assert f"error: {out / 'runs' / 'resnet18'}: its folds were made with other --epochs than now" in refused.stderr
 
 
 def test_an_external_set_is_said_to_repeat_val_only_where_it_shares_a_knee_with_it(kneekl224, tmp_path):
