@@ -19,7 +19,7 @@ from klgrade.models.weights import read_info
 from klgrade.train.config import TrainConfig, load_config, resolve_precision
 from klgrade.train.fit import fit, seen_records, select_data
 
-from helpers import copy_real_images, invoke_cli, knee_image, run_cli, save
+from helpers import EXAMPLES, copy_real_images, invoke_cli, knee_image, run_cli, save
 
 TINY = {"model_options": {"width": 32, "heads": 2}, "image_size": 64, "batch_size": 8, "limit": 40,
         "quiet": True, "device": "cpu", "threads": 2}
@@ -204,9 +204,16 @@ def test_init_starts_fine_tuning_from_the_given_weights(kneekl224, tmp_path):
 
 
 def test_init_from_an_unrelated_file_is_a_one_line_error(kneekl224, tmp_path):
+    """A picture, an ONNX file, a checkpoint cut short or a pickled list given as --init were tracebacks from
+    torch.load or safetensors."""
     save_file(create_model("mobilenet_v2").state_dict(), str(tmp_path / "other.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "other.safetensors").read_bytes()[:2000])
+    (tmp_path / "knee.jpg").write_bytes(sorted(EXAMPLES.glob("*.jpg"))[0].read_bytes())
+    torch.save([1, 2], tmp_path / "list.pt")
+    unreadable = "not a whole weights file (a .safetensors checkpoint or a torch state dict)"
     for init, message in ((tmp_path / "other.safetensors", "no tensor matches"),
-                          (tmp_path / "missing.safetensors", "not found")):
+                          (tmp_path / "missing.safetensors", "not found"), (tmp_path / "cut.safetensors", unreadable),
+                          (tmp_path / "knee.jpg", unreadable), (tmp_path / "list.pt", "holds no state dict")):
         result = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--limit", "16",
                             "--device", "cpu", "--init", str(init), "--quiet")
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1000:]

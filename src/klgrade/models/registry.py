@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import pickle
 from pathlib import Path
 from typing import Callable
 
 import timm
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from klgrade.constants import NUM_GRADES
 from klgrade.errors import CheckpointError, KLGradeError
@@ -110,12 +112,18 @@ def _load_pretrained(model: nn.Module, path: Path) -> None:
     """Load matching tensors from a local file; classifier or stem shapes that differ are left as built."""
     if not path.is_file():
         raise CheckpointError(f"{path}: pretrained weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # a picture, an .onnx, cut
+        raise CheckpointError(f"{path}: not a whole weights file (a .safetensors checkpoint or a torch state "
+                              "dict)") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds no state dict of tensors (a whole pickled model?)")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
