@@ -152,6 +152,16 @@ def test_a_manifest_may_name_its_columns_in_any_case_and_separate_them_as_excel_
     assert [(s.grade, s.patient_id, s.side) for s in find_samples(manifest)] == [(2, "P1", "L")]
 
 
+def test_a_manifest_names_its_splits_as_split_folders_may_be_named(tmp_path):
+    """`Train` and `validation` in a split column were splits of those names: `train` then found no train split."""
+    for name in ("a", "b", "c", "d"):
+        _write(tmp_path / "img" / f"{name}.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,grade,split\nimg/a.png,0,Train\nimg/b.png,1,validation\nimg/c.png,2, Testing \n"
+                        "img/d.png,3,holdout\n")
+    assert [s.split for s in find_samples(manifest)] == ["train", "val", "test", "holdout"]
+
+
 def test_a_manifest_written_on_windows_finds_its_files(tmp_path):
     _write(tmp_path / "img" / "0" / "a.png")
     manifest = tmp_path / "list.csv"

@@ -425,7 +425,8 @@ def _from_manifest(csv_path: Path, problems: list[ImageReadError] | None) -> lis
         parsed_patient, parsed_side = parse_knee_name(path)
         patient = (row.get("patient_id") or "").strip() or parsed_patient or own_patient(row["path"].strip())
         side = side or parsed_side
-        samples.append(Sample(str(path), grade, patient, side, (row.get("split") or "").strip() or None))
+        split = (row.get("split") or "").strip()  # named as a split folder may be (`Training`, `validation`)
+        samples.append(Sample(str(path), grade, patient, side, split_name(split) or split or None))
     if not samples:
         raise _found_nothing(csv_path, "manifest lists no images", (problems or [])[known_problems:])
     return samples
