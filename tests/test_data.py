@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import replace
 
@@ -121,8 +122,9 @@ def test_grade_folders_may_be_prefixed_as_other_datasets_name_them(tmp_path):
 
 @pytest.mark.parametrize("folder", ["7", "cats", "5Severe", "KL5", "KLX", "Grades1"])
 def test_unknown_or_out_of_range_grade_folders_are_errors(tmp_path, folder):
+    """Each error names the folder by its path (`7: grade folder outside 0-4` named no folder of the data)."""
     _write(tmp_path / folder / "9000001L.png")
-    with pytest.raises(DataLayoutError, match=folder):
+    with pytest.raises(DataLayoutError, match=f"^{re.escape(str(tmp_path / folder))}: "):
         find_samples(tmp_path)
 
 

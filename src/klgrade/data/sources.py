@@ -160,15 +160,15 @@ def _dicom_header_of(path: str, size: int, mtime_ns: int) -> tuple[str | None, s
     return "dicom-" + digest, side
 
 
-def grade_from_dir(name: str) -> int | None:
-    """Grade encoded by a folder name (`3`, `3Moderate`, `KL3`, `grade_3`), or None when the name is not a grade
+def grade_from_dir(folder: Path) -> int | None:
+    """Grade encoded by a folder's name (`3`, `3Moderate`, `KL3`, `grade_3`), or None when the name is not a grade
     folder."""
-    match = _GRADE_DIR.match(name)
+    match = _GRADE_DIR.match(folder.name)
     if match is None:
         return None
     grade = int(match.group(1))
     if grade >= NUM_GRADES:
-        raise DataLayoutError(f"{name}: grade folder outside 0-{NUM_GRADES - 1}")
+        raise DataLayoutError(f"{folder}: grade folder outside 0-{NUM_GRADES - 1}")
     return grade
 
 
@@ -285,7 +285,7 @@ def _from_grade_dirs(root: Path, split: str | None, problems: list[ImageReadErro
                      not_read: list[tuple[str | None, str]] | None) -> list[Sample]:
     samples, skipped, known_problems = [], [], len(problems or [])
     for sub in _subfolders(root):
-        grade = grade_from_dir(sub.name)
+        grade = grade_from_dir(sub)
         if grade is None:
             raise DataLayoutError(
                 f"{sub}: folder name is not a KL grade (expected 0-{NUM_GRADES - 1}, e.g. '2', '2Minimal' or 'KL2')"
