@@ -45,7 +45,11 @@ def test_a_model_option_of_the_wrong_type_or_range_is_named_before_training(name
     """A baseline built with `drop_rate=abc` or `2` failed only in training's first forward pass, with a traceback."""
     with pytest.raises(KLGradeError, match=re.escape(problem)):
         create_model(name, **options)
-    assert create_model("msa_net", heads=3, attention=False) is not None  # no attention: any number of heads
+
+
+def test_without_attention_the_width_need_not_split_into_heads():
+    with torch.no_grad():
+        assert create_model("msa_net", heads=3, attention=False).eval()(torch.zeros(1, 1, 64, 64)).shape == (1, 5)
 
 
 @pytest.mark.parametrize("name", ["msa_net", "resnet18", "resnet50", "mobilenet_v2", "densenet121"])
