@@ -65,6 +65,10 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     refused = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out",
                          str(tmp_path / "early"), "--patience", "2", *TINY_CV)
     assert refused.returncode == 1 and "--patience would stop each fold" in refused.stderr
+    one_fold = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out",
+                          str(tmp_path / "one"), "--fold", "1", *TINY_CV)  # was ignored: every fold ran
+    assert one_fold.returncode == 1 and "--fold 1 chooses the held-out fold of one `klgrade train` run" in \
+        one_fold.stderr
     finished = (out / "fold1" / "oof.csv").stat().st_mtime_ns
     again = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
     assert again.returncode == 0

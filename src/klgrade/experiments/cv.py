@@ -172,6 +172,9 @@ def cross_validate(config: TrainConfig) -> dict:
     if config.patience > 0:
         raise KLGradeError("--patience would stop each fold on the patients it is scored on; cross-validation "
                            "trains a fixed schedule and scores its last epoch")
+    if config.fold is not None:  # was ignored: every fold ran
+        raise KLGradeError(f"--fold {config.fold} chooses the held-out fold of one `klgrade train` run; cross-validation "
+                           "trains every fold")
     pool = fold_pool(find_samples(config.data))
     check_same_run(config, pool)
     check_folds_disjoint(pool, config)
