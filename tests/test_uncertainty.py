@@ -16,11 +16,12 @@ from klgrade.infer.grading import grade, grade_many, load_model
 from klgrade.metrics import set_metrics
 from klgrade.models.weights import read_info
 from klgrade.serve.app import Settings, create_app
-from klgrade.uncertainty import (BLANK, FAR_FROM_TRAINING_KNEES, FRAMING_UNREAD, NOT_A_KNEE, PROFILES, SHIFT_WARNINGS,
-                                 SQUEEZED, FeatureDensity, FramingProbe, PolarityProbe, apply_temperature,
-                                 conformal_scores, conformal_threshold, fit_profile, grade_sets, grade_thresholds,
-                                 gradability, input_notes, input_reasons, profile_shift, profile_statistics,
-                                 shift_warnings, smallest_alpha, uncertified_grades, uncertified_warning, view_reason)
+from klgrade.uncertainty import (BLANK, FAR_FROM_TRAINING_KNEES, FRAMING_UNREAD, NOT_A_KNEE, NOT_A_KNEE_PART, PROFILES,
+                                 SHIFT_WARNINGS, SQUEEZED, FeatureDensity, FramingProbe, PolarityProbe,
+                                 apply_temperature, body_part_reason, conformal_scores, conformal_threshold,
+                                 fit_profile, grade_sets, grade_thresholds, gradability, input_notes, input_reasons,
+                                 profile_shift, profile_statistics, shift_warnings, smallest_alpha, uncertified_grades,
+                                 uncertified_warning, view_reason)
 
 from helpers import EXAMPLES, REPO, copy_real_images, invoke_cli, knee_image, write_dicom
 
@@ -171,20 +172,21 @@ def test_a_knee_read_as_framed_both_tighter_and_wider_gets_one_warning_that_says
 
 
 def test_an_input_with_too_few_pixels_or_grey_levels_or_a_lateral_view_is_not_gradable_whatever_it_shows():
-    assert input_reasons(None, None, (64, 64), 10) == [] and input_reasons("PA", "R", (3000, 2500), 256) == []
-    assert input_reasons(None, None, (63, 400), 10) == ["not gradable: the image is only 63 x 400 pixels (uniform "
-                                                        "margins trimmed); grades hold from 64 pixels a side"]
-    assert input_reasons(None, None, (64, 64), 9) == ["not gradable: the image holds only 9 grey levels (binarised or "
-                                                      "posterised?); grades hold from 10"]
-    assert input_reasons(None, None, (64, 64), 1) == []  # blank: `gradability` says so, once
-    reasons = input_reasons("LL", None, (40, 40), 2)
+    assert input_reasons(None, None, None, (64, 64), 10) == []
+    assert input_reasons("PA", "R", "KNEE", (3000, 2500), 256) == []
+    assert input_reasons(None, None, None, (63, 400), 10) == [
+        "not gradable: the image is only 63 x 400 pixels (uniform margins trimmed); grades hold from 64 pixels a side"]
+    assert input_reasons(None, None, None, (64, 64), 9) == [
+        "not gradable: the image holds only 9 grey levels (binarised or posterised?); grades hold from 10"]
+    assert input_reasons(None, None, None, (64, 64), 1) == []  # blank: `gradability` says so, once
+    reasons = input_reasons("LL", None, None, (40, 40), 2)
     assert reasons[0] == view_reason("LL") and len(reasons) == 3
     # Far from square: two knees side by side, a full-leg view; a knee on a portrait detector (1.25) is not.
-    assert input_reasons(None, None, (224, 448), 256) == [
+    assert input_reasons(None, None, None, (224, 448), 256) == [
         "not gradable: the image is 224 x 448 pixels (uniform margins trimmed), 2.0 times as wide as tall: two knees "
         "side by side or a full-leg view? Grades are read on one knee framed about square around the joint"]
-    assert "3.0 times as tall as wide" in input_reasons(None, None, (3000, 1000), 256)[0]
-    assert input_reasons(None, None, (3000, 2400), 256) == input_reasons(None, None, (1000, 1800), 256) == []
+    assert "3.0 times as tall as wide" in input_reasons(None, None, None, (3000, 1000), 256)[0]
+    assert input_reasons(None, None, None, (3000, 2400), 256) == input_reasons(None, None, None, (1000, 1800), 256) == []
     # Not square but gradable: the answer says so (up to 1.1:1 none; beyond 1.8:1 a reason instead).
     assert input_notes((224, 224)) == input_notes((224, 204)) == input_notes((224, 448)) == []
     assert input_notes((3000, 2400)) == [SQUEEZED.format(rows=3000, columns=2400)]
@@ -345,6 +347,24 @@ def test_a_calibrated_checkpoint_answers_alike_through_predict_serve_and_onnx(ca
     low, high = body["grade_set"][0], body["grade_set"][-1]
     assert row["grade_set"] == (str(low) if low == high else f"{low}-{high}")
     assert from_onnx.grade_set == body["grade_set"] and body["gradable"] == row["gradable"] == from_onnx.gradable
+
+
+def test_a_dicom_header_naming_another_body_part_makes_the_answer_not_gradable(tiny_checkpoint, tmp_path):
+    """A chest or hand radiograph from the same PACS export was told only by the feature density, when at all; its
+    header names the part. Parts that may hold a knee (LEG, LOWER LIMB) or a silent header stay gradable."""
+    from PIL import Image
+
+    for part in ("CHEST", "HAND", "C-SPINE", "ANKLE"):
+        assert body_part_reason(part) == NOT_A_KNEE_PART.format(part=part)
+    for part in ("KNEE", "LEG", "LOWER LIMB", "EXTREMITY", "KNEE ANKLE", "", None):
+        assert body_part_reason(part) is None, part
+    knee = np.asarray(Image.open(sorted(EXAMPLES.glob("KL2_*.jpg"))[0]), dtype=np.uint16) * 16
+    parts = ["chest ", "KNEE", "LEG", None]
+    paths = [write_dicom(tmp_path / f"{index}.dcm", knee, "MONOCHROME2", **({"BodyPartExamined": part} if part else {}))
+             for index, part in enumerate(parts)]
+    results = list(grade_many(load_model(tiny_checkpoint), paths))
+    assert not results[0].gradable and results[0].warnings[0] == NOT_A_KNEE_PART.format(part="CHEST")
+    assert [result.gradable for result in results[1:]] == [True, True, True]
 
 
 def test_a_dicom_header_naming_a_lateral_oblique_or_axial_view_makes_the_answer_not_gradable(tiny_checkpoint,

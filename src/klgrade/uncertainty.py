@@ -112,6 +112,15 @@ NON_FRONTAL_VIEWS = {
 }
 """Words of a DICOM `ViewPosition` (its defined terms LL, RL, LLD, RLD, LLO, RLO, and what vendors write) that name
 a view other than the frontal one the model was trained on (a knee series holds laterals and skylines beside it)."""
+OTHER_BODY_PARTS = frozenset({
+    "CHEST", "THORAX", "ABDOMEN", "PELVIS", "HIP", "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE", "SKULL", "HEAD",
+    "BRAIN", "NECK", "JAW", "SHOULDER", "CLAVICLE", "SCAPULA", "HUMERUS", "ARM", "ELBOW", "FOREARM", "WRIST", "HAND",
+    "FINGER", "THUMB", "FOOT", "ANKLE", "TOE", "HEEL", "CALCANEUS", "BREAST", "HEART", "RIB", "STERNUM", "SACRUM",
+    "COCCYX"})
+"""Words of a DICOM `BodyPartExamined` (its defined terms, and what vendors write) that name a part other than the
+knee. Parts that may hold a knee (KNEE, LEG, FEMUR, TIBIA, LOWER LIMB, EXTREMITY) are not among them."""
+NOT_A_KNEE_PART = ("not gradable: the DICOM header names the body part {part} (BodyPartExamined); Kellgren-Lawrence "
+                   "grades are read on knee radiographs")
 FRAMING_ADVICE = "crop as the training images are, the joint centred and the knee filling the square"
 FRAMING_SHIFT = ("the knee fills more of the image than in the training images (cropped tighter around the "
                  f"joint?): the grade may change with the framing; {FRAMING_ADVICE}")
@@ -455,7 +464,7 @@ class Calibration:
 
 
 def view_words(view: str | None) -> set[str]:
-    """The whole words of a DICOM view, upper case ("BILATERAL PA" -> BILATERAL, PA)."""
+    """The whole words of a DICOM view (or body part), upper case ("BILATERAL PA" -> BILATERAL, PA)."""
     return set(re.split(r"[^A-Z]+", (view or "").upper()))
 
 
@@ -479,13 +488,21 @@ def both_knees_reason(view: str | None, laterality: str | None) -> str | None:
     return None
 
 
-def input_reasons(view: str | None, laterality: str | None, trimmed_shape: tuple[int, int],
+def body_part_reason(body_part: str | None) -> str | None:
+    """Why a radiograph whose DICOM header names `body_part` is not gradable; None for a knee, a part that may hold
+    one, or silence (a whole word of `OTHER_BODY_PARTS` must be named, and no KNEE)."""
+    words = view_words(body_part)
+    return NOT_A_KNEE_PART.format(part=body_part) if words & OTHER_BODY_PARTS and "KNEE" not in words else None
+
+
+def input_reasons(view: str | None, laterality: str | None, body_part: str | None, trimmed_shape: tuple[int, int],
                   grey_levels: int) -> list[str]:
-    """Why an input is not gradable whatever the network makes of it: its DICOM header names a view other than the
-    frontal one (`view_reason`) or both knees (`both_knees_reason`), it is far from square (`MAX_ASPECT`), it has too
-    few pixels or too few grey levels to grade (`data.preprocess.PreparedImage` measures these before resizing hides
-    them)."""
-    reasons = [reason for reason in (view_reason(view), both_knees_reason(view, laterality)) if reason]
+    """Why an input is not gradable whatever the network makes of it: its DICOM header names another body part than
+    the knee (`body_part_reason`), a view other than the frontal one (`view_reason`) or both knees
+    (`both_knees_reason`), it is far from square (`MAX_ASPECT`), it has too few pixels or too few grey levels to
+    grade (`data.preprocess.PreparedImage` measures these before resizing hides them)."""
+    reasons = [reason for reason in (body_part_reason(body_part), view_reason(view),
+                                     both_knees_reason(view, laterality)) if reason]
     rows, columns = trimmed_shape
     if min(rows, columns) < MIN_KNEE_PIXELS:
         reasons.append(TOO_SMALL.format(rows=rows, columns=columns))

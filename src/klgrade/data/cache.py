@@ -82,7 +82,7 @@ def decode_all(samples: list[Sample], config: PreprocessConfig, workers: int | N
             return
         prepared = prepare_image(radiograph.grey, config, sample.side)
         images[index] = prepared.pixels
-        reasons[index] = prepared.reasons(radiograph.view, radiograph.laterality)
+        reasons[index] = prepared.reasons(radiograph)
         notes[index] = prepared.notes()
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:

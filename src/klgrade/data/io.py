@@ -50,12 +50,14 @@ _DICOM_MAGIC_OFFSET = 128
 
 @dataclass(frozen=True)
 class Radiograph:
-    """A decoded radiograph: its grey levels, and the view and laterality its DICOM header names (`ViewPosition`,
-    upper case; `dicom_laterality`); None for other files or where the header is silent."""
+    """A decoded radiograph: its grey levels, and the view, laterality and body part its DICOM header names
+    (`ViewPosition`, `dicom_laterality`, `BodyPartExamined`; upper case); None for other files or where the header is
+    silent."""
 
     grey: np.ndarray
     view: str | None = None
     laterality: str | None = None
+    body_part: str | None = None
 
     @property
     def side(self) -> str | None:
@@ -91,15 +93,15 @@ def read_radiograph(source: str | Path | bytes, name: str | None = None, max_pix
         raise ImageReadError(label, "empty file (0 bytes)")
     try:
         if _is_dicom(data, label):
-            array, view, laterality = _decode_dicom(data, label, max_pixels)
+            array, header = _decode_dicom(data, label, max_pixels)
         else:
-            array, view, laterality = _decode_pillow(data, label, max_pixels), None, None
+            array, header = _decode_pillow(data, label, max_pixels), {}
     except ImageReadError:
         raise
     except Exception as exc:  # decoders raise many types; the user needs one line, the log the detail
         log.debug("decode failure for %s", label, exc_info=True)
         raise ImageReadError(label, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
-    return Radiograph(_checked(array, label, "image"), view, laterality)
+    return Radiograph(_checked(array, label, "image"), **header)
 
 
 def read_array(array: np.ndarray, name: str = "<array>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -279,15 +281,16 @@ def _to_grey(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
-def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray, str | None, str | None]:
-    """Grey levels, and the header's view and laterality."""
+def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray, dict]:
+    """Grey levels, and what the header names of the view, laterality and body part (`Radiograph`'s fields)."""
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, columns, frames = int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), int(ds.get("NumberOfFrames", 1) or 1)
-        view, laterality = _view_position(ds), dicom_laterality(ds)
+        header = {"view": _upper_text(ds, "ViewPosition"), "laterality": dicom_laterality(ds),
+                  "body_part": _upper_text(ds, "BodyPartExamined")}
     except Exception:  # pydicom raises many types for broken headers; the log keeps the detail
         log.debug("DICOM header failure for %s", label, exc_info=True)
         raise ImageReadError(label, "not a valid DICOM file (unreadable header)") from None
@@ -307,18 +310,19 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> tuple[np.ndarray,
     if photometric == "PALETTE COLOR":  # the stored values are indices into the palette, not grey levels
         pixels = apply_color_lut(pixels, ds)
     if pixels.ndim == 3:  # colour DICOM (secondary capture): pydicom gives RGB, YBR converted; luma
-        return (pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)), view, laterality
+        return (pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)), header
     array = apply_modality_lut(pixels, ds)
     if "VOILUTSequence" in ds or ("WindowCenter" in ds and _window_is_valid(ds)):
         array = apply_voi_lut(array, ds)
     array = np.asarray(array, dtype=np.float32)
     if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
         array = array.max() + array.min() - array  # INVERSE beside MONOCHROME1 is the same inversion, not a second
-    return array, view, laterality
+    return array, header
 
 
-def _view_position(ds) -> str | None:
-    return str(ds.get("ViewPosition", "") or "").strip().upper() or None
+def _upper_text(ds, keyword: str) -> str | None:
+    """A header element's text, upper case; None where it is absent or empty."""
+    return str(ds.get(keyword, "") or "").strip().upper() or None
 
 
 def dicom_laterality(ds) -> str | None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from klgrade.constants import IMAGE_SIZE
+from klgrade.data.io import Radiograph
 from klgrade.uncertainty import ENHANCED, MARK_PAINTED, fine_detail, input_notes, input_reasons
 
 PIXEL_MEAN = 0.5
@@ -236,10 +237,11 @@ class PreparedImage:
     enhanced: bool = False
     """The image looked unenhanced and was CLAHE-enhanced as the training images were (`looks_unenhanced`)."""
 
-    def reasons(self, view: str | None = None, laterality: str | None = None) -> list[str]:
-        """Why the input is not gradable whatever the network makes of it (`uncertainty.input_reasons`; `view`,
-        `laterality`: what the DICOM header names, if any)."""
-        return input_reasons(view, laterality, self.trimmed_shape, self.grey_levels)
+    def reasons(self, radiograph: Radiograph | None = None) -> list[str]:
+        """Why the input is not gradable whatever the network makes of it (`uncertainty.input_reasons`), its DICOM
+        header's words included (`radiograph`: the decoded file; None for an array)."""
+        named = (radiograph.view, radiograph.laterality, radiograph.body_part) if radiograph else (None, None, None)
+        return input_reasons(*named, self.trimmed_shape, self.grey_levels)
 
     def notes(self) -> list[str]:
         """What the answer must say about how the input was prepared, without making it ungradable

@@ -31,7 +31,7 @@ def _problems(path: str) -> tuple[str | None, list[str], list[str]]:
     except ImageReadError as exc:
         return exc.reason, [], []
     prepared = prepare_image(radiograph.grey, PreprocessConfig())
-    return None, prepared.reasons(radiograph.view, radiograph.laterality), prepared.notes()
+    return None, prepared.reasons(radiograph), prepared.notes()
 
 
 def summarize(data: str | Path, check_images: bool = True) -> dict:

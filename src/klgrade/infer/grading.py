@@ -79,7 +79,7 @@ def prepare_input(model: Predictor, source: Source, max_pixels: int = MAX_PIXELS
     """
     radiograph, side = decode(source, max_pixels)
     prepared = prepare_image(radiograph.grey, model.preprocess, side)
-    reasons = prepared.reasons(radiograph.view, radiograph.laterality)
+    reasons = prepared.reasons(radiograph)
     return PreparedInput(prepared.pixels, source_name(source), tuple(reasons), tuple(prepared.notes()))
 
 
