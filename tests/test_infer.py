@@ -390,6 +390,11 @@ def test_export_cli_and_bad_checkpoints(tiny_checkpoint, tmp_path):
                      str(tmp_path / "y.onnx"))  # the last was exported without a word
     assert two.returncode == 1 and "export-onnx exports one checkpoint, not 2" in two.stderr
     assert not (tmp_path / "y.onnx").exists()
+    knee = sorted(EXAMPLES.glob("*.jpg"))[0]
+    torch_backend = invoke_cli("predict", str(knee), "--checkpoint", str(tmp_path / "x.onnx"))  # no --backend onnx
+    assert torch_backend.returncode == 1 and torch_backend.stderr == (
+        f"error: {tmp_path / 'x.onnx'}: an ONNX model, not a safetensors checkpoint (predict, evaluate and serve take "
+        "it with --backend onnx)\n")  # was "not a safetensors checkpoint (Error while deserializing header: ...)"
     (tmp_path / "bad.safetensors").write_bytes(b"bad")
     result = invoke_cli("predict", str(EXAMPLES), "--checkpoint", str(tmp_path / "bad.safetensors"))
     assert result.returncode == 1 and "bad.safetensors" in result.stderr and "Traceback" not in result.stderr
