@@ -463,15 +463,15 @@ class Calibration:
         return {kind: probe for kind, probe in probes.items() if probe is not None}
 
 
-def view_words(view: str | None) -> set[str]:
-    """The whole words of a DICOM view (or body part), upper case ("BILATERAL PA" -> BILATERAL, PA)."""
-    return set(re.split(r"[^A-Z]+", (view or "").upper()))
+def header_words(text: str | None) -> set[str]:
+    """The whole words of a DICOM header's text (a view, a body part), upper case ("BILATERAL PA" -> BILATERAL, PA)."""
+    return set(re.split(r"[^A-Z]+", (text or "").upper()))
 
 
 def view_reason(view: str | None) -> str | None:
     """Why a radiograph whose DICOM header names `view` is not gradable as a view; None for a frontal or unnamed
     view (a whole word must match: "BILATERAL PA" is frontal, `both_knees_reason` speaks of its two knees)."""
-    words = view_words(view)
+    words = header_words(view)
     for kind, names in NON_FRONTAL_VIEWS.items():
         if words & names:
             return NOT_FRONTAL.format(kind=kind, view=view)
@@ -483,7 +483,7 @@ def both_knees_reason(view: str | None, laterality: str | None) -> str | None:
     view named bilateral; None otherwise."""
     if laterality == "B":
         return BOTH_KNEES.format(named="laterality B")
-    if "BILATERAL" in view_words(view):
+    if "BILATERAL" in header_words(view):
         return BOTH_KNEES.format(named=f"ViewPosition {view}")
     return None
 
@@ -491,7 +491,7 @@ def both_knees_reason(view: str | None, laterality: str | None) -> str | None:
 def body_part_reason(body_part: str | None) -> str | None:
     """Why a radiograph whose DICOM header names `body_part` is not gradable; None for a knee, a part that may hold
     one, or silence (a whole word of `OTHER_BODY_PARTS` must be named, and no KNEE)."""
-    words = view_words(body_part)
+    words = header_words(body_part)
     return NOT_A_KNEE_PART.format(part=body_part) if words & OTHER_BODY_PARTS and "KNEE" not in words else None
 
 

@@ -329,8 +329,7 @@ def dicom_laterality(ds) -> str | None:
     """The laterality a DICOM header names, upper case: the image's `ImageLaterality`, else the series'
     `Laterality` (the standard's values: L, R, B for both sides, U for an unpaired part); None where both are
     silent."""
-    named = [str(ds.get(keyword, "") or "").strip().upper() for keyword in ("ImageLaterality", "Laterality")]
-    return next((value for value in named if value), None)
+    return _upper_text(ds, "ImageLaterality") or _upper_text(ds, "Laterality")
 
 
 def dicom_side(ds) -> str | None:
