@@ -85,6 +85,11 @@ class Outputs:
         return cls(*(np.concatenate([getattr(p, part.name) for p in parts]) for part in fields(cls)))
 
 
+def network_input(images_uint8: np.ndarray) -> torch.Tensor:
+    """(B, H, W) uint8 images as the networks take them: (B, 1, H, W), normalised, on the CPU."""
+    return normalize(torch.from_numpy(np.require(images_uint8, requirements=("C", "W")))).unsqueeze(1)
+
+
 def forward_parts(n: int) -> list[slice]:
     """The parts of a batch of `n` images that go through a network at once."""
     return [slice(start, start + FORWARD_IMAGES) for start in range(0, n, FORWARD_IMAGES)]
@@ -329,7 +334,7 @@ class Predictor:
     def _network_pass(self, images_uint8: np.ndarray) -> Outputs:
         """One pass of the network(s). With TTA the image and its mirror go through as one batch of 2B. Features
         are the first member's, averaged over the views (the gradability check fits one model's feature space)."""
-        x = normalize(torch.from_numpy(np.require(images_uint8, requirements=("C", "W")))).unsqueeze(1)
+        x = network_input(images_uint8)
         views = torch.cat([x, torch.flip(x, dims=[3])]) if self.tta else x
         total, features = np.zeros((len(views), NUM_GRADES)), None
         for model in self.models:
@@ -433,8 +438,7 @@ class Predictor:
         return Explanation(np.concatenate([p.maps for p in parts]), np.concatenate([p.empty for p in parts]))
 
     def _explain_pass(self, images_uint8: np.ndarray, targets: np.ndarray) -> Explanation:
-        x = normalize(torch.from_numpy(np.require(images_uint8, requirements=("C", "W")))).unsqueeze(1)
-        x = x.to(self.device, memory_format=torch.channels_last)
+        x = network_input(images_uint8).to(self.device, memory_format=torch.channels_last)
         members = [gradcam(m, x, torch.as_tensor(targets)) for m in self._explain_models]
         return Explanation(np.mean([m.maps for m in members], axis=0), np.all([m.empty for m in members], axis=0))
 
