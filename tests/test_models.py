@@ -233,3 +233,13 @@ def test_the_normaliser_can_learn_a_tone_curve():
     before = (processed - target).abs().mean().item()
     after = fitted_error(normaliser, processed, target)
     assert after < 0.3 * before, (before, after)
+
+
+def test_the_weights_digest_of_another_file_is_a_checkpoint_error_not_a_read_of_terabytes(tmp_path):
+    """A JPEG's first eight bytes, read as a safetensors header's length, asked for ~1e18 bytes: MemoryError."""
+    from klgrade.models.weights import weights_digest
+
+    picture = tmp_path / "knee.jpg"
+    picture.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(100))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file .*a header of"):
+        weights_digest(picture)

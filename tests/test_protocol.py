@@ -73,9 +73,10 @@ def test_cv_writes_out_of_fold_predictions_without_patient_leaks_and_resumes(kne
     again = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
     assert again.returncode == 0
     assert (out / "fold1" / "oof.csv").stat().st_mtime_ns == finished
-    # A fold's predictions cut short (a copied run folder): graded again by the fold's model, not trained again.
+    # A fold's predictions cut short (a copied run folder), here at a row's end: graded again by the fold's model, not
+    # trained again.
     whole, model_made = (out / "fold1" / "oof.csv").read_text(), (out / "fold1" / "last.safetensors").stat().st_mtime_ns
-    (out / "fold1" / "oof.csv").write_text(whole[: len(whole) // 2])
+    (out / "fold1" / "oof.csv").write_text(whole[: whole.index("\n", len(whole) // 2) + 1])
     regraded = invoke_cli("cv", "--data", str(data), "--model", "msa_net", "--folds", "3", "--out", str(out), *TINY_CV)
     assert regraded.returncode == 0, regraded.stderr[-2000:]
     assert f"{out / 'fold1' / 'oof.csv'} is damaged" in regraded.stderr and "graded again by its model" in regraded.stderr

@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,8 +19,9 @@ from klgrade.models import create_model, load_checkpoint
 from klgrade.models.weights import read_info
 from klgrade.train.config import TrainConfig, load_config, resolve_precision
 from klgrade.train.fit import fit, seen_records, select_data
+from klgrade.train.record import run_record
 
-from helpers import EXAMPLES, copy_real_images, invoke_cli, knee_image, run_cli, save
+from helpers import EXAMPLES, copy_real_images, invoke_cli, knee_image, run_cli, save, save_msa_net
 
 TINY = {"model_options": {"width": 32, "heads": 2}, "image_size": 64, "batch_size": 8, "limit": 40,
         "quiet": True, "device": "cpu", "threads": 2}
@@ -93,6 +95,43 @@ def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(kneekl224, tmp
         assert torch.equal(straight[key], resumed[key]), key
     history = json.loads((tmp_path / "killed" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+def test_resume_with_other_options_or_knees_is_refused_and_runtime_options_may_change(kneekl224, tmp_path):
+    """`--resume` with another --epochs went on silently under a schedule of another length, another --model was a
+    Lightning traceback of missing keys, fewer --epochs than trained one of "max_epochs"."""
+    data = tmp_path / "data"
+    copy_real_images(kneekl224, data / "train", 4, split="train")
+    copy_real_images(kneekl224, data / "val", 2, split="val")
+    run = tmp_path / "run"
+    config = {**TINY, "limit": None, "data": str(data), "epochs": 1, "out": str(run)}
+    fit(TrainConfig(**config))
+    changes = {"--epochs": {"epochs": 2}, "--model": {"model": "resnet18", "model_options": {}},
+               "--image-size": {"image_size": 32}, "training knees": {"limit": 12}}
+    for changed, options in changes.items():
+        with pytest.raises(KLGradeError, match=f"^{re.escape(str(run))}: its last.ckpt was trained with other "
+                                               f"(--[a-z-]+, )*{changed}(, [a-z -]+)* than now") as refused:
+            fit(TrainConfig(**{**config, **options}, resume=True))
+        assert f"--init {run / 'last.safetensors'} and another --out" in str(refused.value)
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the knees are the same wherever the data lies; threads and quiet say how, not what
+    resumed = fit(TrainConfig(**{**config, "data": str(moved), "threads": 1, "quiet": False}, resume=True))
+    assert [h["epoch"] for h in resumed["history"]] == [0]
+    fit(TrainConfig(**{**config, "data": str(moved), "epochs": 2}))  # without --resume: a new run, recorded anew
+    assert json.loads((run / "run.json").read_text())["options"]["epochs"] == 2
+
+
+def test_a_run_record_names_teacher_and_init_weights_by_what_they_hold(tiny_checkpoint, tmp_path):
+    """Moving a folder of teachers keeps a run's record; weights trained again under the same name change it."""
+    moved = tmp_path / "moved.safetensors"
+    moved.write_bytes(tiny_checkpoint.read_bytes())
+    config = TrainConfig(data=str(tmp_path), teacher=[str(tiny_checkpoint)], init=str(tiny_checkpoint))
+    record = run_record(config, {})
+    assert record == run_record(replace(config, teacher=[str(moved)], init=str(moved)), {})
+    save_msa_net(moved, create_model("msa_net", width=32, heads=2), {"width": 32, "heads": 2}, size=64)
+    assert run_record(replace(config, teacher=[str(moved)]), {})["options"]["teacher"] != record["options"]["teacher"]
+    assert run_record(replace(config, init=str(tmp_path / "missing.pt")), {})["options"]["init"] == str(
+        tmp_path / "missing.pt")
 
 
 def test_a_damaged_resume_state_is_said_and_the_run_starts_from_scratch(kneekl224, tmp_path, caplog):

@@ -16,11 +16,8 @@ gigabytes behind.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,11 +29,12 @@ from klgrade.data.sources import Sample, find_samples
 from klgrade.data.splits import patient_folds, unnamed_patients_warning
 from klgrade.evaluate.evaluation import predict_samples
 from klgrade.errors import KLGradeError
-from klgrade.files import read_json_whole, rows_to_csv, write_json_atomic, write_text_atomic
+from klgrade.files import rows_to_csv, write_json_atomic, write_text_atomic
 from klgrade.infer.predictor import Predictor
 from klgrade.metrics import compute_metrics
 from klgrade.train.config import TrainConfig
 from klgrade.train.fit import fit, fold_pool, select_data
+from klgrade.train.record import check_same_run, run_record
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +49,10 @@ SELECTION = {"checkpoint": FOLD_CHECKPOINT, "chosen_by": "last epoch of a fixed 
 """What chose each fold's model: nothing that saw the fold's patients."""
 
 
-RUNTIME_OPTIONS = frozenset({"data", "out", "fold", "resume", "quiet", "threads", "device", "precision", "cache_dir"})
-"""Training options that change where and how fast a CV run trains, not what it trains on which knees."""
+CV_RECORD = "cv_run.json"
 
 
-def run_record(config: TrainConfig, pool: list[Sample]) -> dict:
-    """What a CV run's folds are made of: its training options and the knees it cuts into folds (each knee's path
-    below the data's folder, grade, patient and side: the same after the data is copied elsewhere)."""
-    root = Path(config.data) if Path(config.data).is_dir() else Path(config.data).parent
-    knees = sorted([os.path.relpath(s.path, root), s.grade, s.patient_id, s.side or ""] for s in pool)
-    digest = hashlib.sha256(json.dumps(knees).encode()).hexdigest()[:20]
-    options = {key: value for key, value in config.to_dict().items() if key not in RUNTIME_OPTIONS}
-    return json.loads(json.dumps({"options": options, "knees": {"n": len(pool), "digest": digest}}))  # as stored
-
-
-def check_same_run(config: TrainConfig, pool: list[Sample]) -> None:
+def check_same_cv_run(config: TrainConfig, pool: list[Sample]) -> None:
     """Refuse to continue the CV run in `config.out` when its folds were made of other knees or options than
     `config`'s (a finished fold is never trained again, so its figures would join the others unnoticed); record
     them in `cv_run.json` where nothing is recorded yet.
@@ -73,19 +60,8 @@ def check_same_run(config: TrainConfig, pool: list[Sample]) -> None:
     Raises:
         KLGradeError: naming what changed.
     """
-    path = Path(config.out) / "cv_run.json"
-    record = run_record(config, pool)
-    stored = read_json_whole(path, "recorded again")
-    if stored == record:
-        return
-    if stored is not None:
-        before = stored.get("options", {})
-        changed = [f"--{key.replace('_', '-')}" for key, value in record["options"].items() if before.get(key) != value]
-        changed += ["knees"] if stored.get("knees") != record["knees"] else []
-        raise KLGradeError(f"{config.out}: its folds were made with other {', '.join(changed) or 'settings'} than "
-                           "now (the data or the options changed since?): their figures would be mixed with new ones; "
-                           "give another --out, or delete it to start again")
-    write_json_atomic(path, record)
+    check_same_run(Path(config.out) / CV_RECORD, run_record(config, {"knees": pool}), "its folds were made",
+                   "their figures would be mixed with new ones; give another --out, or delete it to start again")
 
 
 def fold_dir(out: str | Path, fold: int) -> Path:
@@ -111,17 +87,17 @@ def run_fold(config: TrainConfig, fold: int) -> list[dict]:
     """Train fold `fold` (unless already done) and return its out-of-fold prediction rows."""
     out = fold_dir(config.out, fold)
     oof_path = out / "oof.csv"
+    fold_config = replace(config, fold=fold, out=str(out), resume=(out / "last.ckpt").exists())
+    data = select_data(fold_config)  # once per fold (0.3 s for kneeKL224, more for larger data)
     trained = fold_done(config.out, fold)
     if trained:
         rows = read_oof(oof_path)
-        if rows is not None:
+        if rows is not None and len(rows) == len(data.val):
             log.info("fold %d already done: %s", fold, oof_path)
             return rows
         log.warning("%s is damaged (a copy cut short, an edit?): fold %d's held-out knees are graded again by its "
                     "model", oof_path, fold)
-    fold_config = replace(config, fold=fold, out=str(out), resume=(out / "last.ckpt").exists())
-    data = select_data(fold_config)  # once per fold (0.3 s for kneeKL224, more for larger data)
-    if not trained:
+    else:
         fit(fold_config, data=data)
     held_out = data.val  # each image once (`select_data`)
     write_json_atomic(out / "selection.json", {**SELECTION, "epochs": config.epochs})
@@ -176,7 +152,7 @@ def cross_validate(config: TrainConfig) -> dict:
         raise KLGradeError(f"--fold {config.fold} chooses the held-out fold of one `klgrade train` run; cross-validation "
                            "trains every fold")
     pool = fold_pool(find_samples(config.data))
-    check_same_run(config, pool)
+    check_same_cv_run(config, pool)
     check_folds_disjoint(pool, config)
     all_rows, per_fold = [], []
     for fold in range(config.folds):

@@ -30,7 +30,7 @@ from klgrade.data.sources import Sample, find_samples
 from klgrade.data.splits import unnamed_patients_warning
 from klgrade.errors import KLGradeError
 from klgrade.evaluate.evaluation import batched_outputs
-from klgrade.experiments.cv import check_same_run, cross_validate, fold_dir, fold_model, mean_sd, read_oof, run_name
+from klgrade.experiments.cv import check_same_cv_run, cross_validate, fold_dir, fold_model, mean_sd, read_oof, run_name
 from klgrade.experiments.jobs import FoldJob, run_fold_jobs
 from klgrade.experiments.report import PanelImage, write_report
 from klgrade.files import read_json_whole, write_json_atomic
@@ -240,7 +240,7 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
         results["external_in_val"] = knees_in_val(val, validation["external"].samples, listed["external"][0])
     configs = {variant.name: variant_config(variant, base, extra, out) for variant in selected}
     for config in configs.values():  # before any training: a run folder left by other data or options is refused
-        check_same_run(config, pool)
+        check_same_cv_run(config, pool)
     fold_jobs = [FoldJob(configs[variant.name], fold, teacher_folds(variant, out, fold))
                  for variant in selected for fold in range(base.folds)]
     unfinished = {Path(job.config.out) for job in run_fold_jobs(fold_jobs, jobs, deadline)}

@@ -26,6 +26,8 @@ from klgrade.files import atomic_path
 METADATA_KEY = "klgrade"
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 FORMAT = "klgrade-weights-1"
+MAX_HEADER_BYTES = 100_000_000
+"""The largest safetensors header the format allows (its own readers refuse more)."""
 
 
 def checkpoint_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -100,6 +102,8 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def _safetensors_digest(handle: BinaryIO) -> str:
     (length,) = struct.unpack("<Q", handle.read(8))
+    if length > MAX_HEADER_BYTES:  # another file's first bytes: read as a length they would ask for terabytes
+        raise ValueError(f"a header of {length} bytes")
     header = json.loads(handle.read(length))
     header.pop("__metadata__", None)
     hasher = hashlib.blake2b(json.dumps(header, sort_keys=True).encode(), digest_size=16)

@@ -6,6 +6,7 @@ Run folder:
     last.safetensors   the same for the latest epoch
     last.ckpt          full Lightning state (optimizer, scheduler, EMA, epoch) for `--resume`
     metrics.json       per-epoch validation metrics, the best epoch, and what choosing it cost (`selection`)
+    run.json           the options and knees `last.ckpt` is trained with: `--resume` with others is refused
     logs/              CSV logs (training curves; `--resume` keeps the rows logged up to the checkpoint)
 """
 
@@ -41,10 +42,12 @@ from klgrade.models.weights import read_info
 from klgrade.train.batches import class_balanced_weights, inverse_frequency, make_loader
 from klgrade.train.config import TrainConfig, resolve_precision
 from klgrade.train.module import GradingModule
+from klgrade.train.record import check_same_run, run_record
 
 log = logging.getLogger(__name__)
 logging.getLogger("lightning").handlers.clear()  # its own console handler would print each message a second time
 
+RUN_RECORD = "run.json"
 BENIGN_WARNINGS = (
     ".*does not have many workers.*", ".*smaller than the logging interval.*", ".*exists and is not empty.*",
     ".*LeafSpec.*", ".*is not supported by the model summary.*",
@@ -249,6 +252,19 @@ def resume_step(checkpoint: Path) -> int | None:
         return None
 
 
+def record_run(config: TrainConfig, data: RunData, resumed: bool) -> None:
+    """Record what the run in `config.out` trains (`run.json`); a resumed one must train what its record says."""
+    record = run_record(config, {"training_knees": data.train, "validation_knees": data.val})
+    path = Path(config.out) / RUN_RECORD
+    if not resumed:
+        write_json_atomic(path, record)
+        return
+    check_same_run(path, record, "its last.ckpt was trained",
+                   "--resume would go on training it under other settings; resume with the options it was made with "
+                   f"({RUN_RECORD}), leave --resume out to train afresh, or fine-tune its weights with --init "
+                   f"{Path(config.out) / 'last.safetensors'} and another --out")
+
+
 def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunData | None = None) -> dict:
     """Train one model as `config` says; returns the summary also written to `metrics.json`. `data`: what
     `select_data(config)` selects, where the caller has it already (a protocol fold scores its held-out knees too).
@@ -268,6 +284,8 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
     data = select_data(config) if data is None else data
     for note in data.notes:
         _say_once(note)
+    resumed_step = resume_step(out / "last.ckpt") if config.resume else None
+    record_run(config, data, resumed=resumed_step is not None)
     train_images = load_cached(data.train, data.preprocess, config.cache_dir)
     val_images = load_cached(data.val, data.preprocess, config.cache_dir, "validation data")
     train_labels = np.array([s.grade for s in data.train])
@@ -296,7 +314,6 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
                            "need one: lower --batch-size or train on more images")
     module = GradingModule(model, config, steps_per_epoch, class_weights, load_teachers(config.teacher, data.preprocess))
     exporter = ExportWeights(out, info, seen)
-    resumed_step = resume_step(out / "last.ckpt") if config.resume else None
     resume_from = None if resumed_step is None else out / "last.ckpt"
     trainer = build_trainer(config, out, [exporter, DatasetOnDevice([train_loader, val_loader]), *(callbacks or [])],
                             resumed_step)
