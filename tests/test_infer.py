@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +47,25 @@ def test_predict_folder_with_a_corrupt_file_grades_the_rest(tiny_checkpoint, tmp
         assert overlay.size[0] == 448 and overlay.mode == "RGB"
     assert json.loads((out / "predictions.json").read_text())[3]["error"]
     assert len(list((out / "heatmaps").glob("*.png"))) == 3
+
+
+def test_heatmaps_of_an_earlier_run_into_the_same_folder_are_removed_and_other_files_kept(tiny_checkpoint, tmp_path):
+    """They stayed beside the new predictions.csv and passed for its heatmaps: of images left out now, or graded anew
+    by another model without --explain."""
+    examples = [str(path) for path in sorted(EXAMPLES.glob("*.jpg"))[:3]]
+    out = tmp_path / "out"
+    first = invoke_cli("predict", *examples, "--checkpoint", str(tiny_checkpoint), "--explain", "--out", str(out))
+    assert first.returncode == 0 and len(list((out / "heatmaps").glob("*.png"))) == 3
+    save(Image.fromarray(knee_image()), out / "heatmaps" / "notes.png")  # the user's own file: not klgrade's
+    fewer = invoke_cli("predict", *examples[:2], "--checkpoint", str(tiny_checkpoint), "--explain", "--out", str(out))
+    assert fewer.returncode == 0
+    assert fewer.stderr == (f"warning: removed 1 heatmaps an earlier run left in {out / 'heatmaps'} (they would pass "
+                            "for this run's)\n")
+    written = {Path(row["heatmap"]).name for row in csv.DictReader(io.StringIO(fewer.stdout))}
+    assert {path.name for path in (out / "heatmaps").iterdir()} == written | {"notes.png"} and len(written) == 2
+    unexplained = invoke_cli("predict", *examples[:2], "--checkpoint", str(tiny_checkpoint), "--out", str(out))
+    assert unexplained.returncode == 0 and "removed 2 heatmaps" in unexplained.stderr
+    assert [path.name for path in (out / "heatmaps").iterdir()] == ["notes.png"]
 
 
 def test_predict_accepts_globs_and_reports_missing_files(tiny_checkpoint, tmp_path):

@@ -397,7 +397,7 @@ def predict(
     alpha: Alpha = None,
 ) -> None:
     """Grade radiographs; unreadable inputs are reported and do not stop the others (exit 1 if any failed)."""
-    from klgrade.infer.batch import expand_inputs, predict_paths
+    from klgrade.infer.batch import expand_inputs, predict_paths, remove_earlier_heatmaps
     from klgrade.infer.grading import load_model
     from klgrade.console import print_predictions, write_predictions
 
@@ -414,6 +414,9 @@ def predict(
     rows = list(predict_paths(predictor, paths, explain, out, batch_size, workers, alpha))
     if out is not None:
         write_predictions(rows, out)
+        if removed := remove_earlier_heatmaps(out, rows):
+            typer.echo(f"warning: removed {removed} heatmaps an earlier run left in {out / 'heatmaps'} (they would pass "
+                       "for this run's)", err=True)
     print_predictions(rows, output_format)
     failed = [row for row in rows if row.get("error")]
     for row in failed:

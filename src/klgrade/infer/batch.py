@@ -14,7 +14,7 @@ from typing import Iterator
 from klgrade.constants import NUM_GRADES
 from klgrade.data.sources import files_below, not_read_warning
 from klgrade.errors import ImageReadError
-from klgrade.explain.gradcam import overlay, save_overlay_png
+from klgrade.explain.gradcam import is_overlay_png, overlay, save_overlay_png
 from klgrade.files import atomic_path, name_within
 from klgrade.infer.grading import grade_many
 from klgrade.infer.predictor import Grading, Predictor
@@ -71,6 +71,18 @@ def caption(grading: Grading) -> str:
         first.append(f"set KL {set_label(grading.grade_set)} ({grading.coverage:.0%})")
     name = [Path(grading.name).name] if grading.name else []
     return "\n".join(["   ".join(first), *name, *(f"! {w}" for w in grading.warnings)])
+
+
+def remove_earlier_heatmaps(out_dir: Path, rows: list[dict]) -> int:
+    """Delete the heatmaps in `out_dir/heatmaps` that this run's `rows` do not name and klgrade wrote (marked PNGs):
+    beside a new `predictions.csv` they would pass for its heatmaps, of images graded anew by another model, left
+    out now, or unreadable now. Returns how many were deleted; other files are left alone."""
+    kept = {Path(row["heatmap"]) for row in rows if row.get("heatmap")}
+    folder = Path(out_dir) / "heatmaps"
+    earlier = [path for path in sorted(folder.glob("*.png")) if path not in kept and is_overlay_png(path)]
+    for path in earlier:
+        path.unlink(missing_ok=True)
+    return len(earlier)
 
 
 def save_overlay(target: Path, grading: Grading) -> str:
