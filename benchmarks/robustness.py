@@ -13,9 +13,10 @@ inversion). Per perturbation: accuracy, QWK, and agreement of the grade
 with the clean image's grade; `warned`, the share of images that get the processing-shift warning,
 `sharpness_warned`, the share warned that the noise or sharpness differs, `framing_warned` and
 `framing_wide_warned`, the shares that get a framing warning (the knee framed tighter, or wider, than in
-training), `inverted_back`, the share graded inverted back because it looked inverted, `noted`, the share whose
-answer notes how the image was prepared (not square: squeezed to the square; a mark painted out; enhanced),
-`painted`, the share with a bright burnt-in mark painted out before grading (`data.preprocess.burnt_in_marks`),
+training), `inverted_back`, the share graded inverted back because it looked inverted, `turned_upright`, the
+share graded turned upright because it looked turned, `noted`, the share whose answer notes how the image was
+prepared (not square: squeezed to the square; a mark painted out; enhanced), `painted`, the share with a bright
+burnt-in mark painted out before grading (`data.preprocess.burnt_in_marks`),
 `enhanced`, the share CLAHE-enhanced before grading as looking unenhanced (`data.preprocess.looks_unenhanced`), and
 `not_gradable`, the share flagged not gradable; for a calibrated model also
 `coverage` (share whose grade set holds the true grade: does the stated uncertainty hold under the processing?),
@@ -27,11 +28,12 @@ scored on the other half's processed images, both ways, over `--cross-fit` rando
 inside a margin of repeated edge pixels or a black one, cropped to a non-square 4:5 or 5:4 at the same scale, which
 preprocessing stretches to square, or as stored inside a bright border a tenth of the side wide on two sides with
 noise of std 3 grey levels), and for `markers`, a lead side marker burnt in, in the upper corner or at the edge
-beside the joint line, and two lines of small text at the top and bottom edges; both kept apart: they are not
+beside the joint line, and two lines of small text at the top and bottom edges; and for `orientations`, the knee
+stored turned a quarter either way or a half, upside down, or turned and inverted; all kept apart: they are not
 contrast processing. `--json` prints `{"clean": {...},
 "perturbations": {name: {"accuracy", "qwk", "agreement", "warned", "sharpness_warned", "framing_warned",
-"framing_wide_warned", "inverted_back", "noted", "painted", "enhanced", "not_gradable", ...}}, "framings": {...},
-"markers": {...}}`.
+"framing_wide_warned", "inverted_back", "turned_upright", "noted", "painted", "enhanced", "not_gradable", ...}},
+"framings": {...}, "markers": {...}, "orientations": {...}}`.
 """
 
 from __future__ import annotations
@@ -208,6 +210,14 @@ def _noisy_border(share: float, level: float, noise: float) -> Callable[[np.ndar
     return border
 
 
+def orientations() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """The knee stored turned with nothing to say so (an export that drops the orientation): a quarter turn each
+    way, a half turn, upside down (mirrored top to bottom), and a quarter turn of the inverted image."""
+    return {"turned_90": lambda image: np.rot90(image, 1), "turned_180": lambda image: np.rot90(image, 2),
+            "turned_270": lambda image: np.rot90(image, 3), "upside_down": np.flipud,
+            "inverted_turned_90": lambda image: np.rot90(image.max() + image.min() - image, 1)}
+
+
 def framings() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     """Another site's framing of the same knee: tilted, cropped tighter around the joint, framed wider (shrunk
     inside a margin of repeated edge pixels, or of black, which preprocessing trims off: a check that it does),
@@ -219,7 +229,7 @@ def framings() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
 
 
 SHIFT_KEYS = {"processing": "warned", "sharpness": "sharpness_warned", "framing": "framing_warned",
-              "framing_wide": "framing_wide_warned", "polarity": "inverted_back"}
+              "framing_wide": "framing_wide_warned", "polarity": "inverted_back", "orientation": "turned_upright"}
 """The report's key for the share of each kind of shift the predictor reports (`Predictor.shifts`)."""
 
 
@@ -315,7 +325,8 @@ def main() -> None:
                         help="Only these rows besides clean (e.g. marker_corner marker_joint), for a quick check.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    groups = {"perturbations": perturbations(np.random.default_rng(SEED)), "framings": framings(), "markers": markers()}
+    groups = {"perturbations": perturbations(np.random.default_rng(SEED)), "framings": framings(), "markers": markers(),
+              "orientations": orientations()}
     unknown = set(args.only or []) - {name for changes in groups.values() for name in changes}
     if unknown:
         parser.error(f"--only: no row named {', '.join(sorted(unknown))}")
@@ -353,13 +364,13 @@ def main() -> None:
           f"{result['n']} images of {args.data}")
     clean_accuracy = result["clean"]["accuracy"]
     print(f"{'perturbation':18s} {'accuracy':>9s} {'d acc':>7s} {'qwk':>6s} {'agreement':>10s} {'warned':>7s} "
-          f"{'sharp':>6s} {'framing':>7s} {'wider':>6s} {'inv.':>5s} {'noted':>6s} {'paint.':>6s} {'enh.':>5s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
+          f"{'sharp':>6s} {'framing':>7s} {'wider':>6s} {'inv.':>5s} {'turn.':>5s} {'noted':>6s} {'paint.':>6s} {'enh.':>5s} {'not grad.':>9s} {'coverage':>9s} {'set size':>9s}  coverage KL0-KL4 | cross-fitted: all, KL0-KL4")
     rows = {"clean": result["clean"], **{name: entry for group in groups for name, entry in result[group].items()}}
     for name, entry in rows.items():
         print(f"{name:18s} {entry['accuracy']:9.3f} {entry['accuracy'] - clean_accuracy:+7.3f} {entry['qwk']:6.3f} "
               f"{entry.get('agreement', 1.0):10.3f} {entry['warned']:7.3f} {entry['sharpness_warned']:6.3f} "
               f"{entry['framing_warned']:7.3f} {entry['framing_wide_warned']:6.3f} {entry['inverted_back']:5.3f} "
-              f"{entry['noted']:6.3f} {entry['painted']:6.3f} {entry['enhanced']:5.3f} {entry['not_gradable']:9.3f} "
+              f"{entry['turned_upright']:5.3f} {entry['noted']:6.3f} {entry['painted']:6.3f} {entry['enhanced']:5.3f} {entry['not_gradable']:9.3f} "
               f"{entry.get('coverage', float('nan')):9.3f} {entry.get('mean_set_size', float('nan')):9.3f}  "
               f"{' '.join(f'{c:.2f}' for c in entry.get('coverage_per_grade', []) if c is not None)} | "
               f"{entry.get('cross_fitted_coverage', float('nan')):.3f} "

@@ -185,13 +185,14 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     scored = {"accuracy", "qwk", "warned", "sharpness_warned", "framing_warned", "framing_wide_warned", "inverted_back",
-              "noted", "painted", "enhanced", "not_gradable", "coverage", "coverage_per_grade", "mean_set_size",
+              "turned_upright", "noted", "painted", "enhanced", "not_gradable", "coverage", "coverage_per_grade", "mean_set_size",
               "cross_fitted_coverage", "cross_fitted_coverage_per_grade"}
     assert report["n"] == 8 and set(report["clean"]) == scored
     assert len(report["perturbations"]) >= 10 and set(report["framings"]) == {
         "rotate_7", "crop_0.85", "crop_0.75", "wide_1.2", "black_margin_1.2", "portrait_4:5", "landscape_5:4",
         "noisy_border"}
     assert set(report["markers"]) == {"marker_corner", "marker_joint", "text_edges"}
+    assert set(report["orientations"]) == {"turned_90", "turned_180", "turned_270", "upside_down", "inverted_turned_90"}
     # The non-square crops are answered with the note that says so, most marked knees with the note that the mark was
     # painted out, knees with a fifth of their local contrast with the note that they were enhanced; nothing else is
     # noted, painted or enhanced.
@@ -205,13 +206,14 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     assert report["perturbations"]["contrast_reduced_0.8"]["enhanced"] >= 0.5  # 6 of these 8
     assert report["clean"]["noted"] == report["clean"]["painted"] == report["clean"]["enhanced"] == 0.0
     assert set(noted.values()) == set(painted.values()) == set(enhanced.values()) == {0.0}
-    processed = [entry for group in ("perturbations", "framings", "markers") for entry in report[group].values()]
+    processed = [entry for group in ("perturbations", "framings", "markers", "orientations")
+                 for entry in report[group].values()]
     for entry in processed:
         assert set(entry) == scored | {"agreement"} and 0 <= entry["agreement"] <= 1
     for entry in [report["clean"], *processed]:
         assert 0 <= entry["coverage"] <= 1 and 1 <= entry["mean_set_size"] <= 5 and 0 <= entry["not_gradable"] <= 1
         assert 0 <= entry["framing_warned"] <= 1 and 0 <= entry["framing_wide_warned"] <= 1
-        assert 0 <= entry["inverted_back"] <= 1
+        assert 0 <= entry["inverted_back"] <= 1 and 0 <= entry["turned_upright"] <= 1
         # A set holds at least its own arg-max grade, so it covers the truth at least as often as the grade is right.
         assert entry["coverage"] >= entry["accuracy"] and len(entry["coverage_per_grade"]) == 5
         assert 0 <= entry["cross_fitted_coverage"] <= 1 and len(entry["cross_fitted_coverage_per_grade"]) == 5
@@ -223,6 +225,7 @@ def test_robustness_benchmark_runs_on_a_tiny_folder_and_reports_whether_the_grad
     assert "beside the joint it then changes 100% of grades" in card.marker_limit(report)
     assert "small text burnt in at the top and bottom edges" in card.marker_limit(report)
     assert "| marker_joint |" in card.robustness_section(report, None)
+    assert "| turned_90 (orientation) |" in card.robustness_section(report, None)
     enhanced_bullet = card.enhanced_limit(report)
     assert "Val knees with their local contrast reduced (by half, to a fifth): contrast_reduced " in enhanced_bullet
     assert "contrast_reduced_0.8" in enhanced_bullet

@@ -512,7 +512,8 @@ def test_evaluate_decodes_a_bounded_number_of_images_at_a_time(calibrated, kneek
     assert [str(f) for f in chunked.failures] == [str(f) for f in whole.failures] and len(whole.failures) == 1
     for part in ("sets", "coverage", "gradable", "warnings"):
         assert getattr(chunked.assessment, part) == getattr(whole.assessment, part)
-    assert set(whole.assessment.shifts) == {"polarity", "processing", "sharpness", "framing", "framing_wide"}
+    assert set(whole.assessment.shifts) == {"polarity", "orientation", "processing", "sharpness", "framing",
+                                            "framing_wide"}
     for kind, shifted in whole.assessment.shifts.items():
         assert np.array_equal(chunked.assessment.shifts[kind], shifted)
 

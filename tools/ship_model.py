@@ -211,7 +211,7 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
     if new is None:
         return ""
     columns = ["accuracy", "qwk", "agreement", "not_gradable", "warned", "sharpness_warned", "framing_warned",
-               "framing_wide_warned", "inverted_back", "noted", "painted", "enhanced", "coverage",
+               "framing_wide_warned", "inverted_back", "turned_upright", "noted", "painted", "enhanced", "coverage",
                "cross_fitted_coverage"]
     columns = [c for c in columns if c in new["clean"] or c == "agreement"]
     before_has = next(iter(before["perturbations"].values())) if before else {}
@@ -220,13 +220,14 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
              "| perturbation | " + " | ".join(columns) + " |" + "".join(f" before: {c} |" for c in before_columns),
              "|---|" + "---|" * (len(columns) + len(before_columns))]
     rows = [("clean", {**new["clean"], "agreement": 1.0}, {**before["clean"], "agreement": 1.0} if before else None)]
-    for group, suffix in (("perturbations", ""), ("framings", " (framing)"), ("markers", "")):
+    for group, suffix in (("perturbations", ""), ("framings", " (framing)"), ("markers", ""),
+                          ("orientations", " (orientation)")):
         rows += [(name + suffix, entry, _row(before, name)) for name, entry in new.get(group, {}).items()]
     for name, entry, old in rows:
         cells = [f"{entry[c]:.3f}" for c in columns] + [f"{old[c]:.3f}" if old else "" for c in before_columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Agreement: the share of knees whose grade is the clean image's; not_gradable: the share flagged `gradable: false`; warned: the share of answers carrying the "
-              "processing warning; sharpness_warned: the share warned that the noise or sharpness differs; framing_warned / framing_wide_warned: the share carrying the warning that the knee is framed tighter / wider than in training; inverted_back: the share graded with its grey levels inverted back because it looked inverted; noted: the share whose answer notes how the image was prepared (not square: squeezed to the square; a mark painted out; enhanced); painted: the share with a bright burnt-in mark painted out before grading; enhanced: the share CLAHE-enhanced before grading as looking unenhanced; coverage: the share whose 90% grade set holds the true grade (in-sample: the "
+              "processing warning; sharpness_warned: the share warned that the noise or sharpness differs; framing_warned / framing_wide_warned: the share carrying the warning that the knee is framed tighter / wider than in training; inverted_back: the share graded with its grey levels inverted back because it looked inverted; turned_upright: the share graded turned upright because it looked turned; noted: the share whose answer notes how the image was prepared (not square: squeezed to the square; a mark painted out; enhanced); painted: the share with a bright burnt-in mark painted out before grading; enhanced: the share CLAHE-enhanced before grading as looking unenhanced; coverage: the share whose 90% grade set holds the true grade (in-sample: the "
               "calibration is fitted on val); cross_fitted_coverage: the same for sets calibrated afresh on the clean "
               "knees of half the patients and scored on the other half, over 20 random halvings."]
     return "\n".join(lines) + "\n"
@@ -234,7 +235,7 @@ def robustness_section(new: dict | None, before: dict | None) -> str:
 
 def _row(robustness: dict | None, name: str) -> dict | None:
     """The benchmark's row `name` in whichever group it sits (older tables kept the markers among perturbations)."""
-    groups = [(robustness or {}).get(group, {}) for group in ("perturbations", "framings", "markers")]
+    groups = [(robustness or {}).get(group, {}) for group in ("perturbations", "framings", "markers", "orientations")]
     return next((group[name] for group in groups if name in group), None)
 
 

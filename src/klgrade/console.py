@@ -87,6 +87,7 @@ def print_metrics(metrics: dict) -> None:
                        ("framing_shift_fraction", "warned: framed tighter than training"),
                        ("framing_wide_shift_fraction", "warned: framed wider than training"),
                        ("polarity_shift_fraction", "graded inverted back (looked inverted)"),
+                       ("orientation_shift_fraction", "graded turned upright (looked turned)"),
                        ("noted_fraction", "noted: not square, mark painted out, enhanced, side unknown")):
         if key in metrics:
             table.add_row(label, f"{metrics[key]:.3f}", "")

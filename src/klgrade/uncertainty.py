@@ -138,8 +138,11 @@ SHARPNESS_SHIFT = ("the image's noise or sharpness differs from the training ima
                    "or enlarged from fewer pixels?): the grade may change with it")
 POLARITY_CORRECTED = ("the image looked inverted (bone dark, soft tissue bright, as a MONOCHROME1 radiograph saved "
                       "without its inversion): it was graded with its grey levels inverted back")
+ORIENTATION_CORRECTED = ("the image looked turned (stored sideways or upside down, as an export that drops its "
+                         "orientation leaves it): it was graded turned upright, as the training knees stand")
 SHIFT_WARNINGS = {"processing": PROCESSING_SHIFT, "sharpness": SHARPNESS_SHIFT, "framing": FRAMING_SHIFT,
-                  "framing_wide": FRAMING_WIDE_SHIFT, "polarity": POLARITY_CORRECTED}
+                  "framing_wide": FRAMING_WIDE_SHIFT, "polarity": POLARITY_CORRECTED,
+                  "orientation": ORIENTATION_CORRECTED}
 """The warning each kind of shift adds to an answer (`Predictor.shifts`)."""
 
 

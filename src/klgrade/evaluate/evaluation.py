@@ -92,7 +92,7 @@ def batched_outputs(predictor: Predictor, images: np.ndarray, raw: bool = False)
     """(N, H, W) uint8 images -> outputs (calibrated, or `raw`), N >= 0 (the predictor passes them through its network
     in bounded parts, `infer.predictor.FORWARD_IMAGES`)."""
     if not len(images):
-        return Outputs(np.zeros((0, NUM_GRADES)), np.zeros((0, 0)), np.zeros(0, dtype=bool))
+        return Outputs(np.zeros((0, NUM_GRADES)), np.zeros((0, 0)), np.zeros(0, dtype=bool), np.zeros(0, np.int8))
     return predictor.raw_outputs(images) if raw else predictor.outputs(images)
 
 
@@ -286,7 +286,8 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     checkpoint calibrated by `klgrade calibrate` adds `processing_shift_fraction`, the share of images whose
     contrast processing differs from the training images', `sharpness_shift_fraction`, whose noise or sharpness
     does, `framing_shift_fraction` and `framing_wide_shift_fraction`, the shares that look framed tighter or wider
-    (an external set cropped otherwise shows here), and `polarity_shift_fraction`, the share graded inverted back;
+    (an external set cropped otherwise shows here), `polarity_shift_fraction`, the share graded inverted back, and
+    `orientation_shift_fraction`, the share graded turned upright;
     `noted_fraction` is the share whose answer notes how the image was prepared (not square, a burnt-in mark painted
     out, enhanced as looking unenhanced, an unknown side).
 
