@@ -410,6 +410,11 @@ def test_export_cli_and_bad_checkpoints(tiny_checkpoint, tmp_path):
                      str(tmp_path / "y.onnx"))  # the last was exported without a word
     assert two.returncode == 1 and "export-onnx exports one checkpoint, not 2" in two.stderr
     assert not (tmp_path / "y.onnx").exists()
+    named_otherwise = invoke_cli("export-onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "m.txt"))
+    assert named_otherwise.returncode == 1 and named_otherwise.stderr == (
+        f"error: {tmp_path / 'm.txt'}: --out must name an .onnx file (predict, evaluate and serve know an ONNX model "
+        "by that suffix)\n")
+    assert not (tmp_path / "m.txt").exists()
     knee = sorted(EXAMPLES.glob("*.jpg"))[0]
     torch_backend = invoke_cli("predict", str(knee), "--checkpoint", str(tmp_path / "x.onnx"))  # no --backend onnx
     assert torch_backend.returncode == 1 and torch_backend.stderr == (

@@ -494,6 +494,9 @@ def export_onnx_command(
     if out.is_dir():
         raise KLGradeError(f"{out}: --out names a folder; give a file name such as model.onnx")
     output_file(out)
+    if out.suffix.lower() != ".onnx":  # was written, then read by `--backend onnx` as a safetensors checkpoint
+        raise KLGradeError(f"{out}: --out must name an .onnx file (predict, evaluate and serve know an ONNX model by "
+                           "that suffix)")
     path = export_onnx(checkpoint[0] if checkpoint else shipped_checkpoint(), out)
     typer.echo(str(path))
 
