@@ -249,6 +249,30 @@ def test_a_knee_stored_turned_without_an_orientation_tag_is_graded_upright_and_s
     assert explained.heatmap.shape == explained.image.shape and explained.heatmap.max() > 0
 
 
+def test_a_batch_of_upright_turned_inverted_and_other_images_grades_each_as_it_would_alone(kneekl224):
+    """The turn and the inversion are tried on some rows of a batch only: each answer must stay with its image."""
+    import numpy as np
+
+    from helpers import not_knee_images
+    from klgrade.data.io import read_image
+    from klgrade.infer.grading import load_model
+    from klgrade.uncertainty import ORIENTATION_CORRECTED, POLARITY_CORRECTED
+
+    model = load_model()
+    knees = [read_image(p) for p in sorted((kneekl224 / "val").rglob("*.jpg"))[::150]]
+    others = not_knee_images()
+    batch = [knees[0], np.rot90(knees[1]), others["grace_hopper"], 255 - knees[2], np.rot90(knees[3], 2),
+             knees[4], others["checkerboard"], np.rot90(knees[5], 3)]
+    together = model.grade_arrays(batch)
+    alone = [model.grade_arrays([image])[0] for image in batch]
+    for one, other in zip(together, alone):
+        np.testing.assert_allclose(one.probabilities, other.probabilities, atol=1e-4)
+        assert one.warnings == other.warnings
+    said = [(ORIENTATION_CORRECTED in g.warnings, POLARITY_CORRECTED in g.warnings) for g in together]
+    assert said == [(False, False), (True, False), (False, False), (False, True), (True, False), (False, False),
+                    (False, False), (True, False)]
+
+
 def test_a_knee_stored_turned_with_an_exif_orientation_is_graded_as_viewers_show_it(kneekl224, tmp_path):
     """A JPEG whose pixels lie sideways or upside down with an EXIF orientation tag (as cameras and some exports
     store them) looks upright in every viewer and the web page; before the tag was read, 3 of these 21 val knees
