@@ -93,7 +93,7 @@ def test_a_severe_knee_far_from_the_training_knees_is_not_told_it_does_not_look_
     a radiograph's (within both image-statistics profiles), so now they are told that the model's features place
     them far from the training knees; still not gradable, with all five grades as the set."""
     from klgrade.infer.grading import grade_many, load_model
-    from klgrade.uncertainty import FAR_FROM_TRAINING_KNEES, NOT_A_KNEE
+    from klgrade.uncertainty import FAR_FROM_TRAINING_KNEES, NOT_A_KNEE, ORIENTATION_CORRECTED, POLARITY_CORRECTED
 
     answers = list(grade_many(load_model(), sorted((kneekl224 / "val" / "4").glob("*.jpg"))))
     flagged = [answer for answer in answers if not answer.gradable]
@@ -101,6 +101,9 @@ def test_a_severe_knee_far_from_the_training_knees_is_not_told_it_does_not_look_
     for answer in flagged:
         assert answer.warnings[0] == FAR_FROM_TRAINING_KNEES and NOT_A_KNEE not in answer.warnings
         assert answer.grade_set == [0, 1, 2, 3, 4]
+    # None is stored inverted or turned: the density, which flags them, must not "correct" one into its range (an
+    # inverted orientation tried without the polarity read-out's word graded 9511862R KL 3, set {3}).
+    assert not [a.name for a in answers if POLARITY_CORRECTED in a.warnings or ORIENTATION_CORRECTED in a.warnings]
 
 
 def test_the_shipped_model_keeps_its_grades_and_warns_when_the_contrast_processing_differs(kneekl224):
@@ -228,13 +231,14 @@ def test_an_inverted_radiograph_is_graded_inverted_back_and_says_so(kneekl224):
 
 def test_a_knee_stored_turned_without_an_orientation_tag_is_graded_upright_and_says_so(kneekl224):
     """Val knees turned by a quarter, a half or three quarters with no tag to say so (an export that drops the
-    orientation): all were flagged not gradable, most graded KL 4 (docs/results.md, turned images); now graded as the
-    upright knee, with the warning. Upright knees are never turned (images that are no knee: the test above)."""
+    orientation), and some inverted too: all were flagged not gradable, most graded KL 4 (docs/results.md, turned
+    images); now graded as the upright knee, with the warning. Upright knees are never turned (images that are no
+    knee: the test above)."""
     import numpy as np
 
     from klgrade.data.io import read_image
     from klgrade.infer.grading import grade_many, load_model
-    from klgrade.uncertainty import ORIENTATION_CORRECTED
+    from klgrade.uncertainty import ORIENTATION_CORRECTED, POLARITY_CORRECTED
 
     model = load_model()
     images = [read_image(p) for p in sorted((kneekl224 / "val").rglob("*.jpg"))[::16]]
@@ -247,6 +251,11 @@ def test_a_knee_stored_turned_without_an_orientation_tag_is_graded_upright_and_s
     explained = next(grade_many(model, [np.rot90(images[0])], explain=True))  # the map and overlay of the knee as graded
     assert np.abs(explained.image.astype(int) - as_stored[0].image.astype(int)).max() <= 1
     assert explained.heatmap.shape == explained.image.shape and explained.heatmap.max() > 0
+    # Inverted too (a MONOCHROME1 export that also dropped the orientation): 63% were recovered through the polarity
+    # read-out, which errs on a turned knee; the density now tries the inverted turns itself.
+    both = list(grade_many(model, [np.rot90(255 - image, 1 + index % 3) for index, image in enumerate(images)]))
+    assert np.mean([ORIENTATION_CORRECTED in r.warnings and POLARITY_CORRECTED in r.warnings for r in both]) >= 0.95
+    assert np.mean([a.grade == b.grade for a, b in zip(both, as_stored)]) >= 0.95
 
 
 def test_a_batch_of_upright_turned_inverted_and_other_images_grades_each_as_it_would_alone(kneekl224):

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 SHIPPED_WEIGHTS = "msa_net_kneekl224.safetensors"
 BACKENDS = ("torch", "onnx")
-QUARTER_TURNS = (1, 2, 3)
-"""The turns (`np.rot90`, counter-clockwise) tried on an image far from the training knees."""
+REORIENTATIONS = (((True, 0),), ((False, 1), (False, 2), (False, 3)), ((True, 1), (True, 2), (True, 3)))
+"""The orientations (inverted?, quarter turns counter-clockwise as `np.rot90`) tried on an image far from the
+training knees, a group at a time, the likeliest first: stored inverted (bone dark), turned, both."""
 FORWARD_IMAGES = 64
 """Most images in one pass of a network (twice as many views with flip TTA): a larger batch goes through in parts,
 so memory does not grow with `--batch-size` (512 at once took `predict` to 4.5 GB)."""
@@ -306,47 +307,60 @@ class Predictor:
     def raw_outputs(self, images_uint8: np.ndarray) -> Outputs:
         """(B, H, W) uint8 images -> uncalibrated combined probabilities (ensemble mean, TTA mean) and features.
 
-        An image far from the training knees in feature space that one quarter, half or three-quarter turn brings
-        among them is graded so turned (`Outputs.turns`; three more passes, on those far images only). Then an image
-        the polarity read-out takes for inverted, and whose inversion it takes for upright, is graded inverted back
-        (`Outputs.inverted`; a pass on those images only), and turned where it is still far (an image both inverted
-        and turned). Turned first: on a turned knee the read-out errs (it took 5 of 52 turned val knees for
-        inverted).
+        An image far from the training knees in feature space that its inversion, a quarter, half or three-quarter
+        turn, or both bring among them is graded so reoriented (`Outputs.inverted`, `Outputs.turns`; `REORIENTATIONS`,
+        a group at a time, on the far images only: 1 to 7 more passes); an inversion only where the polarity read-out
+        reads the inverted image as upright. Then an image the read-out takes for inverted, and whose inversion it
+        takes for upright, is graded inverted back (a pass on those images only). The density goes first: on a
+        turned knee the read-out errs (it took 5 of 52 turned val knees for inverted, and missed a third of the
+        inverted ones).
         """
         outputs = self._network_outputs(images_uint8)
         self._check_feature_width(outputs.features.shape[1])
         if self.density is not None:
-            self._turn_upright(images_uint8, outputs, np.arange(len(images_uint8)))
+            for orientations in REORIENTATIONS:
+                self._reorient(images_uint8, outputs, orientations)
         if self.polarity is not None:
-            suspects = np.flatnonzero(self.polarity.inverted(outputs.features))
+            suspects = np.flatnonzero(self.polarity.inverted(outputs.features) & ~outputs.inverted)
             if len(suspects):
                 again = self._network_outputs(255 - upright_images(images_uint8[suspects], outputs.select(suspects)))
                 confirmed = ~self.polarity.inverted(again.features)
                 self._replace(outputs, suspects[confirmed], again.select(confirmed))
                 outputs.inverted[suspects[confirmed]] = True
-                if self.density is not None:
-                    self._turn_upright(images_uint8, outputs, suspects[confirmed])
         return outputs
 
-    def _turn_upright(self, images_uint8: np.ndarray, outputs: Outputs, rows: np.ndarray) -> None:
-        """Grade turned upright those of `rows` not turned yet that lie far from the training knees and that a turn
-        brings within the density's threshold (the turn that brings each nearest). Of the kneeKL224 val knees turned
-        by a quarter, a half or three quarters 99% are so brought back; no upright val knee the density flags and
-        none of 51 images that are no knee radiograph is (docs/results.md, turned images)."""
-        rows = rows[outputs.turns[rows] == 0]
+    def _reorient(self, images_uint8: np.ndarray, outputs: Outputs, orientations: tuple[tuple[bool, int], ...]) -> None:
+        """Grade the images still far from the training knees (and not reoriented yet) in whichever of `orientations`
+        (inverted?, quarter turns) brings each nearest, where that lies within the density's threshold. Of the
+        kneeKL224 val knees turned by a quarter, a half or three quarters 99% are so brought back, as many of those
+        also inverted; no upright val knee the density flags and none of 51 images that are no knee radiograph is
+        (docs/results.md, turned images)."""
+        rows = np.flatnonzero((outputs.turns == 0) & ~outputs.inverted)
         far = rows[self.density.distances(outputs.features[rows]) > self.density.threshold]
         if not len(far):
             return
-        stored = upright_images(images_uint8[far], outputs.select(far))
-        turned = [self._network_outputs(np.ascontiguousarray(np.rot90(stored, turns, axes=(1, 2))))
-                  for turns in QUARTER_TURNS]
-        distances = np.stack([self.density.distances(t.features) for t in turned], axis=1)
+        tried = [self._network_outputs(np.ascontiguousarray(np.rot90(255 - images_uint8[far] if inverted
+                                                                     else images_uint8[far], turns, axes=(1, 2))))
+                 for inverted, turns in orientations]
+        distances = np.stack([self._distances_if_upright(t.features, inverted)
+                              for (inverted, _), t in zip(orientations, tried)], axis=1)
         nearest = distances.argmin(axis=1)
         brought = distances[np.arange(len(far)), nearest] <= self.density.threshold
-        for option, (turns, outputs_turned) in enumerate(zip(QUARTER_TURNS, turned)):
+        for option, ((inverted, turns), outputs_tried) in enumerate(zip(orientations, tried)):
             chosen = np.flatnonzero(brought & (nearest == option))
-            self._replace(outputs, far[chosen], outputs_turned.select(chosen))
+            self._replace(outputs, far[chosen], outputs_tried.select(chosen))
+            outputs.inverted[far[chosen]] = inverted
             outputs.turns[far[chosen]] = turns
+
+    def _distances_if_upright(self, features: np.ndarray, inverted: bool) -> np.ndarray:
+        """The density's distances of images reoriented so; infinite for one inverted that the polarity read-out does
+        not read as upright: the density alone brought an upright severe knee's inversion within its threshold (1 of
+        the 9 val knees it flags), graded KL 3 for KL 4 with a single-grade set."""
+        distances = self.density.distances(features)
+        if inverted:
+            refused = np.ones(len(distances), bool) if self.polarity is None else self.polarity.inverted(features)
+            distances[refused] = np.inf
+        return distances
 
     @staticmethod
     def _replace(outputs: Outputs, rows: np.ndarray, again: Outputs) -> None:
@@ -456,7 +470,7 @@ class Predictor:
         framed tighter ("framing") or wider ("framing_wide") than the training images: its grade may move with that;
         or where it looked inverted and was graded inverted back ("polarity"), or looked turned and was graded turned
         upright ("orientation")."""
-        shifts = {"polarity": outputs.inverted} if self.polarity is not None else {}
+        shifts = {"polarity": outputs.inverted} if self.polarity is not None or self.density is not None else {}
         if self.density is not None:
             shifts["orientation"] = outputs.turns > 0
         for kind, profile in self.profiles.items():
