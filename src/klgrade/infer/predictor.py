@@ -308,12 +308,12 @@ class Predictor:
         """(B, H, W) uint8 images -> uncalibrated combined probabilities (ensemble mean, TTA mean) and features.
 
         An image far from the training knees in feature space that its inversion, a quarter, half or three-quarter
-        turn, or both bring among them is graded so reoriented (`Outputs.inverted`, `Outputs.turns`; `REORIENTATIONS`,
-        a group at a time, on the far images only: 1 to 7 more passes); an inversion only where the polarity read-out
-        reads the inverted image as upright. Then an image the read-out takes for inverted, and whose inversion it
-        takes for upright, is graded inverted back (a pass on those images only). The density goes first: on a
-        turned knee the read-out errs (it took 5 of 52 turned val knees for inverted, and missed a third of the
-        inverted ones).
+        turn, or both bring among them is graded so reoriented (`Outputs.inverted`, `Outputs.turns`;
+        `REORIENTATIONS`, a group at a time, on the far images only: 1 to 7 more passes); an inversion only where the
+        polarity read-out reads the inverted image as upright (none without one). Then an image the read-out takes
+        for inverted, and whose inversion it takes for upright, is graded inverted back (a pass on those images
+        only). The density goes first: on a turned knee the read-out errs (it took 5 of 52 turned val knees for
+        inverted, and missed a third of the knees inverted and turned).
         """
         outputs = self._network_outputs(images_uint8)
         self._check_feature_width(outputs.features.shape[1])
@@ -335,9 +335,11 @@ class Predictor:
         kneeKL224 val knees turned by a quarter, a half or three quarters 99% are so brought back, as many of those
         also inverted; no upright val knee the density flags and none of 51 images that are no knee radiograph is
         (docs/results.md, turned images)."""
+        orientations = [(inverted, turns) for inverted, turns in orientations
+                        if not inverted or self.polarity is not None]
         rows = np.flatnonzero((outputs.turns == 0) & ~outputs.inverted)
         far = rows[self.density.distances(outputs.features[rows]) > self.density.threshold]
-        if not len(far):
+        if not len(far) or not orientations:
             return
         tried = [self._network_outputs(np.ascontiguousarray(np.rot90(255 - images_uint8[far] if inverted
                                                                      else images_uint8[far], turns, axes=(1, 2))))
@@ -358,8 +360,7 @@ class Predictor:
         the 9 val knees it flags), graded KL 3 for KL 4 with a single-grade set."""
         distances = self.density.distances(features)
         if inverted:
-            refused = np.ones(len(distances), bool) if self.polarity is None else self.polarity.inverted(features)
-            distances[refused] = np.inf
+            distances[self.polarity.inverted(features)] = np.inf
         return distances
 
     @staticmethod
@@ -470,7 +471,7 @@ class Predictor:
         framed tighter ("framing") or wider ("framing_wide") than the training images: its grade may move with that;
         or where it looked inverted and was graded inverted back ("polarity"), or looked turned and was graded turned
         upright ("orientation")."""
-        shifts = {"polarity": outputs.inverted} if self.polarity is not None or self.density is not None else {}
+        shifts = {"polarity": outputs.inverted} if self.polarity is not None else {}
         if self.density is not None:
             shifts["orientation"] = outputs.turns > 0
         for kind, profile in self.profiles.items():
