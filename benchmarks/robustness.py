@@ -126,6 +126,11 @@ def _marker(x: float, y: float) -> Callable[[np.ndarray], np.ndarray]:
     return mark
 
 
+def _inverted(image: np.ndarray) -> np.ndarray:
+    """The grey levels inverted (a MONOCHROME1 radiograph saved without its inversion)."""
+    return image.max() + image.min() - image
+
+
 def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     return {
         "clahe_2": _clahe(2.0), "clahe_4": _clahe(4.0), "contrast_reduced": _soften(0.5),
@@ -135,7 +140,7 @@ def perturbations(rng: np.random.Generator) -> dict[str, Callable[[np.ndarray], 
         "jpeg_q30": _jpeg, "downsample_112": _resample, "png_16bit": _sixteen_bit,
         "gaussian_noise": _noise(8.0, rng), "gaussian_noise_20": _noise(20.0, rng), "blur_2": _blur(2.0),
         "unsharp_2": _unsharp(2.0, 1.0),
-        "inverted": lambda image: image.max() + image.min() - image,
+        "inverted": _inverted,
     }
 
 
@@ -215,7 +220,7 @@ def orientations() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     way, a half turn, upside down (mirrored top to bottom), and a quarter turn of the inverted image."""
     return {"turned_90": lambda image: np.rot90(image, 1), "turned_180": lambda image: np.rot90(image, 2),
             "turned_270": lambda image: np.rot90(image, 3), "upside_down": np.flipud,
-            "inverted_turned_90": lambda image: np.rot90(image.max() + image.min() - image, 1)}
+            "inverted_turned_90": lambda image: np.rot90(_inverted(image), 1)}
 
 
 def framings() -> dict[str, Callable[[np.ndarray], np.ndarray]]:

@@ -219,7 +219,7 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
-            if image.info.get(HEATMAP_MARK[0]) == HEATMAP_MARK[1]:
+            if _carries_heatmap_mark(image):
                 raise ImageReadError(label, "a klgrade heatmap (Grad-CAM overlay), not a radiograph: grade the "
                                             "radiograph it was made from")
             _check_size(*image.size, label, max_pixels)
@@ -236,6 +236,21 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     except OSError as exc:
         raise ImageReadError(label, f"truncated or corrupt image ({exc})") from None
     return _to_grey(_as_displayed(image, label))
+
+
+def _carries_heatmap_mark(image: Image.Image) -> bool:
+    """Whether an opened image carries the text chunk klgrade's Grad-CAM overlays are saved with (`HEATMAP_MARK`)."""
+    return image.info.get(HEATMAP_MARK[0]) == HEATMAP_MARK[1]
+
+
+def is_heatmap_file(path: Path) -> bool:
+    """Whether `path` is a PNG klgrade saved as a heatmap overlay (the mark is read from the chunks before the
+    pixels); False for any other file, readable or not."""
+    try:
+        with Image.open(path, formats=["PNG"]) as image:
+            return _carries_heatmap_mark(image)
+    except (OSError, SyntaxError, ValueError):  # not a PNG, or not readable: not klgrade's
+        return False
 
 
 def _check_one_image(image: Image.Image, label: str) -> None:

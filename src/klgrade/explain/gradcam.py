@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -141,15 +140,6 @@ def save_overlay_png(picture: Image.Image, target) -> None:
     marked = PngInfo()
     marked.add_text(*HEATMAP_MARK)
     picture.save(target, format="PNG", pnginfo=marked)
-
-
-def is_overlay_png(path: Path) -> bool:
-    """Whether `path` is a PNG `save_overlay_png` wrote (its mark is read from the chunks before the pixels)."""
-    try:
-        with Image.open(path, formats=["PNG"]) as picture:
-            return picture.info.get(HEATMAP_MARK[0]) == HEATMAP_MARK[1]
-    except (OSError, SyntaxError, ValueError):  # not a PNG, or not readable: not ours
-        return False
 
 
 def overlay(image_uint8: np.ndarray, heatmap: np.ndarray | None, caption: str) -> Image.Image:

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Iterator
 
 from klgrade.constants import NUM_GRADES
+from klgrade.data.io import is_heatmap_file
 from klgrade.data.sources import files_below, not_read_warning
 from klgrade.errors import ImageReadError
-from klgrade.explain.gradcam import is_overlay_png, overlay, save_overlay_png
+from klgrade.explain.gradcam import overlay, save_overlay_png
 from klgrade.files import atomic_path, name_within
 from klgrade.infer.grading import grade_many
 from klgrade.infer.predictor import Grading, Predictor
@@ -79,7 +80,7 @@ def remove_earlier_heatmaps(out_dir: Path, rows: list[dict]) -> int:
     out now, or unreadable now. Returns how many were deleted; other files are left alone."""
     kept = {Path(row["heatmap"]) for row in rows if row.get("heatmap")}
     folder = Path(out_dir) / "heatmaps"
-    earlier = [path for path in sorted(folder.glob("*.png")) if path not in kept and is_overlay_png(path)]
+    earlier = [path for path in sorted(folder.glob("*.png")) if path not in kept and is_heatmap_file(path)]
     for path in earlier:
         path.unlink(missing_ok=True)
     return len(earlier)
