@@ -106,8 +106,9 @@ def test_resume_with_other_options_or_knees_is_refused_and_runtime_options_may_c
     run = tmp_path / "run"
     config = {**TINY, "limit": None, "data": str(data), "epochs": 1, "out": str(run)}
     fit(TrainConfig(**config))
-    changes = {"--epochs": {"epochs": 2}, "--model": {"model": "resnet18", "model_options": {}},
-               "--image-size": {"image_size": 32}, "training knees": {"limit": 12}}
+    changes = {"--epochs": {"epochs": 2}, "--model, --option": {"model": "resnet18", "model_options": {}},
+               "--image-size": {"image_size": 32}, "training knees": {"limit": 12},
+               re.escape("weight_decay (--config)"): {"weight_decay": 0.5}}
     for changed, options in changes.items():
         with pytest.raises(KLGradeError, match=f"^{re.escape(str(run))}: its last.ckpt was trained with other "
                                                f"(--[a-z-]+, )*{changed}(, [a-z -]+)* than now") as refused:
@@ -119,6 +120,20 @@ def test_resume_with_other_options_or_knees_is_refused_and_runtime_options_may_c
     assert [h["epoch"] for h in resumed["history"]] == [0]
     fit(TrainConfig(**{**config, "data": str(moved), "epochs": 2}))  # without --resume: a new run, recorded anew
     assert json.loads((run / "run.json").read_text())["options"]["epochs"] == 2
+
+
+def test_the_run_record_names_each_training_option_as_the_cli_or_config_file_gives_it():
+    """A changed model option was named `--model-options` (the flag is `--option`), an option only a --config file
+    sets `--weight-decay` (no such flag)."""
+    import typer
+
+    from klgrade.cli import app
+    from klgrade.train.record import CONFIG_FILE_OPTIONS, RUNTIME_OPTIONS, _option_name
+
+    flags = {flag for param in typer.main.get_command(app).commands["train"].params for flag in param.opts}
+    for key in TrainConfig().to_dict().keys() - RUNTIME_OPTIONS:
+        name = _option_name(key)
+        assert (key in CONFIG_FILE_OPTIONS) == (name not in flags), (key, name)
 
 
 def test_a_run_record_names_teacher_and_init_weights_by_what_they_hold(tiny_checkpoint, tmp_path):

@@ -18,6 +18,9 @@ from klgrade.train.config import TrainConfig
 RUNTIME_OPTIONS = frozenset({"data", "out", "fold", "resume", "quiet", "threads", "device", "precision", "cache_dir"})
 """Training options that change where and how fast a run trains, not what it trains on which knees (`fold` picks
 knees: the knees' record holds it)."""
+CONFIG_FILE_OPTIONS = frozenset({"weight_decay", "warmup_epochs", "schedule", "clahe", "canonical_side", "augment",
+                                 "domain"})
+"""Training options that only a `--config` YAML file sets (no flag of their own)."""
 WEIGHT_OPTIONS = ("init", "teacher")
 """Options naming weights files: recorded by the weights they hold, so that moving the folders keeps the record and
 weights trained again under the same name change it."""
@@ -63,8 +66,15 @@ def check_same_run(path: Path, record: dict, made: str, remedy: str) -> None:
         return
     if stored is not None:
         before = stored.get("options", {})
-        changed = [f"--{key.replace('_', '-')}" for key, value in record["options"].items() if before.get(key) != value]
+        changed = [_option_name(key) for key, value in record["options"].items() if before.get(key) != value]
         changed += [name.replace("_", " ") for name in record if name != "options" and stored.get(name) != record[name]]
         raise KLGradeError(f"{path.parent}: {made} with other {', '.join(changed) or 'settings'} than now (the data or "
                            f"the options changed since?): {remedy}")
     write_json_atomic(path, record)
+
+
+def _option_name(key: str) -> str:
+    """A training option as the user gave it: its flag, or its key in the `--config` file."""
+    if key in CONFIG_FILE_OPTIONS:
+        return f"{key} (--config)"
+    return "--option" if key == "model_options" else f"--{key.replace('_', '-')}"
