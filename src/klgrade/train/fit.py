@@ -281,6 +281,8 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, verbose=False)
+    # Built first: a bad model option or --init file is told before minutes of decoding the data.
+    model = create_model(config.model, ordinal=config.ordinal, pretrained=config.init, **config.model_options)
     data = select_data(config) if data is None else data
     for note in data.notes:
         _say_once(note)
@@ -293,7 +295,6 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
 
     spec = {"name": config.model, "num_classes": NUM_GRADES, "in_chans": 1, "ordinal": config.ordinal,
             "options": config.model_options}
-    model = create_model(config.model, ordinal=config.ordinal, pretrained=config.init, **config.model_options)
     class_weights = inverse_frequency(train_labels, NUM_GRADES) if config.balance == "loss" else None
     info = {"model": spec, "preprocess": data.preprocess.to_dict(), "train_config": config.to_dict(),
             "data_fingerprint": cache_key(data.train + data.val, data.preprocess),
