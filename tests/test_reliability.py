@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -70,6 +71,24 @@ def test_a_fifo_and_a_link_to_dev_zero_are_refused_without_reading(tiny_checkpoi
     one_line_error(result, "x.png", "not a regular file")
     assert [row.get("error") for row in rows[:2]] == ["not a regular file (a pipe, device or socket)"] * 2
     assert "grade" in rows[2]
+
+
+def test_a_fifo_or_a_run_folder_given_as_weights_is_refused_in_words_without_waiting(tiny_checkpoint, tmp_path):
+    """A pipe as `--teacher` hung `train` (the run record opened it to digest it: an open waits for a writer); a run
+    folder as `--checkpoint` was "checkpoint not found"."""
+    for split, grade in [(split, grade) for split in ("train", "val") for grade in range(5)]:
+        save(Image.fromarray(knee_image(grade + 10 * len(split))), tmp_path / "data" / split / str(grade) / f"90000{len(split)}{grade}L.png")
+    fifo = tmp_path / "teacher.safetensors"
+    os.mkfifo(fifo)
+    training = run_cli("train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--teacher", str(fifo),
+                       "--epochs", "1", timeout=CLI_SECONDS)
+    one_line_error(training, "teacher.safetensors", "not a regular file")
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    shutil.copy(tiny_checkpoint, run / "best.safetensors")
+    graded = invoke_cli("predict", str(EXAMPLE), "--checkpoint", str(run))
+    assert graded.returncode == 1 and graded.stderr == (
+        f"error: {run}: a folder, not a checkpoint (give its best.safetensors)\n")
 
 
 def test_summary_and_evaluate_report_pipes_and_dangling_links_instead_of_skipping_them(tiny_checkpoint, tmp_path):

@@ -17,6 +17,7 @@ from klgrade.constants import NUM_GRADES
 from klgrade.errors import CheckpointError, KLGradeError
 from klgrade.models.msanet import MultiScaleAttentionNet
 from klgrade.models.ordinal import CumulativeLogitHead
+from klgrade.models.weights import require_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,7 @@ NAMES_OF_TYPES = {bool: "true or false", int: "a whole number", float: "a number
 
 def _load_pretrained(model: nn.Module, path: Path) -> None:
     """Load matching tensors from a local file; classifier or stem shapes that differ are left as built."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: pretrained weights file not found")
+    require_weights_file(path, "pretrained weights file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -20,6 +20,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save, save_file
 
+from klgrade.data.io import regular_file_problem
 from klgrade.errors import CheckpointError
 from klgrade.files import atomic_path
 
@@ -55,11 +56,27 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: dict, dtype: torch
     return path
 
 
+def require_weights_file(path: Path, what: str = "checkpoint") -> None:
+    """Refuse a path that is no regular file before it is opened (opening a pipe waits for a writer), in words: a run
+    folder is told which checkpoints it holds.
+
+    Raises:
+        CheckpointError: missing, a folder, a pipe or device, a broken link.
+    """
+    if path.is_dir():
+        saved = " or ".join(name for name in ("best.safetensors", "last.safetensors") if (path / name).is_file())
+        raise CheckpointError(f"{path}: a folder, not a {what}" + (f" (give its {saved})" if saved else ""))
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path}: {what} not found")
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+
+
 def read_info(path: str | Path) -> dict:
     """The metadata of a checkpoint, without loading tensors."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    require_weights_file(path)
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX model, not a safetensors checkpoint (predict, evaluate and serve take it "
                               "with --backend onnx)")
@@ -87,6 +104,7 @@ def weights_digest(path: str | Path) -> str:
     Raises:
         CheckpointError: the file cannot be read as safetensors.
     """
+    require_weights_file(Path(path), "weights file")
     try:
         with open(path, "rb") as handle:
             return _safetensors_digest(handle)
