@@ -104,6 +104,10 @@ def test_summary_and_evaluate_report_pipes_and_dangling_links_instead_of_skippin
                          timeout=CLI_SECONDS)
     one_line_error(evaluation, "gone.png", "broken symbolic link")
     assert json.loads(evaluation.stdout)["n"] == 5
+    os.mkfifo(tmp_path / "knees.csv")  # a pipe as DATA was "cannot list folder (Not a directory)"
+    piped = invoke_cli("data", "summary", str(tmp_path / "knees.csv"))
+    assert piped.returncode == 1
+    assert piped.stderr == f"error: {tmp_path / 'knees.csv'}: not a regular file (a pipe, device or socket)\n"
 
 
 # 3, 4, 5: the service ------------------------------------------------------------------------------------------

@@ -248,7 +248,10 @@ def find_samples(data: str | Path, problems: list[ImageReadError] | None = None,
     root = Path(data)
     if not root.exists():
         raise DataLayoutError(f"{root}: no such file or folder")
-    if root.is_file():
+    if not root.is_dir():
+        problem = regular_file_problem(root)  # a pipe: nothing to list, and a manifest's paths are relative to it
+        if problem is not None:
+            raise DataLayoutError(f"{root}: {problem}")
         if root.suffix.lower() != ".csv":
             raise DataLayoutError(f"{root}: expected a folder or a CSV manifest")
         return with_dicom_headers(_from_manifest(root, problems))
