@@ -103,6 +103,32 @@ def test_python_api_grades_paths_bytes_and_arrays(tiny_checkpoint):
         klgrade.grade(b"nope", model=model)
 
 
+def test_python_api_grades_a_pillow_image_as_the_file_it_was_opened_from(tiny_checkpoint, tmp_path):
+    """`klgrade.grade(Image.open(...))` was "TypeError: expected str, bytes or os.PathLike object, not
+    JpegImageFile"; any other object a TypeError from deep inside the decoder's thread."""
+    model = load_model(mirroring_left_knees(tiny_checkpoint, tmp_path / "sided.safetensors"))
+    knee = Image.fromarray(knee_image(3, size=96).astype(np.uint16) * 200)  # 16 bit: its range must be kept
+    turned = knee.rotate(90, expand=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned; shown upright
+    turned.save(tmp_path / "9000001L.png", exif=exif)
+    knee.save(tmp_path / "9000001R.png")
+    with Image.open(tmp_path / "9000001L.png") as left, Image.open(tmp_path / "9000001R.png") as right:
+        opened_left, opened_right = prepare_input(model, left), prepare_input(model, right)
+        assert left.size == (96, 96) and left.getexif().get(0x0112) == 6  # the caller's image is left as it is
+    np.testing.assert_array_equal(opened_left.image, prepare_input(model, tmp_path / "9000001L.png").image)
+    np.testing.assert_array_equal(opened_right.image, prepare_input(model, tmp_path / "9000001R.png").image)
+    np.testing.assert_array_equal(opened_left.image, opened_right.image[:, ::-1])  # the name gives the side
+    assert klgrade.grade(knee, model=model).probabilities == pytest.approx(
+        klgrade.grade(tmp_path / "9000001R.png", model=model).probabilities, abs=1e-6)
+    with Image.open(tmp_path / "9000001R.png") as closed:
+        pass
+    with pytest.raises(ImageReadError, match="9000001R.png: cannot read its pixels .*file closed"):
+        klgrade.grade(closed, model=model)
+    with pytest.raises(TypeError, match="cannot grade a Tensor: give a file path"):
+        list(klgrade.grade_many(model, [tmp_path / "9000001R.png", torch.zeros(3)]))
+
+
 def test_grade_many_given_one_input_says_so(tiny_checkpoint):
     """`grade_many(model, "knee.png")` graded each character of the path as a file ("/: is a folder")."""
     model = klgrade.load_model(tiny_checkpoint)

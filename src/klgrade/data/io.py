@@ -125,6 +125,34 @@ def read_array(array: np.ndarray, name: str = "<array>", max_pixels: int = MAX_P
     return _checked(grey, name, "array")
 
 
+def read_pil_image(image: Image.Image, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A Pillow image already opened, read as its file would be: turned as its EXIF orientation says (on a copy: the
+    caller's image is left as it is), 16-bit and float modes kept, colour through luma, a klgrade heatmap refused.
+
+    Raises:
+        ImageReadError: a heatmap, several frames, pixels that cannot be loaded, an image under `MIN_SIDE` or over
+            `max_pixels`.
+    """
+    if _carries_heatmap_mark(image):
+        raise ImageReadError(name, "a klgrade heatmap (Grad-CAM overlay), not a radiograph: grade the radiograph it "
+                                   "was made from")
+    _check_size(*image.size, name, max_pixels)
+    try:
+        _check_one_image(image, name)
+        try:
+            shown = ImageOps.exif_transpose(image)
+        except Exception:  # as `_as_displayed`: a broken EXIF block leaves the pixels as stored
+            shown = image
+        grey = _to_grey(shown)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # e.g. opened lazily from a file closed since (Pillow: AssertionError, no message)
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise ImageReadError(name, f"cannot read its pixels ({detail}; was its file closed before they were "
+                                   "loaded?)") from None
+    return _checked(grey, name, "image")
+
+
 def _checked(array: np.ndarray, label: str, what: str) -> np.ndarray:
     """`array` as float32 once it is large enough and every value is finite in float32 (a float64 beyond its
     range would become infinite)."""

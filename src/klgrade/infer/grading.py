@@ -1,6 +1,6 @@
 """The one path from an input to a graded result, for the Python API, `klgrade predict` and the HTTP service.
 
-An input is a file path, the bytes of a file with its name (an upload), or a 2-D grey-level array. The name
+An input is a file path, the bytes of a file with its name (an upload), a Pillow image or a grey-level array. The name
 matters: it tells the knee side (`9003175L.png`; else a DICOM header's laterality) and marks a DICOM file without
 the DICM preamble (`.dcm`).
 Many inputs are decoded ahead in threads and graded in batches; one unreadable input yields its error and
@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
+from PIL import Image
 
-from klgrade.data.io import MAX_PIXELS, Radiograph, read_array, read_radiograph
+from klgrade.data.io import MAX_PIXELS, Radiograph, read_array, read_pil_image, read_radiograph
 from klgrade.data.preprocess import prepare_image
 from klgrade.data.sources import parse_knee_name
 from klgrade.errors import ImageReadError
 from klgrade.infer.predictor import Grading, Predictor
 
 ARRAY_NAME = "<array>"
+IMAGE_NAME = "<image>"
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,9 @@ class NamedBytes:
     name: str
 
 
-Source = Union[str, Path, NamedBytes, np.ndarray]
-"""What can be graded: a path, a file's bytes with its name, or an array (`data.io.read_array`)."""
+Source = Union[str, Path, NamedBytes, Image.Image, np.ndarray]
+"""What can be graded: a path, a file's bytes with its name, a Pillow image (named by the file it was opened from,
+if any), or an array (`data.io.read_array`)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,11 @@ def source_name(source: Source) -> str:
         return source.name
     if isinstance(source, np.ndarray):
         return ARRAY_NAME
+    if isinstance(source, Image.Image):
+        return str(getattr(source, "filename", "") or IMAGE_NAME)
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"cannot grade a {type(source).__name__}: give a file path, a file's bytes, NamedBytes, a "
+                        "Pillow image or a numpy array")
     return str(source)
 
 
@@ -66,6 +74,8 @@ def decode(source: Source, max_pixels: int = MAX_PIXELS) -> tuple[Radiograph, st
     name = source_name(source)
     if isinstance(source, np.ndarray):
         return Radiograph(read_array(source, name, max_pixels)), None
+    if isinstance(source, Image.Image):
+        return Radiograph(read_pil_image(source, name, max_pixels)), parse_knee_name(name)[1]
     data = source.data if isinstance(source, NamedBytes) else source
     radiograph = read_radiograph(data, name=name, max_pixels=max_pixels)
     return radiograph, parse_knee_name(name)[1] or radiograph.side
@@ -145,7 +155,8 @@ def grade(image: Source | bytes, *, name: str | None = None, explain: bool = Fal
     """Grade one radiograph.
 
     Args:
-        image: a file path, a file's raw bytes, `NamedBytes`, or an array (`data.io.read_array`: grey or colour).
+        image: a file path, a file's raw bytes, `NamedBytes`, a Pillow image (`data.io.read_pil_image`), or an array
+            (`data.io.read_array`: grey or colour).
         name: the file name of raw bytes (gives the knee side and marks `.dcm` files); ignored otherwise.
         explain: add a Grad-CAM heatmap of the predicted grade (`Grading.heatmap`, (H, W) in [0, 1]).
         model: a `Predictor` from `load_model`; None = the shipped model (loaded once, then reused).
