@@ -133,7 +133,7 @@ def test_grade_many_given_one_input_says_so(tiny_checkpoint):
     """`grade_many(model, "knee.png")` graded each character of the path as a file ("/: is a folder")."""
     model = klgrade.load_model(tiny_checkpoint)
     path = sorted(EXAMPLES.glob("KL2_*.jpg"))[0]
-    for one in (str(path), path, path.read_bytes()):
+    for one in (str(path), path, path.read_bytes(), Image.open(path)):
         with pytest.raises(TypeError, match="grade one with grade"):
             list(klgrade.grade_many(model, one))
     assert len(list(klgrade.grade_many(model, [path]))) == 1

@@ -110,7 +110,7 @@ def grade_many(model: Predictor, sources: Sequence[Source], explain: bool = Fals
     Decoding and preprocessing run in `workers` threads ahead of the network, which sees `batch_size`
     images per forward pass.
     """
-    if isinstance(sources, (str, bytes, Path, NamedBytes, np.ndarray)):  # one input: its characters were graded
+    if isinstance(sources, (str, bytes, Path, NamedBytes, Image.Image, np.ndarray)):  # one input, not a sequence
         raise TypeError("grade_many takes a sequence of inputs; grade one with grade()")
 
     def prepare_or_error(source: Source) -> PreparedInput | ImageReadError:
