@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from klgrade.cli import empty_argument
 from klgrade.data.io import read_image
 from klgrade.data.sources import find_samples, is_image_file
 from klgrade.errors import CheckpointError, DataLayoutError, ImageReadError
@@ -249,6 +250,21 @@ def test_out_of_range_numbers_are_usage_errors(args, needle):
     result = invoke_cli(*[str(EXAMPLE) if a == "EXAMPLE" else a for a in args])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert needle in result.stderr and "Invalid value" in result.stderr
+
+
+def test_an_empty_argument_is_refused_before_anything_runs(tmp_path):
+    """`predict "$IMAGE"` with the variable unset graded every image below the current folder, and `train --out
+    "$RUN"` trained into it: as a path, "" is the current folder."""
+    save(Image.fromarray(knee_image(1)), tmp_path / "here" / "9000001L.png")
+    for args, said in [(["predict", "--explain", ""], "the argument after --explain is empty"),
+                       (["predict", str(EXAMPLE), "--out", ""], "the argument after --out is empty"),
+                       (["train", "--data", str(tmp_path), "--out="], "--out is given an empty value")]:
+        result = subprocess.run([sys.executable, "-m", "klgrade", *args], capture_output=True, text=True,
+                                timeout=CLI_SECONDS, cwd=tmp_path / "here")
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == f"error: {said} (an unset shell variable?)\n"
+    assert sorted(path.name for path in (tmp_path / "here").iterdir()) == ["9000001L.png"]
+    assert empty_argument(["predict", "--out=run=1", "--option", "width=", "x.png"]) is None  # values, not empty
 
 
 def test_serve_on_a_taken_port_or_a_foreign_address_is_one_line_before_the_model_loads(tmp_path):

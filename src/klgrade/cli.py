@@ -575,6 +575,19 @@ def expand_multi_values(argv: list[str]) -> list[str]:
     return expanded
 
 
+def empty_argument(argv: list[str]) -> str | None:
+    """What is said of an empty argument (`--out ""`, `--out=`, `predict ""`: an unset shell variable, as a rule), or
+    None. Refused before anything runs: as a path, "" is the current folder, which `predict` would grade and `train`
+    would fill."""
+    for before, arg in zip(["klgrade", *argv], argv):
+        if arg == "":
+            return f"the argument after {before} is empty (an unset shell variable?)"
+        option, equals, value = arg.partition("=")
+        if option.startswith("--") and equals and not value:
+            return f"{option} is given an empty value (an unset shell variable?)"
+    return None
+
+
 def main() -> None:
     """Console entry point (`klgrade`, `python -m klgrade`)."""
     # A file name that is no UTF-8 (Linux allows any bytes) is printed as the bytes it is, as `ls` does, whatever the
@@ -585,4 +598,8 @@ def main() -> None:
     # the file's answer or its one-line error is what a user needs, not two more lines of pydicom's.
     warnings.filterwarnings("ignore", module="pydicom")
     logging.getLogger("pydicom").addFilter(lambda record: record.levelno >= logging.ERROR)  # its import resets levels
+    problem = empty_argument(sys.argv[1:])
+    if problem is not None:
+        typer.echo(f"error: {problem}", err=True)
+        sys.exit(2)
     sys.exit(app(args=expand_multi_values(sys.argv[1:]), prog_name="klgrade"))
