@@ -175,7 +175,8 @@ def test_an_input_with_too_few_pixels_or_grey_levels_or_a_lateral_view_is_not_gr
     assert input_reasons(None, None, None, (64, 64), 10) == []
     assert input_reasons("PA", "R", "KNEE", (3000, 2500), 256) == []
     assert input_reasons(None, None, None, (63, 400), 10) == [
-        "not gradable: the image is only 63 x 400 pixels (uniform margins trimmed); grades hold from 64 pixels a side"]
+        "not gradable: the image is only 400 pixels wide and 63 high (uniform margins trimmed); grades hold from 64 "
+        "pixels a side"]
     assert input_reasons(None, None, None, (64, 64), 9) == [
         "not gradable: the image holds only 9 grey levels (binarised or posterised?); grades hold from 10"]
     assert input_reasons(None, None, None, (64, 64), 1) == []  # blank: `gradability` says so, once
@@ -183,8 +184,9 @@ def test_an_input_with_too_few_pixels_or_grey_levels_or_a_lateral_view_is_not_gr
     assert reasons[0] == view_reason("LL") and len(reasons) == 3
     # Far from square: two knees side by side, a full-leg view; a knee on a portrait detector (1.25) is not.
     assert input_reasons(None, None, None, (224, 448), 256) == [
-        "not gradable: the image is 224 x 448 pixels (uniform margins trimmed), 2.0 times as wide as tall: two knees "
-        "side by side or a full-leg view? Grades are read on one knee framed about square around the joint"]
+        "not gradable: the image is 448 pixels wide and 224 high (uniform margins trimmed), 2.0 times as wide as "
+        "tall: two knees side by side or a full-leg view? Grades are read on one knee framed about square around the "
+        "joint"]
     assert "3.0 times as tall as wide" in input_reasons(None, None, None, (3000, 1000), 256)[0]
     assert input_reasons(None, None, None, (3000, 2400), 256) == input_reasons(None, None, None, (1000, 1800), 256) == []
     # Not square but gradable: the answer says so (up to 1.1:1 none; beyond 1.8:1 a reason instead).
@@ -423,8 +425,8 @@ def test_two_knees_in_one_image_are_not_gradable_and_the_answer_says_to_crop_eac
     answers = list(grade_many(model, [pair, np.hstack([right, np.zeros((224, 40), np.float32), left]), leg,
                                       portrait]))
     assert [a.gradable for a in answers] == [False, False, False, True]
-    assert answers[0].warnings[0].startswith("not gradable: the image is 224 x 448 pixels (uniform margins trimmed), "
-                                             "2.0 times as wide as tall: two knees side by side")
+    assert answers[0].warnings[0].startswith("not gradable: the image is 448 pixels wide and 224 high (uniform margins "
+                                             "trimmed), 2.0 times as wide as tall: two knees side by side")
     assert "2.2 times as wide as tall" in answers[1].warnings[0]
     assert "3.0 times as tall as wide" in answers[2].warnings[0]
     assert not any("times as" in w for w in answers[3].warnings)

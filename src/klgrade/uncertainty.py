@@ -78,8 +78,8 @@ keep 88% of their grades and 89% set coverage, at 48 px 81% / 86%, at 32 px 60% 
 MIN_GREY_LEVELS = 10
 """Fewer distinct grey levels (binarised or posterised) and the grade does not hold: at 10 levels val knees keep
 90% of their grades, at 8 85%, at 7 73% with the mean grade 0.4 higher, mostly unflagged (docs/results.md, inputs)."""
-TOO_SMALL = ("not gradable: the image is only {rows} x {columns} pixels (uniform margins trimmed); grades hold from "
-             f"{MIN_KNEE_PIXELS} pixels a side")
+TOO_SMALL = ("not gradable: the image is only {columns} pixels wide and {rows} high (uniform margins trimmed); grades "
+             f"hold from {MIN_KNEE_PIXELS} pixels a side")
 MAX_ASPECT = 1.8
 """Longer side over shorter side (uniform margins trimmed) beyond which an image is not one knee framed for grading:
 the training knees are square, a single knee on a portrait detector is 1.25, two knees cropped side by side are 2
@@ -90,17 +90,17 @@ SQUEEZED_ASPECT = 1.1
 squeezed to the network's square, the knee's proportions change, and no way of making it square holds the grade for
 every meaning of a non-square crop (docs/results.md, non-square inputs: at 1.1:1, 9-11% of val grades moved, at
 1.25:1 up to 24%, mostly unwarned before)."""
-SQUEEZED = ("the image is {rows} x {columns} pixels (uniform margins trimmed), not square: squeezed to a square for "
-            "the model, the knee's proportions change and the grade may change with them; crop it square, the joint "
-            "centred")
+SQUEEZED = ("the image is {columns} pixels wide and {rows} high (uniform margins trimmed), not square: squeezed to a "
+            "square for the model, the knee's proportions change and the grade may change with them; crop it square, "
+            "the joint centred")
 MARK_PAINTED = ("a sharp-edged mark burnt into the image at its brightest level (a lead side marker?; at its darkest "
                 "in an image stored inverted) was painted out before grading: beside the joint such a mark reads as "
                 "an osteophyte; check it was not metal in the knee")
 ENHANCED = ("the image looked unenhanced (CLAHE raised its fine detail more than it raises any training image's): "
             "CLAHE-enhanced before grading, as the training images were; a grade near a boundary can still move")
-ELONGATED = ("not gradable: the image is {rows} x {columns} pixels (uniform margins trimmed), {ratio:.1f} times as "
-             "{longer} as {shorter}: two knees side by side or a full-leg view? Grades are read on one knee framed "
-             "about square around the joint")
+ELONGATED = ("not gradable: the image is {columns} pixels wide and {rows} high (uniform margins trimmed), {ratio:.1f} "
+             "times as {longer} as {shorter}: two knees side by side or a full-leg view? Grades are read on one knee "
+             "framed about square around the joint")
 BOTH_KNEES = ("not gradable: the DICOM header says the image holds both knees ({named}); grades are read on one "
               "knee: crop each and grade it alone")
 TOO_FEW_GREY_LEVELS = ("not gradable: the image holds only {levels} grey levels (binarised or posterised?); grades "
