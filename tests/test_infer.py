@@ -446,6 +446,11 @@ def test_export_cli_and_bad_checkpoints(tiny_checkpoint, tmp_path):
     assert torch_backend.returncode == 1 and torch_backend.stderr == (
         f"error: {tmp_path / 'x.onnx'}: an ONNX model, not a safetensors checkpoint (predict, evaluate and serve take "
         "it with --backend onnx)\n")  # was "not a safetensors checkpoint (Error while deserializing header: ...)"
+    (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04")  # was "not a safetensors checkpoint (... header too large)"
+    state = invoke_cli("predict", str(knee), "--checkpoint", str(tmp_path / "last.ckpt"))
+    assert state.returncode == 1 and state.stderr == (
+        f"error: {tmp_path / 'last.ckpt'}: a training state (what `train --resume` continues from), not a checkpoint: "
+        "give the best.safetensors or last.safetensors beside it\n")
     (tmp_path / "bad.safetensors").write_bytes(b"bad")
     result = invoke_cli("predict", str(EXAMPLES), "--checkpoint", str(tmp_path / "bad.safetensors"))
     assert result.returncode == 1 and "bad.safetensors" in result.stderr and "Traceback" not in result.stderr

@@ -77,6 +77,9 @@ def read_info(path: str | Path) -> dict:
     """The metadata of a checkpoint, without loading tensors."""
     path = Path(path)
     require_weights_file(path)
+    if path.suffix.lower() == ".ckpt":
+        raise CheckpointError(f"{path}: a training state (what `train --resume` continues from), not a checkpoint: "
+                              "give the best.safetensors or last.safetensors beside it")
     if path.suffix.lower() == ".onnx":
         raise CheckpointError(f"{path}: an ONNX model, not a safetensors checkpoint (predict, evaluate and serve take it "
                               "with --backend onnx)")
