@@ -677,7 +677,9 @@ def test_cli_reports_damaged_metadata_in_one_line(calibrated, tmp_path):
 
 def test_an_ensemble_of_differently_preprocessed_members_is_refused(tiny_checkpoint, tmp_path):
     other = with_metadata(tiny_checkpoint, tmp_path / "wider.safetensors", set_field("preprocess", "size", 96))
-    with pytest.raises(CheckpointError, match="different preprocessing"):
-        Predictor([tiny_checkpoint, other])
+    with pytest.raises(CheckpointError) as refused:  # it named neither member nor what differs
+        Predictor([tiny_checkpoint, tiny_checkpoint, other])
+    assert str(refused.value) == (f"{tiny_checkpoint} and {other}: ensemble members must be trained with the same "
+                                  "preprocessing, not size 64 vs 96; cannot combine them")
     same = with_metadata(tiny_checkpoint, tmp_path / "same.safetensors")
     assert Predictor([tiny_checkpoint, same]).preprocess.size == 64

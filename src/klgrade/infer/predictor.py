@@ -209,8 +209,12 @@ class Predictor:
             self.models.append(model)
             self.infos.append(info)
         configs = [stored_preprocess(path, info) for path, info in zip(paths, self.infos)]
-        if len(set(configs)) > 1:
-            raise CheckpointError("ensemble members were trained with different preprocessing; cannot combine them")
+        other = next((i for i, config in enumerate(configs) if config != configs[0]), None)
+        if other is not None:
+            first, second = configs[0].to_dict(), configs[other].to_dict()
+            differ = ", ".join(f"{key} {first[key]} vs {second[key]}" for key in first if first[key] != second[key])
+            raise CheckpointError(f"{paths[0]} and {paths[other]}: ensemble members must be trained with the same "
+                                  f"preprocessing, not {differ}; cannot combine them")
         self.preprocess = configs[0]
         recommended = self.infos[0].get("inference", {}).get("tta", False)
         self.tta = recommended if tta is None else tta
