@@ -249,7 +249,20 @@ def test_an_unreadable_extensionless_file_is_listed_and_reported(tmp_path, monke
 def test_out_of_range_numbers_are_usage_errors(args, needle):
     result = invoke_cli(*[str(EXAMPLE) if a == "EXAMPLE" else a for a in args])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert needle in result.stderr and "Invalid value" in result.stderr
+    assert result.stderr.startswith(f"error: Invalid value for '{needle}': ") and result.stderr.count("\n") == 1
+
+
+def test_usage_errors_are_one_line_naming_the_help_to_read():
+    """A misspelt option, a missing argument or an unknown command was Typer's usage line, a hint and a boxed panel:
+    five lines unlike every other error's one."""
+    for args, said in [(["predict", "--formt", "json", str(EXAMPLE)],
+                        "No such option: --formt (Possible options: --format, --out) (see 'klgrade predict --help')"),
+                       (["predict"], "Missing argument 'inputs' (see 'klgrade predict --help')"),
+                       (["data", "summry"], "No such command 'summry'. Did you mean 'summary'? (see 'klgrade data --help')")]:
+        result = invoke_cli(*args)
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {said}\n")
+    alone = invoke_cli()
+    assert "Usage: klgrade [OPTIONS] COMMAND" in alone.stdout + alone.stderr  # `klgrade` alone: its help
 
 
 def test_an_empty_argument_is_refused_before_anything_runs(tmp_path):

@@ -1,7 +1,9 @@
-"""The `klgrade` command: a thin Typer shell over the Python API. User errors become one line and exit 1."""
+"""The `klgrade` command: a thin Typer shell over the Python API. User errors become one line and exit 1; usage
+errors (an unknown option, a missing argument, a value out of range) one line and exit 2."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -18,7 +20,37 @@ import yaml
 
 from klgrade.errors import KLGradeError, Terminated, stop_on_sigterm
 
-app = typer.Typer(help="Kellgren-Lawrence grading of knee radiographs.", no_args_is_help=True,
+USAGE_ERROR = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "UsageError")
+"""Click's usage error, whichever copy of Click this Typer uses (0.29 carries its own, unexported)."""
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line():
+    try:
+        yield
+    except USAGE_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `klgrade` alone: its help is the answer
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        typer.echo(f"error: {one_line(exc.format_message()).rstrip('.')}{hint}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """The command group whose usage errors, its own and its commands', are one `error:` line as every other error,
+    instead of Typer's usage line, hint and boxed panel."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(help="Kellgren-Lawrence grading of knee radiographs.", no_args_is_help=True, cls=OneLineUsageErrors,
                   pretty_exceptions_enable=False, add_completion=False, rich_markup_mode="markdown")
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(data_app, name="data")
