@@ -128,11 +128,11 @@ def test_the_run_record_names_each_training_option_as_the_cli_or_config_file_giv
     import typer
 
     from klgrade.cli import app
-    from klgrade.train.record import CONFIG_FILE_OPTIONS, RUNTIME_OPTIONS, _option_name
+    from klgrade.train.record import CONFIG_FILE_OPTIONS, RUNTIME_OPTIONS, option_name
 
     flags = {flag for param in typer.main.get_command(app).commands["train"].params for flag in param.opts}
     for key in TrainConfig().to_dict().keys() - RUNTIME_OPTIONS:
-        name = _option_name(key)
+        name = option_name(key)
         assert (key in CONFIG_FILE_OPTIONS) == (name not in flags), (key, name)
 
 

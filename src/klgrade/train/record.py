@@ -66,14 +66,14 @@ def check_same_run(path: Path, record: dict, made: str, remedy: str) -> None:
         return
     if stored is not None:
         before = stored.get("options", {})
-        changed = [_option_name(key) for key, value in record["options"].items() if before.get(key) != value]
+        changed = [option_name(key) for key, value in record["options"].items() if before.get(key) != value]
         changed += [name.replace("_", " ") for name in record if name != "options" and stored.get(name) != record[name]]
         raise KLGradeError(f"{path.parent}: {made} with other {', '.join(changed) or 'settings'} than now (the data or "
                            f"the options changed since?): {remedy}")
     write_json_atomic(path, record)
 
 
-def _option_name(key: str) -> str:
+def option_name(key: str) -> str:
     """A training option as the user gave it: its flag, or its key in the `--config` file."""
     if key in CONFIG_FILE_OPTIONS:
         return f"{key} (--config)"
