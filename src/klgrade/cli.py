@@ -154,6 +154,8 @@ def _make_folder(folder: Path, what: str) -> None:
 
 def _train_overrides(values: dict) -> dict:
     """CLI values -> TrainConfig overrides (None = not given); `--option key=value` pairs become model_options."""
+    from klgrade.train.config import load_yaml
+
     overrides = dict(values)
     options = {}
     for item in overrides.pop("option") or []:
@@ -161,7 +163,7 @@ def _train_overrides(values: dict) -> dict:
         if not sep:
             raise KLGradeError(f"--option '{item}' must look like key=value")
         try:
-            options[key] = yaml.safe_load(value)  # numbers, true/false/False, lists; anything else stays a string
+            options[key] = load_yaml(value)  # numbers, true/false/False, lists; anything else stays a string
         except yaml.YAMLError:  # `[1,`: no YAML value
             options[key] = value
     overrides["model_options"] = options or None

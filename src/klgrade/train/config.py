@@ -205,6 +205,29 @@ def _yaml_numbers(values: dict) -> dict:
     return read
 
 
+class _OptionsLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (`*name`): options need none, and aliases of aliases expand exponentially
+    once the options are written out (a "billion laughs" config of 1 KB filled the memory)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not taken in klgrade options",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str):
+    """The value a YAML text of options holds (the safe types, no aliases).
+
+    Raises:
+        yaml.YAMLError: no YAML, an alias, or nesting deeper than Python's recursion allows.
+    """
+    try:
+        return yaml.load(text, Loader=_OptionsLoader)
+    except RecursionError:  # `[[[[...` thousands deep
+        raise yaml.YAMLError("nested too deeply") from None
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's complaint in one line, where it is: `found character '\\t' that cannot start any token at line 2,
     column 1` (its own message spans lines and quotes the line)."""
@@ -218,7 +241,7 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     values: dict = {}
     if path is not None:
         try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            values = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as exc:
             raise KLGradeError(f"{path}: cannot read config ({exc.strerror or exc})") from None
         except UnicodeDecodeError:
