@@ -682,8 +682,20 @@ def test_a_polarity_probe_of_another_model_is_refused_at_the_first_image(calibra
 
 
 def test_cli_reports_damaged_metadata_in_one_line(calibrated, tmp_path):
+    """Metadata nested 100000 deep was a RecursionError traceback; an ONNX model's metadata was not checked at all."""
     bad_json = with_metadata(calibrated, tmp_path / "json.safetensors", raw="{not json")
     one_line_error(invoke_cli("predict", str(EXAMPLE), "--checkpoint", str(bad_json)), str(bad_json), "not valid JSON")
+    deep = with_metadata(calibrated, tmp_path / "deep.safetensors", raw="[" * 100_000 + "]" * 100_000)
+    one_line_error(invoke_cli("predict", str(EXAMPLE), "--checkpoint", str(deep)), str(deep), "nested too deeply")
+    import onnx
+
+    exported = tmp_path / "m.onnx"
+    assert invoke_cli("export-onnx", "--checkpoint", str(calibrated), "--out", str(exported)).returncode == 0
+    model = onnx.load(str(exported))
+    next(entry for entry in model.metadata_props if entry.key == "klgrade").value = "{not json"
+    onnx.save(model, str(exported))
+    one_line_error(invoke_cli("predict", str(EXAMPLE), "--backend", "onnx", "--checkpoint", str(exported)),
+                   str(exported), "not valid JSON")
     negative = with_metadata(calibrated, tmp_path / "cold.safetensors", set_field("calibration", "temperature", -1.0))
     one_line_error(invoke_cli("predict", str(EXAMPLE), "--checkpoint", str(negative)), str(negative), "temperature")
 

@@ -67,7 +67,7 @@ def read_json_whole(path: str | Path, then: str) -> dict | None:
         value = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
-    except ValueError:  # no JSON, or no UTF-8
+    except (ValueError, RecursionError):  # no JSON, no UTF-8, or nested too deeply to read
         value = None
     if not isinstance(value, dict):
         log.warning("%s is damaged (a copy cut short, an edit?): %s", path, then)

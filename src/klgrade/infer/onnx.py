@@ -20,7 +20,7 @@ from klgrade.data.cache import default_cache_dir
 from klgrade.errors import CheckpointError
 from klgrade.files import atomic_path
 from klgrade.models import features_and_logits, load_checkpoint
-from klgrade.models.weights import calibration_fits, read_info
+from klgrade.models.weights import calibration_fits, parse_info, read_info
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class OnnxModel:
         metadata = self.session.get_modelmeta().custom_metadata_map
         if "klgrade" not in metadata:
             raise CheckpointError(f"{path}: ONNX file without klgrade metadata (export it with klgrade export-onnx)")
-        self.info = json.loads(metadata["klgrade"])
+        self.info = parse_info(metadata["klgrade"], path)
 
     @classmethod
     def from_path(cls, path: str | Path, threads: int | None = None) -> "OnnxModel":

@@ -90,10 +90,21 @@ def read_info(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a safetensors checkpoint ({exc})") from None
     if METADATA_KEY not in metadata:
         raise CheckpointError(f"{path}: safetensors file without klgrade metadata (not a klgrade checkpoint)")
+    return parse_info(metadata[METADATA_KEY], path)
+
+
+def parse_info(text: str, path: Path) -> dict:
+    """The klgrade metadata a weights file (safetensors or ONNX) carries as JSON text, checked to name its model.
+
+    Raises:
+        CheckpointError: no JSON, nested too deeply to read, or no `model.name`.
+    """
     try:
-        info = json.loads(metadata[METADATA_KEY])
+        info = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: klgrade metadata is not valid JSON ({exc.msg}, character {exc.pos})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: klgrade metadata is not valid JSON (nested too deeply)") from None
     if not isinstance(info, dict) or not isinstance(info.get("model"), dict) or not isinstance(
             info["model"].get("name"), str):
         raise CheckpointError(f"{path}: klgrade metadata does not name the model's architecture (model.name)")
@@ -111,7 +122,7 @@ def weights_digest(path: str | Path) -> str:
     try:
         with open(path, "rb") as handle:
             return _safetensors_digest(handle)
-    except (OSError, struct.error, ValueError, AttributeError) as exc:
+    except (OSError, struct.error, ValueError, AttributeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
