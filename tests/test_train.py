@@ -365,12 +365,13 @@ def test_a_config_value_out_of_range_or_of_the_wrong_type_is_a_one_line_error(tm
     (b"\xff\xd8\xff\xe0 a JPEG", "config is not UTF-8 text (a YAML file of option: value)"),
     (b"augment: {a: &a [1, 1], b: [*a, *a]}\n",
      "not valid YAML (aliases (*name) are not taken in klgrade options at line 1, column 29)"),
-    (b"model_options: {x: " + b"[" * 5000 + b"]" * 5000 + b"}\n", "not valid YAML (nested too deeply)")])
+    (b"model_options: {x: " + b"[" * 5000 + b"]" * 5000 + b"}\n", "not valid YAML (nested too deeply)"),
+    (b"# " + b"-" * (1 << 20) + b"\nepochs: 2\n", "larger than 1 MiB: not a config of options")])
 def test_a_config_that_is_no_yaml_is_a_one_line_error(tmp_path, kneekl224, text, message):
     """PyYAML's messages span four lines and quote the line; a binary file (a picture given by mistake) was a
     traceback (UnicodeDecodeError); aliases of aliases nine deep, ten each (a "billion laughs" under 1 KB), ran out of
     memory once the options were written out (a MemoryError under a 4 GB limit); 5000 nested brackets were a
-    RecursionError."""
+    RecursionError; a config was read whole however large (`--config /dev/zero` took all 24 GB of memory)."""
     path = tmp_path / "c.yaml"
     path.write_bytes(text)
     result = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--config", str(path))

@@ -17,6 +17,9 @@ from klgrade.errors import KLGradeError
 OPTION_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,),
                 "list[str]": (list,)}
 """The Python types a value of each option type may have (a YAML file gives them untyped)."""
+MAX_CONFIG_BYTES = 1 << 20
+"""A config of options is a few hundred bytes; more than this is some other file (read no further: /dev/zero is
+endless)."""
 MAX_IMAGE_SIZE = 1024
 """The largest --image-size: training holds every image decoded at this size (kneeKL224's 5778 at 1024 px: 6 GB);
 --image-size 100000 stopped in numpy asking for 93 GiB."""
@@ -241,7 +244,11 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     values: dict = {}
     if path is not None:
         try:
-            values = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+            with open(path, "rb") as handle:  # a pipe (`--config <(...)`) is read as a file is
+                data = handle.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise KLGradeError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config of options")
+            values = load_yaml(data.decode("utf-8")) or {}
         except OSError as exc:
             raise KLGradeError(f"{path}: cannot read config ({exc.strerror or exc})") from None
         except UnicodeDecodeError:
