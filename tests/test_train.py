@@ -381,11 +381,16 @@ def test_a_config_that_is_no_yaml_is_a_one_line_error(tmp_path, kneekl224, text,
 def test_a_model_option_that_is_no_yaml_value_is_taken_as_written_and_refused_before_the_data_is_decoded(
         tmp_path, kneekl224, monkeypatch):
     """`--option width=[1,` was a traceback from PyYAML; then it was told only after the image caches of all 6604 knees
-    were built (~30 s on 2 cores)."""
+    were built (~30 s on 2 cores), as a missing --teacher still was."""
     monkeypatch.setenv("KLGRADE_CACHE_DIR", str(tmp_path / "cache"))
     result = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--option", "width=[1,")
     assert result.returncode == 1
     assert result.stderr == "error: bad option for model 'msa_net' (width='[1,'): width takes a whole number, not '[1,'\n"
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    missing = invoke_cli("train", "--data", str(kneekl224), "--out", str(tmp_path / "r"), "--teacher",
+                         str(tmp_path / "nope.safetensors"))  # so is a teacher that is not there
+    assert missing.returncode == 1
+    assert missing.stderr == f"error: {tmp_path / 'nope.safetensors'}: checkpoint not found\n"
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 

@@ -281,8 +281,10 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, verbose=False)
-    # Built first: a bad model option or --init file is told before minutes of decoding the data.
+    # Built first: a bad model option, --init or --teacher file is told before minutes of decoding the data.
     model = create_model(config.model, ordinal=config.ordinal, pretrained=config.init, **config.model_options)
+    for teacher in config.teacher:  # loaded once the data's preprocessing is known, read here
+        read_info(teacher)
     data = select_data(config) if data is None else data
     for note in data.notes:
         _say_once(note)
