@@ -133,17 +133,9 @@ def read_pil_image(image: Image.Image, name: str, max_pixels: int = MAX_PIXELS) 
         ImageReadError: a heatmap, several frames, pixels that cannot be loaded, an image under `MIN_SIDE` or over
             `max_pixels`.
     """
-    if _carries_heatmap_mark(image):
-        raise ImageReadError(name, "a klgrade heatmap (Grad-CAM overlay), not a radiograph: grade the radiograph it "
-                                   "was made from")
-    _check_size(*image.size, name, max_pixels)
     try:
-        _check_one_image(image, name)
-        try:
-            shown = ImageOps.exif_transpose(image)
-        except Exception:  # as `_as_displayed`: a broken EXIF block leaves the pixels as stored
-            shown = image
-        grey = _to_grey(shown)
+        _check_opened(image, name, max_pixels)
+        grey = _to_grey(_as_displayed(image.copy(), name))
     except ImageReadError:
         raise
     except Exception as exc:  # e.g. opened lazily from a file closed since (Pillow: AssertionError, no message)
@@ -247,11 +239,7 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
-            if _carries_heatmap_mark(image):
-                raise ImageReadError(label, "a klgrade heatmap (Grad-CAM overlay), not a radiograph: grade the "
-                                            "radiograph it was made from")
-            _check_size(*image.size, label, max_pixels)
-            _check_one_image(image, label)
+            _check_opened(image, label, max_pixels)
             image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         reason = "not a recognised image (PNG/JPEG/BMP/TIFF/DICOM)"
@@ -264,6 +252,16 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     except OSError as exc:
         raise ImageReadError(label, f"truncated or corrupt image ({exc})") from None
     return _to_grey(_as_displayed(image, label))
+
+
+def _check_opened(image: Image.Image, label: str, max_pixels: int) -> None:
+    """What an opened Pillow image (a file's, or one a caller opened) must pass before its pixels are read: no klgrade
+    heatmap, within `max_pixels`, one radiograph."""
+    if _carries_heatmap_mark(image):
+        raise ImageReadError(label, "a klgrade heatmap (Grad-CAM overlay), not a radiograph: grade the radiograph it "
+                                    "was made from")
+    _check_size(*image.size, label, max_pixels)
+    _check_one_image(image, label)
 
 
 def _carries_heatmap_mark(image: Image.Image) -> bool:
