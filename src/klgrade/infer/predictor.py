@@ -126,12 +126,17 @@ class Assessment:
                    shifts, [w for p in parts for w in p.warnings], [n for p in parts for n in p.noted])
 
 
+def reoriented(images_uint8: np.ndarray, inverted: bool, turns: int) -> np.ndarray:
+    """(B, S, S) images inverted (bone bright again) if `inverted`, then turned `turns` quarter turns counter-clockwise
+    (`np.rot90`): how the predictor tries an image far from the training knees, and how it was graded."""
+    return np.ascontiguousarray(np.rot90(255 - images_uint8 if inverted else images_uint8, turns, axes=(1, 2)))
+
+
 def upright_images(images_uint8: np.ndarray, outputs: Outputs) -> np.ndarray:
-    """The (B, S, S) images as the network graded them: those `outputs` marks as inverted, inverted back; those it
-    marks as turned, turned upright."""
-    upright = np.where(outputs.inverted[:, None, None], 255 - images_uint8, images_uint8)
-    for row in np.flatnonzero(outputs.turns):
-        upright[row] = np.rot90(upright[row], outputs.turns[row])
+    """The (B, S, S) images as the network graded them: those `outputs` marks as inverted or turned, `reoriented`."""
+    upright = images_uint8.copy()
+    for row in np.flatnonzero(outputs.inverted | (outputs.turns != 0)):
+        upright[row] = reoriented(images_uint8[row:row + 1], outputs.inverted[row], outputs.turns[row])[0]
     return upright
 
 
@@ -345,9 +350,7 @@ class Predictor:
         far = rows[self.density.distances(outputs.features[rows]) > self.density.threshold]
         if not len(far) or not orientations:
             return
-        tried = [self._network_outputs(np.ascontiguousarray(np.rot90(255 - images_uint8[far] if inverted
-                                                                     else images_uint8[far], turns, axes=(1, 2))))
-                 for inverted, turns in orientations]
+        tried = [self._network_outputs(reoriented(images_uint8[far], inverted, turns)) for inverted, turns in orientations]
         distances = np.stack([self._distances_if_upright(t.features, inverted)
                               for (inverted, _), t in zip(orientations, tried)], axis=1)
         nearest = distances.argmin(axis=1)
