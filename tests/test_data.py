@@ -154,6 +154,39 @@ def test_a_manifest_may_name_its_columns_in_any_case_and_separate_them_as_excel_
     assert [(s.grade, s.patient_id, s.side) for s in find_samples(manifest)] == [(2, "P1", "L")]
 
 
+def test_a_manifest_row_with_a_field_beyond_the_header_is_refused_not_cut_short(tmp_path):
+    """Patient ids added to the rows but not to the header (`path,grade` over `img/a.png,2,P1`) were dropped unsaid, and
+    folds then grouped those knees by their file names; a trailing separator (Excel's) is no field."""
+    _write(tmp_path / "img" / "a.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,grade\nimg/a.png,2,P1\n")
+    with pytest.raises(DataLayoutError, match=r"list.csv:2: row has more fields than the header names \(no column for "
+                                              r"'P1'; quote a path that holds the separator\)"):
+        find_samples(manifest)
+    manifest.write_text("path,grade\nimg/a.png,2,,\n")
+    assert [s.grade for s in find_samples(manifest)] == [2]
+
+
+@pytest.mark.parametrize("header", ["path,grade,Patient ID", "path,grade,patient-id"])
+def test_a_manifest_column_may_be_written_with_spaces_or_hyphens(tmp_path, header):
+    _write(tmp_path / "img" / "a.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"{header}\nimg/a.png,2,P1\n")
+    assert [s.patient_id for s in find_samples(manifest)] == ["P1"]
+
+
+def test_a_manifest_column_klgrade_does_not_read_is_named_in_a_warning(tmp_path, caplog):
+    """A `patient` column is no `patient_id`: its ids were read past without a word."""
+    _write(tmp_path / "img" / "a.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,grade,patient,notes\nimg/a.png,2,P1,fine\n")
+    with caplog.at_level(logging.WARNING):
+        samples = find_samples(manifest)
+    assert samples[0].patient_id != "P1"
+    assert (f"{manifest}: column(s) 'patient', 'notes' not read (klgrade reads path, grade, patient_id, side, split)"
+            in caplog.text)
+
+
 def test_a_manifest_names_its_splits_as_split_folders_may_be_named(tmp_path):
     """`Train` and `validation` in a split column were splits of those names: `train` then found no train split."""
     for name in ("a", "b", "c", "d"):

@@ -333,6 +333,19 @@ def files_below(folder: Path, problems: list[ImageReadError] | None) -> tuple[li
     return sorted(found, key=lambda item: item[1]), others
 
 
+MANIFEST_COLUMNS = ("path", "grade", "patient_id", "side", "split")
+"""The columns a manifest's rows are read from; any other is named in a warning (a `patient` column is no
+`patient_id`: read silently past, its knees were grouped by their file names)."""
+
+EXTRA_FIELDS = "<extra fields>"
+"""Where a row's fields beyond the header's columns are kept, to be refused unless blank."""
+
+
+def column_key(name: str) -> str:
+    """A manifest column's name as read: any case, spaces or hyphens for underscores (`Patient ID` = `patient_id`)."""
+    return re.sub(r"[\s-]+", "_", name.strip().lower())
+
+
 MANIFEST_DELIMITERS = ",;\t"
 """What may separate a manifest's fields: Excel writes `;` where the decimal mark is a comma, and a tab as text."""
 
@@ -357,14 +370,25 @@ def _manifest_rows(csv_path: Path) -> list[dict]:
     header = [name.strip() for name in reader.fieldnames or []]
     if _UNDECODED.search(" ".join(header)):
         raise not_utf8
-    if not {"path", "grade"} <= {name.lower() for name in header}:
+    if not {"path", "grade"} <= {column_key(name) for name in header}:
         raise DataLayoutError(f"{csv_path}: manifest needs a header with at least 'path,grade' (found {header})")
-    rows = [{(key or "").strip().lower(): value for key, value in row.items()} for row in rows]
+    unread = tuple(name for name in header if column_key(name) not in MANIFEST_COLUMNS)
+    if unread:
+        _warn_unread_columns(str(csv_path), unread)
+    rows = [{(column_key(key) if key is not None else EXTRA_FIELDS): value for key, value in row.items()}
+            for row in rows]
     if _UNDECODED.search(text) and any(_UNDECODED.search(str(value)) and not (
             key == "path" and os.path.lexists(_manifest_path(csv_path, value.strip())))
             for row in rows for key, value in row.items()):
         raise not_utf8
     return rows
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_unread_columns(csv_path: str, unread: tuple[str, ...]) -> None:
+    """Said once per process for a manifest (a protocol lists its data many times)."""
+    log.warning("%s: column(s) %s not read (klgrade reads %s)", csv_path, ", ".join(map(repr, unread)),
+                ", ".join(MANIFEST_COLUMNS))
 
 
 _UNDECODED = re.compile("[\udc80-\udcff]")
@@ -410,6 +434,11 @@ def _from_manifest(csv_path: Path, problems: list[ImageReadError] | None) -> lis
         where = f"{csv_path}:{line}"
         if not (row.get("path") or "").strip() or row.get("grade") is None:
             _problem(problems, where, "row has fewer fields than the header (needs path and grade)")
+            continue
+        extra = [value for value in row.get(EXTRA_FIELDS, []) if value.strip()]
+        if extra:
+            _problem(problems, where, f"row has more fields than the header names (no column for "
+                                      f"{', '.join(map(repr, extra))}; quote a path that holds the separator)")
             continue
         try:
             grade = parse_grade(row["grade"])
