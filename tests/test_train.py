@@ -321,6 +321,16 @@ def test_a_split_root_of_numbered_files_trains_and_a_file_copied_across_its_spli
                                                                       "validation data: 10 of 10 knees have no side"]
 
 
+def test_folds_without_a_fold_is_said_not_read_past(kneekl224):
+    """`train --folds 3` without `--fold` validated on val and never said that the option did nothing."""
+    ignored = select_data(TrainConfig(data=str(kneekl224), limit=8, folds=3)).notes
+    assert ignored[0] == ("--folds 3 is read only with --fold K (or by `klgrade cv`): this run validates on the val "
+                          "split")
+    assert not any("--folds" in note for note in select_data(TrainConfig(data=str(kneekl224), limit=8)).notes)
+    assert not any("--folds" in note for note in select_data(TrainConfig(data=str(kneekl224), limit=8, fold=1,
+                                                                          folds=3)).notes)
+
+
 def test_yaml_config_with_cli_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: resnet18\nepochs: 7\nlr: 0.01\naugment: {rotate_deg: 5}\n")

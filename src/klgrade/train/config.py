@@ -34,6 +34,7 @@ OPTION_RANGES = (("lr", lambda v: v > 0, "above 0"), ("weight_decay", lambda v: 
 """Values an option may take beyond its type (NaN fails every test)."""
 BALANCE_CHOICES = ("none", "sampler", "loss")
 SCHEDULE_CHOICES = ("cosine", "onecycle")
+DEFAULT_FOLDS = 5
 PRECISION_CHOICES = ("auto", "bf16-mixed", "16-mixed", "32-true")
 
 
@@ -82,7 +83,7 @@ class TrainConfig:
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     fold: int | None = None
-    folds: int = 5
+    folds: int = DEFAULT_FOLDS
     seed: int = 0
     limit: int | None = None
     init: str | None = None

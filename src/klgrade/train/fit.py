@@ -40,7 +40,7 @@ from klgrade.metrics import selection_estimate
 from klgrade.models import create_model, load_checkpoint, save_checkpoint
 from klgrade.models.weights import read_info
 from klgrade.train.batches import class_balanced_weights, inverse_frequency, make_loader
-from klgrade.train.config import TrainConfig, resolve_precision
+from klgrade.train.config import DEFAULT_FOLDS, TrainConfig, resolve_precision
 from klgrade.train.module import GradingModule
 from klgrade.train.record import check_same_run, run_record
 
@@ -83,10 +83,14 @@ def select_data(config: TrainConfig) -> RunData:
     samples = find_samples(config.data)
     has_splits = any(s.split for s in samples)
     train = fold_pool(samples)
+    ignored = []
     if config.fold is not None:
         train, val = fold_split(train, config.fold, config.folds, config.seed)
     elif has_splits:
         val = select_split(samples, "val")
+        if config.folds != DEFAULT_FOLDS:  # was read past without a word
+            ignored = [f"--folds {config.folds} is read only with --fold K (or by `klgrade cv`): this run validates "
+                       f"on the val split"]
     else:
         raise KLGradeError(f"{config.data}: no 'val' split; give --fold K to validate on a fold of this data")
     check_unshared(train, val, "training and validation data")
@@ -98,7 +102,7 @@ def select_data(config: TrainConfig) -> RunData:
     sideless = [note for samples, what in ((train, "training data"), (val, "validation data"))
                 for note in unknown_sides_warning(preprocess, [s.side for s in samples], what)]
     unnamed = unnamed_patients_warning(train + val, "training and validation data")
-    return RunData(train, val, preprocess, train_notes + val_notes + sideless + unnamed)
+    return RunData(train, val, preprocess, ignored + train_notes + val_notes + sideless + unnamed)
 
 
 def seen_records(data: RunData, init: str | None, early_stopping: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
