@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import signal
 from dataclasses import replace
 
 import pytest
@@ -34,12 +35,12 @@ class Interrupt(Exception):
 class CrashMidEpoch(Callback):
     """Simulates a kill in the middle of epoch `epoch`."""
 
-    def __init__(self, epoch: int, batch: int):
-        self.epoch, self.batch = epoch, batch
+    def __init__(self, epoch: int, batch: int, error: type[BaseException] = Interrupt):
+        self.epoch, self.batch, self.error = epoch, batch, error
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            raise Interrupt()
+            raise self.error()
 
 
 def test_train_cli_leaves_a_checkpoint_that_evaluate_reads(kneekl224, tmp_path):
@@ -95,6 +96,19 @@ def test_resume_after_a_kill_mid_epoch_ends_with_the_same_weights(kneekl224, tmp
         assert torch.equal(straight[key], resumed[key]), key
     history = json.loads((tmp_path / "killed" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+def test_ctrl_c_stops_a_fit_as_an_interrupt_and_leaves_ctrl_c_working(kneekl224, tmp_path):
+    """Lightning turned Ctrl-C into `sys.exit(1)` and left SIGINT ignored: `train` exited 1, not 130, and a notebook
+    that had interrupted one fit could not interrupt anything after it."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(TrainConfig(**TINY, data=str(kneekl224), epochs=2, out=str(tmp_path / "run")),
+                callbacks=[CrashMidEpoch(epoch=0, batch=1, error=KeyboardInterrupt)])
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_resume_with_other_options_or_knees_is_refused_and_runtime_options_may_change(kneekl224, tmp_path):

@@ -17,6 +17,7 @@ import functools
 import io
 import logging
 import pickle
+import signal
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -75,6 +76,22 @@ def _say_once(note: str) -> None:
     """A note on a run's data, said once per process: `cv` and `reproduce` train every fold of every variant on the
     same data, and the same note 45 times would bury the rest."""
     log.warning(note)
+
+
+def fit_interruptibly(trainer: L.Trainer, *args, **kwargs) -> None:
+    """`trainer.fit`, stopped by Ctrl-C as anything else is: Lightning ends an interrupted fit with `sys.exit(1)`
+    (`train` then exited 1, not 130, and in a notebook the kernel's SIGINT stayed ignored for good); here the
+    KeyboardInterrupt goes on up and the SIGINT handler is restored."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(*args, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if handler is not None and signal.getsignal(signal.SIGINT) is not handler:
+            signal.signal(signal.SIGINT, handler)
 
 
 def select_data(config: TrainConfig) -> RunData:
@@ -327,7 +344,7 @@ def fit(config: TrainConfig, callbacks: list[Callback] | None = None, data: RunD
     with warnings.catch_warnings():
         for message in BENIGN_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
-        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+        fit_interruptibly(trainer, module, train_loader, val_loader, ckpt_path=resume_from)
     summary = {"rank": trainer.global_rank, "best_epoch": exporter.best_epoch, f"best_{MAIN_METRIC}": exporter.best_score,
                "history": module.history, "config": config.to_dict(), "n_train": len(data.train), "n_val": len(data.val),
                "selection": epoch_selection(module, val_labels, [s.patient_id for s in data.val])}
