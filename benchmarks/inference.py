@@ -1,9 +1,10 @@
 """CPU inference: torch eager (channels_last, as `Predictor` runs it, and the default layout) vs ONNX Runtime,
-batch 1 and 16 (the service's load test is `load.py`), and what reading and preprocessing one radiograph costs at
+batch 1 and 16 (the service's load test is `load.py`); what reading and preprocessing one radiograph costs at
 the sizes clinics store them (a 16-bit PNG of an example knee resized up, with a black margin on two sides: decode,
-then `prepare_image` into the model's square).
+then `prepare_image` into the model's square); and the whole path as `predict` runs it (`grade_many`: decoding
+threads, the network with the model's TTA, the gradability and processing checks) on the bundled examples.
 
-    python benchmarks/inference.py [--checkpoint CKPT] [--threads 2]
+    python benchmarks/inference.py [--checkpoint CKPT] [--threads 2] [--inputs 256]
 
 Defaults: the shipped model at its own resolution.
 """
@@ -15,6 +16,7 @@ import copy
 import io
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import latency_ms, machine, per_second  # noqa: E402
 
 from klgrade.data.io import read_image  # noqa: E402
+from klgrade.infer.grading import grade_many, load_model  # noqa: E402
 from klgrade.data.preprocess import PreprocessConfig, normalize, prepare_image  # noqa: E402
 from klgrade.infer.onnx import OnnxModel, export_onnx  # noqa: E402
 from klgrade.infer.predictor import shipped_checkpoint  # noqa: E402
@@ -90,14 +93,48 @@ def preprocessing_table(checkpoint: Path) -> None:
         print(f"{rows:>7d} x {columns:<5d} {rows * columns / 1e6:5.1f} {decode:10.1f} {prepare:11.1f}")
 
 
+def whole_path_table(checkpoint: Path, threads: int, inputs: int) -> None:
+    """`grade_many` over the bundled examples, repeated to `inputs` files, for each backend: images per second from
+    file to answer (best of 3, after a warm-up), and the share of that time the network passes take."""
+    torch.set_num_threads(threads)
+    files = sorted((Path(__file__).parents[1] / "examples").glob("*.jpg"))
+    files = (files * (inputs // len(files) + 1))[:inputs]
+    print(f"\nthe whole path: grade_many over {inputs} example files, batch 16, 2 decoding threads, {threads} torch "
+          "threads, the model's TTA")
+    print(f"{'backend':>8s} {'img/s':>7s} {'network share':>14s}")
+    with tempfile.TemporaryDirectory() as folder:
+        for backend, path in (("torch", checkpoint), ("onnx", export_onnx(checkpoint, Path(folder) / "m.onnx"))):
+            model = load_model(path, backend=backend)
+            network, spent = model._network_outputs, [0.0]
+
+            def timed(images, network=network, spent=spent):
+                start = time.perf_counter()
+                try:
+                    return network(images)
+                finally:
+                    spent[0] += time.perf_counter() - start
+
+            model._network_outputs = timed
+            list(grade_many(model, files, batch_size=16))
+            runs = []
+            for _ in range(3):
+                spent[0], start = 0.0, time.perf_counter()
+                list(grade_many(model, files, batch_size=16))
+                runs.append((time.perf_counter() - start, spent[0]))
+            wall, in_network = min(runs)
+            print(f"{backend:>8s} {inputs / wall:7.1f} {in_network / wall:13.0%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--inputs", type=int, default=256)
     args = parser.parse_args()
     print(f"machine: {machine()}")
     backend_table(args.checkpoint or shipped_checkpoint(), args.threads)
     preprocessing_table(args.checkpoint or shipped_checkpoint())
+    whole_path_table(args.checkpoint or shipped_checkpoint(), args.threads, args.inputs)
 
 
 if __name__ == "__main__":

@@ -269,9 +269,10 @@ class FeatureDensity:
         return cls(means, precision, float(threshold))
 
     def distances(self, features: np.ndarray) -> np.ndarray:
-        """(N,) squared Mahalanobis distance to the nearest grade mean."""
+        """(N,) squared Mahalanobis distance to the nearest grade mean (a matrix product, not a three-operand einsum:
+        that ran unblocked, 12% of grading a batch on the CPU)."""
         difference = np.asarray(features, dtype=np.float64)[:, None, :] - self.means[None]
-        return np.einsum("nkd,de,nke->nk", difference, self.precision, difference).min(axis=1)
+        return ((difference @ self.precision) * difference).sum(axis=2).min(axis=1)
 
     def with_threshold(self, features: np.ndarray, flagged_share: float) -> "FeatureDensity":
         """Threshold at the (1 - flagged_share) quantile of these (in-distribution) features' distances."""
