@@ -278,6 +278,20 @@ def test_evaluate_against_another_model_scores_both_on_the_same_knees_with_a_pai
     assert "difference (paired 95% CI)" in table.stdout
 
 
+def test_knees_of_one_true_grade_are_told_that_mcc_and_qwk_say_nothing(tiny_checkpoint, kneekl224, tmp_path):
+    """An external set of healthy knees only (all KL 0) scored MCC 0 and QWK 0, read as chance agreement, without a
+    word that both are 0 by their formulas on one true grade."""
+    copy_real_images(kneekl224, tmp_path / "set", 3)
+    (tmp_path / "healthy").mkdir()
+    (tmp_path / "set" / "0").rename(tmp_path / "healthy" / "0")
+    model = load_model(tiny_checkpoint)
+    metrics = evaluate(model, tmp_path / "healthy", n_boot=0).metrics
+    assert metrics["mcc"] == metrics["qwk"] == 0.0
+    assert (f"{tmp_path / 'healthy'}: all 3 knees scored are KL 0: mcc and qwk are 0 by their formulas on one true "
+            "grade and say nothing of the model; read accuracy, mae and the errors") in metrics["warnings"]
+    assert not any("by their formulas" in w for w in evaluate(model, tmp_path / "set", n_boot=0).metrics["warnings"])
+
+
 def test_the_split_scored_is_the_one_named_else_test_then_val():
     samples = [Sample(f"{split}/0/a.png", 0, "9000001", "L", split) for split in ("train", "val")]
     assert {s.split for s in pick_split(samples, None)} == {"val"}

@@ -187,6 +187,15 @@ def untrained_knees(predictor: Predictor, samples: list[Sample], what: str, purp
                         f"{purpose} that it was not trained on")
 
 
+def one_grade_warning(labels: list[int], what: str) -> list[str]:
+    """Knees of one true grade leave MCC and QWK with nothing to measure: both are 0 by their formulas there (MCC is
+    0/0, taken as 0), which reads as chance agreement whatever the model did."""
+    if len(set(labels)) != 1:
+        return []
+    return [f"{what}: all {len(labels)} knees scored are KL {labels[0]}: mcc and qwk are 0 by their formulas on one "
+            f"true grade and say nothing of the model; read accuracy, mae and the errors"]
+
+
 def seen_warnings(predictor: Predictor, samples: list[Sample]) -> tuple[dict[str, int], list[str]]:
     """How many of `samples` the model was chosen on and its grade sets calibrated on, and what that means (with how
     much choosing cost on its validation knees, where its training measured it: `metrics.selection_estimate`)."""
@@ -334,7 +343,7 @@ def evaluate(predictor: Predictor, data: str | Path, split: str | None = None, n
     metrics["files_not_read"] = len(not_read)
     metrics["seen_trained"] = len(distinct) - len(samples)
     metrics["seen_chosen"], metrics["seen_calibrated"] = seen["chosen"], seen["calibrated"]
-    metrics["warnings"] = warnings + seen_on
+    metrics["warnings"] = warnings + one_grade_warning(labels, str(data)) + seen_on
     if against is not None:
         metrics["compared_with"], compared_on = compare(predictor, against, scored, probabilities, str(data), n_boot,
                                                         seed)
