@@ -346,3 +346,19 @@ def test_stored_validation_figures_are_not_read_back_by_other_code(tmp_path, mon
     assert protocol.validation_key(tmp_path, 2, validation) == key
     monkeypatch.setattr(protocol, "source_digest", lambda: "klgrade of another version")
     assert protocol.validation_key(tmp_path, 2, validation) != key
+
+
+def test_an_external_set_of_one_grade_is_told_that_mcc_and_qwk_say_nothing_there(kneekl224, tmp_path):
+    """Healthy controls only (all KL 0) as `--external`: every model's MCC and QWK there are 0 by their formulas, a
+    column of zeros in the report that read as chance agreement."""
+    healthy = tmp_path / "healthy" / "0"
+    healthy.mkdir(parents=True)
+    for path in sorted((kneekl224 / "val" / "0").iterdir())[:3]:
+        (healthy / path.name).write_bytes(path.read_bytes())
+    result = invoke_cli("reproduce", "--data", str(kneekl224), "--external", str(healthy.parent), "--out",
+                        str(tmp_path / "paper"), "--profile", "quick", "--device", "cpu", "--time-budget", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning = (f"--external {healthy.parent}: all 3 knees scored are KL 0: mcc and qwk are 0 by their formulas on one "
+               "true grade and say nothing of the model; read accuracy, mae and the errors")
+    assert warning in json.loads((tmp_path / "paper" / "results.json").read_text())["warnings"]
+    assert f"- {warning}" in (tmp_path / "paper" / "report.md").read_text()

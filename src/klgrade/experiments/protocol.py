@@ -29,7 +29,7 @@ from klgrade.data.provenance import distinct_knees, knee_record, shared_knees, u
 from klgrade.data.sources import Sample, find_samples
 from klgrade.data.splits import unnamed_patients_warning
 from klgrade.errors import KLGradeError
-from klgrade.evaluate.evaluation import batched_outputs
+from klgrade.evaluate.evaluation import batched_outputs, one_grade_warning
 from klgrade.experiments.cv import check_same_cv_run, cross_validate, fold_dir, fold_model, mean_sd, read_oof, run_name
 from klgrade.experiments.jobs import FoldJob, run_fold_jobs
 from klgrade.experiments.report import PanelImage, write_report
@@ -233,7 +233,8 @@ def reproduce(data: str, out: str | Path, profile: str = "quick", external: str 
                "jobs": jobs, "left_out": {which: v.left_out for which, v in validation.items() if v.left_out},
                "warnings": unnamed_patients_warning(pool, "cross-validated knees")
                + [warning for which, v in validation.items()
-                  for warning in unnamed_patients_warning(v.samples, listed[which][0])]}
+                  for warning in (unnamed_patients_warning(v.samples, listed[which][0])
+                                  + one_grade_warning([s.grade for s in v.samples], listed[which][0]))]}
     for warning in results["warnings"]:
         log.warning(warning)
     if "external" in validation:
