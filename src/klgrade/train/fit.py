@@ -85,8 +85,8 @@ def fit_interruptibly(trainer: L.Trainer, *args, **kwargs) -> None:
     handler = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(*args, **kwargs)
-    except SystemExit:
-        if trainer.interrupted:
+    except SystemExit as exit_:
+        if isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's exit while handling Ctrl-C (not SIGTERM's)
             raise KeyboardInterrupt from None
         raise
     finally:
