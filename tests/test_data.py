@@ -91,17 +91,17 @@ def test_images_in_folders_inside_a_grade_folder_count_and_a_dicomdir_does_not(t
 
 
 def test_files_in_the_grade_folders_that_are_no_image_it_reads_are_named_not_dropped_unsaid(tmp_path, caplog):
-    """A grade folder holding WebP or JPEG 2000 knees beside PNGs was scored on the PNGs alone, without a word."""
+    """A grade folder holding WebP or GIF knees beside PNGs was scored on the PNGs alone, without a word."""
     _write(tmp_path / "0" / "9000001L.png")
     Image.fromarray(knee_image()).save(tmp_path / "0" / "9000002L.webp")
     (tmp_path / "2" / "scans").mkdir(parents=True)
-    (tmp_path / "2" / "scans" / "9000003R.jp2").write_bytes(b"\0\0\0\x0cjP  ")
+    Image.fromarray(knee_image()).save(tmp_path / "2" / "scans" / "9000003R.gif")
     for junk in ("Thumbs.db", "desktop.ini", ".DS_Store"):
         (tmp_path / "0" / junk).write_bytes(b"\0")
     with caplog.at_level(logging.WARNING):
         samples = find_samples(tmp_path)
     assert [s.grade for s in samples] == [0]
-    assert (f"{tmp_path}: left out 2 file(s) that are no image klgrade reads (PNG, JPEG, BMP, TIFF, DICOM), "
+    assert (f"{tmp_path}: left out 2 file(s) that are no image klgrade reads (PNG, JPEG, JPEG 2000, BMP, TIFF, DICOM), "
             f"e.g. {tmp_path / '0' / '9000002L.webp'}") in caplog.text
     not_read = []
     assert find_samples(tmp_path, not_read=not_read) == samples and len(not_read) == 2  # for the caller to report

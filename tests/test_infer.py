@@ -172,7 +172,7 @@ def test_predict_on_a_folder_names_the_files_it_does_not_read(tiny_checkpoint, t
     assert result.returncode == 0, result.stderr
     assert [row["path"] for row in json.loads(result.stdout)] == [str(tmp_path / "in" / knees[0].name),
                                                                   str(tmp_path / "in" / "sub" / knees[1].name)]
-    assert (f"{tmp_path / 'in'}: left out 1 file(s) that are no image klgrade reads (PNG, JPEG, BMP, TIFF, DICOM), "
+    assert (f"{tmp_path / 'in'}: left out 1 file(s) that are no image klgrade reads (PNG, JPEG, JPEG 2000, BMP, TIFF, DICOM), "
             f"e.g. {tmp_path / 'in' / 'other.webp'}") in result.stderr
 
 

@@ -1,11 +1,13 @@
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from klgrade.data.io import read_array, read_image, read_radiograph
+from klgrade.data.sources import find_samples
 from klgrade.errors import ImageReadError
 
 from helpers import compress_dicom, knee_image, run_cli, save, write_dicom
@@ -26,6 +28,18 @@ def test_16bit_png_keeps_its_range(tmp_path):
     array = read_image(save(Image.fromarray(deep), tmp_path / "deep.png"))
     assert array.max() > 255
     np.testing.assert_array_equal(array, deep.astype(np.float32))
+
+
+@pytest.mark.parametrize("suffix", ["jp2", "j2k"])
+def test_jpeg_2000_in_8_and_16_bits_decodes_to_the_same_grey_values_and_counts_as_an_image(tmp_path, suffix):
+    """An archive's or a PACS viewer's JPEG 2000 export (lossless) was "not a recognised image", and left out of a
+    folder unsaid but for a count."""
+    grey = knee_image()
+    deep = (grey.astype(np.uint16) * 16 + 3).astype(np.uint16)  # 12 bits stored in 16
+    for name, pixels in (("grey", grey), ("deep", deep)):
+        path = save(Image.fromarray(pixels), tmp_path / "0" / f"{name}.{suffix}")
+        np.testing.assert_array_equal(read_image(path), pixels.astype(np.float32))
+    assert sorted(Path(s.path).name for s in find_samples(tmp_path)) == [f"deep.{suffix}", f"grey.{suffix}"]
 
 
 STORED_FOR_ORIENTATION = {
@@ -203,6 +217,17 @@ def test_a_tiff_that_cannot_be_decoded_says_so_and_what_to_do(tmp_path):
         read_image(path)
     assert caught.value.reason == ("a TIFF that cannot be decoded (64-bit float samples, an unusual compression, or "
                                    "damaged?); save it as a 16-bit integer TIFF or PNG")
+
+
+def test_a_jpeg_2000_that_declares_a_huge_image_is_refused_before_decoding():
+    """A few hundred bytes whose header claims 20000 x 20000 pixels: refused by its size, not decoded."""
+    data = io.BytesIO()
+    Image.fromarray(knee_image(size=64)).save(data, format="JPEG2000", no_jp2=True)
+    bomb = bytearray(data.getvalue())
+    siz = bomb.index(b"\xff\x51")  # the codestream's image and tile size marker
+    bomb[siz + 6:siz + 14] = bomb[siz + 22:siz + 30] = (20000).to_bytes(4, "big") * 2
+    with pytest.raises(ImageReadError, match="image too large"):
+        read_image(bytes(bomb), name="bomb.j2k")
 
 
 def test_truncated_png_is_reported(tmp_path):

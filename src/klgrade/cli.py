@@ -417,7 +417,8 @@ def evaluate(
 @app.command()
 @user_errors
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns (PNG/JPEG/TIFF/DICOM).")],
+    inputs: Annotated[list[str], typer.Argument(help=(
+        "Image files, folders or glob patterns (PNG, JPEG, JPEG 2000, BMP, TIFF, DICOM)."))],
     checkpoint: Checkpoints = None,
     explain: Annotated[bool, typer.Option("--explain", help="Save a Grad-CAM overlay per image (needs --out).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Folder for predictions.csv/json and heatmaps/.")] = None,
@@ -431,9 +432,10 @@ def predict(
     alpha: Alpha = None,
 ) -> None:
     """Grade radiographs; unreadable inputs are reported and do not stop the others (exit 1 if any failed)."""
+    from klgrade.console import print_predictions, write_predictions
+    from klgrade.data.io import FORMATS_READ
     from klgrade.infer.batch import expand_inputs, predict_paths, remove_earlier_heatmaps
     from klgrade.infer.grading import load_model
-    from klgrade.console import print_predictions, write_predictions
 
     _setup_logging(quiet=True)
     if output_format not in ("csv", "json", "table"):
@@ -443,7 +445,7 @@ def predict(
     output_folder(out)
     paths = expand_inputs(inputs)
     if not paths:
-        raise KLGradeError(f"no images found in {' '.join(inputs)} (PNG/JPEG/BMP/TIFF/DICOM)")
+        raise KLGradeError(f"no images found in {' '.join(inputs)} ({FORMATS_READ})")
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
     rows = list(predict_paths(predictor, paths, explain, out, batch_size, workers, alpha))
     if out is not None:

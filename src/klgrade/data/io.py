@@ -1,6 +1,6 @@
 """Decode any radiograph a user has into one grey-level array, or fail with one clear reason.
 
-PNG/JPEG/BMP/TIFF in 8 or 16 bits (grey, RGB, RGBA, palette) via Pillow, opened with an explicit format
+PNG/JPEG/JPEG 2000/BMP/TIFF in 8 or 16 bits (grey, RGB, RGBA, palette) via Pillow, opened with an explicit format
 allow-list (no other Pillow plugin ever runs, e.g. EPS through Ghostscript) and turned as their EXIF orientation
 says, so the model sees the knee the way every viewer shows it (of 21 val knees stored sideways with orientation
 6, read as stored, 20 were graded KL 4 and all 21 flagged not gradable); DICOM via pydicom (compressed pixel data
@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 64_000_000
 """Largest image accepted (pixels). Plain radiographs are at most ~20 MP; more is an error or a bomb."""
 MAX_FILE_BYTES = 256 * 1024 * 1024
-PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
-"""The only Pillow decoders klgrade runs."""
+PILLOW_FORMATS = ("PNG", "JPEG", "JPEG2000", "BMP", "TIFF")
+"""The only Pillow decoders klgrade runs (JPEG 2000: an archive's or a PACS viewer's export, 8 or 16 bits)."""
+FORMATS_READ = "PNG, JPEG, JPEG 2000, BMP, TIFF, DICOM"
+"""The image formats klgrade reads, as its messages name them."""
 TIFF_NEW_SUBFILE_TYPE = 254
 """The TIFF tag whose bit 0 marks a reduced-resolution page (a thumbnail of another)."""
 MIN_SIDE = 16
@@ -242,7 +244,7 @@ def _decode_pillow(data: bytes, label: str, max_pixels: int) -> np.ndarray:
             _check_opened(image, label, max_pixels)
             image.load()
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        reason = "not a recognised image (PNG/JPEG/BMP/TIFF/DICOM)"
+        reason = f"not a recognised image ({FORMATS_READ})"
         if data[:4] in TIFF_SIGNATURES:  # a TIFF nonetheless: say what to do with it
             reason = ("a TIFF that cannot be decoded (64-bit float samples, an unusual compression, or damaged?); "
                       "save it as a 16-bit integer TIFF or PNG")

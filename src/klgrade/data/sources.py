@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from klgrade.constants import GRADE_NAMES, NUM_GRADES
-from klgrade.data.io import dicom_side, file_version, regular_file_problem
+from klgrade.data.io import FORMATS_READ, dicom_side, file_version, regular_file_problem
 from klgrade.errors import DataLayoutError, ImageReadError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ NOT_IMAGES = {"DICOMDIR", "THUMBS.DB", "DESKTOP.INI"}
 """Files found beside images that hold none (a DICOM export's index, what Windows leaves), by upper-case name."""
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 """Other names datasets give their splits."""
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jp2", ".j2k", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 _SCALE_NAME = r"(?:KL|grade)[ _-]?"
 """How datasets prefix a grade: `KL3`, `KL_3`, `Grade 3`."""
 _GRADE_DIR = re.compile(rf"^(?:{_SCALE_NAME})?([0-9])(?:[ _-]?(" + "|".join(GRADE_NAMES) + r"))?$", re.IGNORECASE)
@@ -280,7 +280,7 @@ def _found_nothing(where: Path, what: str, refused: list[ImageReadError]) -> Dat
 
 def not_read_warning(where: str | Path, paths: list[str]) -> str:
     """What is said of the files beside the images that are left out (they may be knees in a format of their own)."""
-    return (f"{where}: left out {len(paths)} file(s) that are no image klgrade reads (PNG, JPEG, BMP, TIFF, DICOM), "
+    return (f"{where}: left out {len(paths)} file(s) that are no image klgrade reads ({FORMATS_READ}), "
             f"e.g. {min(paths)}")
 
 
