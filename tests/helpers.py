@@ -210,3 +210,9 @@ def not_knee_images() -> dict[str, np.ndarray]:
         for i, (top, left) in enumerate(((0, 0), (0, width - half), (height - half, 0), (height - half, width - half))):
             images[f"{name}_crop{i}"] = photo[top:top + half, left:left + half]
     return images
+
+
+def one_grade_warning(what, knees: int) -> str:
+    """What `evaluate` and `reproduce` say of a scored set whose knees are all KL 0."""
+    return (f"{what}: every knee scored ({knees}) is KL 0: mcc and qwk are 0 by their formulas on one true grade and "
+            "say nothing of the model; read accuracy, mae and the errors")

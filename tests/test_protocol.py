@@ -13,7 +13,7 @@ from klgrade.evaluate.evaluation import batched_outputs
 from klgrade.experiments.protocol import BASELINES, VARIANTS, knees_in_val, select_variants
 from klgrade.infer.grading import load_model
 
-from helpers import copy_real_images, invoke_cli, knee_image, save
+from helpers import copy_real_images, invoke_cli, knee_image, one_grade_warning, save
 
 TINY_CV = ["--epochs", "1", "--limit", "40", "--image-size", "64", "--option", "width=32", "--option", "heads=2",
            "--device", "cpu", "--quiet"]
@@ -358,7 +358,6 @@ def test_an_external_set_of_one_grade_is_told_that_mcc_and_qwk_say_nothing_there
     result = invoke_cli("reproduce", "--data", str(kneekl224), "--external", str(healthy.parent), "--out",
                         str(tmp_path / "paper"), "--profile", "quick", "--device", "cpu", "--time-budget", "0")
     assert result.returncode == 0, result.stderr[-2000:]
-    warning = (f"--external {healthy.parent}: all 3 knees scored are KL 0: mcc and qwk are 0 by their formulas on one "
-               "true grade and say nothing of the model; read accuracy, mae and the errors")
+    warning = one_grade_warning(f"--external {healthy.parent}", 3)
     assert warning in json.loads((tmp_path / "paper" / "results.json").read_text())["warnings"]
     assert f"- {warning}" in (tmp_path / "paper" / "report.md").read_text()

@@ -11,7 +11,7 @@ from klgrade.data.provenance import knee_record, merge_records, seen_knees
 from klgrade.data.sources import Sample, find_samples
 from klgrade.models import load_checkpoint, save_checkpoint
 
-from helpers import invoke_cli, run_cli
+from helpers import invoke_cli, one_grade_warning, run_cli
 
 
 def _knee(root, grade, name):
@@ -53,7 +53,8 @@ def test_evaluate_leaves_out_a_trained_knee_by_its_patient_or_its_bytes_and_not_
                     f"same file, e.g. {mixed}/0/knee.jpg): left out, the other 1 kept")
         unnamed = f"{mixed}: 1 of 1 knees name no patient (no manifest patient_id, OAI id in the file name or DICOM"
         assert metrics["n"] == 1 and metrics["seen_trained"] == 1 and metrics["warnings"][0] == expected
-        assert len(metrics["warnings"]) == 2 and metrics["warnings"][1].startswith(unnamed)
+        assert len(metrics["warnings"]) == 3 and metrics["warnings"][1].startswith(unnamed)
+        assert metrics["warnings"][2] == one_grade_warning(mixed, 1)
         assert result.stderr == "".join(f"warning: {warning}\n" for warning in metrics["warnings"])
         written = invoke_cli("evaluate", "--data", mixed, "--checkpoint", *checkpoints, "--out", str(tmp_path / "out"))
         assert written.returncode == 0, written.stderr
@@ -70,8 +71,9 @@ def test_evaluate_leaves_out_a_trained_knee_by_its_patient_or_its_bytes_and_not_
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert metrics["n"] == 2 and metrics["seen_trained"] == metrics["seen_chosen"] == 0
-    assert [warning.split(" (")[0] for warning in metrics["warnings"]] == [f"{other}: 2 of 2 knees name no patient"]
-    assert result.stderr == f"warning: {metrics['warnings'][0]}\n"
+    assert metrics["warnings"][0].startswith(f"{other}: 2 of 2 knees name no patient")
+    assert metrics["warnings"][1:] == [one_grade_warning(other, 2)]
+    assert result.stderr == "".join(f"warning: {warning}\n" for warning in metrics["warnings"])
     assert (tmp_path / "out" / "left_out.csv").read_text().splitlines() == ["path,patient_id,true,reason"]  # none
 
 
@@ -84,7 +86,8 @@ def test_evaluate_counts_and_says_the_knees_the_model_was_chosen_on(seen_checkpo
     metrics = json.loads(result.stdout)
     assert metrics["seen_chosen"] == 1 and metrics["seen_calibrated"] == 0
     expected = "the model was chosen on 1 of these 3 knees: its scores on them are optimistic (selection bias)"
-    assert metrics["warnings"] == [expected] and result.stderr == f"warning: {expected}\n"
+    assert metrics["warnings"] == [one_grade_warning(data, 3), expected]
+    assert result.stderr == "".join(f"warning: {warning}\n" for warning in metrics["warnings"])
 
 
 def test_calibration_leaves_out_knees_the_model_was_trained_on(seen_checkpoint, kneekl224, tmp_path):
@@ -106,7 +109,7 @@ def test_calibration_leaves_out_knees_the_model_was_trained_on(seen_checkpoint, 
     metrics = json.loads(result.stdout)
     assert metrics["warnings"][1:] == [f"--calibrate-on {root / 'val'}: 1 of 3 knees are in the training data of "
                                        f"msa_net (the same patient or the same file, e.g. {root}/val/0/9003126L.jpg): "
-                                       "left out, the other 2 kept"]
+                                       "left out, the other 2 kept", one_grade_warning(scored, 1)]
     assert metrics["warnings"][0].startswith(f"{scored}: 1 of 1 knees name no patient")  # c.jpg
     assert metrics["seen_trained"] == metrics["seen_calibrated"] == 0  # the fresh calibration is not on the scored
 

@@ -192,7 +192,7 @@ def one_grade_warning(labels: list[int], what: str) -> list[str]:
     0/0, taken as 0), which reads as chance agreement whatever the model did."""
     if len(set(labels)) != 1:
         return []
-    return [f"{what}: all {len(labels)} knees scored are KL {labels[0]}: mcc and qwk are 0 by their formulas on one "
+    return [f"{what}: every knee scored ({len(labels)}) is KL {labels[0]}: mcc and qwk are 0 by their formulas on one "
             f"true grade and say nothing of the model; read accuracy, mae and the errors"]
 
 
