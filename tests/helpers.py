@@ -92,7 +92,7 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
-def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+def invoke_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     """The same `klgrade` command run inside the test process: a new process spends ~10 s of CPU importing torch,
     timm and Lightning before the command's first line. The argument expansion, the one-line errors, the exit codes
     and the warnings it logs (on stderr, as the command prints them) are `klgrade.cli`'s own; an exception that
@@ -108,7 +108,8 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     handler.addFilter(lambda record: record.levelno >= logging.ERROR or not record.name.startswith("pydicom"))  # as main
     logging.getLogger().addHandler(handler)
     try:
-        result = CliRunner().invoke(app, expand_multi_values(list(args)), prog_name="klgrade", catch_exceptions=False)
+        result = CliRunner().invoke(app, expand_multi_values(list(args)), input=stdin, prog_name="klgrade",
+                                    catch_exceptions=False)
     finally:
         logging.getLogger().removeHandler(handler)
     return subprocess.CompletedProcess(["klgrade", *args], result.exit_code, result.stdout, result.stderr)

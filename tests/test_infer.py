@@ -3,6 +3,10 @@
 import csv
 import io
 import json
+import os
+import pty
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +293,37 @@ def test_knees_of_one_true_grade_are_told_that_mcc_and_qwk_say_nothing(tiny_chec
     assert metrics["mcc"] == metrics["qwk"] == 0.0
     assert one_grade_warning(tmp_path / "healthy", 3) in metrics["warnings"]
     assert not any("by their formulas" in w for w in evaluate(model, tmp_path / "set", n_boot=0).metrics["warnings"])
+
+
+def test_an_image_piped_in_as_dash_is_graded_as_its_file_is(tmp_path):
+    """`dcmj2pnm ... | klgrade predict -` was "-: file not found"."""
+    knee = sorted(EXAMPLES.glob("KL3_*.jpg"))[0]
+    result = invoke_cli("predict", "-", str(knee), "--format", "json", "--explain", "--out", str(tmp_path),
+                        stdin=knee.read_bytes())
+    assert result.returncode == 0, result.stderr
+    piped, stored = json.loads(result.stdout)
+    assert piped["path"] == "-" and piped["heatmap"] == str(tmp_path / "heatmaps" / "stdin_gradcam.png")
+    graded = ("grade", *(f"prob_{k}" for k in range(5)), "grade_set", "gradable", "warnings")
+    assert {key: piped[key] for key in graded} == {key: stored[key] for key in graded}
+    garbage = invoke_cli("predict", "-", stdin=b"not an image")
+    assert garbage.returncode == 1 and garbage.stderr.endswith(
+        "error: -: not a recognised image (PNG, JPEG, JPEG 2000, BMP, TIFF, DICOM)\n")
+    twice = invoke_cli("predict", "-", "-", stdin=knee.read_bytes())
+    assert (twice.returncode, twice.stderr) == (1, "error: '-' (standard input) can be given once: it holds one image\n")
+
+
+def test_dash_on_a_terminal_is_refused_not_waited_on():
+    """`klgrade predict -` typed at a prompt would wait for an image that never comes."""
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "klgrade", "predict", "-"], stdin=terminal, capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert result.returncode == 1 and result.stderr == (
+        "error: '-' reads an image from standard input, which is a terminal here: pipe one in (klgrade predict - < "
+        "knee.png)\n")
 
 
 def test_the_split_scored_is_the_one_named_else_test_then_val():

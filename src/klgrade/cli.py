@@ -418,7 +418,8 @@ def evaluate(
 @user_errors
 def predict(
     inputs: Annotated[list[str], typer.Argument(help=(
-        "Image files, folders or glob patterns (PNG, JPEG, JPEG 2000, BMP, TIFF, DICOM)."))],
+        "Image files, folders or glob patterns (PNG, JPEG, JPEG 2000, BMP, TIFF, DICOM); - reads one image "
+        "from standard input."))],
     checkpoint: Checkpoints = None,
     explain: Annotated[bool, typer.Option("--explain", help="Save a Grad-CAM overlay per image (needs --out).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Folder for predictions.csv/json and heatmaps/.")] = None,
@@ -434,7 +435,7 @@ def predict(
     """Grade radiographs; unreadable inputs are reported and do not stop the others (exit 1 if any failed)."""
     from klgrade.console import print_predictions, write_predictions
     from klgrade.data.io import FORMATS_READ
-    from klgrade.infer.batch import expand_inputs, predict_paths, remove_earlier_heatmaps
+    from klgrade.infer.batch import STDIN, expand_inputs, predict_paths, remove_earlier_heatmaps
     from klgrade.infer.grading import load_model
 
     _setup_logging(quiet=True)
@@ -446,8 +447,13 @@ def predict(
     paths = expand_inputs(inputs)
     if not paths:
         raise KLGradeError(f"no images found in {' '.join(inputs)} ({FORMATS_READ})")
+    if paths.count(STDIN) > 1:
+        raise KLGradeError(f"'{STDIN}' (standard input) can be given once: it holds one image")
+    if STDIN in paths and sys.stdin.isatty():
+        raise KLGradeError(f"'{STDIN}' reads an image from standard input, which is a terminal here: pipe one in "
+                           f"(klgrade predict - < knee.png)")
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
-    rows = list(predict_paths(predictor, paths, explain, out, batch_size, workers, alpha))
+    rows = list(predict_paths(predictor, paths, explain, out, batch_size, workers, alpha, sys.stdin.buffer))
     if out is not None:
         write_predictions(rows, out)
         if removed := remove_earlier_heatmaps(out, rows):

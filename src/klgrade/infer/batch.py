@@ -1,4 +1,5 @@
-"""`klgrade predict`: inputs (files, folders, globs) -> one result row each, with overlays written beside.
+"""`klgrade predict`: inputs (files, folders, globs, or `-`: an image piped in) -> one result row each, with overlays
+written beside.
 
 One unreadable file yields a row with an `error` and does not stop the others.
 """
@@ -9,15 +10,15 @@ import glob
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from klgrade.constants import NUM_GRADES
-from klgrade.data.io import is_heatmap_file
+from klgrade.data.io import MAX_FILE_BYTES, is_heatmap_file
 from klgrade.data.sources import files_below, not_read_warning
 from klgrade.errors import ImageReadError
 from klgrade.explain.gradcam import overlay, save_overlay_png
 from klgrade.files import atomic_path, name_within
-from klgrade.infer.grading import grade_many
+from klgrade.infer.grading import NamedBytes, grade_many
 from klgrade.infer.predictor import Grading, Predictor
 from klgrade.uncertainty import set_label
 
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["path", "grade", *(f"prob_{k}" for k in range(NUM_GRADES)), "confidence", "grade_set", "gradable",
            "warnings", "heatmap", "error"]
+STDIN = "-"
+"""The input that stands for standard input: an image piped in from another program (`dcmj2pnm ... | klgrade predict
+-`); a file named `-` is `./-`."""
+STDIN_STEM = "stdin"
+"""The stem of its overlay's name (a file name that starts with `-` reads as an option to other programs)."""
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -60,7 +66,7 @@ name plus `_gradcam.png` (and the temporary name it is written under) stopped `p
 def heatmap_names(paths: list[str]) -> list[str]:
     """A distinct overlay file name per input: `<stem>_gradcam.png`, the stem cut to `HEATMAP_STEM_BYTES`, with the
     input's index where (cut) stems repeat."""
-    stems = [name_within(Path(p).stem, HEATMAP_STEM_BYTES) for p in paths]
+    stems = [STDIN_STEM if p == STDIN else name_within(Path(p).stem, HEATMAP_STEM_BYTES) for p in paths]
     repeated = {stem for stem, count in Counter(stems).items() if count > 1}
     return [f"{stem}_{i}_gradcam.png" if stem in repeated else f"{stem}_gradcam.png" for i, stem in enumerate(stems)]
 
@@ -100,10 +106,14 @@ def result_row(grading: Grading) -> dict:
 
 
 def predict_paths(predictor: Predictor, paths: list[str], explain: bool = False, out_dir: Path | None = None,
-                  batch_size: int = 16, workers: int = 2, alpha: float | None = None) -> Iterator[dict]:
-    """One result row per path (keys: `COLUMNS`), in input order."""
+                  batch_size: int = 16, workers: int = 2, alpha: float | None = None,
+                  stdin: BinaryIO | None = None) -> Iterator[dict]:
+    """One result row per path (keys: `COLUMNS`), in input order; `STDIN` among them is read from `stdin`, at most
+    one byte past `MAX_FILE_BYTES` (more is refused by its size, as a larger file is)."""
     names = heatmap_names(paths)
-    results = grade_many(predictor, paths, explain, batch_size, workers, alpha)
+    sources = [NamedBytes(stdin.read(MAX_FILE_BYTES + 1), STDIN) if path == STDIN and stdin is not None else path
+               for path in paths]
+    results = grade_many(predictor, sources, explain, batch_size, workers, alpha)
     for path, name, result in zip(paths, names, results):
         if not isinstance(result, Grading):
             yield {"path": path, "error": result.reason}
