@@ -273,7 +273,10 @@ def _carries_heatmap_mark(image: Image.Image) -> bool:
 
 def is_heatmap_file(path: Path) -> bool:
     """Whether `path` is a PNG klgrade saved as a heatmap overlay (the mark is read from the chunks before the
-    pixels); False for any other file, readable or not."""
+    pixels); False for any other file, readable or not, and for what is no regular file (opening a pipe waits for a
+    writer)."""
+    if regular_file_problem(path) is not None:
+        return False
     try:
         with Image.open(path, formats=["PNG"]) as image:
             return _carries_heatmap_mark(image)

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["path", "grade", *(f"prob_{k}" for k in range(NUM_GRADES)), "confidence", "grade_set", "gradable",
            "warnings", "heatmap", "error"]
+OVERLAY_SUFFIX = "_gradcam.png"
+"""How the names of the overlays `predict --explain` writes end."""
 STDIN = "-"
 """The input that stands for standard input: an image piped in from another program (`dcmj2pnm ... | klgrade predict
 -`); a file named `-` is `./-`."""
@@ -34,8 +36,8 @@ STDIN_STEM = "stdin"
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files, folders (searched recursively for images; other files are counted in a warning) and glob patterns ->
-    file list, in a stable order.
+    """Files, folders (searched recursively for images; other files, and the overlays an earlier `predict --explain`
+    wrote into them, are counted in a warning) and glob patterns -> file list, in a stable order.
 
     A name that matches nothing is kept, so that it is reported as an error row.
     """
@@ -45,11 +47,15 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         if path.is_dir():
             problems: list[ImageReadError] = []
             images, others = files_below(path, problems)
-            paths.extend(image for image, _ in images)
+            overlays = {image for image, _ in images if image.endswith(OVERLAY_SUFFIX) and is_heatmap_file(Path(image))}
+            paths.extend(image for image, _ in images if image not in overlays)
             for problem in problems:
                 log.warning("left out %s", problem)
             if others:  # said, as `find_samples` says it
                 log.warning(not_read_warning(path, others))
+            if overlays:
+                log.warning("%s: left out %d Grad-CAM overlay(s) an earlier `klgrade predict --explain` wrote, e.g. %s",
+                            path, len(overlays), min(overlays))
         elif not path.exists() and glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True))
             paths.extend(matches or [item])
@@ -68,7 +74,8 @@ def heatmap_names(paths: list[str]) -> list[str]:
     input's index where (cut) stems repeat."""
     stems = [STDIN_STEM if p == STDIN else name_within(Path(p).stem, HEATMAP_STEM_BYTES) for p in paths]
     repeated = {stem for stem, count in Counter(stems).items() if count > 1}
-    return [f"{stem}_{i}_gradcam.png" if stem in repeated else f"{stem}_gradcam.png" for i, stem in enumerate(stems)]
+    return [f"{stem}_{i}{OVERLAY_SUFFIX}" if stem in repeated else f"{stem}{OVERLAY_SUFFIX}"
+            for i, stem in enumerate(stems)]
 
 
 def caption(grading: Grading) -> str:
