@@ -90,6 +90,14 @@ def test_a_fifo_or_a_run_folder_given_as_weights_is_refused_in_words_without_wai
     graded = invoke_cli("predict", str(EXAMPLE), "--checkpoint", str(run))
     assert graded.returncode == 1 and graded.stderr == (
         f"error: {run}: a folder, not a checkpoint (give its best.safetensors)\n")
+    onnx_pipe = tmp_path / "model.onnx"  # ONNX Runtime opened it and waited for good
+    os.mkfifo(onnx_pipe)
+    served = run_cli("predict", str(EXAMPLE), "--checkpoint", str(onnx_pipe), "--backend", "onnx", timeout=CLI_SECONDS)
+    one_line_error(served, "model.onnx", "not a regular file")
+    onnx_folder = tmp_path / "exported.onnx"
+    onnx_folder.mkdir()
+    graded = invoke_cli("predict", str(EXAMPLE), "--checkpoint", str(onnx_folder), "--backend", "onnx")
+    assert graded.returncode == 1 and graded.stderr == f"error: {onnx_folder}: a folder, not an ONNX model\n"
 
 
 def test_summary_and_evaluate_report_pipes_and_dangling_links_instead_of_skipping_them(tiny_checkpoint, tmp_path):

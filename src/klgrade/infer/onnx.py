@@ -20,7 +20,7 @@ from klgrade.data.cache import default_cache_dir
 from klgrade.errors import CheckpointError
 from klgrade.files import atomic_path
 from klgrade.models import features_and_logits, load_checkpoint
-from klgrade.models.weights import calibration_fits, parse_info, read_info
+from klgrade.models.weights import calibration_fits, parse_info, read_info, require_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class OnnxModel:
     def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime as ort
 
+        require_weights_file(Path(path), "ONNX model")  # ONNX Runtime opening a pipe waited for a writer for good
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

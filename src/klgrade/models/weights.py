@@ -65,7 +65,8 @@ def require_weights_file(path: Path, what: str = "checkpoint") -> None:
     """
     if path.is_dir():
         saved = " or ".join(name for name in ("best.safetensors", "last.safetensors") if (path / name).is_file())
-        raise CheckpointError(f"{path}: a folder, not a {what}" + (f" (give its {saved})" if saved else ""))
+        article = "an" if what[0].lower() in "aeiou" else "a"
+        raise CheckpointError(f"{path}: a folder, not {article} {what}" + (f" (give its {saved})" if saved else ""))
     if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path}: {what} not found")
     problem = regular_file_problem(path)
