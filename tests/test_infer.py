@@ -72,23 +72,6 @@ def test_heatmaps_of_an_earlier_run_into_the_same_folder_are_removed_and_other_f
     assert [path.name for path in (out / "heatmaps").iterdir()] == ["notes.png"]
 
 
-def test_a_folder_graded_again_with_its_overlays_inside_leaves_them_out_and_names_one_asked_for(tiny_checkpoint,
-                                                                                                   tmp_path):
-    """`predict DIR --explain --out DIR` run twice: the second run graded the first run's overlays too, each an error
-    row ("a klgrade heatmap, not a radiograph"), and exited 1."""
-    for path in sorted(EXAMPLES.glob("*.jpg"))[:3]:
-        (tmp_path / path.name).write_bytes(path.read_bytes())
-    args = ("predict", str(tmp_path), "--checkpoint", str(tiny_checkpoint), "--explain", "--out", str(tmp_path))
-    first, again = invoke_cli(*args), invoke_cli(*args)
-    assert first.returncode == again.returncode == 0, again.stderr
-    assert again.stdout == first.stdout and len(list(csv.DictReader(io.StringIO(again.stdout)))) == 3
-    overlay = tmp_path / "heatmaps" / f"{sorted(EXAMPLES.glob('*.jpg'))[0].stem}_gradcam.png"
-    assert (f"{tmp_path}: left out 3 Grad-CAM overlay(s) an earlier `klgrade predict --explain` wrote, e.g. {overlay}"
-            in again.stderr)
-    named = invoke_cli("predict", str(overlay), "--checkpoint", str(tiny_checkpoint))  # asked for by name: refused
-    assert named.returncode == 1 and "a klgrade heatmap (Grad-CAM overlay), not a radiograph" in named.stderr
-
-
 def test_a_pipe_named_as_an_overlay_is_not_opened_to_look_for_the_mark(tmp_path):
     """`predict --explain --out DIR` looks in DIR/heatmaps for an earlier run's overlays; a pipe named `x.png` there
     was opened, and opening a pipe waits for a writer: the command hung after grading."""

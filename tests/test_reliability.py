@@ -483,9 +483,10 @@ def test_sigterm_to_reproduce_stops_its_fold_workers_too(kneekl224, tmp_path):
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
 
 
-def test_heatmaps_written_into_the_folder_graded_next_are_refused_not_graded(tiny_checkpoint, tmp_path):
+def test_heatmaps_written_into_the_folder_graded_next_are_left_out_not_graded(tiny_checkpoint, tmp_path):
     """`predict scans --explain --out scans`, then `predict scans`: klgrade graded its own Grad-CAM overlays as knees
-    (some answered gradable, with a grade)."""
+    (some answered gradable, with a grade); then it refused them as error rows, so that every rerun exited 1. Found in
+    a folder they are left out, with a warning; named on the command line, refused."""
     scans = tmp_path / "scans"
     scans.mkdir()
     for example in sorted(EXAMPLES.glob("KL*.jpg"))[:3]:
@@ -493,12 +494,19 @@ def test_heatmaps_written_into_the_folder_graded_next_are_refused_not_graded(tin
     first = invoke_cli("predict", str(scans), "--explain", "--out", str(scans), "--checkpoint", str(tiny_checkpoint))
     assert first.returncode == 0, first.stderr[-2000:]
     again = invoke_cli("predict", str(scans), "--checkpoint", str(tiny_checkpoint), "--format", "json")
+    assert again.returncode == 0, again.stderr[-2000:]
     rows = json.loads(again.stdout)
-    assert again.returncode == 1 and len(rows) == 6
-    refused = [row for row in rows if Path(row["path"]).parent.name == "heatmaps"]
-    assert len(refused) == 3 and all(row["error"] == "a klgrade heatmap (Grad-CAM overlay), not a radiograph: grade "
-                                     "the radiograph it was made from" for row in refused)
-    assert all(row.get("grade") is not None for row in rows if row not in refused)
+    assert sorted(Path(row["path"]).name for row in rows) == sorted(p.name for p in scans.glob("KL*.jpg"))
+    assert all(row.get("grade") is not None for row in rows)
+    overlays = sorted((scans / "heatmaps").glob("*_gradcam.png"))
+    assert len(overlays) == 3 and (f"{scans}: left out 3 Grad-CAM overlay(s) an earlier `klgrade predict --explain` "
+                                   f"wrote, e.g. {overlays[0]}") in again.stderr
+    named = invoke_cli("predict", str(overlays[0]), "--checkpoint", str(tiny_checkpoint), "--format", "json")
+    assert named.returncode == 1 and json.loads(named.stdout)[0]["error"] == (
+        "a klgrade heatmap (Grad-CAM overlay), not a radiograph: grade the radiograph it was made from")
+    explained_again = invoke_cli("predict", str(scans), "--explain", "--out", str(scans), "--checkpoint",
+                                 str(tiny_checkpoint))
+    assert explained_again.returncode == 0 and explained_again.stdout == first.stdout
 
 
 def test_a_failed_command_leaves_no_empty_output_folder_of_its_making(tiny_checkpoint, tmp_path):
