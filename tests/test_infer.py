@@ -142,6 +142,16 @@ def test_python_api_grades_a_pillow_image_as_the_file_it_was_opened_from(tiny_ch
         list(klgrade.grade_many(model, [tmp_path / "9000001R.png", torch.zeros(3)]))
 
 
+def test_grade_many_takes_any_iterable_of_inputs(tiny_checkpoint, tmp_path):
+    """`grade_many(model, folder.glob("*.jpg"))` was a TypeError (a generator has no len()); inputs are read a batch
+    at a time, in order."""
+    model = load_model(tiny_checkpoint)
+    listed = sorted(EXAMPLES.glob("*.jpg"))
+    expected = [(g.name, g.grade, g.probabilities) for g in klgrade.grade_many(model, listed, batch_size=4)]
+    streamed = klgrade.grade_many(model, (path for path in listed), batch_size=4)
+    assert [(g.name, g.grade, g.probabilities) for g in streamed] == expected and len(expected) == len(listed)
+
+
 def test_grade_many_given_one_input_says_so(tiny_checkpoint):
     """`grade_many(model, "knee.png")` graded each character of the path as a file ("/: is a folder")."""
     model = klgrade.load_model(tiny_checkpoint)

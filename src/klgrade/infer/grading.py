@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterable, Iterator, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -101,9 +102,11 @@ def grade_prepared(model: Predictor, inputs: Sequence[PreparedInput], explain: b
                                 [i.reasons for i in inputs], [i.notes for i in inputs])
 
 
-def grade_many(model: Predictor, sources: Sequence[Source], explain: bool = False, batch_size: int = 16,
+def grade_many(model: Predictor, sources: Iterable[Source], explain: bool = False, batch_size: int = 16,
                workers: int = 2, alpha: float | None = None) -> Iterator[Grading | ImageReadError]:
     """One result per input, in input order: a `Grading`, or the `ImageReadError` of an unreadable input.
+
+    `sources` may be any iterable (a list, `Path.glob(...)`, a generator): it is read `batch_size` inputs at a time.
 
     `alpha`: grade sets of a calibrated model miss the true grade for at most this share (default 0.1).
 
@@ -119,9 +122,10 @@ def grade_many(model: Predictor, sources: Sequence[Source], explain: bool = Fals
         except ImageReadError as exc:
             return exc
 
+    remaining = iter(sources)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(sources), batch_size):
-            prepared = list(pool.map(prepare_or_error, sources[start:start + batch_size]))
+        while batch := list(islice(remaining, batch_size)):
+            prepared = list(pool.map(prepare_or_error, batch))
             good = [p for p in prepared if isinstance(p, PreparedInput)]
             gradings = iter(grade_prepared(model, good, explain, alpha) if good else [])
             for item in prepared:
