@@ -173,6 +173,9 @@ def test_a_manifest_column_may_be_written_with_spaces_or_hyphens(tmp_path, heade
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"{header}\nimg/a.png,2,P1\n")
     assert [s.patient_id for s in find_samples(manifest)] == ["P1"]
+    manifest.write_text(f"{header},patient_id\nimg/a.png,2,P1,P2\n")  # which one? (the later stood)
+    with pytest.raises(DataLayoutError, match=r"list.csv: columns \[.*'patient_id'\] name one column \(patient_id\)$"):
+        find_samples(manifest)
 
 
 def test_a_manifest_column_klgrade_does_not_read_is_named_in_a_warning(tmp_path, caplog):

@@ -372,6 +372,11 @@ def _manifest_rows(csv_path: Path) -> list[dict]:
         raise not_utf8
     if not {"path", "grade"} <= {column_key(name) for name in header}:
         raise DataLayoutError(f"{csv_path}: manifest needs a header with at least 'path,grade' (found {header})")
+    keys = [column_key(name) for name in header]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:  # the later column's values would stand, the earlier's be dropped
+        raise DataLayoutError(f"{csv_path}: columns {[name for name in header if column_key(name) in twice]} name one "
+                              f"column ({', '.join(twice)})")
     unread = tuple(name for name in header if column_key(name) not in MANIFEST_COLUMNS)
     if unread:
         _warn_unread_columns(str(csv_path), unread)
