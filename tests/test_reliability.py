@@ -724,3 +724,23 @@ def test_an_ensemble_of_differently_preprocessed_members_is_refused(tiny_checkpo
                                   "preprocessing, not size 64 vs 96; cannot combine them")
     same = with_metadata(tiny_checkpoint, tmp_path / "same.safetensors")
     assert Predictor([tiny_checkpoint, same]).preprocess.size == 64
+
+
+def test_a_command_run_with_its_output_or_input_closed_still_works_or_says_why(tiny_checkpoint, tmp_path):
+    """Started with stdout closed (`>&-`, as a daemon or a cron job may be), every command stopped at once with a
+    traceback (Python sets `sys.stdout` to None); with stdin closed, `predict` did too (it handed `sys.stdin.buffer`
+    on, even without `-`)."""
+    def closed(redirect: str, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "klgrade", *args, "--checkpoint", str(tiny_checkpoint)]
+        return subprocess.run(["bash", "-c", f'exec "$@" {redirect}', "bash", *command], capture_output=True,
+                              text=True, timeout=CLI_SECONDS)
+
+    written = closed(">&-", "predict", str(EXAMPLE), "--out", str(tmp_path / "out"))
+    assert written.returncode == 0 and written.stderr == "", written.stderr
+    assert [row["path"] for row in json.loads((tmp_path / "out" / "predictions.json").read_text())] == [str(EXAMPLE)]
+    graded = closed("<&-", "predict", str(EXAMPLE), "--format", "json")
+    assert graded.returncode == 0 and json.loads(graded.stdout)[0]["path"] == str(EXAMPLE), graded.stderr
+    piped = closed("<&-", "predict", "-")
+    assert piped.returncode == 1 and piped.stderr == (
+        "error: '-' reads an image from standard input, which is closed here: pipe one in (klgrade predict - < "
+        "knee.png)\n")

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -449,11 +450,15 @@ def predict(
         raise KLGradeError(f"no images found in {' '.join(inputs)} ({FORMATS_READ})")
     if paths.count(STDIN) > 1:
         raise KLGradeError(f"'{STDIN}' (standard input) can be given once: it holds one image")
-    if STDIN in paths and sys.stdin.isatty():
-        raise KLGradeError(f"'{STDIN}' reads an image from standard input, which is a terminal here: pipe one in "
-                           f"(klgrade predict - < knee.png)")
+    stdin = None
+    if STDIN in paths:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise KLGradeError(f"'{STDIN}' reads an image from standard input, which is "
+                               f"{'closed' if sys.stdin is None else 'a terminal'} here: pipe one in "
+                               f"(klgrade predict - < knee.png)")
+        stdin = sys.stdin.buffer
     predictor = load_model(checkpoint, device=device, tta=tta, backend=backend)
-    rows = list(predict_paths(predictor, paths, explain, out, batch_size, workers, alpha, sys.stdin.buffer))
+    rows = list(predict_paths(predictor, paths, explain, out, batch_size, workers, alpha, stdin))
     if out is not None:
         write_predictions(rows, out)
         if removed := remove_earlier_heatmaps(out, rows):
@@ -632,6 +637,9 @@ def empty_argument(argv: list[str]) -> str | None:
 
 def main() -> None:
     """Console entry point (`klgrade`, `python -m klgrade`)."""
+    for stream in ("stdout", "stderr"):  # closed by the caller (`>&-`, a daemon's): Python made it None, and every
+        if getattr(sys, stream) is None:  # command stopped at the next line with a traceback; what it says goes nowhere
+            setattr(sys, stream, open(os.devnull, "w"))
     # A file name that is no UTF-8 (Linux allows any bytes) is printed as the bytes it is, as `ls` does, whatever the
     # locale: under en_US.UTF-8 Python's stdout refused it, and `predict --format csv` stopped with a traceback.
     sys.stdout.reconfigure(errors="surrogateescape")
