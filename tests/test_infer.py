@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import logging
 import os
 import pty
 import subprocess
@@ -493,6 +494,21 @@ def test_onnx_backend_from_checkpoint_keeps_explanations(tiny_checkpoint):
     image = np.asarray(Image.open(sorted(EXAMPLES.glob("*.jpg"))[0]), dtype=np.float32)
     result = predictor.grade_arrays([image], explain=True)[0]
     assert result.heatmap.shape == (64, 64)
+
+
+def test_onnx_backend_from_a_checkpoint_runs_where_its_export_cannot_be_kept(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                              caplog):
+    """A read-only home (a container): `predict --backend onnx` of a checkpoint stopped at "No such file or directory"
+    naming only the cache folder."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("KLGRADE_CACHE_DIR", str(tmp_path / "file" / "cache"))  # below a file: never made
+    image = np.asarray(Image.open(sorted(EXAMPLES.glob("*.jpg"))[0]), dtype=np.float32)
+    with caplog.at_level(logging.WARNING):
+        graded = load_model(tiny_checkpoint, backend="onnx").grade_arrays([image])[0]
+    assert graded.probabilities == pytest.approx(load_model(tiny_checkpoint).grade_arrays([image])[0].probabilities,
+                                                 abs=1e-4)
+    assert (f"{tmp_path / 'file' / 'cache' / 'onnx'}: the ONNX export cannot be kept there (Not a directory; set "
+            "KLGRADE_CACHE_DIR to a folder that can be written): exported for this run only") in caplog.text
 
 
 def test_export_cli_and_bad_checkpoints(tiny_checkpoint, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -94,9 +95,16 @@ class OnnxModel:
         read_info(path)  # a clear error for a missing or foreign checkpoint before exporting
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
         exported = default_cache_dir() / "onnx" / f"{path.stem}-{digest}-v{EXPORT_FORMAT}.onnx"
-        if not exported.exists():
-            log.info("exporting %s to %s", path, exported)
+        if exported.exists():
+            return cls(exported, threads)
+        log.info("exporting %s to %s", path, exported)
+        try:
             export_onnx(path, exported)
+        except OSError as exc:  # a read-only home or container: the session holds the model once it is loaded
+            log.warning("%s: the ONNX export cannot be kept there (%s; set KLGRADE_CACHE_DIR to a folder that can be "
+                        "written): exported for this run only", exported.parent, exc.strerror or exc)
+            with tempfile.TemporaryDirectory() as folder:
+                return cls(export_onnx(path, Path(folder) / exported.name), threads)
         return cls(exported, threads)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
