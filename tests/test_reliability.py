@@ -265,7 +265,7 @@ def test_usage_errors_are_one_line_naming_the_help_to_read():
     five lines unlike every other error's one."""
     for args, said in [(["predict", "--formt", "json", str(EXAMPLE)],
                         "No such option: --formt (Possible options: --format, --out) (see 'klgrade predict --help')"),
-                       (["predict"], "Missing argument 'inputs' (see 'klgrade predict --help')"),
+                       (["predict"], "Missing argument 'INPUT' (see 'klgrade predict --help')"),
                        (["data", "summry"], "No such command 'summry'. Did you mean 'summary'? (see 'klgrade data --help')")]:
         result = invoke_cli(*args)
         assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {said}\n")

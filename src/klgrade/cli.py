@@ -307,7 +307,7 @@ Alpha = Annotated[Optional[float], typer.Option(min=0.001, max=0.999, help="Grad
 @data_app.command("summary")
 @user_errors
 def data_summary(
-    data: Annotated[str, typer.Argument(help="Dataset folder or CSV manifest.")],
+    data: Annotated[str, typer.Argument(metavar="DATA", help="Dataset folder or CSV manifest.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Counts per split x grade, patients per split (and knees that name none), cross-split patient overlap,
@@ -339,7 +339,7 @@ def data_summary(
 @data_app.command("manifest")
 @user_errors
 def data_manifest(
-    data: Annotated[str, typer.Argument(help="Dataset folder or CSV manifest.")],
+    data: Annotated[str, typer.Argument(metavar="DATA", help="Dataset folder or CSV manifest.")],
     out: Annotated[Path, typer.Option(help="The manifest to write (CSV; not overwritten).")],
     patient_from_folder: Annotated[bool, typer.Option(
         "--patient-from-folder", help="A knee that names no patient gets the name of its folder below the grade "
@@ -418,7 +418,7 @@ def evaluate(
 @app.command()
 @user_errors
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help=(
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT", help=(
         "Image files, folders or glob patterns (PNG, JPEG, JPEG 2000, BMP, TIFF, DICOM); - reads one image "
         "from standard input."))],
     checkpoint: Checkpoints = None,
