@@ -273,6 +273,20 @@ def test_usage_errors_are_one_line_naming_the_help_to_read():
     assert "Usage: klgrade [OPTIONS] COMMAND" in alone.stdout + alone.stderr  # `klgrade` alone: its help
 
 
+def test_version_is_one_line_naming_klgrade_torch_and_python():
+    """What a methods section or a bug report names; `klgrade --version` was "No such option"."""
+    import platform
+
+    import torch
+
+    import klgrade
+
+    result = invoke_cli("--version")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (f"klgrade {klgrade.__version__} (torch {torch.__version__.split('+')[0]}, Python "
+                             f"{platform.python_version()})\n")
+
+
 def test_an_empty_argument_is_refused_before_anything_runs(tmp_path):
     """`predict "$IMAGE"` with the variable unset graded every image below the current folder, and `train --out
     "$RUN"` trained into it: as a path, "" is the current folder."""

@@ -57,6 +57,23 @@ data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True, rich_mark
 app.add_typer(data_app, name="data")
 
 
+def _print_version(asked: bool) -> None:
+    """`klgrade --version`: what a methods section or a bug report names (torch's version read without importing it)."""
+    if asked:
+        from importlib.metadata import version
+
+        from klgrade import __version__
+
+        typer.echo(f"klgrade {__version__} (torch {version('torch')}, Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print klgrade's version and exit.")] = False) -> None:
+    """Kellgren-Lawrence grading of knee radiographs."""
+
+
 _made_folders: list[Path] = []  # the folders this command made for its output, the deepest first
 
 
