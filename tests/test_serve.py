@@ -288,3 +288,13 @@ def test_cli_and_service_grade_the_same_file_the_same_way(tiny_checkpoint, tmp_p
             np.testing.assert_allclose(body["probabilities"], [row[f"prob_{k}"] for k in range(5)], atol=1e-5)
         unsided = test_client.post("/v1/grade", files={"file": ("knee.png", left.read_bytes(), "image/png")}).json()
     assert np.abs(np.array(unsided["probabilities"]) - [rows[0][f"prob_{k}"] for k in range(5)]).max() > 1e-4
+
+
+def test_the_service_runs_on_the_device_asked_for_and_refuses_one_it_has_not(tiny_checkpoint):
+    """`serve` had no --device (predict and evaluate have): a GPU server graded on its CPU."""
+    refused = invoke_cli("serve", "--port", "0", "--checkpoint", str(tiny_checkpoint), "--device", "tpu")
+    assert (refused.returncode, refused.stderr) == (1, "error: --device 'tpu' is not a device (use cpu or cuda)\n")
+    with TestClient(create_app(Settings(checkpoints=[str(tiny_checkpoint)], device="cpu"))) as client:
+        assert client.app.state.predictor.device.type == "cpu"
+        graded = client.post("/v1/grade", files={"file": (EXAMPLE.name, EXAMPLE.read_bytes(), "image/jpeg")})
+        assert graded.status_code == 200, graded.text

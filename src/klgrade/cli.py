@@ -316,6 +316,7 @@ SHIPPED = "shipped"
 """What `evaluate --against` takes for the model shipped with klgrade (a fine-tuned model against it)."""
 Checkpoints = Annotated[Optional[list[Path]], typer.Option("--checkpoint", help="Checkpoint(s); several = ensemble [shipped model].")]
 Backend = Annotated[str, typer.Option(help="Inference backend: torch or onnx.")]
+Device = Annotated[str, typer.Option(help="Torch device of the torch backend: cpu or cuda.")]
 Tta = Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average with the flipped image [as the model recommends].")]
 Alpha = Annotated[Optional[float], typer.Option(min=0.001, max=0.999, help="Grade sets of a calibrated model miss the "
                                                 "true grade for at most this share of images [0.1].")]
@@ -392,7 +393,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
     tta: Tta = None,
     backend: Backend = "torch",
-    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    device: Device = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
     calibrate_on: Annotated[Optional[str], typer.Option(help="Fit a temperature and the grade sets on this labelled "
                                                       "folder first (its val split for a split root; must not share "
@@ -444,7 +445,7 @@ def predict(
     output_format: Annotated[str, typer.Option("--format", help="csv, json or table (on stdout).")] = "csv",
     tta: Tta = None,
     backend: Backend = "torch",
-    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    device: Device = "cpu",
     batch_size: Annotated[int, typer.Option(min=1, help="Images decoded and graded together (the network takes at "
                                                         "most 64 of them at a time).")] = 16,
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding images ahead.")] = 2,
@@ -572,6 +573,7 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 = any free port).")] = 8000,
     checkpoint: Checkpoints = None,
     backend: Backend = "torch",
+    device: Device = "cpu",
     tta: Tta = None,
     max_upload_mb: Annotated[int, typer.Option(min=1, help="Largest accepted upload, MiB.")] = 32,
     max_upload_mp: Annotated[float, typer.Option(min=0.001, help="Largest accepted image, megapixels.")] = 30.0,
@@ -591,11 +593,12 @@ def serve(
     if max_held_mb is not None and max_held_mb < max_upload_mb:
         raise KLGradeError(f"--max-held-mb {max_held_mb} leaves no room for an upload of --max-upload-mb "
                            f"{max_upload_mb}")
-    settings = Settings(checkpoints=[str(p) for p in checkpoint] if checkpoint else None, backend=backend, tta=tta,
+    settings = Settings(checkpoints=[str(p) for p in checkpoint] if checkpoint else None, backend=backend,
+                        device=device, tta=tta,
                         max_upload_bytes=max_upload_mb * 2**20, max_upload_pixels=int(max_upload_mp * 1e6),
                         body_timeout_s=body_timeout, max_held_bytes=max_held_mb * 2**20 if max_held_mb else None)
     listener = _listening_socket(host, port)  # a taken port fails here, before the model loads
-    predictor = load_model(settings.checkpoints, tta=tta, backend=backend)  # a bad checkpoint fails here, in one line
+    predictor = load_model(settings.checkpoints, device=device, tta=tta, backend=backend)  # a bad one fails here
     server = uvicorn.Server(uvicorn.Config(create_app(settings, predictor), host=host, port=port, log_level="info"))
     address = f"[{host}]" if ":" in host else host  # uvicorn says where only for the sockets it binds itself
     logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", address,

@@ -46,6 +46,7 @@ class Settings(BaseModel):
 
     checkpoints: list[str] | None = None
     backend: str = "torch"
+    device: str = "cpu"
     tta: bool | None = None
     max_upload_bytes: int = Field(32 * 1024 * 1024, gt=0)
     max_upload_pixels: int = Field(30_000_000, gt=0, description="Larger uploads are refused before decoding (422).")
@@ -244,7 +245,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.predictor = predictor or load_model(settings.checkpoints, tta=settings.tta, backend=settings.backend)
+        app.state.predictor = predictor or load_model(settings.checkpoints, device=settings.device, tta=settings.tta,
+                                                      backend=settings.backend)
         app.state.grader = BatchGrader(app.state.predictor)
         app.state.decode_slots = asyncio.Semaphore(settings.decode_slots)
         worker = asyncio.create_task(app.state.grader.run())
