@@ -758,3 +758,18 @@ def test_a_command_run_with_its_output_or_input_closed_still_works_or_says_why(t
     assert piped.returncode == 1 and piped.stderr == (
         "error: '-' reads an image from standard input, which is closed here: pipe one in (klgrade predict - < "
         "knee.png)\n")
+
+
+def test_evaluate_with_a_home_that_cannot_be_written_says_only_its_own_warnings(tiny_checkpoint, kneekl224, tmp_path):
+    """A container's read-only home: matplotlib (the plots of `evaluate --out`) printed two lines of its own about
+    where it keeps its config, among klgrade's warnings."""
+    copy_real_images(kneekl224, tmp_path / "set", 1)
+    (tmp_path / "home").write_text("")  # a file: nothing can be made below it
+    environment = {key: value for key, value in os.environ.items() if key not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME",
+                                                                                    "XDG_CACHE_HOME")}
+    result = subprocess.run([sys.executable, "-m", "klgrade", "evaluate", "--data", str(tmp_path / "set"), "--checkpoint",
+                             str(tiny_checkpoint), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=CLI_SECONDS, env={**environment, "HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "confusion.png").exists()
+    assert all(line.startswith("warning: ") for line in result.stderr.splitlines()), result.stderr

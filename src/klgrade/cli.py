@@ -668,6 +668,9 @@ def main() -> None:
     # the file's answer or its one-line error is what a user needs, not two more lines of pydicom's.
     warnings.filterwarnings("ignore", module="pydicom")
     logging.getLogger("pydicom").addFilter(lambda record: record.levelno >= logging.ERROR)  # its import resets levels
+    # Matplotlib (evaluate's plots) says in two lines where the home cannot be written (a container) that it keeps its
+    # config in a temporary folder: nothing a user of klgrade acts on.
+    logging.getLogger("matplotlib").addFilter(lambda record: record.levelno >= logging.ERROR)
     problem = empty_argument(sys.argv[1:])
     if problem is not None:
         typer.echo(f"error: {problem}", err=True)
