@@ -115,7 +115,9 @@ def with_dicom_headers(samples: list[Sample]) -> list[Sample]:
     shared = Counter(patients.values())
     placeholders = sorted(patient for patient, files in shared.items() if files > PLACEHOLDER_FILES)
     if placeholders:
-        _warn_placeholders(tuple(shared[patient] for patient in placeholders))
+        _warn_once(f"DICOM PatientID(s) shared by {', '.join(str(shared[patient]) for patient in placeholders)} files "
+                   "each taken for an anonymiser's placeholder, not a patient: those files count as one patient each "
+                   "(give patient ids in a manifest's patient_id column)")
     named = {i: patient for i, patient in patients.items() if patient not in placeholders}
     samples = list(samples)
     for index, (_, side) in headers.items():
@@ -125,11 +127,9 @@ def with_dicom_headers(samples: list[Sample]) -> list[Sample]:
 
 
 @functools.lru_cache(maxsize=64)
-def _warn_placeholders(files: tuple[int, ...]) -> None:
-    """Said once per process for the same placeholders (a protocol lists its data many times)."""
-    log.warning("DICOM PatientID(s) shared by %s files each taken for an anonymiser's placeholder, not a patient: "
-                "those files count as one patient each (give patient ids in a manifest's patient_id column)",
-                ", ".join(map(str, files)))
+def _warn_once(message: str) -> None:
+    """Said once per process (a protocol lists its data many times)."""
+    log.warning(message)
 
 
 def _dicom_header(path: str) -> tuple[str | None, str | None]:
@@ -370,16 +370,17 @@ def _manifest_rows(csv_path: Path) -> list[dict]:
     header = [name.strip() for name in reader.fieldnames or []]
     if _UNDECODED.search(" ".join(header)):
         raise not_utf8
-    if not {"path", "grade"} <= {column_key(name) for name in header}:
-        raise DataLayoutError(f"{csv_path}: manifest needs a header with at least 'path,grade' (found {header})")
     keys = [column_key(name) for name in header]
+    if not {"path", "grade"} <= set(keys):
+        raise DataLayoutError(f"{csv_path}: manifest needs a header with at least 'path,grade' (found {header})")
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:  # the later column's values would stand, the earlier's be dropped
-        raise DataLayoutError(f"{csv_path}: columns {[name for name in header if column_key(name) in twice]} name one "
-                              f"column ({', '.join(twice)})")
-    unread = tuple(name for name in header if column_key(name) not in MANIFEST_COLUMNS)
+        raise DataLayoutError(f"{csv_path}: columns {[name for name, key in zip(header, keys) if key in twice]} name "
+                              f"one column ({', '.join(twice)})")
+    unread = [name for name, key in zip(header, keys) if key not in MANIFEST_COLUMNS]
     if unread:
-        _warn_unread_columns(str(csv_path), unread)
+        _warn_once(f"{csv_path}: column(s) {', '.join(map(repr, unread))} not read (klgrade reads "
+                   f"{', '.join(MANIFEST_COLUMNS)})")
     rows = [{(column_key(key) if key is not None else EXTRA_FIELDS): value for key, value in row.items()}
             for row in rows]
     if _UNDECODED.search(text) and any(_UNDECODED.search(str(value)) and not (
@@ -387,13 +388,6 @@ def _manifest_rows(csv_path: Path) -> list[dict]:
             for row in rows for key, value in row.items()):
         raise not_utf8
     return rows
-
-
-@functools.lru_cache(maxsize=64)
-def _warn_unread_columns(csv_path: str, unread: tuple[str, ...]) -> None:
-    """Said once per process for a manifest (a protocol lists its data many times)."""
-    log.warning("%s: column(s) %s not read (klgrade reads %s)", csv_path, ", ".join(map(repr, unread)),
-                ", ".join(MANIFEST_COLUMNS))
 
 
 _UNDECODED = re.compile("[\udc80-\udcff]")

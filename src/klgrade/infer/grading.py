@@ -113,8 +113,8 @@ def grade_many(model: Predictor, sources: Iterable[Source], explain: bool = Fals
     Decoding and preprocessing run in `workers` threads ahead of the network, which sees `batch_size`
     images per forward pass.
     """
-    if isinstance(sources, (str, bytes, Path, NamedBytes, Image.Image, np.ndarray)):  # one input, not a sequence
-        raise TypeError("grade_many takes a sequence of inputs; grade one with grade()")
+    if isinstance(sources, (str, bytes, Path, NamedBytes, Image.Image, np.ndarray)):  # one input, not several
+        raise TypeError("grade_many takes an iterable of inputs (a list, a generator); grade one with grade()")
 
     def prepare_or_error(source: Source) -> PreparedInput | ImageReadError:
         try:
